@@ -1,0 +1,1 @@
+"""cogvae.converter: diffusers -> Flax NNX conversion engine."""

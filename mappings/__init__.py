@@ -1,0 +1,1 @@
+"""cogvae.mappings: declarative diffusers -> NNX mapping tables (YAML package data)."""

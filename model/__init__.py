@@ -1,0 +1,1 @@
+"""cogvae.model: Flax NNX reimplementation of diffusers AutoencoderKLCogVideoX."""
