@@ -1,0 +1,503 @@
+"""Building blocks of the CogVideoX VAE in Flax NNX.
+
+Layout: every video tensor is ``(B, T, H, W, C)`` (batch, frames, height, width, channels). Conv
+kernels are ``(T, H, W, I, O)`` for 3-D convs and ``(H, W, I, O)`` for 2-D convs.
+
+Each module mirrors one diffusers module of ``autoencoder_kl_cogvideox.py`` (and
+``CogVideoXDownsample3D`` / ``CogVideoXUpsample3D``) with the same attribute names, so parameter
+paths read like diffusers' state-dict keys. Modules that hold causal convs take and return a
+*conv cache*: a dict that mirrors diffusers' ``conv_cache`` and carries the last ``kernel_t - 1``
+padded input frames of every causal conv from one frame batch to the next.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Array = jax.Array
+Cache = Optional[dict]
+
+__all__ = [
+    "Conv3d",
+    "Conv2d",
+    "GroupNorm",
+    "CausalConv3d",
+    "SpatialNorm3D",
+    "ResnetBlock3D",
+    "Downsample3D",
+    "Upsample3D",
+    "DownBlock3D",
+    "MidBlock3D",
+    "UpBlock3D",
+    "nearest_resize",
+]
+
+
+def _precision(dtype) -> jax.lax.Precision:
+    # fp32 must stay fp32 on accelerators (no TF32 passes), or parity with diffusers is lost.
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _uniform(key, shape, dtype, bound):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class Conv3d(nnx.Module):
+    """A plain 3-D conv (torch ``nn.Conv3d`` semantics, zero padding). x: (B, T, H, W, Cin)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int, int],
+        *,
+        stride: tuple[int, int, int] = (1, 1, 1),
+        padding: tuple[int, int, int] = (0, 0, 0),
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        fan_in = in_channels * int(np.prod(kernel_size))
+        bound = 1.0 / np.sqrt(fan_in)
+        self.kernel = nnx.Param(_uniform(rngs.params(), (*kernel_size, in_channels, out_channels), param_dtype, bound))
+        self.bias = nnx.Param(_uniform(rngs.params(), (out_channels,), param_dtype, bound))
+        self.stride = tuple(stride)
+        self.padding = tuple((p, p) for p in padding)
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        """x: (B, T, H, W, Cin) -> (B, T', H', W', Cout)."""
+        x = x.astype(self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x,
+            self.kernel[...].astype(self.dtype),
+            window_strides=self.stride,
+            padding=self.padding,
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+            precision=_precision(self.dtype),
+        )
+        return y + self.bias[...].astype(self.dtype)
+
+
+class Conv2d(nnx.Module):
+    """A 2-D conv applied to every frame (diffusers folds T into the batch for its Conv2d)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        bound = 1.0 / np.sqrt(in_channels * kernel_size * kernel_size)
+        self.kernel = nnx.Param(
+            _uniform(rngs.params(), (kernel_size, kernel_size, in_channels, out_channels), param_dtype, bound)
+        )
+        self.bias = nnx.Param(_uniform(rngs.params(), (out_channels,), param_dtype, bound))
+        self.stride = (stride, stride)
+        self.padding = ((padding, padding), (padding, padding))
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        """x: (B, T, H, W, Cin) -> (B, T, H', W', Cout)."""
+        b, t, h, w, c = x.shape
+        y = jax.lax.conv_general_dilated(
+            x.reshape(b * t, h, w, c).astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            window_strides=self.stride,
+            padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            precision=_precision(self.dtype),
+        )
+        y = y + self.bias[...].astype(self.dtype)
+        return y.reshape(b, t, *y.shape[1:])
+
+
+class GroupNorm(nnx.Module):
+    """torch ``nn.GroupNorm`` over (T, H, W, C/G) per sample and group.
+
+    Statistics are computed in fp32 with a two-pass variance, as torch does, whatever the
+    compute dtype (Flax's default ``E[x^2] - E[x]^2`` differs measurably in fp32).
+    Statistics cover exactly the frames passed in: diffusers normalises each frame batch on its own.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        *,
+        eps: float = 1e-6,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        del rngs
+        self.num_groups = num_groups
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        """x: (B, T, H, W, C) -> same shape, compute dtype."""
+        b, t, h, w, c = x.shape
+        g = self.num_groups
+        xf = x.astype(jnp.float32).reshape(b, t, h, w, g, c // g)
+        axes = (1, 2, 3, 5)
+        mean = jnp.mean(xf, axis=axes, keepdims=True)
+        centred = xf - mean
+        var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
+        y = (centred * jax.lax.rsqrt(var + self.eps)).reshape(b, t, h, w, c)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class CausalConv3d(nnx.Module):
+    """diffusers ``CogVideoXCausalConv3d`` (pad_mode "first").
+
+    Time is padded on the left only (causal) by ``kernel_t - 1`` frames: on the first frame batch
+    those are copies of the first frame, afterwards they are the cached tail of the previous
+    batch's padded input (``conv_cache``). Height and width are zero-padded symmetrically by
+    ``(k - 1) // 2`` inside the conv, as diffusers' ``const_padding_conv3d`` does.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        k = kernel_size
+        self.time_kernel_size = k
+        self.conv = Conv3d(
+            in_channels,
+            out_channels,
+            (k, k, k),
+            padding=(0, (k - 1) // 2, (k - 1) // 2),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+
+    def __call__(self, x: Array, cache: Optional[Array] = None) -> tuple[Array, Optional[Array]]:
+        """x: (B, T, H, W, Cin); cache: (B, kernel_t - 1, H, W, Cin) or None.
+
+        Returns the output (B, T, H, W, Cout) and the new cache (None for kernel_t == 1, whose
+        cache diffusers keeps but never reads).
+        """
+        k = self.time_kernel_size
+        if k == 1:
+            return self.conv(x), None
+        x = x.astype(self.conv.dtype)
+        pad = cache if cache is not None else jnp.repeat(x[:, :1], k - 1, axis=1)
+        x = jnp.concatenate([pad.astype(x.dtype), x], axis=1)
+        new_cache = x[:, -(k - 1) :]
+        return self.conv(x), new_cache
+
+
+def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
+    """Source indices of torch's ``F.interpolate(mode="nearest", size=...)`` along one axis."""
+    if out_size == in_size:
+        return np.arange(out_size)
+    if out_size == 2 * in_size:
+        return np.arange(out_size) >> 1
+    scale = np.float32(in_size) / np.float32(out_size)
+    idx = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(idx, in_size - 1)
+
+
+def nearest_resize(x: Array, size: tuple[int, int, int]) -> Array:
+    """torch ``F.interpolate(x, size=size)`` (mode "nearest") on (B, T, H, W, C) over (T, H, W)."""
+    for axis, out in zip((1, 2, 3), size):
+        n = x.shape[axis]
+        if n == out:
+            continue
+        idx = _nearest_indices(n, out)
+        if out % n == 0 and np.array_equal(idx, np.arange(out) // (out // n)):
+            x = jnp.repeat(x, out // n, axis=axis)  # same indices, cheaper than a gather
+        else:
+            x = jnp.take(x, jnp.asarray(idx), axis=axis)
+    return x
+
+
+def _upsample_hw(x: Array) -> Array:
+    """Nearest x2 in height and width: ``F.interpolate(scale_factor=2.0)`` on frames."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+
+
+class SpatialNorm3D(nnx.Module):
+    """diffusers ``CogVideoXSpatialNorm3D``: GroupNorm(f) * conv_y(zq) + conv_b(zq).
+
+    ``zq`` (the decoder's latent batch) is resized by nearest interpolation to ``f``'s size. When
+    ``f`` has an odd frame count > 1, the first frame and the rest are resized separately, as
+    diffusers does, so the first latent frame conditions exactly the first video frame.
+    """
+
+    def __init__(
+        self, f_channels: int, zq_channels: int, *, groups: int = 32, dtype=jnp.float32, param_dtype=jnp.float32, rngs
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # eps is fixed at 1e-6 in diffusers here, whatever the config's norm_eps.
+        self.norm_layer = GroupNorm(groups, f_channels, eps=1e-6, **kw)
+        self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1, **kw)
+        self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1, **kw)
+
+    def __call__(self, f: Array, zq: Array, cache: Cache = None) -> tuple[Array, dict]:
+        """f: (B, T, H, W, Cf); zq: (B, Tz, h, w, Cz) -> (B, T, H, W, Cf)."""
+        del cache  # both convs have kernel 1: no temporal context is carried
+        t, h, w = f.shape[1:4]
+        if t > 1 and t % 2 == 1:
+            z_first = nearest_resize(zq[:, :1], (1, h, w))
+            z_rest = nearest_resize(zq[:, 1:], (t - 1, h, w))
+            zq = jnp.concatenate([z_first, z_rest], axis=1)
+        else:
+            zq = nearest_resize(zq, (t, h, w))
+        conv_y, _ = self.conv_y(zq)
+        conv_b, _ = self.conv_b(zq)
+        return self.norm_layer(f) * conv_y + conv_b, {}
+
+
+class ResnetBlock3D(nnx.Module):
+    """diffusers ``CogVideoXResnetBlock3D`` (temb_channels=0, dropout 0, no conv shortcut flag).
+
+    Uses GroupNorm in the encoder and SpatialNorm3D (conditioned on the latents) in the decoder.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        groups: int,
+        eps: float,
+        spatial_norm_dim: Optional[int] = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.spatial = spatial_norm_dim is not None
+        if spatial_norm_dim is None:
+            self.norm1 = GroupNorm(groups, in_channels, eps=eps, **kw)
+            self.norm2 = GroupNorm(groups, out_channels, eps=eps, **kw)
+        else:
+            self.norm1 = SpatialNorm3D(in_channels, spatial_norm_dim, groups=groups, **kw)
+            self.norm2 = SpatialNorm3D(out_channels, spatial_norm_dim, groups=groups, **kw)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3, **kw)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3, **kw)
+        if in_channels != out_channels:
+            # diffusers: a CogVideoXSafeConv3d with kernel 1, i.e. a plain 1x1x1 Conv3d.
+            self.conv_shortcut = Conv3d(in_channels, out_channels, (1, 1, 1), **kw)
+        else:
+            self.conv_shortcut = None
+
+    def __call__(self, x: Array, zq: Optional[Array] = None, cache: Cache = None) -> tuple[Array, dict]:
+        """x: (B, T, H, W, Cin) -> (B, T, H, W, Cout)."""
+        cache = cache or {}
+        new = {}
+        if self.spatial:
+            h, new["norm1"] = self.norm1(x, zq, cache.get("norm1"))
+        else:
+            h = self.norm1(x)
+        h = jax.nn.silu(h)
+        h, new["conv1"] = self.conv1(h, cache.get("conv1"))
+        if self.spatial:
+            h, new["norm2"] = self.norm2(h, zq, cache.get("norm2"))
+        else:
+            h = self.norm2(h)
+        h = jax.nn.silu(h)
+        h, new["conv2"] = self.conv2(h, cache.get("conv2"))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return h + x.astype(h.dtype), new
+
+
+class Downsample3D(nnx.Module):
+    """diffusers ``CogVideoXDownsample3D``.
+
+    With ``compress_time``, frames are average-pooled in pairs; for an odd count the first frame is
+    kept on its own (diffusers' odd-frame rule, so an image stays one frame). Then height and width
+    are zero-padded by one on the bottom/right only (diffusers' ``F.pad(x, (0, 1, 0, 1))``) and a
+    3x3 stride-2 conv runs on every frame.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, compress_time: bool, dtype, param_dtype, rngs):
+        self.compress_time = compress_time
+        self.conv = Conv2d(
+            in_channels, out_channels, 3, stride=2, padding=0, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    @staticmethod
+    def _pool_pairs(x: Array) -> Array:
+        # F.avg_pool1d(kernel=2, stride=2): mean of frames (0,1), (2,3), ...; a trailing odd frame is dropped.
+        n = x.shape[1] // 2
+        x = x[:, : 2 * n]
+        return (x[:, 0::2] + x[:, 1::2]) / 2
+
+    def __call__(self, x: Array) -> Array:
+        """x: (B, T, H, W, C) -> (B, T', ceil(H/2), ceil(W/2), C')."""
+        if self.compress_time:
+            t = x.shape[1]
+            if t % 2 == 1:
+                first, rest = x[:, :1], x[:, 1:]
+                if rest.shape[1] > 0:
+                    rest = self._pool_pairs(rest)
+                x = jnp.concatenate([first, rest.astype(first.dtype)], axis=1)
+            else:
+                x = self._pool_pairs(x)
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)))
+        return self.conv(x)
+
+
+class Upsample3D(nnx.Module):
+    """diffusers ``CogVideoXUpsample3D``: nearest x2 upsampling, then a 3x3 conv on every frame.
+
+    With ``compress_time``: an odd frame count > 1 keeps the first frame single (space only) and
+    doubles the rest in time and space; an even count doubles everything; a single frame is
+    upsampled in space only, so one latent frame decodes to one video frame.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, compress_time: bool, dtype, param_dtype, rngs):
+        self.compress_time = compress_time
+        self.conv = Conv2d(
+            in_channels, out_channels, 3, stride=1, padding=1, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+
+    def __call__(self, x: Array) -> Array:
+        """x: (B, T, H, W, C) -> (B, T', 2H, 2W, C')."""
+        t = x.shape[1]
+        if self.compress_time and t > 1:
+            if t % 2 == 1:
+                first = _upsample_hw(x[:, :1])
+                rest = jnp.repeat(_upsample_hw(x[:, 1:]), 2, axis=1)
+                x = jnp.concatenate([first, rest], axis=1)
+            else:
+                x = jnp.repeat(_upsample_hw(x), 2, axis=1)
+        else:
+            x = _upsample_hw(x)
+        return self.conv(x)
+
+
+def _run_resnets(resnets, h, zq, cache):
+    cache = cache or {}
+    new = {}
+    for i, resnet in enumerate(resnets):
+        key = f"resnet_{i}"
+        h, new[key] = resnet(h, zq, cache.get(key))
+    return h, new
+
+
+class DownBlock3D(nnx.Module):
+    """diffusers ``CogVideoXDownBlock3D``: GroupNorm resnets, then an optional Downsample3D."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        eps: float,
+        groups: int,
+        add_downsample: bool,
+        compress_time: bool,
+        dtype,
+        param_dtype,
+        rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resnets = nnx.List(
+            [
+                ResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups=groups, eps=eps, **kw)
+                for i in range(num_layers)
+            ]
+        )
+        if add_downsample:
+            self.downsamplers = nnx.List([Downsample3D(out_channels, out_channels, compress_time=compress_time, **kw)])
+        else:
+            self.downsamplers = None
+
+    def __call__(self, x: Array, cache: Cache = None) -> tuple[Array, dict]:
+        h, new = _run_resnets(self.resnets, x, None, cache)
+        if self.downsamplers is not None:
+            for d in self.downsamplers:
+                h = d(h)
+        return h, new
+
+
+class MidBlock3D(nnx.Module):
+    """diffusers ``CogVideoXMidBlock3D``: resnets at constant width (SpatialNorm in the decoder)."""
+
+    def __init__(
+        self, channels: int, *, num_layers: int, eps: float, groups: int, spatial_norm_dim, dtype, param_dtype, rngs
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resnets = nnx.List(
+            [
+                ResnetBlock3D(channels, channels, groups=groups, eps=eps, spatial_norm_dim=spatial_norm_dim, **kw)
+                for _ in range(num_layers)
+            ]
+        )
+
+    def __call__(self, x: Array, zq: Optional[Array] = None, cache: Cache = None) -> tuple[Array, dict]:
+        return _run_resnets(self.resnets, x, zq, cache)
+
+
+class UpBlock3D(nnx.Module):
+    """diffusers ``CogVideoXUpBlock3D``: SpatialNorm resnets, then an optional Upsample3D."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        eps: float,
+        groups: int,
+        spatial_norm_dim: int,
+        add_upsample: bool,
+        compress_time: bool,
+        dtype,
+        param_dtype,
+        rngs,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resnets = nnx.List(
+            [
+                ResnetBlock3D(
+                    in_channels if i == 0 else out_channels,
+                    out_channels,
+                    groups=groups,
+                    eps=eps,
+                    spatial_norm_dim=spatial_norm_dim,
+                    **kw,
+                )
+                for i in range(num_layers)
+            ]
+        )
+        if add_upsample:
+            self.upsamplers = nnx.List([Upsample3D(out_channels, out_channels, compress_time=compress_time, **kw)])
+        else:
+            self.upsamplers = None
+
+    def __call__(self, x: Array, zq: Array, cache: Cache = None) -> tuple[Array, dict]:
+        h, new = _run_resnets(self.resnets, x, zq, cache)
+        if self.upsamplers is not None:
+            for u in self.upsamplers:
+                h = u(h)
+        return h, new

@@ -1,0 +1,481 @@
+"""The CogVideoX VAE in Flax NNX: Encoder3D, Decoder3D and AutoencoderKLCogVideoX.
+
+Layout: videos are ``(B, T, H, W, C)`` with C = 3 and values in [-1, 1]; latents are
+``(B, t, h, w, latent_channels)``. diffusers' tensors are ``(B, C, T, H, W)``: move axis 1 to the end.
+
+Frame batching is part of the function, not an optimisation: GroupNorm statistics and temporal
+pooling are computed per batch, and the causal-conv caches carry context across batches. So this
+module reproduces diffusers' batching exactly:
+
+* encode: batches of 8 frames; the remainder ``T % 8`` joins the *first* batch (``_encode``);
+* decode: batches of 2 latent frames; an odd count puts 3 in the first batch (``_decode``).
+
+Two execution paths compute the same thing. ``compiled=True`` (default) jit-compiles the first
+batch and a ``jax.lax.scan`` over the remaining equal batches, with the conv caches as carry, so
+compile time does not grow with the video length. ``compiled=False`` is a plain Python loop that
+mirrors diffusers line by line; tests check the two against each other and against diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import VAEConfig
+from .layers import CausalConv3d, Conv3d, DownBlock3D, GroupNorm, MidBlock3D, SpatialNorm3D, UpBlock3D
+
+Array = jax.Array
+
+__all__ = ["Encoder3D", "Decoder3D", "AutoencoderKLCogVideoX", "TilingConfig", "default_compute_dtype", "frame_batches"]
+
+# diffusers: num_sample_frames_batch_size / num_latent_frames_batch_size. Other values give poor
+# results, says diffusers, because the VAE was trained with these.
+SAMPLE_FRAMES_BATCH = 8
+LATENT_FRAMES_BATCH = 2
+
+
+def default_compute_dtype():
+    """bf16 on accelerators, fp32 on CPU (where it is also the parity setting)."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def frame_batches(num_frames: int, batch: int) -> list[tuple[int, int]]:
+    """diffusers' frame-batch slices: ``max(T // batch, 1)`` batches, remainder in the first one.
+
+    E.g. 49 frames, batch 8 -> [(0, 9), (9, 17), ..., (41, 49)]; 13 latents, batch 2 ->
+    [(0, 3), (3, 5), ..., (11, 13)]; 5 frames, batch 8 -> [(0, 5)].
+    """
+    if num_frames < 1:
+        raise ValueError(f"need at least one frame, got {num_frames}")
+    n = max(num_frames // batch, 1)
+    rem = num_frames % batch
+    out = []
+    for i in range(n):
+        start = batch * i + (0 if i == 0 else rem)
+        end = min(batch * (i + 1) + rem, num_frames)
+        out.append((start, end))
+    return out
+
+
+class Encoder3D(nnx.Module):
+    """diffusers ``CogVideoXEncoder3D``. x: (B, T, H, W, in_channels) -> (B, t, h, w, 2*latent)."""
+
+    def __init__(self, cfg: VAEConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        ch = cfg.block_out_channels
+        self.conv_in = CausalConv3d(cfg.in_channels, ch[0], 3, **kw)
+        blocks = []
+        out_ch = ch[0]
+        for i in range(len(cfg.down_block_types)):
+            in_ch, out_ch = out_ch, ch[i]
+            blocks.append(
+                DownBlock3D(
+                    in_ch,
+                    out_ch,
+                    num_layers=cfg.layers_per_block,
+                    eps=cfg.norm_eps,
+                    groups=cfg.norm_num_groups,
+                    add_downsample=i != len(ch) - 1,
+                    compress_time=i < cfg.temporal_compress_level,
+                    **kw,
+                )
+            )
+        self.down_blocks = nnx.List(blocks)
+        self.mid_block = MidBlock3D(
+            ch[-1], num_layers=2, eps=cfg.norm_eps, groups=cfg.norm_num_groups, spatial_norm_dim=None, **kw
+        )
+        # diffusers hard-codes eps=1e-6 here.
+        self.norm_out = GroupNorm(cfg.norm_num_groups, ch[-1], eps=1e-6, **kw)
+        self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent_channels, 3, **kw)
+
+    def __call__(self, x: Array, cache: Optional[dict] = None) -> tuple[Array, dict]:
+        cache = cache or {}
+        new = {}
+        h, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
+        for i, block in enumerate(self.down_blocks):
+            key = f"down_block_{i}"
+            h, new[key] = block(h, cache.get(key))
+        h, new["mid_block"] = self.mid_block(h, None, cache.get("mid_block"))
+        h = jax.nn.silu(self.norm_out(h))
+        h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"))
+        return h, new
+
+
+class Decoder3D(nnx.Module):
+    """diffusers ``CogVideoXDecoder3D``. z: (B, t, h, w, latent) -> (B, T, H, W, out_channels)."""
+
+    def __init__(self, cfg: VAEConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        rch = tuple(reversed(cfg.block_out_channels))
+        zc = cfg.latent_channels
+        self.conv_in = CausalConv3d(zc, rch[0], 3, **kw)
+        self.mid_block = MidBlock3D(
+            rch[0], num_layers=2, eps=cfg.norm_eps, groups=cfg.norm_num_groups, spatial_norm_dim=zc, **kw
+        )
+        blocks = []
+        out_ch = rch[0]
+        for i in range(len(cfg.up_block_types)):
+            prev, out_ch = out_ch, rch[i]
+            blocks.append(
+                UpBlock3D(
+                    prev,
+                    out_ch,
+                    num_layers=cfg.layers_per_block + 1,
+                    eps=cfg.norm_eps,
+                    groups=cfg.norm_num_groups,
+                    spatial_norm_dim=zc,
+                    add_upsample=i != len(rch) - 1,
+                    compress_time=i < cfg.temporal_compress_level,
+                    **kw,
+                )
+            )
+        self.up_blocks = nnx.List(blocks)
+        self.norm_out = SpatialNorm3D(rch[-1], zc, groups=cfg.norm_num_groups, **kw)
+        self.conv_out = CausalConv3d(rch[-1], cfg.out_channels, 3, **kw)
+
+    def __call__(self, z: Array, cache: Optional[dict] = None) -> tuple[Array, dict]:
+        cache = cache or {}
+        new = {}
+        h, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
+        h, new["mid_block"] = self.mid_block(h, z, cache.get("mid_block"))
+        for i, block in enumerate(self.up_blocks):
+            key = f"up_block_{i}"
+            h, new[key] = block(h, z, cache.get(key))
+        h, new["norm_out"] = self.norm_out(h, z, cache.get("norm_out"))
+        h = jax.nn.silu(h)
+        h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"))
+        return h, new
+
+
+@dataclasses.dataclass(frozen=True)
+class TilingConfig:
+    """diffusers' tiling settings: tiles of half the sample size, overlap factors 1/6 and 1/5."""
+
+    tile_sample_min_height: int
+    tile_sample_min_width: int
+    tile_overlap_factor_height: float = 1 / 6
+    tile_overlap_factor_width: float = 1 / 5
+    spatial_compression: int = 8
+
+    @property
+    def tile_latent_min_height(self) -> int:
+        return int(self.tile_sample_min_height / self.spatial_compression)
+
+    @property
+    def tile_latent_min_width(self) -> int:
+        return int(self.tile_sample_min_width / self.spatial_compression)
+
+
+# ----------------------------------------------------------------------------- compiled kernels
+# Module-level jitted functions keyed on the (static, hashable) graphdef: one compile per model
+# structure and input shape, shared by every call, by every tile and by models with equal structure.
+TRACE_COUNTS: dict[str, int] = {"encode_first": 0, "encode_scan": 0, "decode_first": 0, "decode_scan": 0}
+
+
+def _apply_quant(vae, h):
+    return vae.quant_conv(h) if vae.quant_conv is not None else h
+
+
+def _apply_post_quant(vae, z):
+    return vae.post_quant_conv(z) if vae.post_quant_conv is not None else z
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_first(graphdef, state, x):
+    TRACE_COUNTS["encode_first"] += 1
+    vae = nnx.merge(graphdef, state)
+    h, cache = vae.encoder(x, None)
+    return _apply_quant(vae, h), cache
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_scan(graphdef, state, xs, cache):
+    """xs: (N, B, 8, H, W, C) equal frame batches; cache: the carry from the batch before."""
+    TRACE_COUNTS["encode_scan"] += 1
+    vae = nnx.merge(graphdef, state)
+
+    def body(c, x):
+        h, c = vae.encoder(x, c)
+        return c, _apply_quant(vae, h)
+
+    _, hs = jax.lax.scan(body, cache, xs)
+    return hs
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_first(graphdef, state, z):
+    TRACE_COUNTS["decode_first"] += 1
+    vae = nnx.merge(graphdef, state)
+    return vae.decoder(_apply_post_quant(vae, z), None)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_scan(graphdef, state, zs, cache):
+    """zs: (N, B, 2, h, w, C) equal latent batches; cache: the carry from the batch before."""
+    TRACE_COUNTS["decode_scan"] += 1
+    vae = nnx.merge(graphdef, state)
+
+    def body(c, z):
+        out, c = vae.decoder(_apply_post_quant(vae, z), c)
+        return c, out
+
+    _, outs = jax.lax.scan(body, cache, zs)
+    return outs
+
+
+def _unstack_batches(ys: Array) -> Array:
+    """(N, B, t, ...) scan outputs -> (B, N*t, ...) frames in order."""
+    n, b, t = ys.shape[:3]
+    return jnp.moveaxis(ys, 0, 1).reshape(b, n * t, *ys.shape[3:])
+
+
+def _stack_batches(x: Array, start: int, size: int) -> Array:
+    """(B, T, ...) frames from ``start`` on -> (N, B, size, ...) equal batches."""
+    rest = x[:, start:]
+    b, t = rest.shape[:2]
+    return jnp.moveaxis(rest.reshape(b, t // size, size, *rest.shape[2:]), 1, 0)
+
+
+class AutoencoderKLCogVideoX(nnx.Module):
+    """diffusers ``AutoencoderKLCogVideoX`` in NNX, with the same module tree and results.
+
+    Args:
+      config: the architecture (``VAEConfig``; see ``VAEConfig.from_diffusers_config``).
+      dtype: compute dtype; None picks bf16 on GPU/TPU and fp32 on CPU. Use fp32 for parity.
+      param_dtype: dtype of freshly initialised parameters (loaded ones keep theirs).
+      rngs: keyword-only parameter RNGs.
+    """
+
+    def __init__(self, config: VAEConfig, *, dtype: Any = None, param_dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        dtype = default_compute_dtype() if dtype is None else dtype
+        self.config = config
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.encoder = Encoder3D(config, **kw)
+        self.decoder = Decoder3D(config, **kw)
+        oc = config.out_channels
+        # diffusers sizes both by out_channels (VAEConfig enforces latent_channels == out_channels).
+        self.quant_conv = Conv3d(2 * oc, 2 * oc, (1, 1, 1), **kw) if config.use_quant_conv else None
+        self.post_quant_conv = Conv3d(oc, oc, (1, 1, 1), **kw) if config.use_post_quant_conv else None
+        self.use_slicing = False
+        self.use_tiling = False
+        self.tiling = TilingConfig(
+            tile_sample_min_height=config.sample_height // 2,
+            tile_sample_min_width=config.sample_width // 2,
+            spatial_compression=config.spatial_compression,
+        )
+
+    # ------------------------------------------------------------------ switches (diffusers API)
+    def enable_tiling(
+        self,
+        tile_sample_min_height: Optional[int] = None,
+        tile_sample_min_width: Optional[int] = None,
+        tile_overlap_factor_height: Optional[float] = None,
+        tile_overlap_factor_width: Optional[float] = None,
+    ) -> None:
+        t = self.tiling
+        self.use_tiling = True
+        self.tiling = TilingConfig(
+            tile_sample_min_height=tile_sample_min_height or t.tile_sample_min_height,
+            tile_sample_min_width=tile_sample_min_width or t.tile_sample_min_width,
+            tile_overlap_factor_height=tile_overlap_factor_height or t.tile_overlap_factor_height,
+            tile_overlap_factor_width=tile_overlap_factor_width or t.tile_overlap_factor_width,
+            spatial_compression=self.config.spatial_compression,
+        )
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def enable_slicing(self) -> None:
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    # ------------------------------------------------------------------ latent scaling
+    @property
+    def scaling_factor(self) -> float:
+        return self.config.scaling_factor
+
+    def scale_latents(self, z: Array, *, image_latents: bool = False) -> Array:
+        """Encoder latents -> diffusion-model latents: ``z * scaling_factor``.
+
+        For CogVideoX 1.5 image-conditioning latents (``invert_scale_latents``), diffusers' I2V
+        pipeline divides instead, matching how that model was trained.
+        """
+        sf = self.config.scaling_factor
+        if image_latents and self.config.invert_scale_latents:
+            return (1 / sf) * z
+        return sf * z
+
+    def unscale_latents(self, z: Array) -> Array:
+        """Diffusion-model latents -> decoder input: ``1 / scaling_factor * z`` (as the pipelines do)."""
+        return (1 / self.config.scaling_factor) * z
+
+    # ------------------------------------------------------------------ encode
+    def _split(self):
+        return nnx.split(self)
+
+    def _encode(self, x: Array, compiled: bool) -> Array:
+        t = self.tiling
+        if self.use_tiling and (x.shape[3] > t.tile_sample_min_width or x.shape[2] > t.tile_sample_min_height):
+            return self.tiled_encode(x, compiled=compiled)
+        return self._encode_frames(x, compiled)
+
+    def _encode_frames(self, x: Array, compiled: bool) -> Array:
+        """x: (B, T, H, W, C) -> h: (B, t, h, w, 2*latent), in diffusers' frame batches."""
+        batches = frame_batches(x.shape[1], SAMPLE_FRAMES_BATCH)
+        if not compiled:
+            cache, outs = None, []
+            for s, e in batches:
+                h, cache = self.encoder(x[:, s:e], cache)
+                outs.append(_apply_quant(self, h))
+            return jnp.concatenate(outs, axis=1)
+        graphdef, state = self._split()
+        s0, e0 = batches[0]
+        h0, cache = _encode_first(graphdef, state, x[:, s0:e0])
+        if len(batches) == 1:
+            return h0
+        hs = _encode_scan(graphdef, state, _stack_batches(x, e0, SAMPLE_FRAMES_BATCH), cache)
+        return jnp.concatenate([h0, _unstack_batches(hs)], axis=1)
+
+    def encode_moments(self, x: Array, *, compiled: bool = True) -> Array:
+        """x: (B, T, H, W, C) -> raw encoder output (B, t, h, w, 2*latent): mean and logvar stacked."""
+        if self.use_slicing and x.shape[0] > 1:
+            return jnp.concatenate([self._encode(x[i : i + 1], compiled) for i in range(x.shape[0])], axis=0)
+        return self._encode(x, compiled)
+
+    def encode(self, x: Array, *, compiled: bool = True) -> tuple[Array, Array]:
+        """x: (B, T, H, W, C) in [-1, 1] -> (mean, logvar), each (B, t, h, w, latent).
+
+        logvar is clamped to [-30, 20] as diffusers' DiagonalGaussianDistribution does.
+        """
+        h = self.encode_moments(x, compiled=compiled)
+        mean, logvar = jnp.split(h, 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    # ------------------------------------------------------------------ decode
+    def _decode(self, z: Array, compiled: bool) -> Array:
+        t = self.tiling
+        if self.use_tiling and (
+            z.shape[3] > t.tile_latent_min_width or z.shape[2] > t.tile_latent_min_height
+        ):
+            return self.tiled_decode(z, compiled=compiled)
+        return self._decode_frames(z, compiled)
+
+    def _decode_frames(self, z: Array, compiled: bool) -> Array:
+        """z: (B, t, h, w, latent) -> (B, T, H, W, out), in diffusers' latent batches."""
+        batches = frame_batches(z.shape[1], LATENT_FRAMES_BATCH)
+        if not compiled:
+            cache, outs = None, []
+            for s, e in batches:
+                out, cache = self.decoder(_apply_post_quant(self, z[:, s:e]), cache)
+                outs.append(out)
+            return jnp.concatenate(outs, axis=1)
+        graphdef, state = self._split()
+        s0, e0 = batches[0]
+        out0, cache = _decode_first(graphdef, state, z[:, s0:e0])
+        if len(batches) == 1:
+            return out0
+        outs = _decode_scan(graphdef, state, _stack_batches(z, e0, LATENT_FRAMES_BATCH), cache)
+        return jnp.concatenate([out0, _unstack_batches(outs)], axis=1)
+
+    def decode(self, z: Array, *, compiled: bool = True) -> Array:
+        """z: (B, t, h, w, latent) -> video (B, T, H, W, out_channels).
+
+        13 latent frames give 49 video frames, 1 gives 1 (an image), as in diffusers.
+        """
+        if self.use_slicing and z.shape[0] > 1:
+            return jnp.concatenate([self._decode(z[i : i + 1], compiled) for i in range(z.shape[0])], axis=0)
+        return self._decode(z, compiled)
+
+    def __call__(
+        self, x: Array, sample_posterior: bool = False, rng: Optional[jax.Array] = None, *, compiled: bool = True
+    ) -> Array:
+        """x: (B, T, H, W, C) -> reconstruction (B, T', H, W, C): encode, mode or sample, decode."""
+        mean, logvar = self.encode(x, compiled=compiled)
+        if sample_posterior:
+            if rng is None:
+                raise ValueError("sample_posterior=True needs rng")
+            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+        else:
+            z = mean
+        return self.decode(z, compiled=compiled)
+
+    # ------------------------------------------------------------------ tiling
+    @staticmethod
+    def _blend(a: Array, b: Array, extent: int, axis: int) -> Array:
+        """diffusers blend_v (axis 2 = H) / blend_h (axis 3 = W): ramp a's tail into b's head."""
+        extent = min(a.shape[axis], b.shape[axis], extent)
+        if extent <= 0:
+            return b
+        # diffusers multiplies by Python floats (1 - y/e) and (y/e); computed in double, applied in fp32.
+        w = np.arange(extent, dtype=np.float64) / extent
+        shape = [1] * b.ndim
+        shape[axis] = extent
+        w_b = jnp.asarray(w.astype(np.float32).reshape(shape))
+        w_a = jnp.asarray((1 - w).astype(np.float32).reshape(shape))
+        a_tail = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis)
+        b_head = jax.lax.slice_in_dim(b, 0, extent, axis=axis)
+        mixed = (a_tail * w_a + b_head * w_b).astype(b.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(b, mixed, 0, axis=axis)
+
+    def _tiled(self, x: Array, tile_in: tuple[int, int], tile_out: tuple[int, int], factors, run_tile) -> Array:
+        """diffusers' tiled_encode / tiled_decode loop over (B, T, H, W, C) input tiles."""
+        fh, fw = factors
+        height, width = x.shape[2], x.shape[3]
+        overlap_h = int(tile_in[0] * (1 - fh))
+        overlap_w = int(tile_in[1] * (1 - fw))
+        blend_h = int(tile_out[0] * fh)
+        blend_w = int(tile_out[1] * fw)
+        limit_h = tile_out[0] - blend_h
+        limit_w = tile_out[1] - blend_w
+        rows = []
+        for i in range(0, height, overlap_h):
+            row = []
+            for j in range(0, width, overlap_w):
+                row.append(run_tile(x[:, :, i : i + tile_in[0], j : j + tile_in[1]]))
+            rows.append(row)
+        # Blend in diffusers' order: each tile is blended (in place there) with its already-blended
+        # upper and left neighbours, then cropped.
+        result_rows = []
+        for i, row in enumerate(rows):
+            result_row = []
+            for j in range(len(row)):
+                tile = row[j]
+                if i > 0:
+                    tile = self._blend(rows[i - 1][j], tile, blend_h, axis=2)
+                if j > 0:
+                    tile = self._blend(row[j - 1], tile, blend_w, axis=3)
+                row[j] = tile
+                result_row.append(tile[:, :, :limit_h, :limit_w])
+            result_rows.append(jnp.concatenate(result_row, axis=3))
+        return jnp.concatenate(result_rows, axis=2)
+
+    def tiled_encode(self, x: Array, *, compiled: bool = True) -> Array:
+        """x: (B, T, H, W, C) -> raw moments (B, t, h, w, 2*latent), tile by tile."""
+        t = self.tiling
+        return self._tiled(
+            x,
+            (t.tile_sample_min_height, t.tile_sample_min_width),
+            (t.tile_latent_min_height, t.tile_latent_min_width),
+            (t.tile_overlap_factor_height, t.tile_overlap_factor_width),
+            lambda tile: self._encode_frames(tile, compiled),
+        )
+
+    def tiled_decode(self, z: Array, *, compiled: bool = True) -> Array:
+        """z: (B, t, h, w, latent) -> video (B, T, H, W, out), tile by tile."""
+        t = self.tiling
+        return self._tiled(
+            z,
+            (t.tile_latent_min_height, t.tile_latent_min_width),
+            (t.tile_sample_min_height, t.tile_sample_min_width),
+            (t.tile_overlap_factor_height, t.tile_overlap_factor_width),
+            lambda tile: self._decode_frames(tile, compiled),
+        )
