@@ -1,0 +1,352 @@
+"""Strict, all-or-nothing tensor conversion between diffusers and Flax NNX.
+
+``convert_flat`` does the work and returns ``{path_tuple: np.ndarray}``;
+``convert_tensors`` wraps it and returns an ``nnx.State`` shaped like the abstract state
+(leaves are ``jax.Array``), ready for ``nnx.merge(graphdef, state)``.
+``export_tensors`` goes back: dotted NNX paths -> diffusers keys, through inverse transforms.
+
+Every problem (unmatched / ambiguous key, extra tensor, missing tensor, wrong rank or
+shape, disallowed dtype, NaN / Inf values) is collected and raised together in one
+:class:`ConversionError`; nothing is returned unless every check passed.
+
+Tensors are read lazily, one at a time (``source.get_tensor(key)`` or ``source[key]``), so
+peak memory stays near one copy of the checkpoint plus one tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .mapping import Mapping, Rule
+from .transforms import TransformError
+
+__all__ = [
+    "ConversionError",
+    "ALLOWED_DTYPES",
+    "Target",
+    "abstract_targets",
+    "convert_flat",
+    "convert_tensors",
+    "fill_state",
+    "export_tensors",
+    "state_to_flat_dict",
+    "path_to_str",
+]
+
+#: dtype names accepted in a checkpoint (ml_dtypes bfloat16 is not an np.floating subtype,
+#: so dtypes are compared by name).
+ALLOWED_DTYPES: frozenset[str] = frozenset({"float32", "float16", "bfloat16"})
+_FLOAT_NAMES = ALLOWED_DTYPES | {"float64", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                 "float8_e5m2fnuz", "float8_e4m3b11fnuz", "float128"}
+
+
+class ConversionError(ValueError):
+    """All problems found in one conversion, one per line."""
+
+    def __init__(self, problems: list[str], header: str = "conversion failed"):
+        self.problems = list(problems)
+        super().__init__(
+            f"{header}: {len(self.problems)} problem(s):\n"
+            + "\n".join(f"  - {p}" for p in self.problems)
+        )
+
+
+def path_to_str(path: Iterable[Any]) -> str:
+    """``('encoder', 'down_blocks', 0, 'conv')`` -> ``'encoder.down_blocks.0.conv'``."""
+    return ".".join(str(p) for p in path)
+
+
+# ----------------------------------------------------------------------------------------
+# source access
+# ----------------------------------------------------------------------------------------
+
+
+def _reader(source: Any) -> tuple[list[str], Callable[[str], Any]]:
+    """Keys and a per-key getter of a tensor source.
+
+    Accepted: any mapping-like with ``.keys()`` and ``.get_tensor(key)`` (e.g. a
+    ``safetensors.safe_open(..., framework="numpy")`` handle) or ``[key]`` / ``.get(key)``
+    (e.g. a dict of numpy arrays); or a ``(keys, getter)`` pair.
+    """
+    if isinstance(source, tuple) and len(source) == 2 and callable(source[1]):
+        return list(source[0]), source[1]
+    keys = list(source.keys())
+    if hasattr(source, "get_tensor"):
+        return keys, source.get_tensor
+    if hasattr(source, "__getitem__"):
+        return keys, source.__getitem__
+    return keys, source.get
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach"):  # a torch tensor slipped in: be helpful but exact
+        import torch
+
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return x.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def _dtype_problem(arr: np.ndarray, allowed: frozenset[str]) -> str | None:
+    name = arr.dtype.name
+    if name in allowed:
+        return None
+    if name in _FLOAT_NAMES:
+        return f"dtype {name} not allowed (allowed: {', '.join(sorted(allowed))})"
+    return f"dtype {name} is not floating point (allowed: {', '.join(sorted(allowed))})"
+
+
+def _nonfinite_problem(arr: np.ndarray) -> str | None:
+    finite = np.isfinite(arr)
+    if finite.all():
+        return None
+    n_nan = int(np.count_nonzero(np.isnan(arr)))
+    n_inf = int(arr.size - np.count_nonzero(finite) - n_nan)
+    return f"contains non-finite values: {n_nan} NaN, {n_inf} Inf (of {arr.size})"
+
+
+# ----------------------------------------------------------------------------------------
+# abstract state
+# ----------------------------------------------------------------------------------------
+
+
+class Target:
+    """One parameter to fill: its path tuple, expected shape and the abstract variable."""
+
+    __slots__ = ("path", "shape", "dtype", "variable")
+
+    def __init__(self, path: tuple, shape: tuple[int, ...], dtype: Any = None, variable: Any = None):
+        self.path = tuple(path)
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = dtype
+        self.variable = variable
+
+
+def abstract_targets(abstract_state: Any) -> dict[str, Target]:
+    """Dotted path -> :class:`Target` for every leaf of ``abstract_state``.
+
+    ``abstract_state`` is either an ``nnx.State`` (leaves: nnx Variables holding
+    ``jax.ShapeDtypeStruct`` or arrays) or a plain ``{path_tuple_or_dotted_str: shape-like}``
+    dict, where shape-like is anything with ``.shape`` (and optionally ``.dtype``) or a tuple.
+    """
+    out: dict[str, Target] = {}
+    if isinstance(abstract_state, dict) and not hasattr(abstract_state, "flat_state"):
+        items = abstract_state.items()
+    else:
+        from flax import nnx
+
+        items = nnx.to_flat_state(abstract_state)
+    for path, leaf in items:
+        if isinstance(path, str):
+            path = tuple(int(p) if p.isdigit() else p for p in path.split("."))
+        value = leaf.get_value() if hasattr(leaf, "get_value") else leaf
+        if isinstance(value, tuple):
+            shape, dtype = value, None
+        else:
+            shape, dtype = tuple(value.shape), getattr(value, "dtype", None)
+        out[path_to_str(path)] = Target(tuple(path), shape, dtype, leaf)
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# diffusers -> NNX
+# ----------------------------------------------------------------------------------------
+
+
+def convert_flat(
+    source: Any,
+    abstract_state: Any,
+    mapping: Mapping,
+    *,
+    dtype: Any = None,
+    source_name: str = "<file>",
+    allowed_dtypes: Iterable[str] = ALLOWED_DTYPES,
+) -> dict[tuple, np.ndarray]:
+    """Convert every tensor of ``source`` for ``abstract_state``; strict.
+
+    Returns ``{path_tuple: np.ndarray}`` covering exactly the leaves of ``abstract_state``
+    (see :func:`abstract_targets`). Source dtype is kept unless ``dtype`` is given (cast
+    after the transform). Raises :class:`ConversionError` listing every problem.
+    """
+    allowed = frozenset(allowed_dtypes)
+    cast = None if dtype is None else _np_dtype(dtype)
+    targets = abstract_targets(abstract_state)
+    keys, get = _reader(source)
+    problems: list[str] = []
+    out: dict[tuple, np.ndarray] = {}
+    filled_by: dict[str, str] = {}
+
+    def bad(key: str, msg: str) -> None:
+        problems.append(f"{source_name}: tensor {key!r}: {msg}")
+
+    for key in keys:
+        matches = mapping.match_forward(key)
+        if not matches:
+            bad(key, f"matches no rule of mapping {mapping.path}")
+            continue
+        if len(matches) > 1:
+            bad(key, f"matches {len(matches)} rules of mapping {mapping.path}: "
+                     + ", ".join(r.label for _, r in matches))
+            continue
+        tpath, rule = matches[0]
+        tgt = targets.get(tpath)
+        if tgt is None:
+            bad(key, f"extra tensor: maps to {tpath!r} by {rule.label}, which is not a "
+                     "parameter of the model")
+            continue
+        if tpath in filled_by:
+            bad(key, f"maps to {tpath!r}, already filled from {filled_by[tpath]!r}")
+            continue
+        filled_by[tpath] = key
+
+        arr = _to_numpy(get(key))
+        key_ok = True
+        src_shape = tuple(arr.shape)
+        try:
+            got = rule.transform.shape(src_shape)
+        except TransformError:
+            got = None
+        if got != tgt.shape:
+            inv = rule.inverse_transform
+            want = inv.shape(tgt.shape) if inv.rank in (None, len(tgt.shape)) else "?"
+            bad(key, f"shape mismatch: source shape {src_shape}, expected {want} "
+                     f"(model parameter {tpath!r} has shape {tgt.shape}; {rule.label})")
+            key_ok = False
+        dp = _dtype_problem(arr, allowed)
+        if dp:
+            bad(key, dp)
+            key_ok = False
+        elif arr.size:
+            nf = _nonfinite_problem(arr)
+            if nf:
+                bad(key, nf)
+                key_ok = False
+        if not key_ok:
+            continue
+        y = rule.transform(arr)
+        if cast is not None and y.dtype != cast:
+            y = y.astype(cast)
+        out[tgt.path] = y
+        del arr, y
+
+    for tpath, tgt in targets.items():
+        if tpath not in filled_by:
+            matches = mapping.match_reverse(tpath)
+            hint = (f" (expected source key {matches[0][0]!r})" if len(matches) == 1
+                    else " (no rule maps to this path)" if not matches else "")
+            problems.append(f"{source_name}: missing tensor for model parameter "
+                            f"{tpath!r}{hint}")
+    if problems:
+        raise ConversionError(problems, header=f"cannot convert {source_name}")
+    return out
+
+
+def fill_state(abstract_state: Any, flat: dict[tuple, Any], *, to_jax: bool = True) -> Any:
+    """Build an ``nnx.State`` like ``abstract_state`` with leaves from ``flat``
+    (``{path_tuple: array}``, e.g. from :func:`convert_flat`). Arrays become
+    ``jax.Array`` (one at a time) unless ``to_jax=False``."""
+    from flax import nnx
+
+    if to_jax:
+        import jax.numpy as jnp
+    pairs = []
+    for path, var in nnx.to_flat_state(abstract_state):
+        v = flat[tuple(path)]
+        pairs.append((path, var.replace(jnp.asarray(v) if to_jax else v)))
+    return nnx.from_flat_state(pairs)
+
+
+def convert_tensors(
+    source: Any,
+    abstract_state: Any,
+    mapping: Mapping,
+    *,
+    dtype: Any = None,
+    source_name: str = "<file>",
+    allowed_dtypes: Iterable[str] = ALLOWED_DTYPES,
+) -> Any:
+    """Strict conversion to an ``nnx.State`` (jax arrays) shaped like ``abstract_state``.
+
+    ``abstract_state``: the state of ``nnx.split(nnx.eval_shape(lambda: Model(...)))``.
+    Raises :class:`ConversionError` (all problems at once) before anything is built.
+    """
+    flat = convert_flat(source, abstract_state, mapping, dtype=dtype,
+                        source_name=source_name, allowed_dtypes=allowed_dtypes)
+    return fill_state(abstract_state, flat)
+
+
+# ----------------------------------------------------------------------------------------
+# NNX -> diffusers
+# ----------------------------------------------------------------------------------------
+
+
+def state_to_flat_dict(state: Any) -> dict[str, np.ndarray]:
+    """``nnx.State`` -> ``{dotted path: np.ndarray}`` (bf16 stays ml_dtypes.bfloat16)."""
+    from flax import nnx
+
+    return {path_to_str(p): np.asarray(v.get_value() if hasattr(v, "get_value") else v)
+            for p, v in nnx.to_flat_state(state)}
+
+
+def export_tensors(
+    flat_params: dict[str, np.ndarray],
+    mapping: Mapping,
+    *,
+    allowed_dtypes: Iterable[str] = ALLOWED_DTYPES,
+    source_name: str = "<model>",
+) -> dict[str, np.ndarray]:
+    """``{dotted NNX path: array}`` -> ``{diffusers key: array}`` through inverse transforms.
+
+    Strict: a path matching no rule or several rules, a rank mismatch, a disallowed dtype,
+    or two paths producing the same key is an error; all are raised together.
+    """
+    allowed = frozenset(allowed_dtypes)
+    problems: list[str] = []
+    out: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    for path, value in flat_params.items():
+        path = path if isinstance(path, str) else path_to_str(path)
+        matches = mapping.match_reverse(path)
+        if len(matches) != 1:
+            problems.append(
+                f"{source_name}: parameter {path!r}: "
+                + (f"matches no rule of mapping {mapping.path}" if not matches else
+                   f"matches {len(matches)} rules of mapping {mapping.path}: "
+                   + ", ".join(r.label for _, r in matches)))
+            continue
+        key, rule = matches[0]
+        if key in origin:
+            problems.append(f"{source_name}: parameter {path!r}: maps to {key!r}, "
+                            f"already produced from {origin[key]!r}")
+            continue
+        origin[key] = path
+        arr = _to_numpy(value)
+        inv = rule.inverse_transform
+        if inv.rank is not None and arr.ndim != inv.rank:
+            problems.append(f"{source_name}: parameter {path!r}: wrong rank: shape "
+                            f"{tuple(arr.shape)}, {inv.name} ({rule.label}) expects rank {inv.rank}")
+            continue
+        dp = _dtype_problem(arr, allowed)
+        if dp:
+            problems.append(f"{source_name}: parameter {path!r}: {dp}")
+            continue
+        out[key] = inv(arr)
+    if problems:
+        raise ConversionError(problems, header=f"cannot export {source_name}")
+    return out

@@ -1,0 +1,143 @@
+"""Load a CogVideoX VAE into the bundled NNX model from diffusers files.
+
+``load(path)`` accepts a diffusers VAE folder (``config.json`` plus
+``diffusion_pytorch_model.safetensors`` or a sharded ``.safetensors.index.json``), or a pipeline
+folder holding ``vae/``. The model is built abstractly (``nnx.eval_shape``), its state is filled
+by the mapping engine with every check applied, and only then merged: nothing is half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping as TMapping, Optional
+
+import jax.numpy as jnp
+from flax import nnx
+
+from cogvae.model import AutoencoderKLCogVideoX, ConfigError, VAEConfig, abstract_model
+
+from .engine import convert_tensors
+from .mapping import Mapping, load_mapping
+from .st_io import open_safetensors
+
+__all__ = ["SourceError", "DiffusersSource", "find_diffusers_vae", "model_from_tensors", "load_diffusers", "resolve_dtype"]
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+
+
+class SourceError(FileNotFoundError):
+    """A source that is not a readable diffusers CogVideoX VAE; the message names the path."""
+
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """None, a jnp dtype, or one of 'float32' / 'bfloat16' / 'float16' -> jnp dtype or None."""
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    try:
+        return _DTYPES[dtype.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+@dataclass(frozen=True)
+class DiffusersSource:
+    """The files of one diffusers VAE: its folder, config and weights (single file or index)."""
+
+    folder: Path
+    config_path: Path
+    weights_path: Path
+
+    @property
+    def weight_files(self) -> list[Path]:
+        if self.weights_path.name.endswith(".index.json"):
+            index = json.loads(self.weights_path.read_text())
+            return [self.weights_path] + sorted({self.folder / f for f in index.get("weight_map", {}).values()})
+        return [self.weights_path]
+
+
+def _weights_in(folder: Path, variant: Optional[str]) -> Optional[Path]:
+    stem = WEIGHTS_NAME + (f".{variant}" if variant else "")
+    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def find_diffusers_vae(path: str | Path, *, subfolder: str = "vae", variant: Optional[str] = None) -> DiffusersSource:
+    """Locate config and weights in a VAE folder or a pipeline folder with ``<subfolder>/``."""
+    root = Path(path)
+    if not root.exists():
+        raise SourceError(f"{root}: no such file or folder")
+    if not root.is_dir():
+        raise SourceError(f"{root}: not a folder (expected a diffusers VAE or pipeline folder)")
+    candidates = [root] + ([root / subfolder] if subfolder else [])
+    for folder in candidates:
+        if (folder / "config.json").is_file():
+            weights = _weights_in(folder, variant)
+            if weights is None:
+                found = sorted(p.name for p in folder.glob(f"{WEIGHTS_NAME}*"))
+                hint = f" (found: {', '.join(found)})" if found else ""
+                want = WEIGHTS_NAME + (f".{variant}" if variant else "") + ".safetensors[.index.json]"
+                raise SourceError(f"{folder}: no {want}{hint}; only safetensors weights are supported")
+            return DiffusersSource(folder, folder / "config.json", weights)
+    if (root / "model_index.json").is_file():
+        raise SourceError(f"{root}: a pipeline folder without a '{subfolder}/' VAE subfolder")
+    raise SourceError(f"{root}: no config.json (nor {subfolder}/config.json): not a diffusers VAE folder")
+
+
+def model_from_tensors(
+    config: VAEConfig,
+    tensors: TMapping[str, Any],
+    *,
+    dtype: Any = None,
+    compute_dtype: Any = None,
+    mapping: Optional[Mapping] = None,
+    source_name: str = "<tensors>",
+) -> AutoencoderKLCogVideoX:
+    """Build the NNX VAE from diffusers-named tensors (numpy arrays, read lazily one at a time).
+
+    The model is created with ``nnx.eval_shape`` (no random init), its abstract state is filled by
+    the strict mapping engine, and merged. ``dtype`` casts the parameters (default: keep the
+    source dtype); ``compute_dtype`` defaults to bf16 on accelerators and fp32 on CPU.
+    """
+    mapping = mapping or load_mapping()
+    abstract = abstract_model(config, dtype=resolve_dtype(compute_dtype))
+    graphdef, abstract_state = nnx.split(abstract)
+    state = convert_tensors(tensors, abstract_state, mapping, dtype=resolve_dtype(dtype), source_name=source_name)
+    return nnx.merge(graphdef, state)
+
+
+def load_diffusers(
+    path: str | Path,
+    *,
+    dtype: Any = None,
+    compute_dtype: Any = None,
+    subfolder: str = "vae",
+    variant: Optional[str] = None,
+    mapping: Optional[Mapping] = None,
+) -> AutoencoderKLCogVideoX:
+    src = find_diffusers_vae(path, subfolder=subfolder, variant=variant)
+    config = VAEConfig.from_json_file(src.config_path)
+    tensors = open_safetensors(src.weights_path)
+    return model_from_tensors(
+        config, tensors, dtype=dtype, compute_dtype=compute_dtype, mapping=mapping, source_name=str(src.weights_path)
+    )
+
+
+def load(path: str | Path, dtype: Any = None, **kwargs: Any) -> AutoencoderKLCogVideoX:
+    """Load a CogVideoX VAE as the bundled NNX model.
+
+    ``path``: a diffusers VAE folder, or a pipeline folder with ``vae/``.
+    ``dtype``: parameter dtype ('float32', 'bfloat16', 'float16' or a jnp dtype); None keeps the
+    source dtype. Other keywords: ``compute_dtype``, ``subfolder``, ``variant``, ``mapping``.
+    """
+    return load_diffusers(path, dtype=dtype, **kwargs)
+
+
+__all__ += ["load", "ConfigError"]

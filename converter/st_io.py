@@ -1,0 +1,197 @@
+"""Memory-mapped safetensors reading and writing with bfloat16 support, and sharded checkpoints.
+
+The reader parses the safetensors header itself and memory-maps the data, so tensors are read one
+at a time and a converter's peak memory stays near one copy of the weights. It validates the header
+(JSON, dtypes, shapes, offsets inside the file) and reports a truncated file or a garbage header
+as one clear :class:`SafetensorsError` that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+__all__ = ["SafetensorsError", "SafetensorsFile", "ShardedSafetensors", "open_safetensors", "save_safetensors"]
+
+_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file that cannot be read: names the file and what is wrong."""
+
+
+class SafetensorsFile(Mapping[str, np.ndarray]):
+    """Read-only, lazily loaded view of one ``.safetensors`` file: ``key -> np.ndarray`` (memmap)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise SafetensorsError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > min(size - 8, _MAX_HEADER):
+                    raise SafetensorsError(
+                        f"{self.path}: garbage or truncated safetensors header (declares {n} header bytes, "
+                        f"file has {size})"
+                    )
+                raw = f.read(n)
+        except OSError as e:
+            raise SafetensorsError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        try:
+            header = json.loads(raw.decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise SafetensorsError(f"{self.path}: garbage safetensors header ({e})") from None
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        data_size = size - self._data_start
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        problems = []
+        for key, info in header.items():
+            try:
+                dt = _DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                start, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                problems.append(f"tensor {key!r}: malformed header entry ({e!r})")
+                continue
+            expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            if end - start != expected or start < 0:
+                problems.append(f"tensor {key!r}: offsets {start}..{end} do not fit shape {shape} {info['dtype']}")
+            elif end > data_size:
+                problems.append(
+                    f"tensor {key!r}: data ends at byte {end} but the file holds {data_size} data bytes (truncated file)"
+                )
+            self._entries[key] = (dt, shape, start, end)
+        if problems:
+            raise SafetensorsError(f"{self.path}: " + "; ".join(problems))
+        self._mm = None
+
+    def _map(self) -> np.memmap:
+        if self._mm is None:
+            size = self.path.stat().st_size
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        return self._mm
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        dt, shape, start, end = self._entries[key]
+        buf = self._map()[self._data_start + start : self._data_start + end]
+        return buf.view(dt).reshape(shape)
+
+    def get_tensor(self, key: str) -> np.ndarray:
+        return self[key]
+
+    def dtype_of(self, key: str) -> np.dtype:
+        return self._entries[key][0]
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e[3] - e[2] for e in self._entries.values())
+
+
+class ShardedSafetensors(Mapping[str, np.ndarray]):
+    """Several safetensors shards behind one ``*.safetensors.index.json`` ``weight_map``."""
+
+    def __init__(self, index_path: str | os.PathLike):
+        self.path = Path(index_path)
+        try:
+            index = json.loads(self.path.read_text())
+            weight_map = index["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SafetensorsError(f"{self.path}: unreadable safetensors index ({e})") from None
+        self.shard_paths = sorted({self.path.parent / f for f in weight_map.values()})
+        missing = [str(p) for p in self.shard_paths if not p.exists()]
+        if missing:
+            raise SafetensorsError(f"{self.path}: missing shard file(s): {', '.join(missing)}")
+        shards = {p.name: SafetensorsFile(p) for p in self.shard_paths}
+        self._where: dict[str, SafetensorsFile] = {}
+        problems = []
+        for key, fname in weight_map.items():
+            shard = shards[Path(fname).name]
+            if key not in shard:
+                problems.append(f"tensor {key!r} listed for {fname} is not in that shard")
+            self._where[key] = shard
+        for name, shard in shards.items():
+            for key in shard:
+                if key not in weight_map:
+                    problems.append(f"tensor {key!r} in {name} is not listed in the index")
+        if problems:
+            raise SafetensorsError(f"{self.path}: " + "; ".join(problems))
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key][key]
+
+    def get_tensor(self, key: str) -> np.ndarray:
+        return self[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(SafetensorsFile(p).nbytes for p in self.shard_paths)
+
+
+def open_safetensors(path: str | os.PathLike):
+    """A single file or, for ``*.index.json``, the sharded set it describes."""
+    p = Path(path)
+    return ShardedSafetensors(p) if p.name.endswith(".index.json") else SafetensorsFile(p)
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write a safetensors file (keys sorted, 8-byte aligned header), streaming one tensor at a time."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    keys = sorted(tensors)
+    for k in keys:
+        a = tensors[k]
+        dt = np.dtype(a.dtype)
+        if dt not in _NAMES:
+            raise SafetensorsError(f"{path}: tensor {k!r} has unsupported dtype {dt}")
+        nbytes = int(np.prod(a.shape, dtype=np.int64)) * dt.itemsize
+        header[k] = {"dtype": _NAMES[dt], "shape": list(a.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in keys:
+            f.write(np.ascontiguousarray(tensors[k]).tobytes())
