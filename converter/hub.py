@@ -1,0 +1,227 @@
+"""Resolve a conversion source: a local folder, or a Hugging Face Hub repo id fetched with
+``huggingface_hub.snapshot_download``.
+
+Only the files a VAE conversion needs are fetched (``<subfolder>/config.json``, the safetensors
+weights of the requested variant, single file or sharded, and ``model_index.json``), so a
+pipeline repo's multi-GB transformer is never downloaded. ``HF_HUB_OFFLINE=1`` with a populated
+Hub cache works without a network; every Hub failure becomes one :class:`HubError` line naming
+the repo and revision.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["HubError", "ResolvedSource", "resolve_source", "allow_patterns", "looks_like_repo_id"]
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+
+# Hub repo ids: "namespace/name", letters, digits, '-', '_', '.'; no '--' or '..' (hub rules).
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+\Z")
+_COMMIT = re.compile(r"[0-9a-f]{40}\Z")
+
+
+class HubError(RuntimeError):
+    """A source that cannot be resolved (missing folder, Hub / cache failure); one clear message."""
+
+
+@dataclass
+class ResolvedSource:
+    """Where a source's files lie locally.
+
+    ``folder``: the local folder (for a Hub repo, the snapshot folder in the Hub cache: a pipeline
+    root holding ``<subfolder>/``, or the VAE folder itself when ``subfolder`` is empty);
+    ``source_id``: the repo id, or the local path as given; ``revision``: the resolved 40-hex commit
+    of a Hub snapshot (None for a local folder); ``is_hub``: whether it came from the Hub.
+    """
+
+    folder: Path
+    source_id: str
+    revision: Optional[str]
+    is_hub: bool
+
+
+def looks_like_repo_id(source: str) -> bool:
+    """``org/name`` (exactly one slash, Hub-legal characters, not a relative path like ``./x``)."""
+    if source.startswith((".", "/", "~")) or "\\" in source:
+        return False
+    if not _REPO_ID.match(source):
+        return False
+    return "--" not in source and ".." not in source and not source.endswith(".")
+
+
+def _looks_local(source: str) -> bool:
+    return (
+        source.startswith(("./", "../", "/", "~"))
+        or source in (".", "..")
+        or source.count("/") > 1
+        or (os.sep != "/" and os.sep in source)
+    )
+
+
+def allow_patterns(subfolder: str = "vae", variant: Optional[str] = None) -> list[str]:
+    """The files of one diffusers VAE (in ``subfolder``, or the repo root when empty) to fetch.
+
+    Weights: ``diffusion_pytorch_model[.<variant>].safetensors``, or the sharded form: diffusers
+    writes the index as ``diffusion_pytorch_model.safetensors.index[.<variant>].json`` and shards as
+    ``diffusion_pytorch_model[.<variant>]-00001-of-0000N.safetensors``; the index spelling
+    ``diffusion_pytorch_model[.<variant>].safetensors.index.json`` is fetched too.
+    """
+    prefix = f"{subfolder.strip('/')}/" if subfolder and subfolder.strip("/") else ""
+    v = f".{variant}" if variant else ""
+    pats = [
+        f"{prefix}config.json",
+        f"{prefix}{WEIGHTS_NAME}{v}.safetensors",
+        f"{prefix}{WEIGHTS_NAME}{v}-*-of-*.safetensors",
+        f"{prefix}{WEIGHTS_NAME}.safetensors.index{v}.json",
+        f"{prefix}{WEIGHTS_NAME}{v}.safetensors.index.json",
+        "model_index.json",
+    ]
+    return list(dict.fromkeys(pats))
+
+
+def _silent_tqdm():
+    """A tqdm class that never draws (passed as ``tqdm_class``: no global progress-bar state)."""
+    from tqdm.auto import tqdm
+
+    class _Silent(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("name", None)
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return _Silent
+
+
+def _check_snapshot(folder: Path, repo_id: str, rev: str, subfolder: str, variant: Optional[str]) -> None:
+    """The snapshot must hold the config and the requested weights (offline, snapshot_download
+    returns a cached snapshot without checking which files it holds)."""
+    vae = folder / subfolder if subfolder else folder
+    where = f"{repo_id}@{rev}"
+    if not (vae / "config.json").is_file():
+        rel = f"{subfolder}/config.json" if subfolder else "config.json"
+        hint = "" if vae.is_dir() else f" (no '{subfolder}/' folder: pass --subfolder '' for a VAE-only repo?)" if subfolder else ""
+        raise HubError(f"{where}: no {rel} in the snapshot at {folder}{hint}")
+    v = f".{variant}" if variant else ""
+    candidates = [f"{WEIGHTS_NAME}{v}.safetensors", f"{WEIGHTS_NAME}.safetensors.index{v}.json",
+                  f"{WEIGHTS_NAME}{v}.safetensors.index.json"]
+    if not any((vae / c).is_file() for c in candidates):
+        found = sorted(p.name for p in vae.glob(f"{WEIGHTS_NAME}*"))
+        rel = f"{subfolder}/" if subfolder else ""
+        raise HubError(
+            f"{where}: no {rel}{WEIGHTS_NAME}{v}.safetensors (nor a sharded index) in the snapshot at {folder}"
+            + (f" (found: {', '.join(found)})" if found else "")
+            + ("" if variant else "; pass --variant (e.g. fp16) if the repo only has variant weights")
+        )
+
+
+def _hub_error(e: BaseException, repo_id: str, revision: Optional[str], cache: str) -> HubError:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        HfHubHTTPError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    rev = revision or "main"
+    where = f"{repo_id}@{rev}"
+    if isinstance(e, GatedRepoError):
+        return HubError(f"{where}: gated repo: accept its licence on https://huggingface.co/{repo_id} and log in "
+                        "(`hf auth login` or HF_TOKEN)")
+    if isinstance(e, RepositoryNotFoundError):
+        return HubError(f"{repo_id}: repository not found on the Hugging Face Hub (or private and not "
+                        "authorised: log in with `hf auth login` or set HF_TOKEN)")
+    if isinstance(e, RevisionNotFoundError):
+        return HubError(f"{repo_id}: revision {rev!r} not found (no such branch, tag or commit)")
+    if isinstance(e, IncompleteSnapshotError):
+        return HubError(f"{where}: the cached snapshot in {cache} is incomplete and the Hub cannot be reached; "
+                        "re-run with network access")
+    if isinstance(e, LocalEntryNotFoundError):
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        offline = constants.is_offline_mode() or isinstance(e.__cause__, OfflineModeIsEnabled)
+        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hub cannot be reached (no network?)"
+        repo_cached = (Path(cache) / repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir()
+        what = (f"revision {rev!r} of {repo_id} is not in the Hub cache {cache}" if repo_cached
+                else f"{repo_id} is not in the Hub cache {cache}")
+        return HubError(f"{what} and {why}; download it once with network access, or pass a local folder")
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            return HubError(f"{where}: not authorised (HTTP {status}): log in with `hf auth login` or set HF_TOKEN")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return HubError(f"{where}: Hub request failed: {first}")
+    if isinstance(e, HFValidationError):
+        return HubError(f"{repo_id!r}: not a valid Hub repo id: {str(e).strip().splitlines()[0]}")
+    try:
+        from httpx2 import TransportError as _Transport  # huggingface_hub's HTTP client
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        _Transport = ConnectionError
+    if isinstance(e, (ConnectionError, TimeoutError, OSError, _Transport)):
+        return HubError(f"{where}: cannot reach the Hugging Face Hub and nothing is cached in {cache}: "
+                        f"{type(e).__name__}: {e}")
+    return HubError(f"{where}: download failed: {type(e).__name__}: {e}")
+
+
+def resolve_source(
+    source: str | os.PathLike,
+    *,
+    subfolder: str = "vae",
+    revision: Optional[str] = None,
+    variant: Optional[str] = None,
+    quiet: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+) -> ResolvedSource:
+    """A local folder as is, or a Hub repo id (``org/name``) downloaded into the Hub cache.
+
+    For a Hub repo only the VAE files are fetched (see :func:`allow_patterns`); ``revision`` is a
+    branch, tag or commit; the result's ``revision`` is the resolved commit sha. ``quiet`` hides
+    huggingface_hub's progress bars. ``cache_dir`` defaults to huggingface_hub's (``HF_HUB_CACHE``).
+    Raises :class:`HubError` with one clear line on any failure.
+    """
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise HubError(f"{text}: --revision applies to Hub repo ids only, not to a local folder")
+        if not path.is_dir():
+            raise HubError(f"{text}: not a folder (expected a diffusers VAE or pipeline folder)")
+        return ResolvedSource(folder=path, source_id=text, revision=None, is_hub=False)
+    if _looks_local(text) or not looks_like_repo_id(text):
+        hint = "" if _looks_local(text) else " and not a Hub repo id ('org/name')"
+        raise HubError(f"{text}: no such folder{hint}")
+
+    from huggingface_hub import constants, snapshot_download
+
+    cache = os.fspath(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
+    kwargs = dict(
+        repo_id=text,
+        repo_type="model",
+        revision=revision,
+        cache_dir=cache,
+        allow_patterns=allow_patterns(subfolder, variant),
+        library_name="cogvae",
+    )
+    if token is not None:
+        kwargs["token"] = token
+    if quiet:
+        kwargs["tqdm_class"] = _silent_tqdm()
+    try:
+        snapshot = Path(snapshot_download(**kwargs))
+    except AssertionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every Hub failure becomes one HubError line
+        raise _hub_error(e, text, revision, cache) from e
+    commit = snapshot.name if _COMMIT.match(snapshot.name) else None
+    _check_snapshot(snapshot, text, commit or revision or "main", subfolder.strip("/") if subfolder else "", variant)
+    return ResolvedSource(folder=snapshot, source_id=text, revision=commit, is_hub=True)
