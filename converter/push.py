@@ -1,0 +1,294 @@
+"""Publish a converted checkpoint folder to the Hugging Face Hub, with a generated model card.
+
+``push_checkpoint`` checks that the folder is a complete converted checkpoint, stages it (every
+file symlinked into a temporary folder, plus the generated ``README.md``: the user's folder is
+never modified), then ``HfApi.create_repo(exist_ok=True)`` and one ``HfApi.upload_folder`` commit.
+``dry_run=True`` lists what would be uploaded, with sizes, and calls no API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["PushError", "push_checkpoint", "model_card_text", "LICENSES", "TAGS", "plan_upload"]
+
+TAGS = ["jax", "flax", "nnx", "cogvideox", "vae", "video"]
+LIBRARY_NAME = "cogvae"
+
+_COGVIDEOX_LICENSE = ("other", "cogvideox-license", "https://huggingface.co/THUDM/CogVideoX-5b/blob/main/LICENSE")
+#: Licence of the published CogVideoX VAEs, by source repo name (the org was renamed THUDM -> zai-org):
+#: (license, license_name, license_link); repos not listed get no licence field.
+LICENSES: dict[str, tuple[str, Optional[str], Optional[str]]] = {
+    "cogvideox-2b": ("apache-2.0", None, None),
+    "cogvideox-5b": _COGVIDEOX_LICENSE,
+    "cogvideox-5b-i2v": _COGVIDEOX_LICENSE,
+    "cogvideox1.5-5b": _COGVIDEOX_LICENSE,
+    "cogvideox1.5-5b-i2v": _COGVIDEOX_LICENSE,
+}
+_LICENSE_ORGS = ("thudm", "zai-org")
+
+_REQUIRED = ("config.json", "provenance.json")  # the minimum when checkpoint.py cannot tell
+
+
+class PushError(RuntimeError):
+    """A checkpoint that cannot be pushed, or a Hub failure; one clear message."""
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoint folder
+# ----------------------------------------------------------------------------------------
+
+
+def _check_checkpoint(ckpt: Path) -> None:
+    if not ckpt.exists():
+        raise PushError(f"{ckpt}: no such folder")
+    if not ckpt.is_dir():
+        raise PushError(f"{ckpt}: not a folder (expected a converted checkpoint folder)")
+    try:
+        from .checkpoint import is_converted_checkpoint
+    except ModuleNotFoundError as e:
+        if e.name != __name__.rsplit(".", 1)[0] + ".checkpoint":
+            raise
+        # TODO(wiring): cogvae.converter.checkpoint is written concurrently; until it exists, require
+        # the two files every converted checkpoint holds. Drop this fallback once it has landed.
+        is_converted_checkpoint = None
+    if is_converted_checkpoint is not None and is_converted_checkpoint(ckpt):
+        return
+    expected = ["orbax/", "params.msgpack", *_REQUIRED] if is_converted_checkpoint else list(_REQUIRED)
+    missing = [n for n in expected if not (ckpt / n.rstrip("/")).exists()]
+    if is_converted_checkpoint is None and not missing:
+        return
+    detail = f" (missing: {', '.join(missing)})" if missing else " (incomplete: no completion manifest?)"
+    raise PushError(f"{ckpt}: not a complete converted checkpoint{detail}; run `cogvae convert` first")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PushError(f"{path}: cannot read: {e}") from None
+    if not isinstance(data, dict):
+        raise PushError(f"{path}: expected a JSON object")
+    return data
+
+
+def _source_of(provenance: dict) -> tuple[Optional[str], Optional[str], bool]:
+    """(source id, revision, is_hub) from provenance.json, tolerant of flat or nested layouts."""
+    src: Any = provenance.get("source")
+    rev = provenance.get("revision")
+    is_hub = provenance.get("is_hub")
+    if isinstance(src, dict):
+        rev = src.get("revision", rev)
+        is_hub = src.get("is_hub", is_hub)
+        src = src.get("source_id") or src.get("repo_id") or src.get("id") or src.get("path")
+    src = src or provenance.get("source_id") or provenance.get("repo_id")
+    if src is not None and not isinstance(src, str):
+        src = str(src)
+    if is_hub is None and src is not None:
+        from .hub import looks_like_repo_id
+
+        is_hub = looks_like_repo_id(src) and not Path(src).exists()
+    return src, rev if isinstance(rev, str) else None, bool(is_hub)
+
+
+def _license_for(source_id: Optional[str]) -> Optional[tuple[str, Optional[str], Optional[str]]]:
+    if not source_id or "/" not in source_id:
+        return None
+    org, name = source_id.lower().split("/", 1)
+    return LICENSES.get(name) if org in _LICENSE_ORGS else None
+
+
+# ----------------------------------------------------------------------------------------
+# model card
+# ----------------------------------------------------------------------------------------
+
+
+def model_card_text(repo_id: str, config: dict, provenance: dict) -> str:
+    """The README.md (YAML metadata + markdown) for a converted checkpoint pushed to ``repo_id``."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    source_id, revision, is_hub = _source_of(provenance)
+    lic = _license_for(source_id) if is_hub else None
+    data = ModelCardData(
+        library_name=LIBRARY_NAME,
+        tags=list(TAGS),
+        base_model=source_id if is_hub else None,
+        license=lic[0] if lic else None,
+        license_name=lic[1] if lic else None,
+        license_link=lic[2] if lic else None,
+    )
+    if is_hub:
+        origin = f"[`{source_id}`](https://huggingface.co/{source_id})" + (f" at commit `{revision}`" if revision else "")
+    else:
+        origin = f"a local diffusers folder (`{source_id}`)" if source_id else "a diffusers checkpoint"
+    arch = ", ".join(f"{k}={config[k]}" for k in ("block_out_channels", "latent_channels", "layers_per_block",
+                                                  "scaling_factor") if k in config)
+    lic_line = ""
+    if lic:
+        lic_line = (f"\n## Licence\n\nThe weights keep the licence of the source model: `{lic[0]}`"
+                    + (f" ({lic[1]}, see {lic[2]})" if lic[1] else "") + ".\n")
+    body = f"""
+# {repo_id.split('/')[-1]}
+
+The CogVideoX video VAE (diffusers `AutoencoderKLCogVideoX`) converted to JAX / Flax NNX by
+[cogvae](https://pypi.org/project/cogvae/), from {origin}.
+
+- Architecture: {arch or 'see config.json'}
+- Layout: `(B, T, H, W, C)` (diffusers uses `(B, C, T, H, W)`)
+- Files: `orbax/` (Orbax checkpoint), `params.msgpack` (Flax msgpack), `config.json` (the diffusers
+  config), `provenance.json` (source, revision, mapping and checksums)
+
+## Usage
+
+```python
+from huggingface_hub import snapshot_download
+from cogvae.converter import load
+
+REPO_ID = "{repo_id}"
+vae = load(snapshot_download(REPO_ID))
+mean, logvar = vae.encode(video)             # video: (B, T, H, W, 3) in [-1, 1]
+video = vae.decode(vae.unscale_latents(z))   # z: (B, t, h, w, {config.get('latent_channels', 16)}) scaled latents
+```
+{lic_line}"""
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+# ----------------------------------------------------------------------------------------
+# staging and upload
+# ----------------------------------------------------------------------------------------
+
+
+def _files_of(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def plan_upload(ckpt_dir: str | os.PathLike, repo_id: str) -> tuple[list[dict], str]:
+    """([{path, size}] of every file to upload, README.md included; the model card text)."""
+    ckpt = Path(ckpt_dir)
+    _check_checkpoint(ckpt)
+    card = model_card_text(repo_id, _read_json(ckpt / "config.json"), _read_json(ckpt / "provenance.json"))
+    files = [{"path": p.relative_to(ckpt).as_posix(), "size": p.stat().st_size}
+             for p in _files_of(ckpt) if p.relative_to(ckpt).as_posix() != "README.md"]
+    files.append({"path": "README.md", "size": len(card.encode("utf-8"))})
+    return sorted(files, key=lambda f: f["path"]), card
+
+
+def _stage(ckpt: Path, card: str, into: Path) -> None:
+    """Mirror ``ckpt`` into ``into`` with per-file symlinks (no copy) and write README.md there."""
+    for p in _files_of(ckpt):
+        rel = p.relative_to(ckpt)
+        if rel.as_posix() == "README.md":
+            continue
+        dst = into / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(p.resolve(), dst)
+    (into / "README.md").write_text(card, encoding="utf-8")
+
+
+def _push_error(e: BaseException, repo_id: str, step: str) -> PushError:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(e, OfflineModeIsEnabled):
+        return PushError(f"{repo_id}: cannot push in offline mode (HF_HUB_OFFLINE=1 is set)")
+    if isinstance(e, RevisionNotFoundError):
+        return PushError(f"{repo_id}: {step} failed: revision not found (create the branch first, or pass --create-pr)")
+    if isinstance(e, (RepositoryNotFoundError, GatedRepoError)):
+        return PushError(f"{repo_id}: {step} failed: repository not found or not writable with this token")
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            return PushError(f"{repo_id}: {step} failed: not authorised (HTTP {status}): check the token's write "
+                             "access (`hf auth login` or HF_TOKEN)")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return PushError(f"{repo_id}: {step} failed: {first}")
+    try:
+        from httpx2 import TransportError as _Transport
+    except ImportError:  # pragma: no cover
+        _Transport = ConnectionError
+    if isinstance(e, (ConnectionError, TimeoutError, _Transport)):
+        return PushError(f"{repo_id}: {step} failed: cannot reach the Hugging Face Hub ({type(e).__name__}: {e})")
+    return PushError(f"{repo_id}: {step} failed: {type(e).__name__}: {e}")
+
+
+def push_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+    dry_run: bool = False,
+    token: Optional[str] = None,
+    api: Any = None,
+) -> dict:
+    """Upload a converted checkpoint folder and a generated model card to the Hub model repo ``repo_id``.
+
+    Returns ``{"repo_id", "files": [{"path", "size"}], "dry_run", "model_card"}`` plus, after a
+    real push, ``"url"`` (the commit or pull-request URL) and ``"commit"`` (its sha). ``revision``
+    is the branch to commit to (created if missing, unless ``create_pr``, where it is the PR's
+    base). ``api``: an ``HfApi``-like object (default ``HfApi(token=token)``); without one, a
+    token is required (``token`` or ``huggingface_hub.get_token()``).
+    """
+    from .hub import looks_like_repo_id
+
+    if not looks_like_repo_id(repo_id):
+        raise PushError(f"{repo_id!r}: not a Hub repo id (expected 'org/name')")
+    ckpt = Path(ckpt_dir)
+    files, card = plan_upload(ckpt, repo_id)
+    result: dict[str, Any] = {"repo_id": repo_id, "files": files, "dry_run": dry_run, "model_card": card}
+    if dry_run:
+        return result
+
+    if api is None:
+        from huggingface_hub import HfApi, get_token
+
+        if token is None and get_token() is None:
+            raise PushError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
+        api = HfApi(token=token)
+
+    source_id = _source_of(_read_json(ckpt / "provenance.json"))[0]
+    message = "Upload CogVideoX VAE converted by cogvae" + (f" from {source_id}" if source_id else "")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    except Exception as e:  # noqa: BLE001 - Hub failures become one PushError line
+        if isinstance(e, AssertionError):
+            raise
+        raise _push_error(e, repo_id, "create_repo") from e
+    if revision and not create_pr:
+        try:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, AssertionError):
+                raise
+            raise _push_error(e, repo_id, f"create_branch {revision!r}") from e
+    with tempfile.TemporaryDirectory(prefix="cogvae-push-") as tmp:
+        _stage(ckpt, card, Path(tmp))
+        try:
+            info = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=tmp,
+                repo_type="model",
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=message,
+            )
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, AssertionError):
+                raise
+            raise _push_error(e, repo_id, "upload") from e
+    pr_url = getattr(info, "pr_url", None)
+    result["url"] = pr_url or getattr(info, "commit_url", None) or (str(info) if info is not None else None)
+    result["commit"] = getattr(info, "oid", None)
+    if pr_url:
+        result["pr_url"] = pr_url
+    return result

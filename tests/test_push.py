@@ -1,0 +1,236 @@
+"""push_checkpoint: a converted checkpoint folder and its model card uploaded to the Hub.
+
+What is faked, and why: there is no network here and tests must never write to the real Hub, so
+the Hub API is replaced. Most tests inject ``api=`` a small recording class with the
+``HfApi`` methods push uses (``create_repo``, ``create_branch``, ``upload_folder``); it copies the
+uploaded folder away so its contents can be checked after the staging folder is gone. One test
+instead patches those methods on the real ``huggingface_hub.HfApi`` class, so the default
+``HfApi(token=...)`` construction path is exercised. The model card is built by the real
+``huggingface_hub.ModelCard``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from huggingface_hub import ModelCard
+
+from _hubcache import TINY_CONFIG, save_tiny_vae
+from cogvae.converter.push import PushError, model_card_text, push_checkpoint
+
+SHA = "c" * 40
+SOURCE = "THUDM/CogVideoX-5b"
+
+
+def _fabricated_checkpoint(folder: Path, source: str) -> Path:
+    """A stand-in with the documented layout, used only while converter/convert.py is absent."""
+    folder.mkdir(parents=True)
+    (folder / "orbax").mkdir()
+    (folder / "orbax" / "checkpoint").write_bytes(b"\0" * 100)
+    (folder / "params.msgpack").write_bytes(b"\1" * 333)
+    cfg = {"_class_name": "AutoencoderKLCogVideoX", **{k: list(v) if isinstance(v, tuple) else v
+                                                       for k, v in TINY_CONFIG.items()}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "provenance.json").write_text(json.dumps({"source": {"source_id": source, "revision": SHA,
+                                                                   "is_hub": "/" in source and not source.startswith("/")}}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A converted checkpoint of the tiny VAE (real conversion when convert() is available)."""
+    base = tmp_path_factory.mktemp("push")
+    try:
+        from cogvae.converter.convert import convert
+    except ModuleNotFoundError:
+        return _fabricated_checkpoint(base / "ckpt", SOURCE)
+    src = save_tiny_vae(base / "vae")
+    out = base / "ckpt"
+    convert(str(src), str(out))
+    return out
+
+
+class RecordingApi:
+    """Fake HfApi: records every call; upload_folder snapshots the uploaded folder."""
+
+    def __init__(self, tmp: Path, fail: Exception | None = None):
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.tmp = tmp
+        self.fail = fail
+        self.uploaded: Path | None = None
+
+    def create_repo(self, *args, **kwargs):
+        self.calls.append(("create_repo", args, kwargs))
+        if self.fail:
+            raise self.fail
+        return f"https://huggingface.co/{args[0] if args else kwargs['repo_id']}"
+
+    def create_branch(self, *args, **kwargs):
+        self.calls.append(("create_branch", args, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", (), kwargs))
+        self.uploaded = self.tmp / "uploaded"
+        shutil.copytree(kwargs["folder_path"], self.uploaded, symlinks=False)
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{'d' * 40}",
+                               oid="d" * 40, pr_url=None)
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_uploads_checkpoint_and_model_card(ckpt, tmp_path):
+    """Fake: the injected RecordingApi stands in for the Hub (no network)."""
+    before = _files(ckpt)
+    api = RecordingApi(tmp_path)
+    out = push_checkpoint(ckpt, "me/tiny-vae-jax", api=api)
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    name, args, kw = api.calls[0]
+    assert (args, kw) == (("me/tiny-vae-jax",), dict(private=False, exist_ok=True, repo_type="model"))
+    up = api.calls[1][2]
+    assert up["repo_id"] == "me/tiny-vae-jax" and up["revision"] is None and up["create_pr"] is False
+    assert up["commit_message"].startswith("Upload CogVideoX VAE converted by cogvae")
+
+    uploaded = _files(api.uploaded)
+    assert uploaded == {**before, "README.md": uploaded["README.md"]}  # every file, plus the card
+    for rel in before:  # byte-identical contents
+        assert (api.uploaded / rel).read_bytes() == (ckpt / rel).read_bytes()
+    assert _files(ckpt) == before and not (ckpt / "README.md").exists()  # user's folder untouched
+
+    card = ModelCard.load(api.uploaded / "README.md")
+    assert card.data.library_name == "cogvae"
+    assert card.data.tags == ["jax", "flax", "nnx", "cogvideox", "vae", "video"]
+    assert 'REPO_ID = "me/tiny-vae-jax"' in card.text and "vae = load(snapshot_download(REPO_ID))" in card.text
+    assert "from cogvae.converter import load" in card.text
+    assert out["url"].endswith("/commit/" + "d" * 40) and out["commit"] == "d" * 40
+    assert out["dry_run"] is False
+    assert {f["path"]: f["size"] for f in out["files"]} == uploaded
+
+
+@pytest.mark.parametrize("private,revision,create_pr", [(True, None, False), (False, "jax", False), (False, "main", True)])
+def test_flags_are_passed_through(ckpt, tmp_path, private, revision, create_pr):
+    """Fake: RecordingApi (no network); checks what push_checkpoint would ask of the Hub."""
+    api = RecordingApi(tmp_path)
+    push_checkpoint(ckpt, "me/x", private=private, revision=revision, create_pr=create_pr, api=api)
+    calls = {c[0]: c for c in api.calls}
+    assert calls["create_repo"][2]["private"] is private
+    assert calls["upload_folder"][2]["revision"] == revision
+    assert calls["upload_folder"][2]["create_pr"] is create_pr
+    # a new branch is created for a plain commit to it; a PR targets an existing revision
+    assert ("create_branch" in calls) == (revision is not None and not create_pr)
+    if "create_branch" in calls:
+        assert calls["create_branch"][2]["branch"] == revision and calls["create_branch"][2]["exist_ok"] is True
+
+
+def test_dry_run_lists_files_and_sizes_without_api(ckpt, monkeypatch):
+    """Fake: huggingface_hub.HfApi is replaced by a class that fails on construction, to prove a
+    dry run never touches the API (and needs no token)."""
+    import huggingface_hub
+
+    def boom(*a, **k):
+        raise AssertionError("dry run must not build an HfApi")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", boom)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    out = push_checkpoint(ckpt, "me/x", dry_run=True)
+    assert out["dry_run"] is True and "url" not in out
+    sizes = {f["path"]: f["size"] for f in out["files"]}
+    assert {k: v for k, v in sizes.items() if k != "README.md"} == _files(ckpt)
+    assert sizes["README.md"] == len(out["model_card"].encode())
+    assert not (ckpt / "README.md").exists()
+
+
+def test_real_hfapi_class_with_patched_methods(ckpt, tmp_path, monkeypatch):
+    """Fake: create_repo/create_branch/upload_folder are patched on the real huggingface_hub.HfApi
+    class (recording, no network), so push_checkpoint's own HfApi(token=...) path runs."""
+    import huggingface_hub
+
+    seen = []
+
+    def create_repo(self, repo_id, **kw):
+        seen.append(("create_repo", self.token, repo_id, kw))
+
+    def upload_folder(self, **kw):
+        seen.append(("upload_folder", self.token, kw["repo_id"], sorted(_files(Path(kw["folder_path"])))))
+        return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/{'e' * 40}",
+                                          commit_message=kw["commit_message"], commit_description="",
+                                          oid="e" * 40, pr_url=None)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    out = push_checkpoint(ckpt, "me/real-class", token="hf_not_a_real_token", private=True)
+    assert seen[0] == ("create_repo", "hf_not_a_real_token", "me/real-class",
+                       dict(private=True, exist_ok=True, repo_type="model"))
+    assert seen[1][:3] == ("upload_folder", "hf_not_a_real_token", "me/real-class")
+    assert "README.md" in seen[1][3] and "config.json" in seen[1][3]
+    assert out["commit"] == "e" * 40
+
+
+def test_missing_token_is_a_clear_error(ckpt, monkeypatch):
+    """Fake: huggingface_hub.get_token returns None (no login on this machine, none passed)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(PushError, match=r"^no Hugging Face token: run `hf auth login` or set HF_TOKEN$"):
+        push_checkpoint(ckpt, "me/x")
+
+
+def test_network_errors_become_push_errors(ckpt, tmp_path):
+    """Fake: RecordingApi raising a real connection error class, as HfApi does with no network."""
+    import httpx2
+
+    api = RecordingApi(tmp_path, fail=httpx2.ConnectError("[Errno -3] Temporary failure in name resolution"))
+    with pytest.raises(PushError, match=r"me/x: create_repo failed: cannot reach the Hugging Face Hub"):
+        push_checkpoint(ckpt, "me/x", api=api)
+
+
+def test_offline_mode_refuses_to_push(ckpt, tmp_path, monkeypatch):
+    """No fake API: offline mode on, the real HfApi raises OfflineModeIsEnabled before any traffic."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PushError, match="offline mode"):
+        push_checkpoint(ckpt, "me/x", token="hf_not_a_real_token")
+
+
+@pytest.mark.parametrize("missing", ["config.json", "provenance.json"])
+def test_incomplete_checkpoint_is_refused(ckpt, tmp_path, missing):
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    (broken / missing).unlink()
+    with pytest.raises(PushError, match=rf"not a complete converted checkpoint \(missing: .*{missing}"):
+        push_checkpoint(broken, "me/x", dry_run=True)
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(PushError, match="no such folder"):
+        push_checkpoint(tmp_path / "nope", "me/x", dry_run=True)
+    with pytest.raises(PushError, match="not a Hub repo id"):
+        push_checkpoint(tmp_path, "no-slash", dry_run=True)
+
+
+@pytest.mark.parametrize("source,license,license_name", [
+    ("THUDM/CogVideoX-2b", "apache-2.0", None),
+    ("THUDM/CogVideoX-5b", "other", "cogvideox-license"),
+    ("THUDM/CogVideoX-5b-I2V", "other", "cogvideox-license"),
+    ("THUDM/CogVideoX1.5-5B", "other", "cogvideox-license"),
+    ("someone/fine-tuned-vae", None, None),
+])
+def test_model_card_base_model_and_licence(source, license, license_name):
+    card = ModelCard(model_card_text("me/x", dict(TINY_CONFIG, latent_channels=4),
+                                     {"source": {"source_id": source, "revision": SHA, "is_hub": True}}))
+    assert card.data.base_model == source
+    assert card.data.license == license
+    assert card.data.get("license_name") == license_name
+    assert source in card.text and SHA in card.text
+
+
+def test_model_card_of_a_local_source_has_no_base_model():
+    card = ModelCard(model_card_text("me/x", {}, {"source": "/data/CogVideoX-2b"}))
+    assert card.data.base_model is None and card.data.license is None
+    assert "local diffusers folder" in card.text
