@@ -31,7 +31,7 @@ LICENSES: dict[str, tuple[str, Optional[str], Optional[str]]] = {
 }
 _LICENSE_ORGS = ("thudm", "zai-org")
 
-_REQUIRED = ("config.json", "provenance.json")  # the minimum when checkpoint.py cannot tell
+_REQUIRED = ("config.json", "provenance.json")  # read to build the model card
 
 
 class PushError(RuntimeError):
@@ -48,22 +48,22 @@ def _check_checkpoint(ckpt: Path) -> None:
         raise PushError(f"{ckpt}: no such folder")
     if not ckpt.is_dir():
         raise PushError(f"{ckpt}: not a folder (expected a converted checkpoint folder)")
-    try:
-        from .checkpoint import is_converted_checkpoint
-    except ModuleNotFoundError as e:
-        if e.name != __name__.rsplit(".", 1)[0] + ".checkpoint":
-            raise
-        # TODO(wiring): cogvae.converter.checkpoint is written concurrently; until it exists, require
-        # the two files every converted checkpoint holds. Drop this fallback once it has landed.
-        is_converted_checkpoint = None
-    if is_converted_checkpoint is not None and is_converted_checkpoint(ckpt):
-        return
-    expected = ["orbax/", "params.msgpack", *_REQUIRED] if is_converted_checkpoint else list(_REQUIRED)
-    missing = [n for n in expected if not (ckpt / n.rstrip("/")).exists()]
-    if is_converted_checkpoint is None and not missing:
-        return
-    detail = f" (missing: {', '.join(missing)})" if missing else " (incomplete: no completion manifest?)"
-    raise PushError(f"{ckpt}: not a complete converted checkpoint{detail}; run `cogvae convert` first")
+    from .checkpoint import MANIFEST_NAME, is_converted_checkpoint
+
+    if is_converted_checkpoint(ckpt):
+        missing = [n for n in _REQUIRED if not (ckpt / n).is_file()]
+        if not missing:
+            return
+    else:
+        missing = [n for n in (*_REQUIRED, MANIFEST_NAME) if not (ckpt / n).is_file()]
+        try:  # the manifest names every file of the checkpoint
+            listed = json.loads((ckpt / MANIFEST_NAME).read_text()).get("files", {})
+            missing += [rel for rel in listed if rel not in missing and not (ckpt / rel).is_file()]
+        except (OSError, ValueError, AttributeError):
+            pass
+    detail = (f"missing: {', '.join(missing)}" if missing
+              else f"files differ from its {MANIFEST_NAME} manifest")
+    raise PushError(f"{ckpt}: not a complete converted checkpoint ({detail}); run `cogvae convert` again")
 
 
 def _read_json(path: Path) -> dict:

@@ -15,6 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 TINY_CONFIG = dict(
     block_out_channels=(8, 16),
     down_block_types=("CogVideoXDownBlock3D",) * 2,
@@ -99,3 +101,34 @@ def pipeline_files(vae_folder: Path, subfolder: str = "vae") -> dict[str, Path]:
     index.write_text(json.dumps({"_class_name": "CogVideoXPipeline", "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
     out["model_index.json"] = index
     return out
+
+
+def diffusers_params(vae_folder: Path):
+    """(VAEConfig, {dotted NNX path: np.ndarray}) of a diffusers VAE folder, through the strict engine."""
+    from flax import nnx
+
+    from cogvae.converter.engine import convert_flat, path_to_str
+    from cogvae.converter.loading import find_diffusers_vae
+    from cogvae.converter.mapping import load_mapping
+    from cogvae.converter.st_io import open_safetensors
+    from cogvae.model import VAEConfig, abstract_model
+
+    src = find_diffusers_vae(vae_folder)
+    config = VAEConfig.from_json_file(src.config_path)
+    _, abstract_state = nnx.split(abstract_model(config))
+    flat = convert_flat(open_safetensors(src.weights_path), abstract_state, load_mapping(),
+                        source_name=str(src.weights_path))
+    return config, {path_to_str(k): v for k, v in flat.items()}
+
+
+def make_checkpoint(out: Path, vae_folder: Path, *, provenance: dict | None = None, formats=("orbax", "msgpack"),
+                    params_hook=None) -> Path:
+    """A real converted checkpoint (cogvae.converter.checkpoint.write_checkpoint) of a diffusers VAE
+    folder; ``params_hook(params)`` may alter the parameters first (to build corrupt checkpoints)."""
+    from cogvae.converter.checkpoint import write_checkpoint
+
+    config, params = diffusers_params(vae_folder)
+    params = {k: np.array(v) for k, v in params.items()}
+    if params_hook is not None:
+        params_hook(params)
+    return write_checkpoint(out, params, config, formats=formats, provenance=provenance or {"source": str(vae_folder)})

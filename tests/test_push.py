@@ -11,7 +11,6 @@ instead patches those methods on the real ``huggingface_hub.HfApi`` class, so th
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,39 +18,20 @@ from types import SimpleNamespace
 import pytest
 from huggingface_hub import ModelCard
 
-from _hubcache import TINY_CONFIG, save_tiny_vae
+from _hubcache import TINY_CONFIG, make_checkpoint, save_tiny_vae
 from cogvae.converter.push import PushError, model_card_text, push_checkpoint
 
 SHA = "c" * 40
 SOURCE = "THUDM/CogVideoX-5b"
 
 
-def _fabricated_checkpoint(folder: Path, source: str) -> Path:
-    """A stand-in with the documented layout, used only while converter/convert.py is absent."""
-    folder.mkdir(parents=True)
-    (folder / "orbax").mkdir()
-    (folder / "orbax" / "checkpoint").write_bytes(b"\0" * 100)
-    (folder / "params.msgpack").write_bytes(b"\1" * 333)
-    cfg = {"_class_name": "AutoencoderKLCogVideoX", **{k: list(v) if isinstance(v, tuple) else v
-                                                       for k, v in TINY_CONFIG.items()}}
-    (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "provenance.json").write_text(json.dumps({"source": {"source_id": source, "revision": SHA,
-                                                                   "is_hub": "/" in source and not source.startswith("/")}}))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A converted checkpoint of the tiny VAE (real conversion when convert() is available)."""
+    """A real converted checkpoint of the tiny diffusers VAE (written by checkpoint.write_checkpoint),
+    whose provenance names a Hub source so the model card gets base_model and licence."""
     base = tmp_path_factory.mktemp("push")
-    try:
-        from cogvae.converter.convert import convert
-    except ModuleNotFoundError:
-        return _fabricated_checkpoint(base / "ckpt", SOURCE)
-    src = save_tiny_vae(base / "vae")
-    out = base / "ckpt"
-    convert(str(src), str(out))
-    return out
+    provenance = {"source": {"source_id": SOURCE, "revision": SHA, "is_hub": True}}
+    return make_checkpoint(base / "ckpt", save_tiny_vae(base / "vae"), provenance=provenance)
 
 
 class RecordingApi:
@@ -104,6 +84,8 @@ def test_push_uploads_checkpoint_and_model_card(ckpt, tmp_path):
 
     card = ModelCard.load(api.uploaded / "README.md")
     assert card.data.library_name == "cogvae"
+    assert card.data.base_model == SOURCE
+    assert (card.data.license, card.data.license_name) == ("other", "cogvideox-license")
     assert card.data.tags == ["jax", "flax", "nnx", "cogvideox", "vae", "video"]
     assert 'REPO_ID = "me/tiny-vae-jax"' in card.text and "vae = load(snapshot_download(REPO_ID))" in card.text
     assert "from cogvae.converter import load" in card.text
@@ -198,7 +180,7 @@ def test_offline_mode_refuses_to_push(ckpt, tmp_path, monkeypatch):
         push_checkpoint(ckpt, "me/x", token="hf_not_a_real_token")
 
 
-@pytest.mark.parametrize("missing", ["config.json", "provenance.json"])
+@pytest.mark.parametrize("missing", ["config.json", "provenance.json", "COMPLETE", "params.msgpack"])
 def test_incomplete_checkpoint_is_refused(ckpt, tmp_path, missing):
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
