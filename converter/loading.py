@@ -130,14 +130,35 @@ def load_diffusers(
     )
 
 
+def load_checkpoint(
+    path: str | Path, *, dtype: Any = None, compute_dtype: Any = None, format: Optional[str] = None, verify: bool = True
+) -> AutoencoderKLCogVideoX:
+    """Load a converted cogvae checkpoint folder (see ``cogvae.converter.checkpoint``)."""
+    from .checkpoint import params_to_model, read_checkpoint
+
+    config, params, info = read_checkpoint(path, format=format, verify=verify)
+    return params_to_model(config, params, dtype=dtype, compute_dtype=compute_dtype,
+                           source_name=f"{path} ({info['format']})")
+
+
 def load(path: str | Path, dtype: Any = None, **kwargs: Any) -> AutoencoderKLCogVideoX:
     """Load a CogVideoX VAE as the bundled NNX model.
 
-    ``path``: a diffusers VAE folder, or a pipeline folder with ``vae/``.
+    ``path``: a converted cogvae checkpoint folder (from ``cogvae-convert``), a diffusers VAE
+    folder, or a pipeline folder with ``vae/``.
     ``dtype``: parameter dtype ('float32', 'bfloat16', 'float16' or a jnp dtype); None keeps the
-    source dtype. Other keywords: ``compute_dtype``, ``subfolder``, ``variant``, ``mapping``.
+    stored dtype. Other keywords: ``compute_dtype``; for a converted checkpoint ``format``
+    ('orbax' default, 'msgpack') and ``verify`` (check sha256 against the manifest, default True);
+    for a diffusers folder ``subfolder``, ``variant``, ``mapping``. The model is built abstractly
+    (``nnx.eval_shape``), filled and merged: never randomly initialised.
     """
+    from .checkpoint import looks_like_checkpoint
+
+    if looks_like_checkpoint(path):
+        return load_checkpoint(path, dtype=dtype, **kwargs)
+    if "format" in kwargs:
+        raise SourceError(f"{path}: not a converted cogvae checkpoint (format= applies to those only)")
     return load_diffusers(path, dtype=dtype, **kwargs)
 
 
-__all__ += ["load", "ConfigError"]
+__all__ += ["load", "load_checkpoint", "ConfigError"]

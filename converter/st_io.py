@@ -104,6 +104,26 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     def get_tensor(self, key: str) -> np.ndarray:
         return self[key]
 
+    def read_tensor(self, key: str) -> np.ndarray:
+        """A fresh, writable copy of one tensor read with ``pread`` (no memory map kept resident)."""
+        dt, shape, start, end = self._entries[key]
+        out = np.empty(shape, dtype=dt)
+        view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            pos, n = self._data_start + start, end - start
+            done = 0
+            while done < n:
+                got = os.preadv(fd, [view[done:]], pos + done)
+                if got <= 0:
+                    raise SafetensorsError(f"{self.path}: tensor {key!r}: file ended early (truncated file)")
+                done += got
+        except OSError as e:
+            raise SafetensorsError(f"{self.path}: tensor {key!r}: cannot read: {e.strerror or e}") from None
+        finally:
+            os.close(fd)
+        return out
+
     def dtype_of(self, key: str) -> np.dtype:
         return self._entries[key][0]
 
@@ -155,6 +175,9 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
 
     def get_tensor(self, key: str) -> np.ndarray:
         return self[key]
+
+    def read_tensor(self, key: str) -> np.ndarray:
+        return self._where[key].read_tensor(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

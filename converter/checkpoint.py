@@ -1,0 +1,529 @@
+"""Converted cogvae checkpoints: an atomic folder holding Orbax and/or msgpack parameters.
+
+Layout of a checkpoint folder::
+
+    orbax/             an Orbax PyTree checkpoint of the nested parameter tree (numpy leaves)
+    params.msgpack     flax.serialization msgpack of the same nested dict (bf16 round-trips)
+    config.json        the diffusers config (``VAEConfig.to_diffusers_config()``)
+    provenance.json    where the weights came from and how they were checked
+    COMPLETE           the manifest, written last: every file with its size and sha256
+
+Everything is built in a hidden temporary sibling folder (``.{name}.tmp-XXXX``) and renamed into
+place at the end, so a conversion killed at any moment leaves no folder at ``out``, and a folder
+without a valid ``COMPLETE`` manifest is refused by :func:`read_checkpoint` (and ``load``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from cogvae.model import ConfigError, VAEConfig
+
+__all__ = [
+    "CheckpointError",
+    "OutputError",
+    "FORMATS",
+    "MANIFEST_NAME",
+    "write_checkpoint",
+    "read_checkpoint",
+    "read_format",
+    "is_converted_checkpoint",
+    "looks_like_checkpoint",
+    "atomic_output_dir",
+    "params_to_model",
+    "tensor_digest",
+    "nest",
+    "flatten",
+]
+
+FORMATS = ("orbax", "msgpack")
+MANIFEST_NAME = "COMPLETE"
+ORBAX_DIR = "orbax"
+MSGPACK_NAME = "params.msgpack"
+CONFIG_NAME = "config.json"
+PROVENANCE_NAME = "provenance.json"
+CHECKPOINT_KIND = "cogvae-checkpoint"
+CHECKPOINT_VERSION = 1
+_NDARRAY_EXT = 1  # flax.serialization._MsgpackExtType.ndarray
+_MSGPACK_MAX_CHUNK = 2**30  # flax splits larger arrays into chunks; we refuse them instead
+
+
+class CheckpointError(ValueError):
+    """A converted checkpoint that is missing, incomplete or corrupt; the message names the folder."""
+
+
+class OutputError(OSError):
+    """An output location that cannot be used (exists without overwrite, not writable)."""
+
+
+# ----------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{'a.b.0.c': x}`` -> ``{'a': {'b': {'0': {'c': x}}}}`` (string keys, insertion order)."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def tensor_digest(a: np.ndarray) -> str:
+    """A cheap identity of one tensor: dtype, shape and crc32 of its bytes."""
+    a = np.ascontiguousarray(a)
+    crc = zlib.crc32(memoryview(a.reshape(-1).view(np.uint8))) if a.size else 0
+    return f"{a.dtype.name}{list(a.shape)}:{crc:08x}"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _slow_write_hook() -> None:
+    """Test-only: ``COGVAE_TEST_SLOW_WRITE=seconds`` sleeps between files (to kill a writer mid-way)."""
+    delay = os.environ.get("COGVAE_TEST_SLOW_WRITE")
+    if delay:
+        time.sleep(float(delay))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------
+# atomic output folder
+# ----------------------------------------------------------------------------------------
+
+
+def _preflight(out: Path, overwrite: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputError(f"{out}: output already exists (pass --overwrite / overwrite=True to replace it)")
+        if not out.is_dir():
+            raise OutputError(f"{out}: output exists and is not a folder; refusing to replace it")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary sibling folder; on success rename it to ``out``.
+
+    An existing ``out`` is refused unless ``overwrite`` (then: old renamed aside, new renamed in,
+    old deleted). On any exception the temporary folder is removed and ``out`` is untouched.
+    Failures to create or rename raise :class:`OutputError` naming the path.
+    """
+    out = Path(out).absolute()
+    _preflight(out, overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create output folder: {e.strerror or e}") from None
+    try:
+        yield tmp
+        _fsync_path(tmp, directory=True)
+        _preflight(out, overwrite)  # it may have appeared meanwhile
+        old = None
+        try:
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.rename(out, old / "old")
+            os.rename(tmp, out)
+        except OSError as e:
+            if old is not None and (old / "old").exists() and not out.exists():
+                os.rename(old / "old", out)
+            raise OutputError(f"{out}: cannot move the finished output into place: {e.strerror or e}") from None
+        _fsync_path(out.parent, directory=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------
+
+
+def _orbax_checkpointer():
+    import jax
+    import orbax.checkpoint as ocp
+    from orbax.checkpoint import type_handlers as th
+
+    # numpy leaves are written straight from our arrays (no deep copy: the save is synchronous
+    # and nothing mutates them), uncompressed, so writing costs about one pass over the bytes.
+    registry = th.create_type_handler_registry(
+        (jax.Array, th.ArrayHandler()),
+        (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
+    )
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+    return ocp.Checkpointer(handler)
+
+
+def _write_orbax(path: Path, params: dict[str, np.ndarray]) -> None:
+    import orbax.checkpoint as ocp
+
+    tree = nest({k: np.ascontiguousarray(v) for k, v in params.items()})
+    ckptr = _orbax_checkpointer()
+    ckptr.save(path, args=ocp.args.PyTreeSave(tree))
+    ckptr.close()
+
+
+def _write_msgpack(path: Path, params: dict[str, np.ndarray]) -> str:
+    """Stream ``nest(params)`` as flax.serialization msgpack, one tensor at a time.
+
+    The bytes equal ``flax.serialization.msgpack_serialize(nest(params))``; returns their sha256.
+    """
+    import msgpack
+
+    packer = msgpack.Packer(use_bin_type=True, strict_types=True)
+    h = hashlib.sha256()
+
+    with open(path, "wb") as f:
+
+        def w(b: bytes) -> None:
+            h.update(b)
+            f.write(b)
+
+        def walk(node: dict[str, Any]) -> None:
+            w(packer.pack_map_header(len(node)))
+            for k, v in node.items():
+                w(packer.pack(k))
+                if isinstance(v, dict):
+                    walk(v)
+                    continue
+                a = np.asarray(v)
+                if a.nbytes > _MSGPACK_MAX_CHUNK:
+                    raise OutputError(f"{path}: tensor {k!r} is over 1 GiB; msgpack format cannot hold it")
+                inner = msgpack.packb((a.shape, a.dtype.name, a.tobytes("C")), use_bin_type=True)
+                w(packer.pack(msgpack.ExtType(_NDARRAY_EXT, inner)))
+                del inner
+
+        walk(nest(params))
+        f.flush()
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _manifest(folder: Path, formats: Iterable[str], known_sha: dict[str, str]) -> dict[str, Any]:
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            rel = p.relative_to(folder).as_posix()
+            files[rel] = {"size": p.stat().st_size, "sha256": known_sha.get(rel) or _sha256(p)}
+    return {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "formats": list(formats), "files": files}
+
+
+def normalize_formats(formats: Iterable[str] | str) -> tuple[str, ...]:
+    if isinstance(formats, str):
+        formats = FORMATS if formats == "both" else (formats,)
+    out = tuple(dict.fromkeys(formats))
+    bad = [f for f in out if f not in FORMATS]
+    if bad or not out:
+        raise ValueError(f"unknown checkpoint format(s) {bad or list(out)}; use 'orbax', 'msgpack' or both")
+    return out
+
+
+def write_into(
+    folder: Path,
+    params: dict[str, np.ndarray],
+    config: VAEConfig,
+    *,
+    formats: Iterable[str] = FORMATS,
+    progress: Optional[Callable[[str], None]] = None,
+) -> dict[str, str]:
+    """Write config and parameter files into an existing (temporary) folder; returns known sha256s."""
+    formats = normalize_formats(formats)
+    known: dict[str, str] = {}
+    note = progress or (lambda _msg: None)
+    _write_json(folder / CONFIG_NAME, config.to_diffusers_config())
+    for fmt in formats:
+        _slow_write_hook()
+        note(fmt)
+        if fmt == "orbax":
+            _write_orbax(folder / ORBAX_DIR, params)
+        else:
+            known[MSGPACK_NAME] = _write_msgpack(folder / MSGPACK_NAME, params)
+    _slow_write_hook()
+    return known
+
+
+def finish_into(folder: Path, formats: Iterable[str], provenance: dict, known_sha: dict[str, str]) -> dict:
+    """Write provenance and, last, the ``COMPLETE`` manifest (after fsyncing every file)."""
+    _write_json(folder / PROVENANCE_NAME, provenance)
+    manifest = _manifest(folder, normalize_formats(formats), known_sha)
+    for rel in manifest["files"]:
+        _fsync_path(folder / rel)
+    _slow_write_hook()
+    _write_json(folder / MANIFEST_NAME, manifest)
+    _fsync_path(folder / MANIFEST_NAME)
+    return manifest
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike,
+    params: dict[str, np.ndarray],
+    config: VAEConfig,
+    *,
+    formats: Iterable[str] = FORMATS,
+    provenance: Optional[dict] = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a converted checkpoint atomically (see the module docstring); returns its path."""
+    formats = normalize_formats(formats)
+    out = Path(out_dir)
+    try:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            known = write_into(tmp, params, config, formats=formats)
+            finish_into(tmp, formats, dict(provenance or {}), known)
+    except OSError as e:
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(f"{out}: cannot write checkpoint: {e.strerror or e}") from None
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------
+
+
+def looks_like_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder with any converted-checkpoint file (complete or not): load() treats it as one."""
+    p = Path(path)
+    return p.is_dir() and any((p / n).exists() for n in (MANIFEST_NAME, ORBAX_DIR, MSGPACK_NAME, PROVENANCE_NAME))
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    mpath = folder / MANIFEST_NAME
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder (expected a converted cogvae checkpoint)")
+    if not mpath.is_file():
+        raise CheckpointError(
+            f"{folder}: incomplete or not a cogvae checkpoint: no {MANIFEST_NAME} manifest "
+            "(was the conversion interrupted?)"
+        )
+    try:
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("kind") != CHECKPOINT_KIND or not isinstance(manifest.get("files"), dict):
+            raise ValueError("not a cogvae checkpoint manifest")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{mpath}: corrupt manifest ({e})") from None
+    if manifest.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{mpath}: unsupported checkpoint version {manifest.get('version')!r}")
+    return manifest
+
+
+def _verify_files(folder: Path, manifest: dict, prefixes: Iterable[str], hashes: bool) -> None:
+    problems = []
+    prefixes = tuple(prefixes)
+    for rel, meta in manifest["files"].items():
+        p = folder / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        if p.stat().st_size != meta.get("size"):
+            problems.append(f"{rel}: size {p.stat().st_size}, manifest says {meta.get('size')}")
+            continue
+        if hashes and rel.startswith(prefixes) and _sha256(p) != meta.get("sha256"):
+            problems.append(f"{rel}: sha256 differs from the manifest (corrupt file)")
+    if problems:
+        raise CheckpointError(f"{folder}: corrupt checkpoint: " + "; ".join(problems))
+
+
+def is_converted_checkpoint(path: str | os.PathLike) -> bool:
+    """A complete converted checkpoint: valid manifest, every listed file present with its size."""
+    try:
+        folder = Path(path)
+        _verify_files(folder, _read_manifest(folder), (), hashes=False)
+        return True
+    except CheckpointError:
+        return False
+
+
+def _read_orbax(path: Path) -> dict[str, np.ndarray]:
+    import jax
+    import orbax.checkpoint as ocp
+
+    ckptr = _orbax_checkpointer()
+    try:
+        meta = ckptr.metadata(path)
+        tree_meta = getattr(meta, "item_metadata", meta)
+        tree_meta = getattr(tree_meta, "tree", tree_meta)
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(tree_meta))
+        tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    finally:
+        ckptr.close()
+    return {k: np.asarray(v) for k, v in flatten(tree).items()}
+
+
+def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
+    import msgpack
+
+    def ext_hook(code: int, data: bytes):
+        if code != _NDARRAY_EXT:
+            raise ValueError(f"unexpected msgpack extension type {code}")
+        shape, dtype_name, buf = msgpack.unpackb(data, raw=True)
+        dt = np.dtype(ml_dtypes.bfloat16) if dtype_name == b"bfloat16" else np.dtype(dtype_name.decode())
+        return np.frombuffer(buf, dtype=dt).reshape(shape)
+
+    import ml_dtypes
+
+    with open(path, "rb") as f:
+        unpacker = msgpack.Unpacker(f, raw=False, ext_hook=ext_hook, max_buffer_size=2**31 - 1)
+        tree = unpacker.unpack()
+        try:
+            unpacker.unpack()
+        except msgpack.OutOfData:
+            pass
+        else:
+            raise ValueError("trailing data after the parameter tree")
+    if not isinstance(tree, dict):
+        raise ValueError("top level is not a map")
+    return flatten(tree)
+
+
+def read_format(folder: str | os.PathLike, fmt: str) -> dict[str, np.ndarray]:
+    """Parameters of one format in ``folder``, without manifest checks (used to validate a temp dir)."""
+    folder = Path(folder)
+    target = folder / (ORBAX_DIR if fmt == "orbax" else MSGPACK_NAME)
+    if not target.exists():
+        raise CheckpointError(f"{folder}: no {fmt} parameters ({target.name} missing)")
+    try:
+        return _read_orbax(target) if fmt == "orbax" else _read_msgpack(target)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- any reader failure is a corrupt file; say which
+        raise CheckpointError(f"{target}: cannot read {fmt} parameters: {type(e).__name__}: {e}") from None
+
+
+def read_checkpoint(
+    path: str | os.PathLike, format: Optional[str] = None, *, verify: bool = True
+) -> tuple[VAEConfig, dict[str, np.ndarray], dict[str, Any]]:
+    """Read a converted checkpoint -> ``(config, {dotted_path: np.ndarray}, info)``.
+
+    ``format``: 'orbax' (default when present) or 'msgpack' (default when orbax is absent).
+    The ``COMPLETE`` manifest must exist; every listed file must have its size, and with
+    ``verify`` the files read (config and the chosen format) must match their sha256.
+    ``info``: ``{'path', 'format', 'formats', 'manifest', 'provenance'}``.
+    """
+    folder = Path(path)
+    manifest = _read_manifest(folder)
+    formats = manifest.get("formats") or []
+    if format is None:
+        format = "orbax" if "orbax" in formats else "msgpack"
+    if format not in FORMATS:
+        raise CheckpointError(f"{folder}: unknown format {format!r}; use 'orbax' or 'msgpack'")
+    if format not in formats:
+        raise CheckpointError(f"{folder}: holds no {format} parameters (formats: {', '.join(formats) or 'none'})")
+    want = (CONFIG_NAME, ORBAX_DIR + "/" if format == "orbax" else MSGPACK_NAME)
+    _verify_files(folder, manifest, want, hashes=verify)
+    try:
+        config = VAEConfig.from_json_file(folder / CONFIG_NAME)
+    except ConfigError as e:
+        raise CheckpointError(f"{folder}: bad config: {e}") from None
+    params = read_format(folder, format)
+    try:
+        provenance = json.loads((folder / PROVENANCE_NAME).read_text())
+    except (OSError, ValueError):
+        provenance = {}
+    info = {"path": str(folder), "format": format, "formats": formats, "manifest": manifest, "provenance": provenance}
+    return config, params, info
+
+
+# ----------------------------------------------------------------------------------------
+# model building
+# ----------------------------------------------------------------------------------------
+
+
+def params_to_model(
+    config: VAEConfig,
+    params: dict[str, np.ndarray],
+    *,
+    dtype: Any = None,
+    compute_dtype: Any = None,
+    source_name: str = "<checkpoint>",
+):
+    """Build the NNX VAE from ``{dotted_path: array}``: ``nnx.eval_shape`` + split + fill + merge.
+
+    Strict: every parameter must be present with its shape and no extra ones may exist. The dict
+    is consumed (arrays are popped as they become jax arrays) so memory stays near one copy.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cogvae.model import abstract_model
+
+    from .engine import path_to_str
+    from .loading import resolve_dtype
+
+    cast = resolve_dtype(dtype)
+    graphdef, abstract_state = nnx.split(abstract_model(config, dtype=resolve_dtype(compute_dtype)))
+    flat_state = list(nnx.to_flat_state(abstract_state))
+    problems = []
+    names = {path_to_str(p) for p, _ in flat_state}
+    for k in sorted(set(params) - names):
+        problems.append(f"{source_name}: extra parameter {k!r} (not in the model for this config)")
+    for path, var in flat_state:
+        k = path_to_str(path)
+        want = tuple(var.get_value().shape)
+        if k not in params:
+            problems.append(f"{source_name}: missing parameter {k!r} (shape {want})")
+        elif tuple(params[k].shape) != want:
+            problems.append(f"{source_name}: parameter {k!r} has shape {tuple(params[k].shape)}, model expects {want}")
+    if problems:
+        raise CheckpointError(f"{source_name}: parameters do not fit the config: {len(problems)} problem(s):\n"
+                              + "\n".join(f"  - {p}" for p in problems))
+    pairs = []
+    for path, var in flat_state:
+        a = params.pop(path_to_str(path))
+        x = jnp.asarray(a) if cast is None else jnp.asarray(a).astype(cast)
+        del a
+        pairs.append((path, var.replace(x)))
+    return nnx.merge(graphdef, nnx.from_flat_state(pairs))
