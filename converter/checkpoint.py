@@ -154,6 +154,11 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
     """
     out = Path(out).absolute()
     _preflight(out, overwrite)
+    for anc in out.parents:
+        if anc.exists() or anc.is_symlink():
+            if not anc.is_dir():
+                raise OutputError(f"{out}: cannot create output folder: {anc} is not a folder")
+            break
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -209,7 +214,7 @@ def _write_orbax(path: Path, params: dict[str, np.ndarray]) -> None:
 
     tree = nest({k: np.ascontiguousarray(v) for k, v in params.items()})
     ckptr = _orbax_checkpointer()
-    ckptr.save(path, args=ocp.args.PyTreeSave(tree))
+    ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
     ckptr.close()
 
 
@@ -391,6 +396,7 @@ def _read_orbax(path: Path) -> dict[str, np.ndarray]:
     import jax
     import orbax.checkpoint as ocp
 
+    path = Path(path).absolute()
     ckptr = _orbax_checkpointer()
     try:
         meta = ckptr.metadata(path)

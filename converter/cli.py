@@ -1,0 +1,351 @@
+"""Command line: ``cogvae-convert`` and ``cogvae {convert,export-diffusers,verify,push,inspect}``.
+
+Every failure is reported as one ``Error: ...`` line on stderr (a multi-problem conversion error
+adds one line per problem) with a documented exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+__all__ = ["cli", "convert_command", "EXIT_CODES"]
+
+EXIT_OK, EXIT_VALIDATION, EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT, EXIT_NETWORK = 0, 1, 2, 3, 4, 5
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_VALIDATION: "validation or verification failed",
+    EXIT_USAGE: "usage error (bad option or argument)",
+    EXIT_INPUT: "bad source or input: not found, not a CogVideoX VAE, bad safetensors, config/weights mismatch",
+    EXIT_OUTPUT: "output problem: exists without --overwrite, not writable",
+    EXIT_NETWORK: "network / Hugging Face Hub error",
+}
+EXIT_EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items())
+
+
+def _exit_code(e: BaseException) -> Optional[int]:
+    from cogvae.model import ConfigError
+
+    from .checkpoint import CheckpointError, OutputError
+    from .convert import ValidationError
+    from .engine import ConversionError
+    from .loading import SourceError
+    from .mapping import MappingError
+    from .st_io import SafetensorsError
+
+    if isinstance(e, ValidationError):
+        return EXIT_VALIDATION
+    if isinstance(e, OutputError):
+        return EXIT_OUTPUT
+    if isinstance(e, (SourceError, SafetensorsError, ConfigError, ConversionError, CheckpointError, MappingError)):
+        return EXIT_INPUT
+    try:
+        from .hub import HubError
+
+        if isinstance(e, HubError):
+            return EXIT_NETWORK
+    except ImportError:
+        pass
+    try:
+        from .push import PushError
+
+        if isinstance(e, PushError):
+            return EXIT_NETWORK
+    except ImportError:
+        pass
+    return None
+
+
+def _fail(e: BaseException) -> None:
+    code = _exit_code(e)
+    if code is None:
+        raise e
+    msg = str(e).strip() or type(e).__name__
+    click.echo(f"Error: {msg}", err=True)
+    sys.exit(code)
+
+
+def _run(fn, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 -- mapped to one line + exit code, or re-raised
+        _fail(e)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------------------
+# convert
+# ----------------------------------------------------------------------------------------
+
+CONVERT_HELP = """Convert a diffusers CogVideoX VAE into a verified cogvae (JAX/Flax NNX) checkpoint.
+
+SOURCE is a Hugging Face Hub repo id (a pipeline repo, its VAE is read from --subfolder), a local
+pipeline folder (with vae/) or a VAE folder. Without SOURCE the tiny CogVideoX VAE shipped with
+cogvae is converted (no network needed).
+
+The output folder holds orbax/ and/or params.msgpack, config.json, provenance.json and a COMPLETE
+manifest. It is written to a temporary sibling and renamed into place at the end, so an
+interrupted conversion leaves nothing behind that loads. By default the written checkpoint is
+loaded back in every format and a small latent is decoded (--no-validate skips this).
+
+\b
+Examples:
+  cogvae-convert --out ckpt/
+  cogvae-convert THUDM/CogVideoX-2b --out ckpt/
+  cogvae-convert THUDM/CogVideoX-5b --revision main --dtype bfloat16 --out ckpt-5b/
+  cogvae-convert ./CogVideoX-2b/vae --format msgpack --out ckpt/ --overwrite --json
+  cogvae-convert THUDM/CogVideoX-2b --out ckpt/ --push-to-hub me/cogvideox-2b-vae-jax --private
+"""
+
+
+def _convert_options(f):
+    opts = [
+        click.argument("source", required=False),
+        click.option("--out", "out", type=click.Path(path_type=Path), default=Path("ckpt"), show_default=True,
+                     help="Output checkpoint folder."),
+        click.option("--subfolder", default="vae", show_default=True,
+                     help="VAE subfolder of a pipeline repo/folder ('' for a bare VAE repo)."),
+        click.option("--revision", default=None, help="Hub branch, tag or commit (Hub sources only)."),
+        click.option("--variant", default=None, help="Weights variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+                     help="Store parameters in this dtype (default: keep the source dtype)."),
+        click.option("--format", "fmt", type=click.Choice(["orbax", "msgpack", "both"]), default="both",
+                     show_default=True, help="Checkpoint format(s) to write."),
+        click.option("--no-validate", is_flag=True, help="Skip loading the result back and the smoke decode."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically)."),
+        click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None,
+                     help="Upload the finished checkpoint to this Hub model repo."),
+        click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
+        click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing."),
+        click.option("--dry-run", is_flag=True, help="With --push-to-hub: list what would be uploaded, upload nothing."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress output on stderr."),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _do_convert(source, out, subfolder, revision, variant, dtype, fmt, no_validate, overwrite, push_to_hub,
+                private, create_pr, dry_run, quiet, as_json):
+    from .convert import convert
+
+    if not push_to_hub and (private or create_pr or dry_run):
+        raise click.UsageError("--private, --create-pr and --dry-run need --push-to-hub")
+    summary = _run(
+        convert, source, out, subfolder=subfolder, revision=revision, variant=variant, dtype=dtype,
+        formats=fmt, validate=not no_validate, overwrite=overwrite, quiet=quiet,
+        push_to_hub=push_to_hub, private=private, create_pr=create_pr, dry_run=dry_run,
+    )
+    if as_json:
+        _emit_json(summary)
+    elif not quiet:
+        click.echo(str(out))
+
+
+@click.command("cogvae-convert", help=CONVERT_HELP, epilog=EXIT_EPILOG,
+               context_settings={"help_option_names": ["-h", "--help"]})
+@_convert_options
+def convert_command(**kw):
+    _do_convert(**kw)
+
+
+@click.group(epilog=EXIT_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cogvae")
+def cli():
+    """cogvae: CogVideoX VAE checkpoints for JAX/Flax NNX.
+
+    \b
+    Examples:
+      cogvae convert THUDM/CogVideoX-2b --out ckpt/
+      cogvae inspect ckpt/
+      cogvae verify ckpt/ --reference THUDM/CogVideoX-2b
+      cogvae export-diffusers ckpt/ --out vae-diffusers/
+      cogvae push ckpt/ me/cogvideox-2b-vae-jax --dry-run
+    """
+
+
+@cli.command("convert", help=CONVERT_HELP.replace("cogvae-convert", "cogvae convert"), epilog=EXIT_EPILOG)
+@_convert_options
+def convert_subcommand(**kw):
+    _do_convert(**kw)
+
+
+# ----------------------------------------------------------------------------------------
+# export-diffusers
+# ----------------------------------------------------------------------------------------
+
+
+def export_diffusers(ckpt: str | Path, out: str | Path, *, format: Optional[str] = None, overwrite: bool = False,
+                     mapping=None) -> dict:
+    """Write a converted checkpoint back as a diffusers VAE folder (config.json + safetensors), atomically."""
+    from .checkpoint import CONFIG_NAME, OutputError, atomic_output_dir, read_checkpoint
+    from .engine import export_tensors
+    from .mapping import load_mapping
+    from .st_io import save_safetensors
+
+    mapping = mapping or load_mapping()
+    config, params, info = read_checkpoint(ckpt, format=format)
+    tensors = export_tensors(params, mapping, source_name=f"{ckpt} ({info['format']})")
+    del params
+    try:
+        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+            (tmp / CONFIG_NAME).write_text(json.dumps(config.to_diffusers_config(), indent=2) + "\n")
+            save_safetensors(tensors, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    except OSError as e:
+        if isinstance(e, OutputError):
+            raise
+        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
+    return {"ok": True, "out": str(out), "checkpoint": str(ckpt), "format": info["format"], "num_tensors": len(tensors),
+            "files": ["config.json", "diffusion_pytorch_model.safetensors"]}
+
+
+@cli.command("export-diffusers", epilog=EXIT_EPILOG)
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output diffusers VAE folder.")
+@click.option("--format", "fmt", type=click.Choice(["orbax", "msgpack"]), default=None,
+              help="Which stored format to read (default: orbax when present).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def export_diffusers_command(ckpt, out, fmt, overwrite, as_json):
+    """Export a converted checkpoint back to diffusers format (config.json +
+    diffusion_pytorch_model.safetensors), through the inverse mapping rules. The tensors are
+    bit-identical to the ones converted; diffusers' AutoencoderKLCogVideoX.from_pretrained loads it.
+
+    \b
+    Examples:
+      cogvae export-diffusers ckpt/ --out vae-diffusers/
+      cogvae export-diffusers ckpt/ --format msgpack --out vae-diffusers/ --overwrite
+    """
+    summary = _run(export_diffusers, ckpt, out, format=fmt, overwrite=overwrite)
+    _emit_json(summary) if as_json else click.echo(str(out))
+
+
+# ----------------------------------------------------------------------------------------
+# inspect
+# ----------------------------------------------------------------------------------------
+
+
+def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optional[str] = None, mapping=None) -> dict:
+    """Per tensor: its rule, target (or source) key, shape and dtype, for a diffusers folder or a checkpoint."""
+    from .checkpoint import looks_like_checkpoint, read_checkpoint
+    from .loading import find_diffusers_vae
+    from .mapping import load_mapping
+    from .st_io import open_safetensors
+
+    mapping = mapping or load_mapping()
+    rows = []
+    if looks_like_checkpoint(source):
+        config, params, info = read_checkpoint(source)
+        for path in sorted(params):
+            a = params[path]
+            m = mapping.match_reverse(path)
+            rows.append({"key": path, "rule": m[0][1].label if len(m) == 1 else None,
+                         "diffusers_key": m[0][0] if len(m) == 1 else None,
+                         "shape": list(a.shape), "dtype": a.dtype.name})
+        kind, where = "cogvae-checkpoint", str(source)
+    else:
+        src = find_diffusers_vae(source, subfolder=subfolder, variant=variant)
+        from cogvae.model import VAEConfig
+
+        config = VAEConfig.from_json_file(src.config_path)
+        tensors = open_safetensors(src.weights_path)
+        for key in sorted(tensors.keys()):
+            a = tensors[key]
+            m = mapping.match_forward(key)
+            rule = m[0][1] if len(m) == 1 else None
+            rows.append({"key": key, "rule": rule.label if rule else None, "target": m[0][0] if rule else None,
+                         "shape": list(a.shape), "target_shape": list(rule.transform.shape(a.shape)) if rule else None,
+                         "dtype": a.dtype.name})
+        kind, where = "diffusers", str(src.weights_path)
+    return {"kind": kind, "path": where, "config": config.to_diffusers_config(), "num_tensors": len(rows),
+            "tensors": rows}
+
+
+@cli.command("inspect", epilog=EXIT_EPILOG)
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--subfolder", default="vae", show_default=True, help="VAE subfolder of a pipeline folder.")
+@click.option("--variant", default=None, help="Weights variant of a diffusers folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
+def inspect_command(source, subfolder, variant, as_json):
+    """List every tensor of a diffusers VAE folder or a converted checkpoint: the mapping rule that
+    handles it, where it goes (or comes from), shape and dtype.
+
+    \b
+    Examples:
+      cogvae inspect ./CogVideoX-2b/vae
+      cogvae inspect ckpt/ --json
+    """
+    data = _run(inspect_source, source, subfolder=subfolder, variant=variant)
+    if as_json:
+        _emit_json(data)
+        return
+    click.echo(f"{data['kind']}: {data['path']} ({data['num_tensors']} tensors)")
+    for r in data["tensors"]:
+        other = r.get("target") or r.get("diffusers_key") or "-"
+        click.echo(f"{r['key']}  ->  {other}  [{r['rule'] or 'NO RULE'}]  {tuple(r['shape'])} {r['dtype']}")
+
+
+# ----------------------------------------------------------------------------------------
+# verify / push (thin wrappers)
+# ----------------------------------------------------------------------------------------
+
+
+@cli.command("verify", epilog=EXIT_EPILOG)
+@click.argument("source")
+@click.option("--reference", default=None, help="Diffusers source to compare against (folder or Hub repo id).")
+@click.option("--no-parity", is_flag=True, help="Skip the numerical parity check against the reference.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def verify_command(source, reference, no_parity, as_json):
+    """Verify a converted checkpoint: manifest and hashes, loading, and (with --reference) that its
+    weights and outputs match the diffusers source. Exit code 1 when a check fails.
+
+    \b
+    Examples:
+      cogvae verify ckpt/
+      cogvae verify ckpt/ --reference THUDM/CogVideoX-2b --json
+    """
+    from .verify import verify_checkpoint
+
+    report = _run(verify_checkpoint, source, reference, parity=not no_parity)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        click.echo(report.format_text())
+    if not report.ok:
+        sys.exit(EXIT_VALIDATION)
+
+
+@cli.command("push", epilog=EXIT_EPILOG)
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", default=None, help="Branch to push to.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+@click.option("--dry-run", is_flag=True, help="List what would be uploaded; upload nothing.")
+@click.option("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, token, as_json):
+    """Upload a complete converted checkpoint to a Hugging Face Hub model repo.
+
+    \b
+    Examples:
+      cogvae push ckpt/ me/cogvideox-2b-vae-jax --dry-run
+      cogvae push ckpt/ me/cogvideox-2b-vae-jax --private
+    """
+    from .push import push_checkpoint
+
+    result = _run(push_checkpoint, ckpt, repo_id, private=private, revision=revision, create_pr=create_pr,
+                  dry_run=dry_run, token=token)
+    if as_json:
+        _emit_json(result)
+    else:
+        click.echo(f"{'would upload' if result.get('dry_run') else 'uploaded'} {len(result.get('files', []))} "
+                   f"file(s) to {result.get('repo_id')}" + (f": {result.get('url')}" if result.get("url") else ""))
