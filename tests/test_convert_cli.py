@@ -1,0 +1,466 @@
+"""End-to-end conversion: the convert pipeline, atomic checkpoints, the CLI (CliRunner and the
+installed ``cogvae-convert`` as a subprocess), export back to diffusers, inspect, and every error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cogvae.converter import load
+from cogvae.converter.checkpoint import (
+    CheckpointError,
+    is_converted_checkpoint,
+    read_checkpoint,
+)
+from cogvae.converter.cli import cli, convert_command
+from cogvae.converter.convert import convert, default_source
+from cogvae.converter.st_io import open_safetensors, save_safetensors
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+CONVERT_EXE = shutil.which("cogvae-convert")
+
+
+def _env(**extra):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    env.update(extra)
+    return env
+
+
+def _run(args, runner_mode="cli"):
+    """Run convert via CliRunner; returns (exit_code, stdout, stderr)."""
+    r = CliRunner().invoke(convert_command, args, catch_exceptions=False)
+    return r.exit_code, r.stdout, r.stderr
+
+
+def _sub(args, **env):
+    assert CONVERT_EXE, "cogvae-convert is not installed (pip install -e .)"
+    p = subprocess.run([CONVERT_EXE, *args], capture_output=True, text=True, env=_env(**env), timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}.tmp-"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A writable copy of the embedded tiny diffusers VAE."""
+    d = tmp_path_factory.mktemp("tiny") / "vae"
+    shutil.copytree(default_source(), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_tensors(tiny) -> dict[str, np.ndarray]:
+    f = open_safetensors(tiny / WEIGHTS)
+    return {k: np.array(f[k]) for k in f}
+
+
+def _copy_with(tmp_path: Path, tiny: Path, *, config: dict | None = None, tensors: dict | None = None,
+               name: str = "src") -> Path:
+    d = tmp_path / name
+    d.mkdir(parents=True)
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg.update(config or {})
+    (d / "config.json").write_text(json.dumps(cfg))
+    if tensors is None:
+        shutil.copy(tiny / WEIGHTS, d / WEIGHTS)
+    else:
+        save_safetensors(tensors, d / WEIGHTS, metadata={"format": "pt"})
+    return d
+
+
+# ----------------------------------------------------------------------------------------
+# happy paths
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt, files", [
+    ("orbax", {"orbax"}),
+    ("msgpack", {"params.msgpack"}),
+    ("both", {"orbax", "params.msgpack"}),
+])
+def test_convert_formats(tiny, tiny_tensors, tmp_path, fmt, files):
+    out = tmp_path / "ckpt"
+    code, stdout, stderr = _run([str(tiny), "--out", str(out), "--format", fmt, "--no-validate", "--json"])
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["ok"] and summary["num_tensors"] == len(tiny_tensors)
+    names = {p.name for p in out.iterdir()}
+    assert names == files | {"config.json", "provenance.json", "COMPLETE"}
+    assert is_converted_checkpoint(out)
+    assert _leftovers(tmp_path, "ckpt") == []
+    for f in (["orbax", "msgpack"] if fmt == "both" else [fmt]):
+        config, params, info = read_checkpoint(out, format=f)
+        assert info["format"] == f
+        assert config.block_out_channels == (8, 16, 16, 16)
+        # a conv kernel: (O, I, T, H, W) -> (T, H, W, I, O), bit-identical
+        w = tiny_tensors["decoder.conv_in.conv.weight"]
+        np.testing.assert_array_equal(params["decoder.conv_in.conv.kernel"], w.transpose(2, 3, 4, 1, 0))
+        assert len(params) == len(tiny_tensors)
+    vae = load(out)
+    assert vae.config.latent_channels == 16
+
+
+def test_convert_validates_by_default_and_records_provenance(tiny, tmp_path):
+    out = tmp_path / "ckpt"
+    code, stdout, stderr = _run([str(tiny), "--out", str(out), "--json"])
+    assert code == 0, stderr
+    assert "validation: OK" in stderr
+    v = json.loads(stdout)["validation"]
+    assert v["ok"] and v["formats_identical"]
+    assert set(v["formats"]) == {"orbax", "msgpack"}
+    assert all(e["finite"] and e["params_match_converted"] for e in v["formats"].values())
+    assert v["formats"]["orbax"]["output_shape"] == [1, 1, 16, 16, 3]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["validation"] == v
+    assert prov["validation"]["backend"] and prov["validation"]["device_kind"]
+    import hashlib
+
+    files = {f["name"]: f for f in prov["source"]["files"]}
+    assert files[WEIGHTS]["sha256"] == hashlib.sha256((tiny / WEIGHTS).read_bytes()).hexdigest()
+    assert files["config.json"]["sha256"] == hashlib.sha256((tiny / "config.json").read_bytes()).hexdigest()
+    assert prov["mapping"]["path"].endswith("cogvideox_vae.yaml") and len(prov["mapping"]["sha256"]) == 64
+    assert set(prov["versions"]) >= {"cogvae", "jax", "flax"} and prov["versions"]["jax"]
+    assert prov["formats"] == ["orbax", "msgpack"] and prov["created"]
+
+
+@pytest.mark.parametrize("dtype, name", [
+    ("float32", "float32"),
+    ("bfloat16", "bfloat16"),
+    ("float16", "float16"),
+    (None, "float32"),
+])
+def test_convert_dtype(tiny, tiny_tensors, tmp_path, dtype, name):
+    out = tmp_path / "ckpt"
+    args = [str(tiny), "--out", str(out), "--no-validate", "-q"] + (["--dtype", dtype] if dtype else [])
+    code, _, stderr = _run(args)
+    assert code == 0, stderr
+    for f in ("orbax", "msgpack"):
+        _, params, _ = read_checkpoint(out, format=f)
+        assert {a.dtype.name for a in params.values()} == {name}
+        want = tiny_tensors["encoder.conv_in.conv.bias"].astype(params["encoder.conv_in.conv.bias"].dtype)
+        np.testing.assert_array_equal(params["encoder.conv_in.conv.bias"], want)
+    assert json.loads((out / "provenance.json").read_text())["dtype"]["stored"] == [name]
+
+
+def test_bf16_source_keeps_dtype_and_validates(tiny, tiny_tensors, tmp_path):
+    src = _copy_with(tmp_path, tiny, tensors={k: v.astype(ml_dtypes.bfloat16) for k, v in tiny_tensors.items()})
+    out = tmp_path / "ckpt"
+    code, _, stderr = _run([str(src), "--out", str(out), "-q"])
+    assert code == 0, stderr
+    _, params, _ = read_checkpoint(out, format="msgpack")
+    assert {a.dtype.name for a in params.values()} == {"bfloat16"}
+
+
+def test_sharded_input(tiny, tiny_tensors, tmp_path):
+    src = tmp_path / "sharded"
+    src.mkdir()
+    shutil.copy(tiny / "config.json", src / "config.json")
+    keys = sorted(tiny_tensors)
+    parts = [keys[0::3], keys[1::3], keys[2::3]]
+    weight_map = {}
+    for i, part in enumerate(parts):
+        fname = f"diffusion_pytorch_model-{i + 1:05d}-of-00003.safetensors"
+        save_safetensors({k: tiny_tensors[k] for k in part}, src / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    (src / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    out = tmp_path / "ckpt"
+    code, _, stderr = _run([str(src), "--out", str(out), "--no-validate", "-q"])
+    assert code == 0, stderr
+    _, params, _ = read_checkpoint(out)
+    np.testing.assert_array_equal(params["encoder.conv_out.conv.bias"], tiny_tensors["encoder.conv_out.conv.bias"])
+    prov = json.loads((out / "provenance.json").read_text())
+    assert len(prov["source"]["files"]) == 5  # config, index, 3 shards
+
+
+def test_pipeline_folder(tiny, tmp_path):
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny, pipe / "vae")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline", "vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    out = tmp_path / "ckpt"
+    code, _, stderr = _run([str(pipe), "--out", str(out), "--no-validate", "-q", "--format", "msgpack"])
+    assert code == 0, stderr
+    assert load(out, format="msgpack").config.block_out_channels == (8, 16, 16, 16)
+
+
+def test_overwrite_replaces_atomically(tiny, tmp_path):
+    out = tmp_path / "ckpt"
+    assert _run([str(tiny), "--out", str(out), "--no-validate", "-q", "--format", "msgpack"])[0] == 0
+    code, _, stderr = _run([str(tiny), "--out", str(out), "--no-validate", "-q", "--format", "orbax"])
+    assert code == 4 and "already exists" in stderr
+    assert (out / "params.msgpack").exists()
+    code, _, stderr = _run([str(tiny), "--out", str(out), "--no-validate", "-q", "--format", "orbax", "--overwrite"])
+    assert code == 0, stderr
+    assert (out / "orbax").is_dir() and not (out / "params.msgpack").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+# ----------------------------------------------------------------------------------------
+# the installed entry point
+# ----------------------------------------------------------------------------------------
+
+
+def test_subprocess_default_source_offline(tmp_path):
+    out = tmp_path / "ckpt"
+    code, stdout, stderr = _sub(["--out", str(out), "--json"])
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["source"] == "cogvae:tiny-cogvideox-vae" and summary["validation"]["ok"]
+    assert is_converted_checkpoint(out)
+    vae = load(out)
+    import jax.numpy as jnp
+
+    y = vae.decode(jnp.zeros((1, 1, 2, 2, 16)))
+    assert y.shape == (1, 1, 16, 16, 3) and bool(jnp.isfinite(y).all())
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
+def test_subprocess_formats_and_exit_codes(tiny, tmp_path, fmt):
+    out = tmp_path / "ckpt"
+    code, _, stderr = _sub([str(tiny), "--out", str(out), "--format", fmt, "--no-validate", "--dtype", "bfloat16"])
+    assert code == 0, stderr
+    _, params, info = read_checkpoint(out)
+    assert info["formats"] == [fmt] and {a.dtype.name for a in params.values()} == {"bfloat16"}
+    code, _, stderr = _sub([str(tiny), "--out", str(out), "--no-validate"])
+    assert code == 4
+    assert stderr.strip().splitlines()[-1].startswith("Error: ") and "already exists" in stderr
+    code, _, stderr = _sub([str(tmp_path / "missing"), "--out", str(tmp_path / "o2")])
+    assert code == 3 and "missing" in stderr
+    code, _, stderr = _sub(["--format", "zip"])
+    assert code == 2
+
+
+def test_killed_mid_write_leaves_nothing_loadable(tiny, tmp_path):
+    out = tmp_path / "ckpt"
+    p = subprocess.Popen([CONVERT_EXE, str(tiny), "--out", str(out), "--no-validate", "-q"],
+                         env=_env(COGVAE_TEST_SLOW_WRITE="2"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        tmp_dir = None
+        while time.time() < deadline and p.poll() is None:  # wait until it is writing files
+            left = _leftovers(tmp_path, "ckpt")
+            if left and (tmp_path / left[0] / "config.json").exists():
+                tmp_dir = tmp_path / left[0]
+                break
+            time.sleep(0.05)
+        assert tmp_dir is not None, "the converter never started writing"
+        time.sleep(2.5)  # inside the slow write: some files are there, not all
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert not is_converted_checkpoint(tmp_dir)
+    for target in (out, tmp_dir):
+        with pytest.raises((CheckpointError, FileNotFoundError)):
+            load(target)
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load(tmp_dir)
+
+
+# ----------------------------------------------------------------------------------------
+# errors
+# ----------------------------------------------------------------------------------------
+
+
+def _truncated(tmp_path, tiny):
+    d = _copy_with(tmp_path, tiny)
+    data = (d / WEIGHTS).read_bytes()
+    (d / WEIGHTS).write_bytes(data[: len(data) // 2])
+    return d, ["truncated", WEIGHTS]
+
+
+def _garbage_header(tmp_path, tiny):
+    d = _copy_with(tmp_path, tiny)
+    data = bytearray((d / WEIGHTS).read_bytes())
+    data[8:40] = b"\xff\xfe not json at all !!! \x00\x01\x02\x03\x04\x05\x06\x07"[:32]
+    (d / WEIGHTS).write_bytes(bytes(data))
+    return d, ["garbage", WEIGHTS]
+
+
+def _config_mismatch(tmp_path, tiny):
+    return _copy_with(tmp_path, tiny, config={"block_out_channels": [8, 16, 16, 32]}), ["shape mismatch", "problem(s)"]
+
+
+def _other_class(tmp_path, tiny):
+    return _copy_with(tmp_path, tiny, config={"_class_name": "AutoencoderKL"}), ["not a CogVideoX VAE", "config.json"]
+
+
+def _unknown_key(tmp_path, tiny):
+    return _copy_with(tmp_path, tiny, config={"mid_block_add_attention": True}), ["unknown config key"]
+
+
+def _missing_folder(tmp_path, tiny):
+    return tmp_path / "does-not-exist", ["does-not-exist"]
+
+
+def _no_weights(tmp_path, tiny):
+    d = _copy_with(tmp_path, tiny)
+    (d / WEIGHTS).unlink()
+    return d, ["no diffusion_pytorch_model"]
+
+
+def _missing_tensor(tmp_path, tiny):
+    t = open_safetensors(tiny / WEIGHTS)
+    tensors = {k: np.array(t[k]) for k in t if k != "decoder.conv_out.conv.weight"}
+    return _copy_with(tmp_path, tiny, tensors=tensors), ["missing tensor", "decoder.conv_out.conv.kernel"]
+
+
+@pytest.mark.parametrize("make", [_truncated, _garbage_header, _config_mismatch, _other_class, _unknown_key,
+                                  _missing_folder, _no_weights, _missing_tensor])
+def test_bad_source_exit_3(tiny, tmp_path, make):
+    src, needles = make(tmp_path, tiny)
+    out = tmp_path / "ckpt"
+    code, stdout, stderr = _run([str(src), "--out", str(out), "-q"])
+    assert code == 3, stderr
+    first = stderr.strip().splitlines()[0]
+    assert first.startswith("Error: ")
+    for n in needles:
+        assert n in stderr
+    assert not out.exists() and _leftovers(tmp_path, "ckpt") == []
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "proc"])
+def test_unwritable_output_exit_4(tiny, tmp_path, where):
+    if where == "under_a_file":
+        (tmp_path / "afile").write_text("x")
+        out = tmp_path / "afile" / "sub"
+    else:
+        out = Path("/proc/cogvae-test-out")
+    code, _, stderr = _run([str(tiny), "--out", str(out), "--no-validate", "-q"])
+    assert code == 4, stderr
+    assert stderr.startswith("Error: ") and str(out) in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_corruption_detected(tiny, tmp_path):
+    out = tmp_path / "ckpt"
+    assert _run([str(tiny), "--out", str(out), "--no-validate", "-q"])[0] == 0
+    mp = out / "params.msgpack"
+    data = bytearray(mp.read_bytes())
+    data[-10] ^= 0xFF
+    mp.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        read_checkpoint(out, format="msgpack")
+    read_checkpoint(out, format="orbax")  # the other format is intact
+    mp.write_bytes(bytes(data[:100]))
+    assert not is_converted_checkpoint(out)
+    (out / "COMPLETE").unlink()
+    with pytest.raises(CheckpointError, match="no COMPLETE"):
+        load(out)
+    code, _, stderr = CliRunner().invoke(cli, ["export-diffusers", str(out), "--out", str(tmp_path / "x")]).exit_code, None, None
+    assert code == 3
+
+
+# ----------------------------------------------------------------------------------------
+# export, inspect, verify, push
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_export_diffusers_roundtrip(tiny, tiny_tensors, tmp_path, dtype):
+    out = tmp_path / "ckpt"
+    args = [str(tiny), "--out", str(out), "--no-validate", "-q"] + (["--dtype", dtype] if dtype else [])
+    assert _run(args)[0] == 0
+    exp = tmp_path / "exported"
+    r = CliRunner().invoke(cli, ["export-diffusers", str(out), "--out", str(exp), "--format", "msgpack"])
+    assert r.exit_code == 0, r.stderr
+    back = open_safetensors(exp / WEIGHTS)
+    assert sorted(back) == sorted(tiny_tensors)
+    for k, v in tiny_tensors.items():
+        want = v if dtype is None else v.astype(ml_dtypes.bfloat16)
+        assert back[k].dtype == want.dtype and back[k].shape == want.shape
+        assert back[k].tobytes() == want.tobytes(), k
+    r = CliRunner().invoke(cli, ["export-diffusers", str(out), "--out", str(exp)])
+    assert r.exit_code == 4
+    if dtype is None:
+        import torch
+        from diffusers import AutoencoderKLCogVideoX
+
+        model = AutoencoderKLCogVideoX.from_pretrained(exp)
+        sd = model.state_dict()
+        for k, v in tiny_tensors.items():
+            assert torch.equal(sd[k], torch.from_numpy(v)), k
+
+
+def test_inspect(tiny, tmp_path):
+    r = CliRunner().invoke(cli, ["inspect", str(tiny), "--json"])
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["kind"] == "diffusers" and data["num_tensors"] == 240
+    row = next(x for x in data["tensors"] if x["key"] == "decoder.conv_in.conv.weight")
+    assert row["target"] == "decoder.conv_in.conv.kernel" and row["rule"]
+    assert row["shape"] == [16, 16, 3, 3, 3] and row["target_shape"] == [3, 3, 3, 16, 16] and row["dtype"] == "float32"
+    out = tmp_path / "ckpt"
+    assert _run([str(tiny), "--out", str(out), "--no-validate", "-q"])[0] == 0
+    r = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert r.exit_code == 0
+    assert "decoder.conv_in.conv.kernel  ->  decoder.conv_in.conv.weight" in r.stdout
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "nope")])
+    assert r.exit_code == 3 and r.stderr.startswith("Error: ")
+
+
+def test_verify_and_push_wiring(tiny, tmp_path):
+    out = tmp_path / "ckpt"
+    assert _run([str(tiny), "--out", str(out), "--no-validate", "-q"])[0] == 0
+    r = CliRunner().invoke(cli, ["verify", str(out), "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["ok"] is True
+    r = CliRunner().invoke(cli, ["push", str(out), "me/tiny-vae-jax", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["dry_run"] and any(f["path"] == "COMPLETE" for f in res["files"])
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["convert", "--help"], ["export-diffusers", "--help"],
+                                  ["inspect", "--help"], ["verify", "--help"], ["push", "--help"]])
+def test_help_has_examples_and_exit_codes(argv):
+    r = CliRunner().invoke(cli, argv)
+    assert r.exit_code == 0
+    assert "Examples:" in r.stdout and "Exit codes:" in r.stdout
+    r = CliRunner().invoke(convert_command, ["--help"])
+    assert "cogvae-convert THUDM/CogVideoX-2b --out ckpt/" in r.stdout and "5  network" in r.stdout
+
+
+def test_push_flags_need_push_to_hub(tiny, tmp_path):
+    code, _, stderr = _run([str(tiny), "--out", str(tmp_path / "o"), "--dry-run"])
+    assert code == 2
+
+
+# ----------------------------------------------------------------------------------------
+# full size
+# ----------------------------------------------------------------------------------------
+
+
+def test_full_size_default_config(tmp_path):
+    """diffusers' default AutoencoderKLCogVideoX (the CogVideoX-2b architecture, ~862 MB fp32)."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.manual_seed(0)
+    src = tmp_path / "full"
+    with torch.no_grad():
+        AutoencoderKLCogVideoX().save_pretrained(src, safe_serialization=True)
+    out = tmp_path / "ckpt"
+    code, stdout, stderr = _sub([str(src), "--out", str(out), "--no-validate", "--format", "msgpack", "--json"])
+    assert code == 0, stderr
+    s = json.loads(stdout)
+    assert s["bytes"] > 800e6 and s["num_tensors"] == len(open_safetensors(src / WEIGHTS))
+    config, params, _ = read_checkpoint(out, verify=False)
+    assert config.block_out_channels == (128, 256, 256, 512)
+    w = open_safetensors(src / WEIGHTS)["decoder.conv_out.conv.weight"]
+    np.testing.assert_array_equal(params["decoder.conv_out.conv.kernel"], np.asarray(w).transpose(2, 3, 4, 1, 0))
