@@ -1,0 +1,508 @@
+"""Verify a converted checkpoint (or a diffusers VAE folder), optionally against a reference.
+
+``verify_checkpoint(source, reference=None)`` never raises for a bad source: every problem
+(unreadable files, missing / extra / mis-shaped tensors, non-finite values, disallowed dtypes,
+parity failure) becomes a line of the returned :class:`VerifyReport`, whose ``ok`` is False.
+
+Checks:
+  * architecture: every parameter key and shape against the abstract model built from the
+    checkpoint's own config (``cogvae.model.abstract_model`` + ``nnx.split``), and against the
+    reference's keys and shapes when one is given;
+  * dtypes per tensor (summarised), and that every value is finite;
+  * per-tensor relative change ``||a - b|| / ||b||`` against the reference, most changed first;
+  * parity with diffusers (when torch and diffusers are importable): diffusers'
+    ``AutoencoderKLCogVideoX`` built from the config in fp32 and given the exported weights, and the
+    NNX model, decode the same small latent; rel L2 <= 1e-5 and max abs <= 1e-4.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+__all__ = ["VerifyReport", "verify_checkpoint", "PARITY_REL_L2", "PARITY_MAX_ABS"]
+
+PARITY_REL_L2 = 1e-5
+PARITY_MAX_ABS = 1e-4
+#: the parity latent: (batch, latent frames, height, width); channels come from the config
+PARITY_LATENT = (1, 2, 4, 4)
+_LIST_LIMIT = 50  # lines per section in format_text (to_dict keeps everything)
+
+
+def _jf(x: Optional[float]) -> Any:
+    """A float for JSON: non-finite values as strings ('nan', 'inf')."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else str(x)
+
+
+@dataclass
+class _Loaded:
+    path: str
+    kind: str = "?"  # 'checkpoint' | 'diffusers'
+    config: Any = None  # VAEConfig
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    """Everything ``verify_checkpoint`` found; ``ok`` is True only when no check failed."""
+
+    source: str
+    source_kind: str
+    reference: Optional[str] = None
+    reference_kind: Optional[str] = None
+    source_detail: str = ""
+    reference_detail: str = ""
+    load_problems: list[str] = field(default_factory=list)
+    num_tensors: int = 0
+    num_parameters: int = 0
+    model_missing: list[dict] = field(default_factory=list)  # {key, shape}
+    model_extra: list[dict] = field(default_factory=list)  # {key, shape}
+    model_shape_mismatch: list[dict] = field(default_factory=list)  # {key, shape, expected}
+    reference_missing: list[dict] = field(default_factory=list)  # in reference, not in source
+    reference_extra: list[dict] = field(default_factory=list)  # in source, not in reference
+    reference_shape_mismatch: list[dict] = field(default_factory=list)
+    config_differences: list[dict] = field(default_factory=list)  # {key, source, reference}
+    dtypes: dict[str, str] = field(default_factory=dict)
+    bad_dtypes: list[dict] = field(default_factory=list)  # {key, dtype}
+    nonfinite: list[dict] = field(default_factory=list)  # {key, nan, inf, size}
+    changes: list[dict] = field(default_factory=list)  # {key, rel_change, max_abs}, most changed first
+    max_rel_change: Optional[float] = None
+    over_tolerance: list[str] = field(default_factory=list)
+    parity: dict = field(default_factory=dict)  # {status: passed|failed|skipped, ...}
+    top: int = 10
+
+    # ------------------------------------------------------------------ verdict
+    @property
+    def problems(self) -> list[str]:
+        """One line per failed check (empty when ok)."""
+        out = list(self.load_problems)
+        out += [f"missing tensor {m['key']!r} (model expects shape {tuple(m['shape'])})" for m in self.model_missing]
+        out += [f"extra tensor {m['key']!r} (shape {tuple(m['shape'])}) is not a parameter of the model"
+                for m in self.model_extra]
+        out += [f"tensor {m['key']!r} has shape {tuple(m['shape'])}, model expects {tuple(m['expected'])}"
+                for m in self.model_shape_mismatch]
+        out += [f"tensor {m['key']!r} of the reference is missing" for m in self.reference_missing]
+        out += [f"tensor {m['key']!r} is not in the reference" for m in self.reference_extra]
+        out += [f"tensor {m['key']!r} has shape {tuple(m['shape'])}, reference has {tuple(m['expected'])}"
+                for m in self.reference_shape_mismatch]
+        out += [f"config {d['key']!r} differs: {d['source']!r} vs reference {d['reference']!r}"
+                for d in self.config_differences]
+        out += [f"tensor {d['key']!r} has dtype {d['dtype']} (allowed: float32, float16, bfloat16)"
+                for d in self.bad_dtypes]
+        out += [f"tensor {d['key']!r} has non-finite values: {d['nan']} NaN, {d['inf']} Inf (of {d['size']})"
+                for d in self.nonfinite]
+        out += [f"tensor {k!r} changed by more than {self.max_rel_change:g} relative to the reference"
+                for k in self.over_tolerance]
+        if self.parity.get("status") == "failed":
+            out.append(f"parity with diffusers failed: {self.parity.get('reason', '')}".rstrip(": "))
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def dtype_summary(self) -> dict[str, int]:
+        return dict(sorted(Counter(self.dtypes.values()).items()))
+
+    # ------------------------------------------------------------------ output
+    def to_dict(self) -> dict:
+        """JSON-serialisable (strict JSON: non-finite floats are strings)."""
+        return {
+            "ok": self.ok,
+            "problems": self.problems,
+            "source": {"path": self.source, "kind": self.source_kind, "detail": self.source_detail},
+            "reference": None if self.reference is None else
+            {"path": self.reference, "kind": self.reference_kind, "detail": self.reference_detail},
+            "num_tensors": self.num_tensors,
+            "num_parameters": self.num_parameters,
+            "architecture": {
+                "missing": self.model_missing,
+                "extra": self.model_extra,
+                "shape_mismatch": self.model_shape_mismatch,
+            },
+            "reference_architecture": None if self.reference is None else {
+                "missing": self.reference_missing,
+                "extra": self.reference_extra,
+                "shape_mismatch": self.reference_shape_mismatch,
+                "config_differences": self.config_differences,
+            },
+            "dtypes": {"summary": self.dtype_summary(), "per_tensor": dict(self.dtypes), "disallowed": self.bad_dtypes},
+            "nonfinite": self.nonfinite,
+            "changes": None if self.reference is None else
+            [{"key": c["key"], "rel_change": _jf(c["rel_change"]), "max_abs": _jf(c["max_abs"])} for c in self.changes],
+            "max_rel_change": self.max_rel_change,
+            "parity": {k: _jf(v) if isinstance(v, float) else v for k, v in self.parity.items()},
+        }
+
+    def format_text(self) -> str:
+        L: list[str] = []
+        add = L.append
+
+        def listing(items: list[str]) -> None:
+            for s in items[:_LIST_LIMIT]:
+                add(f"    {s}")
+            if len(items) > _LIST_LIMIT:
+                add(f"    ... and {len(items) - _LIST_LIMIT} more (see --json)")
+
+        add(f"source:    {self.source} ({self.source_kind}{', ' + self.source_detail if self.source_detail else ''})")
+        if self.reference is not None:
+            add(f"reference: {self.reference} ({self.reference_kind}"
+                f"{', ' + self.reference_detail if self.reference_detail else ''})")
+        if self.load_problems:
+            add(f"load: FAILED ({len(self.load_problems)} problem(s))")
+            listing(self.load_problems)
+        arch = len(self.model_missing) + len(self.model_extra) + len(self.model_shape_mismatch)
+        if self.num_tensors or arch:
+            add(f"architecture: {'FAILED' if arch else 'ok'}: {self.num_tensors} tensors, "
+                f"{self.num_parameters:,} parameters"
+                + (f"; {len(self.model_missing)} missing, {len(self.model_extra)} extra, "
+                   f"{len(self.model_shape_mismatch)} wrong shape" if arch else
+                   "; every key and shape matches the model for this config"))
+            listing([f"missing: {m['key']} {tuple(m['shape'])}" for m in self.model_missing]
+                    + [f"extra: {m['key']} {tuple(m['shape'])}" for m in self.model_extra]
+                    + [f"shape: {m['key']} {tuple(m['shape'])}, expected {tuple(m['expected'])}"
+                       for m in self.model_shape_mismatch])
+        if self.reference is not None:
+            ref = (len(self.reference_missing) + len(self.reference_extra) + len(self.reference_shape_mismatch)
+                   + len(self.config_differences))
+            add(f"vs reference: {'FAILED' if ref else 'ok'}"
+                + (": keys, shapes and config match" if not ref else
+                   f": {len(self.reference_missing)} missing, {len(self.reference_extra)} extra, "
+                   f"{len(self.reference_shape_mismatch)} wrong shape, {len(self.config_differences)} config difference(s)"))
+            listing([f"missing: {m['key']} {tuple(m['shape'])}" for m in self.reference_missing]
+                    + [f"extra: {m['key']} {tuple(m['shape'])}" for m in self.reference_extra]
+                    + [f"shape: {m['key']} {tuple(m['shape'])}, reference {tuple(m['expected'])}"
+                       for m in self.reference_shape_mismatch]
+                    + [f"config: {d['key']}: {d['source']!r} vs {d['reference']!r}" for d in self.config_differences])
+        if self.dtypes:
+            summary = ", ".join(f"{k} x{v}" for k, v in self.dtype_summary().items())
+            add(f"dtypes: {'FAILED' if self.bad_dtypes else 'ok'}: {summary}")
+            listing([f"{d['key']}: {d['dtype']}" for d in self.bad_dtypes])
+            add(f"finite: {'FAILED' if self.nonfinite else 'ok'}"
+                + (f": {len(self.nonfinite)} tensor(s) with NaN/Inf" if self.nonfinite else ": every value is finite"))
+            listing([f"{d['key']}: {d['nan']} NaN, {d['inf']} Inf (of {d['size']})" for d in self.nonfinite])
+        if self.reference is not None and self.changes:
+            worst = self.changes[0]
+            n = min(self.top, len(self.changes))
+            tol = f", tolerance {self.max_rel_change:g}" if self.max_rel_change is not None else ""
+            add(f"relative change vs reference{tol}: max {_fmt(worst['rel_change'])} ({worst['key']}); "
+                f"top {n} of {len(self.changes)}:")
+            for c in self.changes[:n]:
+                add(f"    {_fmt(c['rel_change']):>10}  max abs {_fmt(c['max_abs']):>10}  {c['key']}")
+        p = self.parity
+        if p:
+            if p["status"] == "skipped":
+                add(f"parity: {p['note']}")
+            elif "rel_l2" in p:
+                add(f"parity vs diffusers (fp32 decode of latents {tuple(p['latent_shape'])}): {p['status'].upper()}: "
+                    f"rel L2 {_fmt(p['rel_l2'])} (<= {PARITY_REL_L2:g}), max abs {_fmt(p['max_abs'])} "
+                    f"(<= {PARITY_MAX_ABS:g})")
+            else:
+                add(f"parity vs diffusers: {p['status'].upper()}: {p.get('reason', '')}")
+        add(f"RESULT: {'OK' if self.ok else 'FAILED'}" + ("" if self.ok else f" ({len(self.problems)} problem(s))"))
+        return "\n".join(L)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3e}" if math.isfinite(x) else str(x)
+
+
+# ----------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------
+
+
+def _lenient_convert(tensors: Any, mapping: Any) -> dict[str, np.ndarray]:
+    """Map every tensor that maps to exactly one rule, keeping bad shapes and values for the report
+    (the strict engine already said what is wrong; this lets the remaining checks run)."""
+    from .engine import _to_numpy
+    from .transforms import TransformError
+
+    out: dict[str, np.ndarray] = {}
+    for key in tensors.keys():
+        matches = mapping.match_forward(key)
+        if len(matches) != 1:
+            continue  # already reported by the engine (unmatched / ambiguous)
+        tpath, rule = matches[0]
+        arr = _to_numpy(tensors[key])
+        try:
+            out[tpath] = rule.transform(arr)
+        except (TransformError, ValueError):
+            out[tpath] = arr  # wrong rank: keep it as is; its shape is reported
+    return out
+
+
+def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, variant: Optional[str],
+          mapping: Any) -> _Loaded:
+    from .checkpoint import CheckpointError, looks_like_checkpoint, read_checkpoint
+
+    text = os.fspath(source)
+    got = _Loaded(path=text)
+    path = Path(text)
+    if not path.exists():
+        from .hub import HubError, looks_like_repo_id, resolve_source
+
+        if not looks_like_repo_id(text):
+            got.problems.append(f"{text}: no such file or folder")
+            return got
+        try:
+            r = resolve_source(text, subfolder=subfolder, variant=variant, quiet=True)
+        except HubError as e:
+            got.problems.append(str(e))
+            return got
+        path = Path(r.folder)
+        got.detail = f"Hub snapshot {r.revision}"
+
+    if looks_like_checkpoint(path):
+        got.kind = "converted checkpoint"
+        try:
+            got.config, got.params, info = read_checkpoint(path, format=fmt)
+        except CheckpointError as e:
+            got.problems.append(str(e))
+            return got
+        got.detail = f"{info['format']} format"
+        return got
+
+    from cogvae.model import ConfigError, VAEConfig
+
+    from .engine import ConversionError, convert_flat, path_to_str
+    from .loading import SourceError, find_diffusers_vae
+    from .st_io import SafetensorsError, open_safetensors
+
+    got.kind = "diffusers folder"
+    try:
+        src = find_diffusers_vae(path, subfolder=subfolder, variant=variant)
+        got.detail = (got.detail + ", " if got.detail else "") + src.weights_path.name
+        got.config = VAEConfig.from_json_file(src.config_path)
+        tensors = open_safetensors(src.weights_path)
+    except (SourceError, ConfigError, SafetensorsError) as e:
+        got.problems.append(str(e))
+        return got
+    from cogvae.model import abstract_model
+    from flax import nnx
+
+    _, abstract_state = nnx.split(abstract_model(got.config))
+    try:
+        flat = convert_flat(tensors, abstract_state, mapping, source_name=str(src.weights_path))
+        got.params = {path_to_str(k): v for k, v in flat.items()}
+    except ConversionError as e:
+        # Shape, NaN and missing-key problems are reported again (per tensor) by the checks below;
+        # the rest (unmatched, ambiguous, duplicate keys) only here.
+        got.problems.extend(p for p in e.problems if _engine_only(p))
+        got.params = _lenient_convert(tensors, mapping)
+    return got
+
+
+def _engine_only(problem: str) -> bool:
+    """Engine problems that the per-tensor checks do not report themselves."""
+    return not any(s in problem for s in ("shape mismatch", "non-finite", "missing tensor for model parameter",
+                                          "extra tensor: maps to", "not allowed", "not floating point"))
+
+
+# ----------------------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------------------
+
+
+def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    from cogvae.model import abstract_model
+    from flax import nnx
+
+    from .engine import abstract_targets
+
+    _, state = nnx.split(abstract_model(config))
+    return {k: t.shape for k, t in abstract_targets(state).items()}
+
+
+def _compare_keys(params: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]):
+    missing = [{"key": k, "shape": list(s)} for k, s in sorted(expected.items()) if k not in params]
+    extra = [{"key": k, "shape": list(params[k].shape)} for k in sorted(params) if k not in expected]
+    wrong = [{"key": k, "shape": list(params[k].shape), "expected": list(expected[k])}
+             for k in sorted(params) if k in expected and tuple(params[k].shape) != tuple(expected[k])]
+    return missing, extra, wrong
+
+
+def _as_float(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _nonfinite(key: str, a: np.ndarray) -> Optional[dict]:
+    if a.dtype.kind not in "fc" and a.dtype.name != "bfloat16":
+        return None
+    x = np.asarray(a, dtype=np.float32) if a.dtype.name == "bfloat16" else a
+    finite = np.isfinite(x)
+    if finite.all():
+        return None
+    nan = int(np.count_nonzero(np.isnan(x)))
+    return {"key": key, "nan": nan, "inf": int(x.size - np.count_nonzero(finite) - nan), "size": int(x.size)}
+
+
+def _change(key: str, a: np.ndarray, b: np.ndarray) -> dict:
+    a64, b64 = _as_float(a), _as_float(b)
+    with np.errstate(invalid="ignore", over="ignore"):
+        diff = a64 - b64
+        num = float(np.linalg.norm(diff)) if diff.size else 0.0
+        den = float(np.linalg.norm(b64)) if b64.size else 0.0
+        mx = float(np.abs(diff).max()) if diff.size else 0.0
+    if math.isnan(num) or math.isnan(den):
+        rel = float("nan")
+    elif den == 0.0:
+        rel = 0.0 if num == 0.0 else float("inf")
+    else:
+        rel = num / den
+    return {"key": key, "rel_change": rel, "max_abs": mx}
+
+
+def _change_order(c: dict) -> tuple:
+    r = c["rel_change"]
+    return (0 if math.isnan(r) else 1, -r if not math.isnan(r) else 0.0, c["key"])
+
+
+def _import_reference():
+    """torch and diffusers' AutoencoderKLCogVideoX, or None when either is not installed."""
+    try:
+        import torch
+        from diffusers import AutoencoderKLCogVideoX
+    except ImportError:
+        return None
+    return torch, AutoencoderKLCogVideoX
+
+
+def _parity(config: Any, params: dict[str, np.ndarray], mapping: Any, seed: int = 0) -> dict:
+    ref = _import_reference()
+    if ref is None:
+        return {"status": "skipped", "note": "parity check skipped: torch/diffusers not installed"}
+    torch, DiffusersVAE = ref
+    import jax.numpy as jnp
+
+    from .checkpoint import params_to_model
+    from .engine import ConversionError, export_tensors
+
+    shape = (*PARITY_LATENT, config.latent_channels)
+    fp32 = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
+    try:
+        exported = export_tensors(fp32, mapping, source_name="<checkpoint>")
+    except ConversionError as e:
+        return {"status": "failed", "reason": f"cannot export to diffusers names: {e.problems[0]}"}
+    model = DiffusersVAE.from_config(config.to_diffusers_config()).eval()  # fp32 parameters
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in exported.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        what = [f"missing {k!r}" for k in result.missing_keys[:3]] + [f"unexpected {k!r}" for k in result.unexpected_keys[:3]]
+        return {"status": "failed", "reason": "diffusers rejects the exported weights: " + ", ".join(what)}
+    ours = params_to_model(config, dict(fp32), compute_dtype=jnp.float32, source_name="<checkpoint>")
+
+    z = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    with torch.no_grad():
+        want = model.decode(torch.from_numpy(z.transpose(0, 4, 1, 2, 3).copy())).sample.numpy()
+    got = np.asarray(ours.decode(jnp.asarray(z), compiled=False)).transpose(0, 4, 1, 2, 3)
+    out = {"latent_shape": list(shape), "output_shape": list(got.shape)}
+    if got.shape != want.shape:
+        return {**out, "status": "failed", "reason": f"output shape {got.shape} != diffusers {want.shape}"}
+    a, b = got.astype(np.float64), want.astype(np.float64)
+    rel = float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), 1e-30))
+    mx = float(np.abs(a - b).max())
+    ok = math.isfinite(rel) and rel <= PARITY_REL_L2 and mx <= PARITY_MAX_ABS
+    out.update(rel_l2=rel, max_abs=mx, status="passed" if ok else "failed")
+    if not ok:
+        out["reason"] = f"rel L2 {_fmt(rel)} (<= {PARITY_REL_L2:g}), max abs {_fmt(mx)} (<= {PARITY_MAX_ABS:g})"
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------
+
+
+def verify_checkpoint(
+    source: str | os.PathLike,
+    reference: str | os.PathLike | None = None,
+    *,
+    parity: bool = True,
+    format: Optional[str] = None,
+    subfolder: str = "vae",
+    variant: Optional[str] = None,
+    top: int = 10,
+    max_rel_change: Optional[float] = None,
+    mapping: Any = None,
+) -> VerifyReport:
+    """Check ``source`` (a converted checkpoint folder in either format, a diffusers VAE or pipeline
+    folder, or a cached Hub repo id) and, when given, compare it with ``reference`` (same kinds).
+
+    ``format`` picks the checkpoint format to read ('orbax' / 'msgpack'; default: what is there).
+    ``top``: changed tensors listed by ``format_text`` (``to_dict`` lists all). ``max_rel_change``:
+    when set, a tensor whose relative change exceeds it fails the report (default: report only).
+    ``parity=False`` skips the diffusers decode comparison.
+    """
+    from .mapping import load_mapping
+
+    mapping = mapping or load_mapping()
+    src = _load(source, fmt=format, subfolder=subfolder, variant=variant, mapping=mapping)
+    report = VerifyReport(source=src.path, source_kind=src.kind, source_detail=src.detail, top=top,
+                          max_rel_change=max_rel_change, load_problems=list(src.problems))
+    params = src.params
+    report.num_tensors = len(params)
+    report.num_parameters = int(sum(int(np.prod(a.shape, dtype=np.int64)) for a in params.values()))
+
+    if src.config is not None:
+        expected = _expected_shapes(src.config)
+        report.model_missing, report.model_extra, report.model_shape_mismatch = _compare_keys(params, expected)
+
+    from .engine import ALLOWED_DTYPES
+
+    for k in sorted(params):
+        a = params[k]
+        report.dtypes[k] = a.dtype.name
+        if a.dtype.name not in ALLOWED_DTYPES:
+            report.bad_dtypes.append({"key": k, "dtype": a.dtype.name})
+        nf = _nonfinite(k, a)
+        if nf:
+            report.nonfinite.append(nf)
+
+    if reference is not None:
+        ref = _load(reference, fmt=None, subfolder=subfolder, variant=variant, mapping=mapping)
+        report.reference, report.reference_kind, report.reference_detail = ref.path, ref.kind, ref.detail
+        report.load_problems += [f"reference: {p}" for p in ref.problems]
+        if ref.config is not None and src.config is not None:
+            a_cfg, b_cfg = src.config.to_diffusers_config(), ref.config.to_diffusers_config()
+            report.config_differences = [{"key": k, "source": a_cfg.get(k), "reference": b_cfg.get(k)}
+                                         for k in sorted(set(a_cfg) | set(b_cfg)) if a_cfg.get(k) != b_cfg.get(k)]
+        if ref.params and params:
+            ref_shapes = {k: tuple(v.shape) for k, v in ref.params.items()}
+            report.reference_missing, report.reference_extra, report.reference_shape_mismatch = _compare_keys(
+                params, ref_shapes)
+            report.changes = sorted(
+                (_change(k, params[k], ref.params[k]) for k in sorted(params)
+                 if k in ref.params and tuple(params[k].shape) == tuple(ref.params[k].shape)),
+                key=_change_order)
+            if max_rel_change is not None:
+                report.over_tolerance = [c["key"] for c in report.changes
+                                         if not (c["rel_change"] <= max_rel_change)]
+
+    if not parity:
+        report.parity = {"status": "skipped", "note": "parity check not requested"}
+    else:
+        fits = (src.config is not None and params and not report.load_problems and not report.model_missing
+                and not report.model_extra and not report.model_shape_mismatch and not report.nonfinite
+                and not report.bad_dtypes)
+        if fits:
+            try:
+                report.parity = _parity(src.config, params, mapping)
+            except Exception as e:  # noqa: BLE001 - a crash of the reference run is a failed check
+                if isinstance(e, AssertionError):
+                    raise
+                report.parity = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+        else:
+            report.parity = {"status": "skipped", "note": "parity check skipped: the parameters do not fit the model"}
+    return report

@@ -1,0 +1,195 @@
+"""verify_checkpoint: architecture, dtypes, finiteness, change against a reference, parity.
+
+Nothing is faked unless a test says so: checkpoints are written by the real
+``checkpoint.write_checkpoint`` from a tiny VAE saved by diffusers' ``save_pretrained``, and the
+parity check runs diffusers itself (torch, CPU). Corrupt checkpoints are made by altering the
+parameters before they are written (so their manifests are valid and only the contents are bad).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from _hubcache import make_checkpoint, save_tiny_vae
+from cogvae.converter.st_io import open_safetensors, save_safetensors
+from cogvae.converter.verify import verify_checkpoint
+
+NAN_KEY = "encoder.conv_in.conv.kernel"
+SHAPE_KEY = "decoder.conv_out.conv.bias"
+MISSING_KEY = "encoder.norm_out.scale"
+PERTURBED_KEY = "decoder.up_blocks.0.resnets.0.conv1.conv.kernel"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tmp_path_factory.mktemp("verify")
+
+
+@pytest.fixture(scope="module")
+def vae(base):
+    return save_tiny_vae(base / "vae")
+
+
+@pytest.fixture(scope="module")
+def good(base, vae):
+    return make_checkpoint(base / "good", vae)
+
+
+def _strict_json(report) -> dict:
+    return json.loads(json.dumps(report.to_dict(), allow_nan=False))
+
+
+def test_good_checkpoint_passes_with_parity(good, vae):
+    r = verify_checkpoint(good, vae)
+    assert r.ok, r.format_text()
+    assert r.source_kind == "converted checkpoint" and r.reference_kind == "diffusers folder"
+    assert r.num_tensors == 152 and not r.model_missing and not r.model_extra and not r.model_shape_mismatch
+    assert r.dtype_summary() == {"float32": 152}
+    assert r.parity["status"] == "passed"
+    assert r.parity["rel_l2"] <= 1e-5 and r.parity["max_abs"] <= 1e-4
+    assert r.parity["latent_shape"] == [1, 2, 4, 4, 4] and r.parity["output_shape"][:2] == [1, 3]  # (B, C, T, H, W)
+    assert all(c["rel_change"] == 0.0 for c in r.changes) and len(r.changes) == 152
+    d = _strict_json(r)
+    assert d["ok"] is True and d["problems"] == [] and len(d["changes"]) == 152
+    text = r.format_text()
+    assert "every key and shape matches" in text and "PASSED" in text and text.endswith("RESULT: OK")
+
+
+def test_msgpack_format_and_diffusers_source(good, vae):
+    r = verify_checkpoint(good, format="msgpack", parity=False)
+    assert r.ok and r.source_detail == "msgpack format"
+    assert r.parity == {"status": "skipped", "note": "parity check not requested"}
+    r = verify_checkpoint(vae)  # a diffusers folder as the source: converted in memory, parity run
+    assert r.ok, r.format_text()
+    assert r.source_kind == "diffusers folder" and r.parity["status"] == "passed"
+
+
+def _corrupt(params):
+    params[NAN_KEY] = params[NAN_KEY].copy()
+    params[NAN_KEY].reshape(-1)[:3] = np.nan
+    params[NAN_KEY].reshape(-1)[3] = np.inf
+    params[SHAPE_KEY] = np.zeros(7, np.float32)
+    del params[MISSING_KEY]
+
+
+def test_corrupted_checkpoint_lists_every_problem(base, vae):
+    bad = make_checkpoint(base / "bad", vae, params_hook=_corrupt, formats=("msgpack",))
+    r = verify_checkpoint(bad, vae)
+    assert not r.ok
+    assert r.model_missing == [{"key": MISSING_KEY, "shape": [16]}]
+    assert r.model_shape_mismatch == [{"key": SHAPE_KEY, "shape": [7], "expected": [3]}]
+    assert r.nonfinite == [{"key": NAN_KEY, "nan": 3, "inf": 1, "size": 3 * 3 * 3 * 3 * 8}]
+    assert [m["key"] for m in r.reference_missing] == [MISSING_KEY]
+    assert [m["key"] for m in r.reference_shape_mismatch] == [SHAPE_KEY]
+    assert r.parity["note"] == "parity check skipped: the parameters do not fit the model"
+    problems = "\n".join(r.problems)
+    for key in (NAN_KEY, SHAPE_KEY, MISSING_KEY):
+        assert key in problems
+    text = r.format_text()
+    assert f"missing: {MISSING_KEY} (16,)" in text
+    assert f"shape: {SHAPE_KEY} (7,), expected (3,)" in text
+    assert f"{NAN_KEY}: 3 NaN, 1 Inf" in text
+    assert text.endswith(f"RESULT: FAILED ({len(r.problems)} problem(s))")
+    assert _strict_json(r)["ok"] is False
+
+
+def test_corrupted_diffusers_folder_is_a_report_not_a_crash(base, vae):
+    folder = base / "bad_vae"
+    folder.mkdir()
+    (folder / "config.json").write_text((vae / "config.json").read_text())
+    src = open_safetensors(vae / "diffusion_pytorch_model.safetensors")
+    tensors = {k: np.array(src[k]) for k in src}
+    tensors["encoder.conv_in.conv.weight"][0, 0, 0, 0, 0] = np.nan
+    tensors["decoder.conv_out.conv.bias"] = np.zeros(5, np.float32)
+    del tensors["encoder.norm_out.weight"]
+    tensors["encoder.surprise.weight"] = np.zeros(2, np.float32)
+    save_safetensors(tensors, folder / "diffusion_pytorch_model.safetensors")
+
+    r = verify_checkpoint(folder)
+    assert not r.ok and r.source_kind == "diffusers folder"
+    assert [m["key"] for m in r.model_missing] == [MISSING_KEY]
+    assert [m["key"] for m in r.model_shape_mismatch] == [SHAPE_KEY]
+    assert [d["key"] for d in r.nonfinite] == [NAN_KEY]
+    assert any("'encoder.surprise.weight'" in p and "matches no rule" in p for p in r.load_problems)
+
+
+def test_relative_change_puts_the_perturbed_tensor_first(base, vae, good):
+    def perturb(params):
+        rng = np.random.default_rng(0)
+        params[PERTURBED_KEY] = params[PERTURBED_KEY] + 1e-2 * rng.standard_normal(params[PERTURBED_KEY].shape,
+                                                                                  dtype=np.float32)
+
+    changed = make_checkpoint(base / "perturbed", vae, params_hook=perturb, formats=("msgpack",))
+    r = verify_checkpoint(changed, good, parity=False)  # a converted checkpoint as the reference
+    assert r.ok  # changes are reported, not judged, without a tolerance
+    assert r.reference_kind == "converted checkpoint"
+    first, rest = r.changes[0], r.changes[1:]
+    assert first["key"] == PERTURBED_KEY and 1e-3 < first["rel_change"] < 1.0 and first["max_abs"] > 0
+    assert all(c["rel_change"] == 0.0 for c in rest)
+    text = r.format_text()
+    assert f"max {first['rel_change']:.3e} ({PERTURBED_KEY}); top 10 of 152:" in text
+    assert text.index(PERTURBED_KEY) < text.index("max abs")
+    assert len(_strict_json(r)["changes"]) == 152  # all of them in JSON
+
+    strict = verify_checkpoint(changed, good, parity=False, max_rel_change=1e-6)
+    assert not strict.ok and strict.over_tolerance == [PERTURBED_KEY]
+
+
+def test_bf16_checkpoint_dtypes_and_parity(base, vae, good):
+    def to_bf16(params):
+        for k in params:
+            params[k] = params[k].astype(ml_dtypes.bfloat16)
+
+    bf16 = make_checkpoint(base / "bf16", vae, params_hook=to_bf16, formats=("orbax",))
+    r = verify_checkpoint(bf16, good)
+    assert r.ok, r.format_text()
+    assert r.dtype_summary() == {"bfloat16": 152}
+    assert 0 < r.changes[0]["rel_change"] < 1e-2  # bf16 rounding
+    assert r.parity["status"] == "passed"  # both sides run the same (bf16-valued) weights in fp32
+
+
+def test_parity_skipped_when_torch_or_diffusers_missing(good, monkeypatch):
+    """Faked: ``sys.modules['diffusers'] = None`` makes ``import diffusers`` raise ImportError, as
+    on a machine without it (the reference is optional)."""
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    r = verify_checkpoint(good)
+    assert r.ok
+    assert r.parity == {"status": "skipped", "note": "parity check skipped: torch/diffusers not installed"}
+    assert "parity: parity check skipped: torch/diffusers not installed" in r.format_text()
+
+
+def test_parity_failure_is_reported(good, monkeypatch):
+    """Faked: the export to diffusers names is wrapped to scale one kernel, so diffusers runs other
+    weights than the NNX model: the decode comparison must catch it."""
+    from cogvae.converter import engine
+
+    real = engine.export_tensors
+
+    def tampered(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["decoder.conv_out.conv.weight"] = out["decoder.conv_out.conv.weight"] * 1.01
+        return out
+
+    monkeypatch.setattr(engine, "export_tensors", tampered)
+    r = verify_checkpoint(good)
+    assert not r.ok and r.parity["status"] == "failed" and r.parity["rel_l2"] > 1e-5
+    assert any(p.startswith("parity with diffusers failed: rel L2") for p in r.problems)
+
+
+def test_unreadable_sources_are_reported(base, good, tmp_path):
+    r = verify_checkpoint(tmp_path / "nope")
+    assert not r.ok and r.problems == [f"{tmp_path / 'nope'}: no such file or folder"]
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(good, partial)
+    (partial / "COMPLETE").unlink()
+    r = verify_checkpoint(partial, good)
+    assert not r.ok and "no COMPLETE manifest" in r.problems[0]
+    assert not r.reference_missing  # nothing compared when the source could not be read
+    assert _strict_json(r)["ok"] is False
