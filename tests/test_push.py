@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 from huggingface_hub import ModelCard
 
-from _hubcache import TINY_CONFIG, make_checkpoint, save_tiny_vae
+from _hubcache import TINY_CONFIG, add_snapshot, pipeline_files, save_tiny_vae
 from cogvae.converter.push import PushError, model_card_text, push_checkpoint
 
 SHA = "c" * 40
@@ -27,11 +27,24 @@ SOURCE = "THUDM/CogVideoX-5b"
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A real converted checkpoint of the tiny diffusers VAE (written by checkpoint.write_checkpoint),
-    whose provenance names a Hub source so the model card gets base_model and licence."""
+    """A real converted checkpoint made by ``convert("THUDM/CogVideoX-5b", ...)`` from a Hub cache.
+
+    Faked, and why: no network, so the tiny VAE (written by diffusers' save_pretrained) is put into
+    a real Hub cache under that repo id and huggingface_hub's HF_HUB_CACHE / HF_HUB_OFFLINE
+    constants point at it (they are read at import time); the conversion itself is the real one,
+    so provenance.json names the Hub source and commit as it would for the published model."""
     base = tmp_path_factory.mktemp("push")
-    provenance = {"source": {"source_id": SOURCE, "revision": SHA, "is_hub": True}}
-    return make_checkpoint(base / "ckpt", save_tiny_vae(base / "vae"), provenance=provenance)
+    cache = base / "hub"
+    add_snapshot(cache, SOURCE, pipeline_files(save_tiny_vae(base / "vae")), commit=SHA)
+    from cogvae.converter.convert import convert
+
+    with pytest.MonkeyPatch.context() as mp:
+        import huggingface_hub.constants
+
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        convert(SOURCE, base / "ckpt", quiet=True, validate=False)
+    return base / "ckpt"
 
 
 class RecordingApi:
@@ -86,6 +99,7 @@ def test_push_uploads_checkpoint_and_model_card(ckpt, tmp_path):
     assert card.data.library_name == "cogvae"
     assert card.data.base_model == SOURCE
     assert (card.data.license, card.data.license_name) == ("other", "cogvideox-license")
+    assert f"at commit `{SHA}`" in card.text  # the resolved source revision, from provenance.json
     assert card.data.tags == ["jax", "flax", "nnx", "cogvideox", "vae", "video"]
     assert 'REPO_ID = "me/tiny-vae-jax"' in card.text and "vae = load(snapshot_download(REPO_ID))" in card.text
     assert "from cogvae.converter import load" in card.text
