@@ -218,6 +218,32 @@ def _write_orbax(path: Path, params: dict[str, np.ndarray]) -> None:
     ckptr.close()
 
 
+def _ndarray_ext_parts(packer, a: np.ndarray) -> list:
+    """The msgpack bytes of ``ExtType(1, packb((shape, dtype_name, data)))`` (flax's ndarray
+    encoding) as [headers, data view], so the tensor's bytes are written without copying."""
+    import struct
+
+    import msgpack
+
+    n = a.nbytes
+    binhdr = (b"\xc4" + struct.pack(">B", n) if n < 2**8 else
+              b"\xc5" + struct.pack(">H", n) if n < 2**16 else b"\xc6" + struct.pack(">I", n))
+    inner_head = msgpack.packb((tuple(int(d) for d in a.shape), a.dtype.name), use_bin_type=True)[1:]
+    inner_head = b"\x93" + inner_head + binhdr
+    total = len(inner_head) + n
+    fixext = {1: b"\xd4", 2: b"\xd5", 4: b"\xd6", 8: b"\xd7", 16: b"\xd8"}
+    if total in fixext:
+        exthdr = fixext[total]
+    elif total < 2**8:
+        exthdr = b"\xc7" + struct.pack(">B", total)
+    elif total < 2**16:
+        exthdr = b"\xc8" + struct.pack(">H", total)
+    else:
+        exthdr = b"\xc9" + struct.pack(">I", total)
+    data = memoryview(a.reshape(-1).view(np.uint8)) if n else b""
+    return [exthdr + struct.pack(">b", _NDARRAY_EXT) + inner_head, data]
+
+
 def _write_msgpack(path: Path, params: dict[str, np.ndarray]) -> str:
     """Stream ``nest(params)`` as flax.serialization msgpack, one tensor at a time.
 
@@ -244,9 +270,9 @@ def _write_msgpack(path: Path, params: dict[str, np.ndarray]) -> str:
                 a = np.asarray(v)
                 if a.nbytes > _MSGPACK_MAX_CHUNK:
                     raise OutputError(f"{path}: tensor {k!r} is over 1 GiB; msgpack format cannot hold it")
-                inner = msgpack.packb((a.shape, a.dtype.name, a.tobytes("C")), use_bin_type=True)
-                w(packer.pack(msgpack.ExtType(_NDARRAY_EXT, inner)))
-                del inner
+                a = np.require(a, requirements="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+                for part in _ndarray_ext_parts(packer, a):  # no copy of the tensor bytes
+                    w(part)
 
         walk(nest(params))
         f.flush()
