@@ -12,6 +12,7 @@ padded input frames of every causal conv from one frame batch to the next.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import jax
@@ -35,6 +36,7 @@ __all__ = [
     "MidBlock3D",
     "UpBlock3D",
     "nearest_resize",
+    "mask_valid",
 ]
 
 
@@ -47,8 +49,92 @@ def _uniform(key, shape, dtype, bound):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+# How a stride-1 3x3x3 conv is lowered. "3d": one 3-D convolution. "2d_sum": three 2-D convs,
+# one per kernel frame, summed. "2d_concat": the three shifted frame stacks concatenated along
+# channels and one 2-D conv with 3x the input channels (im2col over time). All compute the same
+# sum; which is fastest depends on the backend (see bench/RESULTS.md). "auto" picks per backend;
+# the environment variable COGVAE_CONV_IMPL overrides it.
+CONV3D_IMPLS = ("3d", "2d_sum", "2d_concat")
+_AUTO_IMPL = {"cpu": "3d", "gpu": "2d_concat", "tpu": "3d"}
+
+
+def conv3d_impl() -> str:
+    impl = os.environ.get("COGVAE_CONV_IMPL", "auto")
+    if impl == "auto":
+        return _AUTO_IMPL.get(jax.default_backend(), "3d")
+    if impl not in CONV3D_IMPLS:
+        raise ValueError(f"COGVAE_CONV_IMPL={impl!r}: use one of {CONV3D_IMPLS} or 'auto'")
+    return impl
+
+
+def _conv2d_frames(x: Array, kernel: Array, padding, stride=(1, 1), precision=None) -> Array:
+    """2-D conv of every frame: x (B, T, H, W, C), kernel (kh, kw, C, O) -> (B, T, H', W', O)."""
+    b, t, h, w, c = x.shape
+    y = jax.lax.conv_general_dilated(
+        x.reshape(b * t, h, w, c),
+        kernel,
+        window_strides=stride,
+        padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision,
+    )
+    return y.reshape(b, t, *y.shape[1:])
+
+
+def conv3d(x: Array, kernel: Array, padding, precision, impl: str) -> Array:
+    """Stride-1 3-D conv, x (B, T, H, W, C), kernel (kt, kh, kw, C, O), no padding in time."""
+    kt = kernel.shape[0]
+    hw_pad = padding[1:]
+    if kt == 1:  # a 1-frame kernel is a 2-D conv of every frame
+        return _conv2d_frames(x, kernel[0], hw_pad, precision=precision)
+    if impl == "3d":
+        return jax.lax.conv_general_dilated(
+            x, kernel, (1, 1, 1), padding, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=precision
+        )
+    t = x.shape[1] - kt + 1
+    if impl == "2d_sum":
+        out = _conv2d_frames(x[:, 0:t], kernel[0], hw_pad, precision=precision)
+        for dt in range(1, kt):
+            out = out + _conv2d_frames(x[:, dt : dt + t], kernel[dt], hw_pad, precision=precision)
+        return out
+    if impl == "2d_concat":
+        stacked = jnp.concatenate([x[:, dt : dt + t] for dt in range(kt)], axis=-1)
+        kh, kw, c, o = kernel.shape[1:]
+        k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, o)
+        return _conv2d_frames(stacked, k2, hw_pad, precision=precision)
+    raise ValueError(f"unknown conv impl {impl!r}")
+
+
+def mask_valid(x: Array, valid) -> Array:
+    """Zero x (B, T, H, W, C) outside its top-left ``valid = (h, w)`` region; identity for None.
+
+    Tiled encode/decode pads every edge tile to the full tile size so that one compiled function
+    serves all tiles. Zeroing the padding before each spatial conv makes the conv see exactly the
+    zero border diffusers' smaller edge tile sees, and GroupNorm takes statistics over the valid
+    region only, so a padded tile computes what diffusers computes on the unpadded one.
+    """
+    if valid is None:
+        return x
+    rows = jnp.arange(x.shape[2])[:, None] < valid[0]
+    cols = jnp.arange(x.shape[3])[None, :] < valid[1]
+    return jnp.where((rows & cols)[None, None, :, :, None], x, jnp.zeros((), x.dtype))
+
+
+def halve_valid(valid):
+    """Valid size after a Downsample3D: (pad 1, 3x3 stride-2 conv) maps n rows to n // 2."""
+    return None if valid is None else (valid[0] // 2, valid[1] // 2)
+
+
+def double_valid(valid):
+    """Valid size after an Upsample3D (nearest x2)."""
+    return None if valid is None else (valid[0] * 2, valid[1] * 2)
+
+
 class Conv3d(nnx.Module):
-    """A plain 3-D conv (torch ``nn.Conv3d`` semantics, zero padding). x: (B, T, H, W, Cin)."""
+    """A plain stride-1 3-D conv (torch ``nn.Conv3d`` semantics, zero padding in H and W only).
+
+    x: (B, T, H, W, Cin) -> (B, T - kt + 1, H', W', Cout).
+    """
 
     def __init__(
         self,
@@ -56,30 +142,28 @@ class Conv3d(nnx.Module):
         out_channels: int,
         kernel_size: tuple[int, int, int],
         *,
-        stride: tuple[int, int, int] = (1, 1, 1),
         padding: tuple[int, int, int] = (0, 0, 0),
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if padding[0]:
+            raise ValueError("Conv3d pads time causally outside the conv (see CausalConv3d)")
         fan_in = in_channels * int(np.prod(kernel_size))
         bound = 1.0 / np.sqrt(fan_in)
         self.kernel = nnx.Param(_uniform(rngs.params(), (*kernel_size, in_channels, out_channels), param_dtype, bound))
         self.bias = nnx.Param(_uniform(rngs.params(), (out_channels,), param_dtype, bound))
-        self.stride = tuple(stride)
         self.padding = tuple((p, p) for p in padding)
         self.dtype = dtype
 
     def __call__(self, x: Array) -> Array:
         """x: (B, T, H, W, Cin) -> (B, T', H', W', Cout)."""
-        x = x.astype(self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x,
+        y = conv3d(
+            x.astype(self.dtype),
             self.kernel[...].astype(self.dtype),
-            window_strides=self.stride,
-            padding=self.padding,
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-            precision=_precision(self.dtype),
+            self.padding,
+            _precision(self.dtype),
+            conv3d_impl(),
         )
         return y + self.bias[...].astype(self.dtype)
 
@@ -110,17 +194,14 @@ class Conv2d(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """x: (B, T, H, W, Cin) -> (B, T, H', W', Cout)."""
-        b, t, h, w, c = x.shape
-        y = jax.lax.conv_general_dilated(
-            x.reshape(b * t, h, w, c).astype(self.dtype),
+        y = _conv2d_frames(
+            x.astype(self.dtype),
             self.kernel[...].astype(self.dtype),
-            window_strides=self.stride,
-            padding=self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            self.padding,
+            stride=self.stride,
             precision=_precision(self.dtype),
         )
-        y = y + self.bias[...].astype(self.dtype)
-        return y.reshape(b, t, *y.shape[1:])
+        return y + self.bias[...].astype(self.dtype)
 
 
 class GroupNorm(nnx.Module):
@@ -148,15 +229,22 @@ class GroupNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
         self.dtype = dtype
 
-    def __call__(self, x: Array) -> Array:
-        """x: (B, T, H, W, C) -> same shape, compute dtype."""
+    def __call__(self, x: Array, valid=None) -> Array:
+        """x: (B, T, H, W, C) -> same shape, compute dtype. ``valid``: see ``mask_valid``."""
         b, t, h, w, c = x.shape
         g = self.num_groups
         xf = x.astype(jnp.float32).reshape(b, t, h, w, g, c // g)
         axes = (1, 2, 3, 5)
-        mean = jnp.mean(xf, axis=axes, keepdims=True)
-        centred = xf - mean
-        var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
+        if valid is None:
+            mean = jnp.mean(xf, axis=axes, keepdims=True)
+            centred = xf - mean
+            var = jnp.mean(jnp.square(centred), axis=axes, keepdims=True)
+        else:
+            m = mask_valid(jnp.ones((1, 1, h, w, 1), jnp.float32), valid)[..., None]
+            count = (t * (c // g)) * (valid[0] * valid[1]).astype(jnp.float32)
+            mean = jnp.sum(xf * m, axis=axes, keepdims=True) / count
+            centred = xf - mean
+            var = jnp.sum(jnp.square(centred * m), axis=axes, keepdims=True) / count
         y = (centred * jax.lax.rsqrt(var + self.eps)).reshape(b, t, h, w, c)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
@@ -193,7 +281,7 @@ class CausalConv3d(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x: Array, cache: Optional[Array] = None) -> tuple[Array, Optional[Array]]:
+    def __call__(self, x: Array, cache: Optional[Array] = None, valid=None) -> tuple[Array, Optional[Array]]:
         """x: (B, T, H, W, Cin); cache: (B, kernel_t - 1, H, W, Cin) or None.
 
         Returns the output (B, T, H, W, Cout) and the new cache (None for kernel_t == 1, whose
@@ -202,7 +290,7 @@ class CausalConv3d(nnx.Module):
         k = self.time_kernel_size
         if k == 1:
             return self.conv(x), None
-        x = x.astype(self.conv.dtype)
+        x = mask_valid(x.astype(self.conv.dtype), valid)
         pad = cache if cache is not None else jnp.repeat(x[:, :1], k - 1, axis=1)
         x = jnp.concatenate([pad.astype(x.dtype), x], axis=1)
         new_cache = x[:, -(k - 1) :]
@@ -256,7 +344,7 @@ class SpatialNorm3D(nnx.Module):
         self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1, **kw)
         self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1, **kw)
 
-    def __call__(self, f: Array, zq: Array, cache: Cache = None) -> tuple[Array, dict]:
+    def __call__(self, f: Array, zq: Array, cache: Cache = None, valid=None) -> tuple[Array, dict]:
         """f: (B, T, H, W, Cf); zq: (B, Tz, h, w, Cz) -> (B, T, H, W, Cf)."""
         del cache  # both convs have kernel 1: no temporal context is carried
         t, h, w = f.shape[1:4]
@@ -268,7 +356,7 @@ class SpatialNorm3D(nnx.Module):
             zq = nearest_resize(zq, (t, h, w))
         conv_y, _ = self.conv_y(zq)
         conv_b, _ = self.conv_b(zq)
-        return self.norm_layer(f) * conv_y + conv_b, {}
+        return self.norm_layer(f, valid) * conv_y + conv_b, {}
 
 
 class ResnetBlock3D(nnx.Module):
@@ -307,22 +395,22 @@ class ResnetBlock3D(nnx.Module):
         else:
             self.conv_shortcut = None
 
-    def __call__(self, x: Array, zq: Optional[Array] = None, cache: Cache = None) -> tuple[Array, dict]:
+    def __call__(self, x: Array, zq: Optional[Array] = None, cache: Cache = None, valid=None) -> tuple[Array, dict]:
         """x: (B, T, H, W, Cin) -> (B, T, H, W, Cout)."""
         cache = cache or {}
         new = {}
         if self.spatial:
-            h, new["norm1"] = self.norm1(x, zq, cache.get("norm1"))
+            h, new["norm1"] = self.norm1(x, zq, cache.get("norm1"), valid)
         else:
-            h = self.norm1(x)
+            h = self.norm1(x, valid)
         h = jax.nn.silu(h)
-        h, new["conv1"] = self.conv1(h, cache.get("conv1"))
+        h, new["conv1"] = self.conv1(h, cache.get("conv1"), valid)
         if self.spatial:
-            h, new["norm2"] = self.norm2(h, zq, cache.get("norm2"))
+            h, new["norm2"] = self.norm2(h, zq, cache.get("norm2"), valid)
         else:
-            h = self.norm2(h)
+            h = self.norm2(h, valid)
         h = jax.nn.silu(h)
-        h, new["conv2"] = self.conv2(h, cache.get("conv2"))
+        h, new["conv2"] = self.conv2(h, cache.get("conv2"), valid)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return h + x.astype(h.dtype), new
@@ -350,8 +438,8 @@ class Downsample3D(nnx.Module):
         x = x[:, : 2 * n]
         return (x[:, 0::2] + x[:, 1::2]) / 2
 
-    def __call__(self, x: Array) -> Array:
-        """x: (B, T, H, W, C) -> (B, T', ceil(H/2), ceil(W/2), C')."""
+    def __call__(self, x: Array, valid=None) -> Array:
+        """x: (B, T, H, W, C) -> (B, T', H // 2, W // 2, C')."""
         if self.compress_time:
             t = x.shape[1]
             if t % 2 == 1:
@@ -361,7 +449,7 @@ class Downsample3D(nnx.Module):
                 x = jnp.concatenate([first, rest.astype(first.dtype)], axis=1)
             else:
                 x = self._pool_pairs(x)
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)))
+        x = jnp.pad(mask_valid(x, valid), ((0, 0), (0, 0), (0, 1), (0, 1), (0, 0)))
         return self.conv(x)
 
 
@@ -379,8 +467,8 @@ class Upsample3D(nnx.Module):
             in_channels, out_channels, 3, stride=1, padding=1, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
 
-    def __call__(self, x: Array) -> Array:
-        """x: (B, T, H, W, C) -> (B, T', 2H, 2W, C')."""
+    def __call__(self, x: Array, valid=None) -> Array:
+        """x: (B, T, H, W, C) -> (B, T', 2H, 2W, C'); ``valid`` is the input's valid size."""
         t = x.shape[1]
         if self.compress_time and t > 1:
             if t % 2 == 1:
@@ -391,15 +479,15 @@ class Upsample3D(nnx.Module):
                 x = jnp.repeat(_upsample_hw(x), 2, axis=1)
         else:
             x = _upsample_hw(x)
-        return self.conv(x)
+        return self.conv(mask_valid(x, double_valid(valid)))
 
 
-def _run_resnets(resnets, h, zq, cache):
+def _run_resnets(resnets, h, zq, cache, valid):
     cache = cache or {}
     new = {}
     for i, resnet in enumerate(resnets):
         key = f"resnet_{i}"
-        h, new[key] = resnet(h, zq, cache.get(key))
+        h, new[key] = resnet(h, zq, cache.get(key), valid)
     return h, new
 
 
@@ -432,11 +520,12 @@ class DownBlock3D(nnx.Module):
         else:
             self.downsamplers = None
 
-    def __call__(self, x: Array, cache: Cache = None) -> tuple[Array, dict]:
-        h, new = _run_resnets(self.resnets, x, None, cache)
+    def __call__(self, x: Array, cache: Cache = None, valid=None) -> tuple[Array, dict]:
+        h, new = _run_resnets(self.resnets, x, None, cache, valid)
         if self.downsamplers is not None:
             for d in self.downsamplers:
-                h = d(h)
+                h = d(h, valid)
+                valid = halve_valid(valid)
         return h, new
 
 
@@ -454,8 +543,8 @@ class MidBlock3D(nnx.Module):
             ]
         )
 
-    def __call__(self, x: Array, zq: Optional[Array] = None, cache: Cache = None) -> tuple[Array, dict]:
-        return _run_resnets(self.resnets, x, zq, cache)
+    def __call__(self, x: Array, zq: Optional[Array] = None, cache: Cache = None, valid=None) -> tuple[Array, dict]:
+        return _run_resnets(self.resnets, x, zq, cache, valid)
 
 
 class UpBlock3D(nnx.Module):
@@ -495,9 +584,10 @@ class UpBlock3D(nnx.Module):
         else:
             self.upsamplers = None
 
-    def __call__(self, x: Array, zq: Array, cache: Cache = None) -> tuple[Array, dict]:
-        h, new = _run_resnets(self.resnets, x, zq, cache)
+    def __call__(self, x: Array, zq: Array, cache: Cache = None, valid=None) -> tuple[Array, dict]:
+        h, new = _run_resnets(self.resnets, x, zq, cache, valid)
         if self.upsamplers is not None:
             for u in self.upsamplers:
-                h = u(h)
+                h = u(h, valid)
+                valid = double_valid(valid)
         return h, new

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from .config import VAEConfig
-from .layers import CausalConv3d, Conv3d, DownBlock3D, GroupNorm, MidBlock3D, SpatialNorm3D, UpBlock3D
+from .layers import CausalConv3d, Conv3d, DownBlock3D, GroupNorm, MidBlock3D, SpatialNorm3D, UpBlock3D, double_valid, halve_valid
 
 Array = jax.Array
 
@@ -94,16 +94,19 @@ class Encoder3D(nnx.Module):
         self.norm_out = GroupNorm(cfg.norm_num_groups, ch[-1], eps=1e-6, **kw)
         self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent_channels, 3, **kw)
 
-    def __call__(self, x: Array, cache: Optional[dict] = None) -> tuple[Array, dict]:
+    def __call__(self, x: Array, cache: Optional[dict] = None, valid=None) -> tuple[Array, dict]:
+        """x: one frame batch; cache: the previous batch's conv caches (None for the first)."""
         cache = cache or {}
         new = {}
-        h, new["conv_in"] = self.conv_in(x, cache.get("conv_in"))
+        h, new["conv_in"] = self.conv_in(x, cache.get("conv_in"), valid)
         for i, block in enumerate(self.down_blocks):
             key = f"down_block_{i}"
-            h, new[key] = block(h, cache.get(key))
-        h, new["mid_block"] = self.mid_block(h, None, cache.get("mid_block"))
-        h = jax.nn.silu(self.norm_out(h))
-        h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"))
+            h, new[key] = block(h, cache.get(key), valid)
+            if block.downsamplers is not None:
+                valid = halve_valid(valid)
+        h, new["mid_block"] = self.mid_block(h, None, cache.get("mid_block"), valid)
+        h = jax.nn.silu(self.norm_out(h, valid))
+        h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"), valid)
         return h, new
 
 
@@ -139,17 +142,20 @@ class Decoder3D(nnx.Module):
         self.norm_out = SpatialNorm3D(rch[-1], zc, groups=cfg.norm_num_groups, **kw)
         self.conv_out = CausalConv3d(rch[-1], cfg.out_channels, 3, **kw)
 
-    def __call__(self, z: Array, cache: Optional[dict] = None) -> tuple[Array, dict]:
+    def __call__(self, z: Array, cache: Optional[dict] = None, valid=None) -> tuple[Array, dict]:
+        """z: one latent batch (also the SpatialNorm condition); cache as in Encoder3D."""
         cache = cache or {}
         new = {}
-        h, new["conv_in"] = self.conv_in(z, cache.get("conv_in"))
-        h, new["mid_block"] = self.mid_block(h, z, cache.get("mid_block"))
+        h, new["conv_in"] = self.conv_in(z, cache.get("conv_in"), valid)
+        h, new["mid_block"] = self.mid_block(h, z, cache.get("mid_block"), valid)
         for i, block in enumerate(self.up_blocks):
             key = f"up_block_{i}"
-            h, new[key] = block(h, z, cache.get(key))
-        h, new["norm_out"] = self.norm_out(h, z, cache.get("norm_out"))
+            h, new[key] = block(h, z, cache.get(key), valid)
+            if block.upsamplers is not None:
+                valid = double_valid(valid)
+        h, new["norm_out"] = self.norm_out(h, z, cache.get("norm_out"), valid)
         h = jax.nn.silu(h)
-        h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"))
+        h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"), valid)
         return h, new
 
 
@@ -175,6 +181,9 @@ class TilingConfig:
 # ----------------------------------------------------------------------------- compiled kernels
 # Module-level jitted functions keyed on the (static, hashable) graphdef: one compile per model
 # structure and input shape, shared by every call, by every tile and by models with equal structure.
+# ``valid`` is None (untiled) or the (h, w) valid region of a padded tile, as traced int32 scalars,
+# so all tiles share one compiled function. On accelerators the conv caches are donated to the
+# scan: they are its carry, updated in place, and the first batch's copy is dead afterwards.
 TRACE_COUNTS: dict[str, int] = {"encode_first": 0, "encode_scan": 0, "decode_first": 0, "decode_scan": 0}
 
 
@@ -186,47 +195,58 @@ def _apply_post_quant(vae, z):
     return vae.post_quant_conv(z) if vae.post_quant_conv is not None else z
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_first(graphdef, state, x):
+def _encode_first_fn(graphdef, state, x, valid):
     TRACE_COUNTS["encode_first"] += 1
     vae = nnx.merge(graphdef, state)
-    h, cache = vae.encoder(x, None)
+    h, cache = vae.encoder(x, None, valid)
     return _apply_quant(vae, h), cache
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_scan(graphdef, state, xs, cache):
+def _encode_scan_fn(graphdef, state, xs, cache, valid):
     """xs: (N, B, 8, H, W, C) equal frame batches; cache: the carry from the batch before."""
     TRACE_COUNTS["encode_scan"] += 1
     vae = nnx.merge(graphdef, state)
 
     def body(c, x):
-        h, c = vae.encoder(x, c)
+        h, c = vae.encoder(x, c, valid)
         return c, _apply_quant(vae, h)
 
     _, hs = jax.lax.scan(body, cache, xs)
     return hs
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_first(graphdef, state, z):
+def _decode_first_fn(graphdef, state, z, valid):
     TRACE_COUNTS["decode_first"] += 1
     vae = nnx.merge(graphdef, state)
-    return vae.decoder(_apply_post_quant(vae, z), None)
+    return vae.decoder(_apply_post_quant(vae, z), None, valid)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_scan(graphdef, state, zs, cache):
+def _decode_scan_fn(graphdef, state, zs, cache, valid):
     """zs: (N, B, 2, h, w, C) equal latent batches; cache: the carry from the batch before."""
     TRACE_COUNTS["decode_scan"] += 1
     vae = nnx.merge(graphdef, state)
 
     def body(c, z):
-        out, c = vae.decoder(_apply_post_quant(vae, z), c)
+        out, c = vae.decoder(_apply_post_quant(vae, z), c, valid)
         return c, out
 
     _, outs = jax.lax.scan(body, cache, zs)
     return outs
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(backend: str) -> dict:
+    donate = () if backend == "cpu" else (3,)  # CPU cannot donate; it would only warn
+    return {
+        "encode_first": jax.jit(_encode_first_fn, static_argnums=0),
+        "encode_scan": jax.jit(_encode_scan_fn, static_argnums=0, donate_argnums=donate),
+        "decode_first": jax.jit(_decode_first_fn, static_argnums=0),
+        "decode_scan": jax.jit(_decode_scan_fn, static_argnums=0, donate_argnums=donate),
+    }
+
+
+def kernels() -> dict:
+    return _kernels(jax.default_backend())
 
 
 def _unstack_batches(ys: Array) -> Array:
@@ -328,21 +348,22 @@ class AutoencoderKLCogVideoX(nnx.Module):
             return self.tiled_encode(x, compiled=compiled)
         return self._encode_frames(x, compiled)
 
-    def _encode_frames(self, x: Array, compiled: bool) -> Array:
+    def _encode_frames(self, x: Array, compiled: bool, valid=None) -> Array:
         """x: (B, T, H, W, C) -> h: (B, t, h, w, 2*latent), in diffusers' frame batches."""
         batches = frame_batches(x.shape[1], SAMPLE_FRAMES_BATCH)
         if not compiled:
             cache, outs = None, []
             for s, e in batches:
-                h, cache = self.encoder(x[:, s:e], cache)
+                h, cache = self.encoder(x[:, s:e], cache, valid)
                 outs.append(_apply_quant(self, h))
             return jnp.concatenate(outs, axis=1)
+        k = kernels()
         graphdef, state = self._split()
         s0, e0 = batches[0]
-        h0, cache = _encode_first(graphdef, state, x[:, s0:e0])
+        h0, cache = k["encode_first"](graphdef, state, x[:, s0:e0], valid)
         if len(batches) == 1:
             return h0
-        hs = _encode_scan(graphdef, state, _stack_batches(x, e0, SAMPLE_FRAMES_BATCH), cache)
+        hs = k["encode_scan"](graphdef, state, _stack_batches(x, e0, SAMPLE_FRAMES_BATCH), cache, valid)
         return jnp.concatenate([h0, _unstack_batches(hs)], axis=1)
 
     def encode_moments(self, x: Array, *, compiled: bool = True) -> Array:
@@ -369,21 +390,22 @@ class AutoencoderKLCogVideoX(nnx.Module):
             return self.tiled_decode(z, compiled=compiled)
         return self._decode_frames(z, compiled)
 
-    def _decode_frames(self, z: Array, compiled: bool) -> Array:
+    def _decode_frames(self, z: Array, compiled: bool, valid=None) -> Array:
         """z: (B, t, h, w, latent) -> (B, T, H, W, out), in diffusers' latent batches."""
         batches = frame_batches(z.shape[1], LATENT_FRAMES_BATCH)
         if not compiled:
             cache, outs = None, []
             for s, e in batches:
-                out, cache = self.decoder(_apply_post_quant(self, z[:, s:e]), cache)
+                out, cache = self.decoder(_apply_post_quant(self, z[:, s:e]), cache, valid)
                 outs.append(out)
             return jnp.concatenate(outs, axis=1)
+        k = kernels()
         graphdef, state = self._split()
         s0, e0 = batches[0]
-        out0, cache = _decode_first(graphdef, state, z[:, s0:e0])
+        out0, cache = k["decode_first"](graphdef, state, z[:, s0:e0], valid)
         if len(batches) == 1:
             return out0
-        outs = _decode_scan(graphdef, state, _stack_batches(z, e0, LATENT_FRAMES_BATCH), cache)
+        outs = k["decode_scan"](graphdef, state, _stack_batches(z, e0, LATENT_FRAMES_BATCH), cache, valid)
         return jnp.concatenate([out0, _unstack_batches(outs)], axis=1)
 
     def decode(self, z: Array, *, compiled: bool = True) -> Array:
@@ -426,10 +448,16 @@ class AutoencoderKLCogVideoX(nnx.Module):
         mixed = (a_tail * w_a + b_head * w_b).astype(b.dtype)
         return jax.lax.dynamic_update_slice_in_dim(b, mixed, 0, axis=axis)
 
-    def _tiled(self, x: Array, tile_in: tuple[int, int], tile_out: tuple[int, int], factors, run_tile) -> Array:
-        """diffusers' tiled_encode / tiled_decode loop over (B, T, H, W, C) input tiles."""
+    def _tiled(self, x: Array, tile_in: tuple[int, int], tile_out: tuple[int, int], factors, run_tile, out_size) -> Array:
+        """diffusers' tiled_encode / tiled_decode loop over (B, T, H, W, C) input tiles.
+
+        Every tile is zero-padded to one shape and run with its valid size (see
+        ``layers.mask_valid``), so all tiles share one compiled function; the output is cropped
+        to the size diffusers' unpadded tile has (``out_size``).
+        """
         fh, fw = factors
         height, width = x.shape[2], x.shape[3]
+        full = (min(tile_in[0], height), min(tile_in[1], width))
         overlap_h = int(tile_in[0] * (1 - fh))
         overlap_w = int(tile_in[1] * (1 - fw))
         blend_h = int(tile_out[0] * fh)
@@ -440,7 +468,11 @@ class AutoencoderKLCogVideoX(nnx.Module):
         for i in range(0, height, overlap_h):
             row = []
             for j in range(0, width, overlap_w):
-                row.append(run_tile(x[:, :, i : i + tile_in[0], j : j + tile_in[1]]))
+                tile = x[:, :, i : i + tile_in[0], j : j + tile_in[1]]
+                vh, vw = tile.shape[2], tile.shape[3]
+                pad = ((0, 0), (0, 0), (0, full[0] - vh), (0, full[1] - vw), (0, 0))
+                out = run_tile(jnp.pad(tile, pad), (jnp.int32(vh), jnp.int32(vw)))
+                row.append(out[:, :, : out_size(vh), : out_size(vw)])
             rows.append(row)
         # Blend in diffusers' order: each tile is blended (in place there) with its already-blended
         # upper and left neighbours, then cropped.
@@ -458,6 +490,12 @@ class AutoencoderKLCogVideoX(nnx.Module):
             result_rows.append(jnp.concatenate(result_row, axis=3))
         return jnp.concatenate(result_rows, axis=2)
 
+    def _encoded_size(self, n: int) -> int:
+        """Rows (or columns) the encoder makes of n: each Downsample3D maps n to n // 2."""
+        for _ in range(len(self.config.block_out_channels) - 1):
+            n //= 2
+        return n
+
     def tiled_encode(self, x: Array, *, compiled: bool = True) -> Array:
         """x: (B, T, H, W, C) -> raw moments (B, t, h, w, 2*latent), tile by tile."""
         t = self.tiling
@@ -466,7 +504,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
             (t.tile_sample_min_height, t.tile_sample_min_width),
             (t.tile_latent_min_height, t.tile_latent_min_width),
             (t.tile_overlap_factor_height, t.tile_overlap_factor_width),
-            lambda tile: self._encode_frames(tile, compiled),
+            lambda tile, valid: self._encode_frames(tile, compiled, valid),
+            self._encoded_size,
         )
 
     def tiled_decode(self, z: Array, *, compiled: bool = True) -> Array:
@@ -477,5 +516,6 @@ class AutoencoderKLCogVideoX(nnx.Module):
             (t.tile_latent_min_height, t.tile_latent_min_width),
             (t.tile_sample_min_height, t.tile_sample_min_width),
             (t.tile_overlap_factor_height, t.tile_overlap_factor_width),
-            lambda tile: self._decode_frames(tile, compiled),
+            lambda tile, valid: self._decode_frames(tile, compiled, valid),
+            lambda n: n * self.config.spatial_compression,
         )
