@@ -1,0 +1,278 @@
+#!/usr/bin/env python
+"""Encode/decode speed of cogvae against diffusers (eager PyTorch) on the same device, same run.
+
+Both models get the same random weights: diffusers' ``AutoencoderKLCogVideoX`` is created with
+``torch.manual_seed(0)``, saved with ``save_pretrained``, and cogvae loads that folder through its
+own mapping (``cogvae.converter.load``). Both see the same random inputs.
+
+Every (framework, op) runs in a fresh worker process so that peak device memory and the first
+call (compile included) are measured in isolation. Reported per op: first-call time, median of
+``--repeats`` timed calls after the first, peak device memory, and the max abs difference between
+the two outputs. A table is printed at the end and JSON is written to ``--json``.
+
+    python bench/bench_vae.py --small          # small config on CPU, fp32, < 1 minute
+    python bench/bench_vae.py                  # full size on GPU, bf16: 2b scale and 1.5 scale
+    python bench/bench_vae.py --scales 2b --ops decode,encode
+
+Layouts: diffusers (B, C, T, H, W); cogvae (B, T, H, W, C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCALES = {
+    # name: (latent frames, latent h, latent w) -> video (4t-3, 8h, 8w)
+    "small": dict(latents=(3, 8, 12), video=(9, 64, 96)),
+    "2b": dict(latents=(13, 60, 90), video=(49, 480, 720)),
+    "1.5": dict(latents=(21, 96, 170), video=(81, 768, 1360)),
+}
+SMALL_CONFIG = dict(
+    block_out_channels=(16, 32, 32, 32),
+    down_block_types=("CogVideoXDownBlock3D",) * 4,
+    up_block_types=("CogVideoXUpBlock3D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=4,
+    latent_channels=16,
+)
+
+
+# ------------------------------------------------------------------------------ preparation
+def prepare(workdir: Path, small: bool, scales: list[str]) -> None:
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+
+    vae_dir = workdir / "vae"
+    if not (vae_dir / "config.json").exists():
+        torch.manual_seed(0)
+        model = AutoencoderKLCogVideoX(**(SMALL_CONFIG if small else {}))
+        model.save_pretrained(vae_dir, safe_serialization=True)
+    rng = np.random.default_rng(0)
+    for scale in scales:
+        t, h, w = SCALES[scale]["latents"]
+        T, H, W = SCALES[scale]["video"]
+        np.save(workdir / f"latents_{scale}.npy", rng.standard_normal((1, 16, t, h, w), dtype=np.float32))
+        np.save(workdir / f"video_{scale}.npy", rng.uniform(-1, 1, (1, 3, T, H, W)).astype(np.float32))
+
+
+# ------------------------------------------------------------------------------ workers
+def _timed(fn, sync, repeats):
+    t0 = time.perf_counter()
+    out = fn()
+    sync(out)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        sync(out)
+        times.append(time.perf_counter() - t0)
+    return out, first, times
+
+
+def worker_torch(args) -> dict:
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.backends.cudnn.benchmark = False
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    vae = AutoencoderKLCogVideoX.from_pretrained(args.workdir / "vae", torch_dtype=dtype).to(dev).eval()
+    device_name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+
+    def sync(_):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    results = {}
+    for op in args.ops:
+        if op == "decode_tiled":
+            vae.enable_tiling()
+        else:
+            vae.disable_tiling()
+        src = "video" if op == "encode" else "latents"
+        x = torch.from_numpy(np.load(args.workdir / f"{src}_{args.scale}.npy")).to(dev, dtype)
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            if op == "encode":
+                out, first, times = _timed(lambda: vae.encode(x).latent_dist.mean, sync, args.repeats)
+            else:
+                out, first, times = _timed(lambda: vae.decode(x).sample, sync, args.repeats)
+        peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+        np.save(args.workdir / f"out_torch_{op}_{args.scale}.npy", out.float().cpu().numpy())
+        results[op] = dict(first_s=first, times_s=times, peak_bytes=peak, device=device_name)
+        del out, x
+    return results
+
+
+def worker_jax(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cogvae.converter import load
+    from cogvae.model.layers import conv3d_impl
+
+    vae = load(args.workdir / "vae", dtype=args.dtype, compute_dtype=args.dtype)
+    dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
+    dev = jax.devices()[0]
+
+    def sync(o):
+        jax.block_until_ready(o)
+
+    results = {}
+    for op in args.ops:  # the orchestrator passes one op per jax worker: isolated peaks
+        if op == "decode_tiled":
+            vae.enable_tiling()
+        else:
+            vae.disable_tiling()
+        src = "video" if op == "encode" else "latents"
+        x = jnp.asarray(np.load(args.workdir / f"{src}_{args.scale}.npy").transpose(0, 2, 3, 4, 1), dtype)
+        if op == "encode":
+            out, first, times = _timed(lambda: vae.encode(x)[0], sync, args.repeats)
+        else:
+            out, first, times = _timed(lambda: vae.decode(x), sync, args.repeats)
+        stats = dev.memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        if peak is None:  # CPU: no device allocator statistics; report the process peak RSS
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        np.save(
+            args.workdir / f"out_jax_{op}_{args.scale}.npy",
+            np.asarray(out.astype(jnp.float32)).transpose(0, 4, 1, 2, 3),
+        )
+        results[op] = dict(
+            first_s=first,
+            times_s=times,
+            peak_bytes=peak,
+            device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+            conv_impl=conv3d_impl(),
+        )
+        del out, x
+    return results
+
+
+def run_worker(framework: str, scale: str, ops: list[str], args) -> dict:
+    cmd = [
+        sys.executable, __file__, "--worker", framework, "--scale", scale, "--ops", ",".join(ops),
+        "--workdir", str(args.workdir), "--dtype", args.dtype, "--repeats", str(args.repeats),
+    ]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        return {op: dict(error=f"worker failed (exit {proc.returncode})") for op in ops}
+    print(f"  {framework:5s} {scale:5s} {','.join(ops):24s} {time.perf_counter() - t0:6.1f} s", flush=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------ report
+def _gib(b):
+    return None if b is None else b / 2**30
+
+
+def summarise(raw: dict, workdir: Path) -> list[dict]:
+    import numpy as np
+
+    rows = []
+    for scale, per_fw in raw.items():
+        for op in per_fw.get("jax", {}):
+            j = per_fw["jax"][op]
+            t = per_fw.get("torch", {}).get(op, {})
+            row = dict(scale=scale, op=op)
+            for name, r in (("diffusers", t), ("cogvae", j)):
+                if "times_s" in r:
+                    row[f"{name}_median_s"] = statistics.median(r["times_s"])
+                    row[f"{name}_first_s"] = r["first_s"]
+                    row[f"{name}_peak_gib"] = _gib(r["peak_bytes"])
+                    row["device"] = r.get("device")
+                elif r:
+                    row[f"{name}_error"] = r.get("error")
+            if "conv_impl" in j:
+                row["conv_impl"] = j["conv_impl"]
+            if "diffusers_median_s" in row and "cogvae_median_s" in row:
+                row["speedup"] = row["diffusers_median_s"] / row["cogvae_median_s"]
+                a = np.load(workdir / f"out_torch_{op}_{scale}.npy")
+                b = np.load(workdir / f"out_jax_{op}_{scale}.npy")
+                row["max_abs_diff"] = float(np.abs(a - b).max()) if a.shape == b.shape else f"shape {a.shape} vs {b.shape}"
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    def f(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else str(v if v is not None else "-")
+
+    head = f"{'scale':6s} {'op':13s} {'diffusers s':>11s} {'cogvae s':>9s} {'speedup':>8s} {'first s':>8s} " \
+           f"{'diff GiB':>9s} {'cogvae GiB':>10s} {'max|diff|':>10s}"
+    print()
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(
+            f"{r['scale']:6s} {r['op']:13s} {f(r.get('diffusers_median_s'), '11.3f')} {f(r.get('cogvae_median_s'), '9.3f')} "
+            f"{f(r.get('speedup'), '7.2f')}x {f(r.get('cogvae_first_s'), '8.1f')} {f(r.get('diffusers_peak_gib'), '9.2f')} "
+            f"{f(r.get('cogvae_peak_gib'), '10.2f')} {f(r.get('max_abs_diff'), '10.3e')}"
+        )
+    if rows:
+        print(f"device: {rows[0].get('device')}  conv lowering: {rows[0].get('conv_impl')}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="small config on CPU in fp32 (< 1 minute)")
+    p.add_argument("--scales", default=None, help="comma list of 2b,1.5 (default both; 'small' with --small)")
+    p.add_argument("--ops", default="decode,encode,decode_tiled")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16, fp32 with --small)")
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=Path("bench_vae.json"))
+    p.add_argument("--skip-torch", action="store_true")
+    p.add_argument("--worker", choices=["torch", "jax"], help=argparse.SUPPRESS)
+    p.add_argument("--scale", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.dtype = args.dtype or ("float32" if args.small else "bfloat16")
+    args.ops = args.ops.split(",")
+
+    if args.worker:
+        out = worker_torch(args) if args.worker == "torch" else worker_jax(args)
+        print(json.dumps(out))
+        return
+
+    scales = (args.scales or ("small" if args.small else "2b,1.5")).split(",")
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="cogvae-bench-")
+        args.workdir = Path(tmp.name)
+    t0 = time.perf_counter()
+    prepare(args.workdir, args.small, scales)
+    print(f"prepared weights and inputs in {time.perf_counter() - t0:.1f} s ({args.workdir})", flush=True)
+    raw: dict = {}
+    for scale in scales:
+        ops = args.ops if scale != "1.5" else [o for o in args.ops if o != "decode_tiled"]
+        raw[scale] = {"jax": {}, "torch": {}}
+        if not args.skip_torch:
+            raw[scale]["torch"] = run_worker("torch", scale, ops, args)
+        for op in ops:
+            raw[scale]["jax"].update(run_worker("jax", scale, [op], args))
+    rows = summarise(raw, args.workdir)
+    print_table(rows)
+    args.json.write_text(json.dumps(dict(rows=rows, raw=raw, dtype=args.dtype, repeats=args.repeats), indent=2))
+    print(f"JSON written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()
