@@ -51,11 +51,13 @@ def _uniform(key, shape, dtype, bound):
 
 # How a stride-1 3x3x3 conv is lowered. "3d": one 3-D convolution. "2d_sum": three 2-D convs,
 # one per kernel frame, summed. "2d_concat": the three shifted frame stacks concatenated along
-# channels and one 2-D conv with 3x the input channels (im2col over time). All compute the same
+# channels and one 2-D conv with 3x the input channels (im2col over time); "2d_concat_chunked"
+# does that over chunks of output frames to bound the stacked copy. All compute the same
 # sum; which is fastest depends on the backend (see bench/RESULTS.md). "auto" picks per backend;
 # the environment variable COGVAE_CONV_IMPL overrides it.
-CONV3D_IMPLS = ("3d", "2d_sum", "2d_concat")
-_AUTO_IMPL = {"cpu": "3d", "gpu": "2d_concat", "tpu": "3d"}
+CONV3D_IMPLS = ("3d", "2d_sum", "2d_concat", "2d_concat_chunked")
+CHUNK_BYTES = 1 << 30
+_AUTO_IMPL = {"cpu": "2d_sum", "gpu": "2d_concat_chunked", "tpu": "3d"}
 
 
 def conv3d_impl() -> str:
@@ -97,11 +99,20 @@ def conv3d(x: Array, kernel: Array, padding, precision, impl: str) -> Array:
         for dt in range(1, kt):
             out = out + _conv2d_frames(x[:, dt : dt + t], kernel[dt], hw_pad, precision=precision)
         return out
-    if impl == "2d_concat":
-        stacked = jnp.concatenate([x[:, dt : dt + t] for dt in range(kt)], axis=-1)
+    if impl in ("2d_concat", "2d_concat_chunked"):
         kh, kw, c, o = kernel.shape[1:]
         k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, o)
-        return _conv2d_frames(stacked, k2, hw_pad, precision=precision)
+        step = t
+        if impl == "2d_concat_chunked":
+            # Bound the stacked copy (kt x the input) to about CHUNK_BYTES: output frames in chunks.
+            per_frame = kt * c * x.shape[0] * x.shape[2] * x.shape[3] * x.dtype.itemsize
+            step = max(1, min(t, CHUNK_BYTES // per_frame))
+        outs = []
+        for s0 in range(0, t, step):
+            n = min(step, t - s0)
+            stacked = jnp.concatenate([x[:, s0 + dt : s0 + dt + n] for dt in range(kt)], axis=-1)
+            outs.append(_conv2d_frames(stacked, k2, hw_pad, precision=precision))
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     raise ValueError(f"unknown conv impl {impl!r}")
 
 
