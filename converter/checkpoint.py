@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 import zlib
@@ -144,6 +145,40 @@ def _preflight(out: Path, overwrite: bool) -> None:
             raise OutputError(f"{out}: output exists and is not a folder; refusing to replace it")
 
 
+OWNER_FILE = ".cogvae-owner"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Delete ``.{name}.tmp-*`` / ``.{name}.old-*`` siblings left by a killed conversion.
+
+    Only folders whose owner file names this host and a process that no longer exists are
+    removed, so a conversion running concurrently into the same parent is never touched.
+    """
+    removed = []
+    host = socket.gethostname()
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for d in out.parent.glob(pattern):
+            try:
+                owner_host, pid = (d / OWNER_FILE).read_text().split()
+                stale = owner_host == host and not _pid_alive(int(pid))
+            except (OSError, ValueError):
+                continue
+            if stale:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary sibling folder; on success rename it to ``out``.
@@ -161,7 +196,9 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
             break
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
@@ -173,8 +210,10 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
         _preflight(out, overwrite)  # it may have appeared meanwhile
         old = None
         try:
+            (tmp / OWNER_FILE).unlink()
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                (old / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
                 os.rename(out, old / "old")
             os.rename(tmp, out)
         except OSError as e:
@@ -283,7 +322,7 @@ def _write_msgpack(path: Path, params: dict[str, np.ndarray]) -> str:
 def _manifest(folder: Path, formats: Iterable[str], known_sha: dict[str, str]) -> dict[str, Any]:
     files = {}
     for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST_NAME:
+        if p.is_file() and p.name not in (MANIFEST_NAME, OWNER_FILE):
             rel = p.relative_to(folder).as_posix()
             files[rel] = {"size": p.stat().st_size, "sha256": known_sha.get(rel) or _sha256(p)}
     return {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "formats": list(formats), "files": files}

@@ -20,7 +20,7 @@ from cogvae.model import AutoencoderKLCogVideoX, ConfigError, VAEConfig, abstrac
 
 from .engine import convert_tensors
 from .mapping import Mapping, load_mapping
-from .st_io import open_safetensors
+from .st_io import is_index_file, open_safetensors
 
 __all__ = ["SourceError", "DiffusersSource", "find_diffusers_vae", "model_from_tensors", "load_diffusers", "resolve_dtype"]
 
@@ -55,7 +55,7 @@ class DiffusersSource:
 
     @property
     def weight_files(self) -> list[Path]:
-        if self.weights_path.name.endswith(".index.json"):
+        if is_index_file(self.weights_path):
             index = json.loads(self.weights_path.read_text())
             return [self.weights_path] + sorted({self.folder / f for f in index.get("weight_map", {}).values()})
         return [self.weights_path]
@@ -63,7 +63,10 @@ class DiffusersSource:
 
 def _weights_in(folder: Path, variant: Optional[str]) -> Optional[Path]:
     stem = WEIGHTS_NAME + (f".{variant}" if variant else "")
-    for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json"):
+    names = [f"{stem}.safetensors", f"{stem}.safetensors.index.json"]
+    if variant:  # diffusers' save_pretrained names a sharded variant's index this way
+        names.append(f"{WEIGHTS_NAME}.safetensors.index.{variant}.json")
+    for name in names:
         if (folder / name).is_file():
             return folder / name
     return None

@@ -190,10 +190,16 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
         return sum(SafetensorsFile(p).nbytes for p in self.shard_paths)
 
 
+def is_index_file(path: str | os.PathLike) -> bool:
+    """``*.safetensors.index.json``, or diffusers' variant spelling ``*.safetensors.index.fp16.json``."""
+    name = Path(path).name
+    return name.endswith(".json") and ".safetensors.index." in name
+
+
 def open_safetensors(path: str | os.PathLike):
-    """A single file or, for ``*.index.json``, the sharded set it describes."""
+    """A single file or, for an index file, the sharded set it describes."""
     p = Path(path)
-    return ShardedSafetensors(p) if p.name.endswith(".index.json") else SafetensorsFile(p)
+    return ShardedSafetensors(p) if is_index_file(p) else SafetensorsFile(p)
 
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None) -> None:

@@ -271,6 +271,12 @@ def test_killed_mid_write_leaves_nothing_loadable(tiny, tmp_path):
             load(target)
     with pytest.raises(CheckpointError, match="incomplete"):
         load(tmp_dir)
+    # The next conversion to the same place removes the dead process's leftover and succeeds.
+    code, _, stderr = _sub([str(tiny), "--out", str(out), "--no-validate", "-q"])
+    assert code == 0, stderr
+    assert not tmp_dir.exists()
+    assert _leftovers(tmp_path, "ckpt") == []
+    assert is_converted_checkpoint(out)
 
 
 # ----------------------------------------------------------------------------------------
