@@ -195,53 +195,46 @@ def _apply_post_quant(vae, z):
     return vae.post_quant_conv(z) if vae.post_quant_conv is not None else z
 
 
-def _encode_first_fn(graphdef, state, x, valid):
-    TRACE_COUNTS["encode_first"] += 1
-    vae = nnx.merge(graphdef, state)
-    h, cache = vae.encoder(x, None, valid)
+def _encode_step(vae, x, cache, valid):
+    """One encoder frame batch (diffusers ``_encode`` loop body): -> (moments, new cache)."""
+    h, cache = vae.encoder(x, cache, valid)
     return _apply_quant(vae, h), cache
 
 
-def _encode_scan_fn(graphdef, state, xs, cache, valid):
-    """xs: (N, B, 8, H, W, C) equal frame batches; cache: the carry from the batch before."""
-    TRACE_COUNTS["encode_scan"] += 1
+def _decode_step(vae, z, cache, valid):
+    """One decoder latent batch (diffusers ``_decode`` loop body): -> (video, new cache)."""
+    return vae.decoder(_apply_post_quant(vae, z), cache, valid)
+
+
+_STEPS = {"encode": _encode_step, "decode": _decode_step}
+
+
+def _first_fn(kind, graphdef, state, x, valid):
+    """The first batch of ``kind``, with no cache (causal padding repeats the first frame)."""
+    TRACE_COUNTS[f"{kind}_first"] += 1
+    return _STEPS[kind](nnx.merge(graphdef, state), x, None, valid)
+
+
+def _scan_fn(kind, graphdef, state, xs, cache, valid):
+    """xs: (N, B, frames, H, W, C) equal batches; cache: the carry from the batch before."""
+    TRACE_COUNTS[f"{kind}_scan"] += 1
     vae = nnx.merge(graphdef, state)
+    step = _STEPS[kind]
 
     def body(c, x):
-        h, c = vae.encoder(x, c, valid)
-        return c, _apply_quant(vae, h)
-
-    _, hs = jax.lax.scan(body, cache, xs)
-    return hs
-
-
-def _decode_first_fn(graphdef, state, z, valid):
-    TRACE_COUNTS["decode_first"] += 1
-    vae = nnx.merge(graphdef, state)
-    return vae.decoder(_apply_post_quant(vae, z), None, valid)
-
-
-def _decode_scan_fn(graphdef, state, zs, cache, valid):
-    """zs: (N, B, 2, h, w, C) equal latent batches; cache: the carry from the batch before."""
-    TRACE_COUNTS["decode_scan"] += 1
-    vae = nnx.merge(graphdef, state)
-
-    def body(c, z):
-        out, c = vae.decoder(_apply_post_quant(vae, z), c, valid)
+        out, c = step(vae, x, c, valid)
         return c, out
 
-    _, outs = jax.lax.scan(body, cache, zs)
+    _, outs = jax.lax.scan(body, cache, xs)
     return outs
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(backend: str) -> dict:
-    donate = () if backend == "cpu" else (3,)  # CPU cannot donate; it would only warn
+    donate = () if backend == "cpu" else (4,)  # the cache; CPU cannot donate (it would only warn)
     return {
-        "encode_first": jax.jit(_encode_first_fn, static_argnums=0),
-        "encode_scan": jax.jit(_encode_scan_fn, static_argnums=0, donate_argnums=donate),
-        "decode_first": jax.jit(_decode_first_fn, static_argnums=0),
-        "decode_scan": jax.jit(_decode_scan_fn, static_argnums=0, donate_argnums=donate),
+        "first": jax.jit(_first_fn, static_argnums=(0, 1)),
+        "scan": jax.jit(_scan_fn, static_argnums=(0, 1), donate_argnums=donate),
     }
 
 
@@ -348,23 +341,29 @@ class AutoencoderKLCogVideoX(nnx.Module):
             return self.tiled_encode(x, compiled=compiled)
         return self._encode_frames(x, compiled)
 
-    def _encode_frames(self, x: Array, compiled: bool, valid=None) -> Array:
-        """x: (B, T, H, W, C) -> h: (B, t, h, w, 2*latent), in diffusers' frame batches."""
-        batches = frame_batches(x.shape[1], SAMPLE_FRAMES_BATCH)
+    def _run_batches(self, kind: str, x: Array, batch: int, compiled: bool, valid) -> Array:
+        """diffusers' frame-batch loop: ``max(T // batch, 1)`` batches, the remainder in the first,
+        conv caches carried from batch to batch; outputs concatenated in time."""
+        batches = frame_batches(x.shape[1], batch)
+        step = _STEPS[kind]
         if not compiled:
             cache, outs = None, []
             for s, e in batches:
-                h, cache = self.encoder(x[:, s:e], cache, valid)
-                outs.append(_apply_quant(self, h))
+                out, cache = step(self, x[:, s:e], cache, valid)
+                outs.append(out)
             return jnp.concatenate(outs, axis=1)
         k = kernels()
         graphdef, state = self._split()
         s0, e0 = batches[0]
-        h0, cache = k["encode_first"](graphdef, state, x[:, s0:e0], valid)
+        out0, cache = k["first"](kind, graphdef, state, x[:, s0:e0], valid)
         if len(batches) == 1:
-            return h0
-        hs = k["encode_scan"](graphdef, state, _stack_batches(x, e0, SAMPLE_FRAMES_BATCH), cache, valid)
-        return jnp.concatenate([h0, _unstack_batches(hs)], axis=1)
+            return out0
+        outs = k["scan"](kind, graphdef, state, _stack_batches(x, e0, batch), cache, valid)
+        return jnp.concatenate([out0, _unstack_batches(outs)], axis=1)
+
+    def _encode_frames(self, x: Array, compiled: bool, valid=None) -> Array:
+        """x: (B, T, H, W, C) -> h: (B, t, h, w, 2*latent), in diffusers' frame batches."""
+        return self._run_batches("encode", x, SAMPLE_FRAMES_BATCH, compiled, valid)
 
     def encode_moments(self, x: Array, *, compiled: bool = True) -> Array:
         """x: (B, T, H, W, C) -> raw encoder output (B, t, h, w, 2*latent): mean and logvar stacked."""
@@ -392,21 +391,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
 
     def _decode_frames(self, z: Array, compiled: bool, valid=None) -> Array:
         """z: (B, t, h, w, latent) -> (B, T, H, W, out), in diffusers' latent batches."""
-        batches = frame_batches(z.shape[1], LATENT_FRAMES_BATCH)
-        if not compiled:
-            cache, outs = None, []
-            for s, e in batches:
-                out, cache = self.decoder(_apply_post_quant(self, z[:, s:e]), cache, valid)
-                outs.append(out)
-            return jnp.concatenate(outs, axis=1)
-        k = kernels()
-        graphdef, state = self._split()
-        s0, e0 = batches[0]
-        out0, cache = k["decode_first"](graphdef, state, z[:, s0:e0], valid)
-        if len(batches) == 1:
-            return out0
-        outs = k["decode_scan"](graphdef, state, _stack_batches(z, e0, LATENT_FRAMES_BATCH), cache, valid)
-        return jnp.concatenate([out0, _unstack_batches(outs)], axis=1)
+        return self._run_batches("decode", z, LATENT_FRAMES_BATCH, compiled, valid)
 
     def decode(self, z: Array, *, compiled: bool = True) -> Array:
         """z: (B, t, h, w, latent) -> video (B, T, H, W, out_channels).
