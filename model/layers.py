@@ -12,6 +12,7 @@ padded input frames of every causal conv from one frame batch to the next.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Optional
 
@@ -60,7 +61,22 @@ CHUNK_BYTES = 1 << 30
 _AUTO_IMPL = {"cpu": "2d_sum", "gpu": "2d_concat_chunked", "tpu": "3d"}
 
 
+_SCOPED_IMPL: list[str] = []
+
+
+@contextlib.contextmanager
+def conv_impl_scope(impl: str):
+    """Trace under a fixed lowering (the compiled kernels take it as a static argument)."""
+    _SCOPED_IMPL.append(impl)
+    try:
+        yield
+    finally:
+        _SCOPED_IMPL.pop()
+
+
 def conv3d_impl() -> str:
+    if _SCOPED_IMPL:
+        return _SCOPED_IMPL[-1]
     impl = os.environ.get("COGVAE_CONV_IMPL", "auto")
     if impl == "auto":
         return _AUTO_IMPL.get(jax.default_backend(), "3d")

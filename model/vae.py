@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from .config import VAEConfig
-from .layers import CausalConv3d, Conv3d, DownBlock3D, GroupNorm, MidBlock3D, SpatialNorm3D, UpBlock3D, double_valid, halve_valid
+from .layers import CausalConv3d, Conv3d, DownBlock3D, GroupNorm, MidBlock3D, SpatialNorm3D, UpBlock3D, conv3d_impl, conv_impl_scope, double_valid, halve_valid
 
 Array = jax.Array
 
@@ -209,13 +209,14 @@ def _decode_step(vae, z, cache, valid):
 _STEPS = {"encode": _encode_step, "decode": _decode_step}
 
 
-def _first_fn(kind, graphdef, state, x, valid):
+def _first_fn(kind, impl, graphdef, state, x, valid):
     """The first batch of ``kind``, with no cache (causal padding repeats the first frame)."""
     TRACE_COUNTS[f"{kind}_first"] += 1
-    return _STEPS[kind](nnx.merge(graphdef, state), x, None, valid)
+    with conv_impl_scope(impl):
+        return _STEPS[kind](nnx.merge(graphdef, state), x, None, valid)
 
 
-def _scan_fn(kind, graphdef, state, xs, cache, valid):
+def _scan_fn(kind, impl, graphdef, state, xs, cache, valid):
     """xs: (N, B, frames, H, W, C) equal batches; cache: the carry from the batch before."""
     TRACE_COUNTS[f"{kind}_scan"] += 1
     vae = nnx.merge(graphdef, state)
@@ -225,16 +226,19 @@ def _scan_fn(kind, graphdef, state, xs, cache, valid):
         out, c = step(vae, x, c, valid)
         return c, out
 
-    _, outs = jax.lax.scan(body, cache, xs)
+    with conv_impl_scope(impl):
+        _, outs = jax.lax.scan(body, cache, xs)
     return outs
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(backend: str) -> dict:
-    donate = () if backend == "cpu" else (4,)  # the cache; CPU cannot donate (it would only warn)
+    # Static arguments: kind, conv lowering (so a changed COGVAE_CONV_IMPL compiles anew rather
+    # than reusing a function traced for another lowering) and graphdef.
+    donate = () if backend == "cpu" else (5,)  # the cache; CPU cannot donate (it would only warn)
     return {
-        "first": jax.jit(_first_fn, static_argnums=(0, 1)),
-        "scan": jax.jit(_scan_fn, static_argnums=(0, 1), donate_argnums=donate),
+        "first": jax.jit(_first_fn, static_argnums=(0, 1, 2)),
+        "scan": jax.jit(_scan_fn, static_argnums=(0, 1, 2), donate_argnums=donate),
     }
 
 
@@ -355,10 +359,11 @@ class AutoencoderKLCogVideoX(nnx.Module):
         k = kernels()
         graphdef, state = self._split()
         s0, e0 = batches[0]
-        out0, cache = k["first"](kind, graphdef, state, x[:, s0:e0], valid)
+        impl = conv3d_impl()
+        out0, cache = k["first"](kind, impl, graphdef, state, x[:, s0:e0], valid)
         if len(batches) == 1:
             return out0
-        outs = k["scan"](kind, graphdef, state, _stack_batches(x, e0, batch), cache, valid)
+        outs = k["scan"](kind, impl, graphdef, state, _stack_batches(x, e0, batch), cache, valid)
         return jnp.concatenate([out0, _unstack_batches(outs)], axis=1)
 
     def _encode_frames(self, x: Array, compiled: bool, valid=None) -> Array:
