@@ -50,6 +50,14 @@ def _uniform(key, shape, dtype, bound):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _conv_params(rngs: nnx.Rngs, kernel_shape: tuple[int, ...], param_dtype) -> tuple[nnx.Param, nnx.Param]:
+    """Kernel (..., I, O) and bias with torch's default conv init range, 1/sqrt(fan_in)."""
+    bound = 1.0 / np.sqrt(int(np.prod(kernel_shape[:-1])))
+    kernel = nnx.Param(_uniform(rngs.params(), kernel_shape, param_dtype, bound))
+    bias = nnx.Param(_uniform(rngs.params(), (kernel_shape[-1],), param_dtype, bound))
+    return kernel, bias
+
+
 # How a stride-1 3x3x3 conv is lowered. "3d": one 3-D convolution. "2d_sum": three 2-D convs,
 # one per kernel frame, summed. "2d_concat": the three shifted frame stacks concatenated along
 # channels and one 2-D conv with 3x the input channels (im2col over time); "2d_concat_chunked"
@@ -176,10 +184,7 @@ class Conv3d(nnx.Module):
     ):
         if padding[0]:
             raise ValueError("Conv3d pads time causally outside the conv (see CausalConv3d)")
-        fan_in = in_channels * int(np.prod(kernel_size))
-        bound = 1.0 / np.sqrt(fan_in)
-        self.kernel = nnx.Param(_uniform(rngs.params(), (*kernel_size, in_channels, out_channels), param_dtype, bound))
-        self.bias = nnx.Param(_uniform(rngs.params(), (out_channels,), param_dtype, bound))
+        self.kernel, self.bias = _conv_params(rngs, (*kernel_size, in_channels, out_channels), param_dtype)
         self.padding = tuple((p, p) for p in padding)
         self.dtype = dtype
 
@@ -210,11 +215,9 @@ class Conv2d(nnx.Module):
         param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        bound = 1.0 / np.sqrt(in_channels * kernel_size * kernel_size)
-        self.kernel = nnx.Param(
-            _uniform(rngs.params(), (kernel_size, kernel_size, in_channels, out_channels), param_dtype, bound)
+        self.kernel, self.bias = _conv_params(
+            rngs, (kernel_size, kernel_size, in_channels, out_channels), param_dtype
         )
-        self.bias = nnx.Param(_uniform(rngs.params(), (out_channels,), param_dtype, bound))
         self.stride = (stride, stride)
         self.padding = ((padding, padding), (padding, padding))
         self.dtype = dtype
