@@ -15,13 +15,16 @@ without a valid ``COMPLETE`` manifest is refused by :func:`read_checkpoint` (and
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
 import os
+import queue
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -29,7 +32,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+import ml_dtypes
+
 from cogvae.model import ConfigError, VAEConfig
+
+from .st_io import aligned_empty
 
 __all__ = [
     "CheckpointError",
@@ -292,12 +299,30 @@ def _write_msgpack(path: Path, params: dict[str, np.ndarray]) -> str:
 
     packer = msgpack.Packer(use_bin_type=True, strict_types=True)
     h = hashlib.sha256()
+    # sha256 runs in a second thread on the same buffers while this one writes (both release
+    # the GIL on large buffers), so hashing costs no extra wall time on a machine with 2 cores.
+    chunks: queue.Queue = queue.Queue(maxsize=256)
 
+    def hash_chunks() -> None:
+        while (b := chunks.get()) is not None:
+            h.update(b)
+
+    hasher = threading.Thread(target=hash_chunks, name="cogvae-msgpack-sha256", daemon=True)
+    hasher.start()
+    try:
+        _stream_msgpack(path, params, packer, chunks.put)
+    finally:
+        chunks.put(None)
+        hasher.join()
+    return h.hexdigest()
+
+
+def _stream_msgpack(path: Path, params: dict[str, np.ndarray], packer, also: Callable[[Any], None]) -> None:
     with open(path, "wb") as f:
 
         def w(b: bytes) -> None:
-            h.update(b)
             f.write(b)
+            also(b)
 
         def walk(node: dict[str, Any]) -> None:
             w(packer.pack_map_header(len(node)))
@@ -316,15 +341,19 @@ def _write_msgpack(path: Path, params: dict[str, np.ndarray]) -> str:
         walk(nest(params))
         f.flush()
         os.fsync(f.fileno())
-    return h.hexdigest()
+
+
+def _hash_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def _manifest(folder: Path, formats: Iterable[str], known_sha: dict[str, str]) -> dict[str, Any]:
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name not in (MANIFEST_NAME, OWNER_FILE):
-            rel = p.relative_to(folder).as_posix()
-            files[rel] = {"size": p.stat().st_size, "sha256": known_sha.get(rel) or _sha256(p)}
+    paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (MANIFEST_NAME, OWNER_FILE)]
+    rels = [p.relative_to(folder).as_posix() for p in paths]
+    todo = [p for p, rel in zip(paths, rels) if rel not in known_sha]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=_hash_workers()) as pool:  # hashlib drops the GIL
+        hashed = dict(zip(todo, pool.map(_sha256, todo)))
+    files = {rel: {"size": p.stat().st_size, "sha256": known_sha.get(rel) or hashed[p]} for p, rel in zip(paths, rels)}
     return {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "formats": list(formats), "files": files}
 
 
@@ -351,13 +380,20 @@ def write_into(
     known: dict[str, str] = {}
     note = progress or (lambda _msg: None)
     _write_json(folder / CONFIG_NAME, config.to_diffusers_config())
-    for fmt in formats:
-        _slow_write_hook()
-        note(fmt)
-        if fmt == "orbax":
-            _write_orbax(folder / ORBAX_DIR, params)
-        else:
+    orbax_job = None
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        if "orbax" in formats:
+            _slow_write_hook()
+            # Orbax writes from its own threads while this one streams the msgpack file: the two
+            # formats are written at the same time from the same arrays (read-only, never copied).
+            orbax_job = pool.submit(_write_orbax, folder / ORBAX_DIR, params)
+        if "msgpack" in formats:
+            _slow_write_hook()
             known[MSGPACK_NAME] = _write_msgpack(folder / MSGPACK_NAME, params)
+            note("msgpack")
+        if orbax_job is not None:
+            orbax_job.result()
+            note("orbax")
     _slow_write_hook()
     return known
 
@@ -457,7 +493,9 @@ def is_converted_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
-def _read_orbax(path: Path) -> dict[str, np.ndarray]:
+def _read_orbax(path: Path, as_jax: bool = False) -> dict[str, Any]:
+    """``{dotted path: array}`` from an Orbax folder: numpy arrays, or with ``as_jax`` jax arrays
+    on the default device, restored straight into device buffers (no host copy kept)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -467,47 +505,157 @@ def _read_orbax(path: Path) -> dict[str, np.ndarray]:
         meta = ckptr.metadata(path)
         tree_meta = getattr(meta, "item_metadata", meta)
         tree_meta = getattr(tree_meta, "tree", tree_meta)
-        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(tree_meta))
+        if as_jax:
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            restore_args = jax.tree_util.tree_map(
+                lambda m: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=m.shape, dtype=m.dtype), dict(tree_meta))
+        else:
+            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(tree_meta))
         tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     finally:
         ckptr.close()
-    return {k: np.asarray(v) for k, v in flatten(tree).items()}
+    flat = flatten(tree)
+    return flat if as_jax else {k: np.asarray(v) for k, v in flat.items()}
+
+
+class _MsgpackStream:
+    """The subset of msgpack that flax's ``msgpack_serialize`` writes for a parameter tree: maps
+    with string keys, and leaves that are its ndarray extension ``ExtType(1, (shape, dtype, data))``.
+
+    Parsed straight from the file, so each tensor's bytes are read once, into their own aligned
+    array; the file is never held in memory as a whole.
+    """
+
+    def __init__(self, f):
+        self.f = f
+
+    def take(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise ValueError("file ended early (truncated msgpack)")
+        return b
+
+    def uint(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+    def map_len(self, tag: int) -> int:
+        if 0x80 <= tag <= 0x8F:
+            return tag & 0x0F
+        if tag == 0xDE:
+            return self.uint(2)
+        if tag == 0xDF:
+            return self.uint(4)
+        raise ValueError(f"expected a map, found msgpack type byte 0x{tag:02x}")
+
+    def key(self) -> str:
+        tag = self.take(1)[0]
+        if 0xA0 <= tag <= 0xBF:
+            n = tag & 0x1F
+        elif tag in (0xD9, 0xDA, 0xDB):
+            n = self.uint({0xD9: 1, 0xDA: 2, 0xDB: 4}[tag])
+        else:
+            raise ValueError(f"expected a string key, found msgpack type byte 0x{tag:02x}")
+        return self.take(n).decode("utf-8")
+
+    def ext(self, tag: int, where: str) -> np.ndarray:
+        fixed = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
+        if tag in fixed:
+            size = fixed[tag]
+        elif tag in (0xC7, 0xC8, 0xC9):
+            size = self.uint({0xC7: 1, 0xC8: 2, 0xC9: 4}[tag])
+        else:
+            raise ValueError(f"{where}: expected a map or an ndarray, found msgpack type byte 0x{tag:02x}")
+        code = int.from_bytes(self.take(1), "big", signed=True)
+        if code != _NDARRAY_EXT:
+            raise ValueError(f"{where}: unexpected msgpack extension type {code}")
+        # (shape, dtype name, bin): a few dozen header bytes, then the tensor's bytes
+        head = self.take(min(size, 256))
+        unpacker = msgpack_unpacker()
+        unpacker.feed(head)
+        if unpacker.read_array_header() != 3:
+            raise ValueError(f"{where}: malformed ndarray extension")
+        shape = tuple(int(d) for d in unpacker.unpack())
+        dtype_name = unpacker.unpack()
+        pos = unpacker.tell()
+        btag = head[pos]
+        width = {0xC4: 1, 0xC5: 2, 0xC6: 4}.get(btag)
+        if width is None:
+            raise ValueError(f"{where}: malformed ndarray extension (no data)")
+        nbytes = int.from_bytes(head[pos + 1 : pos + 1 + width], "big")
+        data_at = pos + 1 + width
+        if data_at + nbytes != size:
+            raise ValueError(f"{where}: ndarray extension sizes disagree")
+        name = dtype_name.decode() if isinstance(dtype_name, bytes) else str(dtype_name)
+        dt = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+        if int(np.prod(shape, dtype=np.int64)) * dt.itemsize != nbytes:
+            raise ValueError(f"{where}: {nbytes} data bytes do not fit shape {shape} {name}")
+        out = aligned_empty(shape, dt)
+        buf = memoryview(out.reshape(-1).view(np.uint8)) if nbytes else memoryview(bytearray())
+        have = head[data_at:]
+        buf[: len(have)] = have
+        got = len(have)
+        while got < nbytes:
+            n = self.f.readinto(buf[got:])
+            if not n:
+                raise ValueError(f"{where}: file ended early (truncated msgpack)")
+            got += n
+        return out
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+        """(dotted path, array) for every leaf under the map that starts here, in file order."""
+        for _ in range(self.map_len(self.take(1)[0])):
+            k = self.key()
+            tag = self.take(1)[0]
+            if 0x80 <= tag <= 0x8F or tag in (0xDE, 0xDF):
+                self.f.seek(-1, os.SEEK_CUR)
+                yield from self.items(f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", self.ext(tag, f"{prefix}{k}")
+
+
+def msgpack_unpacker():
+    import msgpack
+
+    return msgpack.Unpacker(raw=False)
+
+
+def iter_msgpack(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Stream a parameter msgpack file: ``(dotted path, array)`` one tensor at a time.
+
+    Reads the format of ``flax.serialization.msgpack_serialize`` (nested string-keyed maps of
+    ndarrays; bf16 as ``ml_dtypes.bfloat16``). Each array is freshly allocated and 64-byte aligned.
+    Raises ``ValueError`` for anything else, a truncated file or trailing bytes.
+    """
+    with open(path, "rb") as f:
+        first = f.read(1)
+        if not first:
+            raise ValueError("empty file")
+        f.seek(0)
+        yield from _MsgpackStream(f).items()
+        if f.read(1):
+            raise ValueError("trailing data after the parameter tree")
 
 
 def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
-    import msgpack
-
-    def ext_hook(code: int, data: bytes):
-        if code != _NDARRAY_EXT:
-            raise ValueError(f"unexpected msgpack extension type {code}")
-        shape, dtype_name, buf = msgpack.unpackb(data, raw=True)
-        dt = np.dtype(ml_dtypes.bfloat16) if dtype_name == b"bfloat16" else np.dtype(dtype_name.decode())
-        return np.frombuffer(buf, dtype=dt).reshape(shape)
-
-    import ml_dtypes
-
-    with open(path, "rb") as f:
-        unpacker = msgpack.Unpacker(f, raw=False, ext_hook=ext_hook, max_buffer_size=2**31 - 1)
-        tree = unpacker.unpack()
-        try:
-            unpacker.unpack()
-        except msgpack.OutOfData:
-            pass
-        else:
-            raise ValueError("trailing data after the parameter tree")
-    if not isinstance(tree, dict):
-        raise ValueError("top level is not a map")
-    return flatten(tree)
+    return dict(iter_msgpack(path))
 
 
-def read_format(folder: str | os.PathLike, fmt: str) -> dict[str, np.ndarray]:
-    """Parameters of one format in ``folder``, without manifest checks (used to validate a temp dir)."""
+def read_format(folder: str | os.PathLike, fmt: str, *, as_jax: bool = False) -> dict[str, Any]:
+    """Parameters of one format in ``folder``, without manifest checks (used to validate a temp dir).
+
+    ``as_jax``: jax arrays on the default device instead of numpy arrays; the weights are then
+    held once, by the device (Orbax restores into device buffers; msgpack arrays are adopted).
+    """
     folder = Path(folder)
     target = folder / (ORBAX_DIR if fmt == "orbax" else MSGPACK_NAME)
     if not target.exists():
         raise CheckpointError(f"{folder}: no {fmt} parameters ({target.name} missing)")
     try:
-        return _read_orbax(target) if fmt == "orbax" else _read_msgpack(target)
+        if fmt == "orbax":
+            return _read_orbax(target, as_jax=as_jax)
+        if as_jax:
+            return {k: adopt_array(v) for k, v in iter_msgpack(target)}
+        return _read_msgpack(target)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 -- any reader failure is a corrupt file; say which
@@ -515,14 +663,15 @@ def read_format(folder: str | os.PathLike, fmt: str) -> dict[str, np.ndarray]:
 
 
 def read_checkpoint(
-    path: str | os.PathLike, format: Optional[str] = None, *, verify: bool = True
-) -> tuple[VAEConfig, dict[str, np.ndarray], dict[str, Any]]:
+    path: str | os.PathLike, format: Optional[str] = None, *, verify: bool = True, as_jax: bool = False
+) -> tuple[VAEConfig, dict[str, Any], dict[str, Any]]:
     """Read a converted checkpoint -> ``(config, {dotted_path: np.ndarray}, info)``.
 
     ``format``: 'orbax' (default when present) or 'msgpack' (default when orbax is absent).
     The ``COMPLETE`` manifest must exist; every listed file must have its size, and with
     ``verify`` the files read (config and the chosen format) must match their sha256.
-    ``info``: ``{'path', 'format', 'formats', 'manifest', 'provenance'}``.
+    ``info``: ``{'path', 'format', 'formats', 'manifest', 'provenance'}``. ``as_jax``: jax arrays
+    on the default device instead of numpy arrays (see :func:`read_format`).
     """
     folder = Path(path)
     manifest = _read_manifest(folder)
@@ -539,7 +688,7 @@ def read_checkpoint(
         config = VAEConfig.from_json_file(folder / CONFIG_NAME)
     except ConfigError as e:
         raise CheckpointError(f"{folder}: bad config: {e}") from None
-    params = read_format(folder, format)
+    params = read_format(folder, format, as_jax=as_jax)
     try:
         provenance = json.loads((folder / PROVENANCE_NAME).read_text())
     except (OSError, ValueError):
@@ -553,6 +702,41 @@ def read_checkpoint(
 # ----------------------------------------------------------------------------------------
 
 
+def release_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Tensors are allocated by worker threads (conversion), tensorstore's threads (Orbax) and the
+    main thread; glibc keeps each thread's freed blocks in that thread's arena, where another
+    thread's allocations cannot reuse them. Trimming between phases keeps the process's resident
+    memory near what is actually live.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def adopt_array(a: np.ndarray):
+    """A jax array with the contents of ``a``, which must not be used or changed afterwards.
+
+    On CPU, XLA adopts a 64-byte-aligned, C-contiguous host buffer without a copy, so the model
+    and the arrays we read share one copy of the weights; other arrays are first moved into an
+    aligned buffer (the unaligned one is then freed). Elsewhere this is a plain ``device_put``.
+    """
+    import jax
+
+    if isinstance(a, jax.Array):
+        return a
+    a = np.asarray(a)
+    if a.size and (a.ctypes.data % 64 or not a.flags.c_contiguous):
+        b = aligned_empty(a.shape, a.dtype)
+        b[...] = a
+        a = b
+    return jax.device_put(a)
+
+
 def params_to_model(
     config: VAEConfig,
     params: dict[str, np.ndarray],
@@ -560,11 +744,14 @@ def params_to_model(
     dtype: Any = None,
     compute_dtype: Any = None,
     source_name: str = "<checkpoint>",
+    adopt: bool = False,
 ):
     """Build the NNX VAE from ``{dotted_path: array}``: ``nnx.eval_shape`` + split + fill + merge.
 
     Strict: every parameter must be present with its shape and no extra ones may exist. The dict
     is consumed (arrays are popped as they become jax arrays) so memory stays near one copy.
+    ``adopt=True`` (for arrays nobody else holds, such as a reader's output): on CPU the jax
+    arrays take over the numpy buffers instead of copying them (see :func:`adopt_array`).
     """
     import jax.numpy as jnp
     from flax import nnx
@@ -594,7 +781,10 @@ def params_to_model(
     pairs = []
     for path, var in flat_state:
         a = params.pop(path_to_str(path))
-        x = jnp.asarray(a) if cast is None else jnp.asarray(a).astype(cast)
+        if cast is not None and a.dtype != np.dtype(cast):
+            x = jnp.asarray(a).astype(cast)
+        else:
+            x = adopt_array(a) if adopt else jnp.asarray(a)
         del a
         pairs.append((path, var.replace(x)))
     return nnx.merge(graphdef, nnx.from_flat_state(pairs))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as _dt
+import gc
 import hashlib
 import importlib.metadata
 import importlib.resources
@@ -27,11 +28,14 @@ from cogvae.model import VAEConfig
 
 from .checkpoint import (
     FORMATS,
+    MSGPACK_NAME,
+    CheckpointError,
     atomic_output_dir,
     finish_into,
     normalize_formats,
     params_to_model,
     read_format,
+    release_free_memory,
     tensor_digest,
     write_into,
     OutputError,
@@ -101,13 +105,77 @@ class _NoBar:
         pass
 
 
+def _digests(params: dict[str, np.ndarray]) -> dict[str, str]:
+    """``tensor_digest`` of every array, on all cores (crc32 releases the GIL)."""
+    from .engine import default_workers
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=default_workers()) as pool:
+        return dict(zip(params, pool.map(tensor_digest, params.values())))
+
+
 # ----------------------------------------------------------------------------------------
 # validation
 # ----------------------------------------------------------------------------------------
 
 
+#: The smoke decode's conv lowering. Validation checks that the written weights load and decode
+#: (every lowering is parity-tested against diffusers); "3d" needs no per-frame kernel slices, so on
+#: CPU its compiled decode adds the least memory on top of the weights.
+SMOKE_CONV_IMPL = "3d"
+
+
 def smoke_latent_shape(config: VAEConfig) -> tuple[int, ...]:
-    return (1, 1, 2, 2, config.latent_channels)
+    # 4x4, not smaller: with a 2x2 latent XLA's CPU compiler rewrites the 3x3 convs of the
+    # deepest level into convs of flipped kernels, a temporary copy of the decoder's weights.
+    return (1, 1, 4, 4, config.latent_channels)
+
+
+def _swap_in(holder: list, items: Iterable[tuple[str, np.ndarray]], source_name: str):
+    """Load a second format into an existing model, one tensor at a time.
+
+    ``holder``: ``[model]``, emptied here so that no reference to the old arrays survives.
+    Returns ``(model, {path: digest})``. Each incoming array replaces the previous format's array
+    at once (and that one is freed), so memory stays near one copy of the weights. Strict: every
+    parameter must come exactly once with its shape and dtype.
+    """
+    from flax import nnx
+
+    from .checkpoint import adopt_array
+    from .engine import path_to_str
+
+    graphdef, state = nnx.split(holder.pop())
+    pairs = list(nnx.to_flat_state(state))
+    del state
+    # flax's flatten helper is a self-referencing closure that keeps its own list of the old
+    # variables alive until the cycle collector runs: collect now, so that `pairs` holds the only
+    # references and each old array is freed as soon as it is replaced.
+    gc.collect()
+    where = {path_to_str(p): i for i, (p, _) in enumerate(pairs)}
+    seen: dict[str, str] = {}
+    problems = []
+    for name, a in items:
+        i = where.get(name)
+        if i is None:
+            problems.append(f"{source_name}: extra parameter {name!r}")
+            continue
+        if name in seen:
+            problems.append(f"{source_name}: parameter {name!r} appears twice")
+            continue
+        seen[name] = tensor_digest(a)
+        path, var = pairs[i]
+        old = var.get_value()
+        if tuple(a.shape) != tuple(old.shape) or np.dtype(a.dtype) != np.dtype(old.dtype):
+            problems.append(f"{source_name}: parameter {name!r} is {a.dtype}{list(a.shape)}, "
+                            f"the other format has {np.dtype(old.dtype)}{list(old.shape)}")
+            continue
+        del old
+        pairs[i] = (path, var.replace(adopt_array(a)))
+        del a
+    problems += [f"{source_name}: missing parameter {n!r}" for n in where if n not in seen]
+    if problems:
+        raise CheckpointError(f"{source_name}: parameters do not fit the model: {len(problems)} problem(s):\n"
+                              + "\n".join(f"  - {p}" for p in problems))
+    return nnx.merge(graphdef, nnx.from_flat_state(pairs)), seen
 
 
 def validate_checkpoint_dir(
@@ -118,11 +186,20 @@ def validate_checkpoint_dir(
 ) -> dict[str, Any]:
     """Load each written format back into the NNX VAE, decode a small latent, compare.
 
+    The first format is read whole and built into the model (``nnx.eval_shape`` + merge); each
+    further format is streamed into that same model tensor by tensor, replacing the first
+    format's arrays, and decoded again with the already compiled function. So validation holds
+    one copy of the weights, compiles once, and both formats must decode bit-identically.
+
     ``expected``: ``{dotted_path: tensor_digest}`` of the converted arrays; each format must match
     it exactly. Returns a report dict with ``ok``; never raises for a validation failure.
     """
     import jax
     import jax.numpy as jnp
+
+    from cogvae.model.layers import conv_impl_scope
+
+    from .checkpoint import iter_msgpack
 
     dev = jax.devices()[0]
     shape = smoke_latent_shape(config)
@@ -135,36 +212,47 @@ def validate_checkpoint_dir(
         "device_kind": getattr(dev, "device_kind", str(dev)),
         "latent_shape": list(shape),
         "expected_output_shape": list(want),
+        "conv_impl": SMOKE_CONV_IMPL,
         "formats": {},
     }
     problems: list[str] = []
     outputs: dict[str, np.ndarray] = {}
     digests: dict[str, dict[str, str]] = {}
-    for fmt in normalize_formats(list(formats)):
+    vae = None
+    # Orbax is read whole (first); msgpack can be streamed into the model (second).
+    for fmt in sorted(normalize_formats(list(formats)), key=FORMATS.index):
         t0 = time.perf_counter()
         entry: dict[str, Any] = {}
         report["formats"][fmt] = entry
+        name = f"{folder} ({fmt})"
         try:
-            params = read_format(folder, fmt)
+            if vae is None:
+                release_free_memory()
+                params = read_format(folder, fmt, as_jax=True)
+                digests[fmt] = _digests(params)
+                vae = params_to_model(config, params, source_name=name, adopt=True)
+                del params
+                release_free_memory()
+            else:
+                holder, vae = [vae], None
+                vae, digests[fmt] = _swap_in(holder, iter_msgpack(folder / MSGPACK_NAME), name)
         except Exception as e:  # noqa: BLE001 -- reported as a validation failure
-            problems.append(f"{fmt}: cannot read back: {e}")
+            problems.append(f"{fmt}: cannot read back or load into the NNX VAE: {e}")
             entry["error"] = str(e)
+            vae = None
             continue
-        digests[fmt] = {k: tensor_digest(v) for k, v in params.items()}
         if expected is not None:
             diff = sorted(k for k in set(expected) | set(digests[fmt]) if expected.get(k) != digests[fmt].get(k))
             entry["params_match_converted"] = not diff
             if diff:
                 problems.append(f"{fmt}: {len(diff)} parameter(s) differ from the converted ones, e.g. {diff[0]!r}")
         try:
-            vae = params_to_model(config, params, source_name=f"{folder} ({fmt})")
-            y = np.asarray(vae.decode(z))
+            with conv_impl_scope(SMOKE_CONV_IMPL):
+                y = np.asarray(vae.decode(z))
         except Exception as e:  # noqa: BLE001
-            problems.append(f"{fmt}: cannot load into the NNX VAE or decode: {type(e).__name__}: {e}")
+            problems.append(f"{fmt}: decode failed: {type(e).__name__}: {e}")
             entry["error"] = str(e)
             continue
-        finally:
-            del params
         finite = bool(np.isfinite(y).all())
         entry.update(output_shape=list(y.shape), finite=finite, seconds=round(time.perf_counter() - t0, 3))
         if tuple(y.shape) != want:
@@ -172,10 +260,11 @@ def validate_checkpoint_dir(
         if not finite:
             problems.append(f"{fmt}: decode output has NaN/Inf")
         outputs[fmt] = y
-        del vae
-    if len(digests) > 1:
-        a, b = list(digests.values())[:2]
-        same = a == b and all(np.array_equal(outputs[f], next(iter(outputs.values()))) for f in outputs)
+    del vae
+    if len(report["formats"]) > 1:
+        same = (len(digests) == len(report["formats"]) and len({tuple(sorted(d.items())) for d in digests.values()}) == 1
+                and len(outputs) == len(digests)
+                and all(np.array_equal(o, next(iter(outputs.values()))) for o in outputs.values()))
         report["formats_identical"] = same
         if not same:
             problems.append("orbax and msgpack parameters (or their decodes) differ")
@@ -265,14 +354,8 @@ def convert(
             keys = list(tensors.keys())
             _, abstract_state = nnx.split(abstract_model(config))
             with ui.bar(len(keys), "converting") as bar:
-
-                def get(key: str) -> np.ndarray:
-                    a = tensors.read_tensor(key)
-                    bar.update(1)
-                    return a
-
-                flat = convert_flat((keys, get), abstract_state, mapping, dtype=np_dtype,
-                                    source_name=str(src.weights_path))
+                flat = convert_flat((keys, tensors.read_tensor), abstract_state, mapping, dtype=np_dtype,
+                                    source_name=str(src.weights_path), on_tensor=lambda _k: bar.update(1))
             del abstract_state
             params: dict[str, np.ndarray] = {}
             for path in list(flat):  # contiguous, one tensor at a time (the transposed source is freed)
@@ -281,12 +364,13 @@ def convert(
             timings["convert"] = time.perf_counter() - t0
             stored = sorted({a.dtype.name for a in params.values()})
             nbytes = sum(a.nbytes for a in params.values())
-            expected = {k: tensor_digest(v) for k, v in params.items()} if validate else None
+            expected = _digests(params) if validate else None
 
             t0 = time.perf_counter()
             with ui.bar(len(formats), "writing") as bar:
                 known = write_into(tmp, params, config, formats=formats, progress=lambda _f: bar.update(1))
             del params
+            release_free_memory()
             timings["write"] = time.perf_counter() - t0
 
             if validate:

@@ -28,6 +28,7 @@ __all__ = [
     "Target",
     "abstract_targets",
     "convert_flat",
+    "default_workers",
     "convert_tensors",
     "fill_state",
     "export_tensors",
@@ -73,6 +74,8 @@ def _reader(source: Any) -> tuple[list[str], Callable[[str], Any]]:
     if isinstance(source, tuple) and len(source) == 2 and callable(source[1]):
         return list(source[0]), source[1]
     keys = list(source.keys())
+    if hasattr(source, "read_tensor"):  # our safetensors readers: a fresh, aligned copy per tensor
+        return keys, source.read_tensor
     if hasattr(source, "get_tensor"):
         return keys, source.get_tensor
     if hasattr(source, "__getitem__"):
@@ -169,6 +172,14 @@ def abstract_targets(abstract_state: Any) -> dict[str, Target]:
 # ----------------------------------------------------------------------------------------
 
 
+def default_workers() -> int:
+    """Threads for reading and transforming tensors: numpy copies, ``pread`` and the finiteness
+    check release the GIL, so tensors convert in parallel on every core (capped at 8)."""
+    import os
+
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def convert_flat(
     source: Any,
     abstract_state: Any,
@@ -177,23 +188,34 @@ def convert_flat(
     dtype: Any = None,
     source_name: str = "<file>",
     allowed_dtypes: Iterable[str] = ALLOWED_DTYPES,
+    workers: int | None = None,
+    on_tensor: Callable[[str], None] | None = None,
 ) -> dict[tuple, np.ndarray]:
     """Convert every tensor of ``source`` for ``abstract_state``; strict.
 
     Returns ``{path_tuple: np.ndarray}`` covering exactly the leaves of ``abstract_state``
     (see :func:`abstract_targets`). Source dtype is kept unless ``dtype`` is given (cast
-    after the transform). Raises :class:`ConversionError` listing every problem.
+    after the transform). Raises :class:`ConversionError` listing every problem, in source
+    key order.
+
+    Keys are matched to rules first, without reading any data. Then the matched tensors are
+    read, checked and transformed by ``workers`` threads (default :func:`default_workers`), at
+    most that many in flight, so memory stays near one copy of the weights. The getter must be
+    safe to call from several threads (our safetensors readers and dicts are).
+    ``on_tensor(key)`` is called in the calling thread as each tensor is done (progress bars).
     """
+    import concurrent.futures
+
     allowed = frozenset(allowed_dtypes)
     cast = None if dtype is None else _np_dtype(dtype)
     targets = abstract_targets(abstract_state)
     keys, get = _reader(source)
-    problems: list[str] = []
-    out: dict[tuple, np.ndarray] = {}
+    problems_of: dict[str, list[str]] = {k: [] for k in keys}
+    jobs: list[tuple[str, Rule, Target]] = []
     filled_by: dict[str, str] = {}
 
     def bad(key: str, msg: str) -> None:
-        problems.append(f"{source_name}: tensor {key!r}: {msg}")
+        problems_of[key].append(f"{source_name}: tensor {key!r}: {msg}")
 
     for key in keys:
         matches = mapping.match_forward(key)
@@ -214,9 +236,12 @@ def convert_flat(
             bad(key, f"maps to {tpath!r}, already filled from {filled_by[tpath]!r}")
             continue
         filled_by[tpath] = key
+        jobs.append((key, rule, tgt))
 
+    def work(job: tuple[str, Rule, Target]) -> tuple[list[str], np.ndarray | None]:
+        key, rule, tgt = job
+        msgs: list[str] = []
         arr = _to_numpy(get(key))
-        key_ok = True
         src_shape = tuple(arr.shape)
         try:
             got = rule.transform.shape(src_shape)
@@ -225,26 +250,50 @@ def convert_flat(
         if got != tgt.shape:
             inv = rule.inverse_transform
             want = inv.shape(tgt.shape) if inv.rank in (None, len(tgt.shape)) else "?"
-            bad(key, f"shape mismatch: source shape {src_shape}, expected {want} "
-                     f"(model parameter {tpath!r} has shape {tgt.shape}; {rule.label})")
-            key_ok = False
+            msgs.append(f"shape mismatch: source shape {src_shape}, expected {want} "
+                        f"(model parameter {path_to_str(tgt.path)!r} has shape {tgt.shape}; {rule.label})")
         dp = _dtype_problem(arr, allowed)
         if dp:
-            bad(key, dp)
-            key_ok = False
+            msgs.append(dp)
         elif arr.size:
             nf = _nonfinite_problem(arr)
             if nf:
-                bad(key, nf)
-                key_ok = False
-        if not key_ok:
-            continue
+                msgs.append(nf)
+        if msgs:
+            return msgs, None
         y = rule.transform(arr)
+        del arr
         if cast is not None and y.dtype != cast:
             y = y.astype(cast)
-        out[tgt.path] = y
-        del arr, y
+        return [], y
 
+    out: dict[tuple, np.ndarray] = {}
+    n = max(1, workers or default_workers())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=n) as pool:
+        pending: dict[concurrent.futures.Future, tuple[str, Rule, Target]] = {}
+        todo = iter(jobs)
+
+        def submit_next() -> None:
+            job = next(todo, None)
+            if job is not None:
+                pending[pool.submit(work, job)] = job
+
+        for _ in range(2 * n):  # bounded in flight: at most ~2n tensors read but not yet stored
+            submit_next()
+        while pending:
+            done, _ = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in done:
+                key, _rule, tgt = pending.pop(fut)
+                msgs, y = fut.result()
+                for m in msgs:
+                    bad(key, m)
+                if y is not None:
+                    out[tgt.path] = y
+                if on_tensor is not None:
+                    on_tensor(key)
+                submit_next()
+
+    problems = [p for k in keys for p in problems_of[k]]
     for tpath, tgt in targets.items():
         if tpath not in filled_by:
             matches = mapping.match_reverse(tpath)
@@ -254,21 +303,28 @@ def convert_flat(
                             f"{tpath!r}{hint}")
     if problems:
         raise ConversionError(problems, header=f"cannot convert {source_name}")
-    return out
+    # the model's own parameter order, whatever order the threads finished in
+    return {tgt.path: out[tgt.path] for tgt in targets.values() if tgt.path in out}
 
 
-def fill_state(abstract_state: Any, flat: dict[tuple, Any], *, to_jax: bool = True) -> Any:
+def fill_state(abstract_state: Any, flat: dict[tuple, Any], *, to_jax: bool = True, adopt: bool = False) -> Any:
     """Build an ``nnx.State`` like ``abstract_state`` with leaves from ``flat``
     (``{path_tuple: array}``, e.g. from :func:`convert_flat`). Arrays become
-    ``jax.Array`` (one at a time) unless ``to_jax=False``."""
+    ``jax.Array`` (one at a time) unless ``to_jax=False``. ``adopt=True``: the arrays are
+    owned by nobody else, so on CPU the jax arrays may take over their buffers (no copy); the
+    entries are popped from ``flat``."""
     from flax import nnx
 
     if to_jax:
         import jax.numpy as jnp
+
+        from .checkpoint import adopt_array
     pairs = []
     for path, var in nnx.to_flat_state(abstract_state):
-        v = flat[tuple(path)]
-        pairs.append((path, var.replace(jnp.asarray(v) if to_jax else v)))
+        v = flat.pop(tuple(path)) if adopt else flat[tuple(path)]
+        if to_jax:
+            v = adopt_array(v) if adopt else jnp.asarray(v)
+        pairs.append((path, var.replace(v)))
     return nnx.from_flat_state(pairs)
 
 
@@ -288,7 +344,8 @@ def convert_tensors(
     """
     flat = convert_flat(source, abstract_state, mapping, dtype=dtype,
                         source_name=source_name, allowed_dtypes=allowed_dtypes)
-    return fill_state(abstract_state, flat)
+    # Arrays read by our safetensors readers are fresh copies that only we hold: adopt them.
+    return fill_state(abstract_state, flat, adopt=hasattr(source, "read_tensor"))
 
 
 # ----------------------------------------------------------------------------------------

@@ -139,9 +139,9 @@ def load_checkpoint(
     """Load a converted cogvae checkpoint folder (see ``cogvae.converter.checkpoint``)."""
     from .checkpoint import params_to_model, read_checkpoint
 
-    config, params, info = read_checkpoint(path, format=format, verify=verify)
+    config, params, info = read_checkpoint(path, format=format, verify=verify, as_jax=True)
     return params_to_model(config, params, dtype=dtype, compute_dtype=compute_dtype,
-                           source_name=f"{path} ({info['format']})")
+                           source_name=f"{path} ({info['format']})", adopt=True)
 
 
 def load(path: str | Path, dtype: Any = None, **kwargs: Any) -> AutoencoderKLCogVideoX:

@@ -122,7 +122,8 @@ def test_convert_validates_by_default_and_records_provenance(tiny, tmp_path):
     assert v["ok"] and v["formats_identical"]
     assert set(v["formats"]) == {"orbax", "msgpack"}
     assert all(e["finite"] and e["params_match_converted"] for e in v["formats"].values())
-    assert v["formats"]["orbax"]["output_shape"] == [1, 1, 16, 16, 3]
+    assert v["latent_shape"] == [1, 1, 4, 4, 16]  # 8x spatial compression: 32x32 frames
+    assert v["formats"]["orbax"]["output_shape"] == v["formats"]["msgpack"]["output_shape"] == [1, 1, 32, 32, 3]
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["validation"] == v
     assert prov["validation"]["backend"] and prov["validation"]["device_kind"]
