@@ -326,7 +326,7 @@ def _stream_msgpack(path: Path, params: dict[str, np.ndarray], packer, also: Cal
 
         def walk(node: dict[str, Any]) -> None:
             w(packer.pack_map_header(len(node)))
-            for k, v in node.items():
+            for k, v in sorted(node.items()):  # flax's msgpack_serialize sorts keys (a jax tree_map)
                 w(packer.pack(k))
                 if isinstance(v, dict):
                     walk(v)
@@ -502,15 +502,13 @@ def _read_orbax(path: Path, as_jax: bool = False) -> dict[str, Any]:
     path = Path(path).absolute()
     ckptr = _orbax_checkpointer()
     try:
-        meta = ckptr.metadata(path)
-        tree_meta = getattr(meta, "item_metadata", meta)
-        tree_meta = getattr(tree_meta, "tree", tree_meta)
+        tree_meta = _orbax_tree_meta(ckptr, path)
         if as_jax:
             sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             restore_args = jax.tree_util.tree_map(
-                lambda m: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=m.shape, dtype=m.dtype), dict(tree_meta))
+                lambda m: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=m.shape, dtype=m.dtype), tree_meta)
         else:
-            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), dict(tree_meta))
+            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
         tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     finally:
         ckptr.close()
@@ -557,7 +555,8 @@ class _MsgpackStream:
             raise ValueError(f"expected a string key, found msgpack type byte 0x{tag:02x}")
         return self.take(n).decode("utf-8")
 
-    def ext(self, tag: int, where: str) -> np.ndarray:
+    def ext(self, tag: int, where: str, data: bool = True):
+        """The ndarray at this position; with ``data=False`` only ``(shape, dtype)``, its bytes skipped."""
         fixed = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
         if tag in fixed:
             size = fixed[tag]
@@ -589,6 +588,11 @@ class _MsgpackStream:
         dt = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
         if int(np.prod(shape, dtype=np.int64)) * dt.itemsize != nbytes:
             raise ValueError(f"{where}: {nbytes} data bytes do not fit shape {shape} {name}")
+        if not data:
+            rest = nbytes - len(head) + data_at
+            if rest > 0:
+                self.f.seek(rest, os.SEEK_CUR)
+            return shape, dt
         out = aligned_empty(shape, dt)
         buf = memoryview(out.reshape(-1).view(np.uint8)) if nbytes else memoryview(bytearray())
         have = head[data_at:]
@@ -601,16 +605,17 @@ class _MsgpackStream:
             got += n
         return out
 
-    def items(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-        """(dotted path, array) for every leaf under the map that starts here, in file order."""
+    def items(self, prefix: str = "", data: bool = True) -> Iterator[tuple[str, Any]]:
+        """(dotted path, array) for every leaf under the map that starts here, in file order
+        (``data=False``: (dotted path, (shape, dtype)))."""
         for _ in range(self.map_len(self.take(1)[0])):
             k = self.key()
             tag = self.take(1)[0]
             if 0x80 <= tag <= 0x8F or tag in (0xDE, 0xDF):
                 self.f.seek(-1, os.SEEK_CUR)
-                yield from self.items(f"{prefix}{k}.")
+                yield from self.items(f"{prefix}{k}.", data)
             else:
-                yield f"{prefix}{k}", self.ext(tag, f"{prefix}{k}")
+                yield f"{prefix}{k}", self.ext(tag, f"{prefix}{k}", data)
 
 
 def msgpack_unpacker():
@@ -619,11 +624,12 @@ def msgpack_unpacker():
     return msgpack.Unpacker(raw=False)
 
 
-def iter_msgpack(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+def iter_msgpack(path: str | os.PathLike, *, data: bool = True) -> Iterator[tuple[str, Any]]:
     """Stream a parameter msgpack file: ``(dotted path, array)`` one tensor at a time.
 
     Reads the format of ``flax.serialization.msgpack_serialize`` (nested string-keyed maps of
     ndarrays; bf16 as ``ml_dtypes.bfloat16``). Each array is freshly allocated and 64-byte aligned.
+    ``data=False`` yields ``(dotted path, (shape, dtype))`` and skips the tensor bytes.
     Raises ``ValueError`` for anything else, a truncated file or trailing bytes.
     """
     with open(path, "rb") as f:
@@ -631,9 +637,89 @@ def iter_msgpack(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
         if not first:
             raise ValueError("empty file")
         f.seek(0)
-        yield from _MsgpackStream(f).items()
+        yield from _MsgpackStream(f).items(data=data)
         if f.read(1):
             raise ValueError("trailing data after the parameter tree")
+        if not data and f.tell() != os.fstat(f.fileno()).st_size:
+            raise ValueError("file ended early (truncated msgpack)")
+
+
+def _orbax_tree_meta(ckptr, path: Path):
+    meta = ckptr.metadata(path)
+    tree_meta = getattr(meta, "item_metadata", meta)
+    return dict(getattr(tree_meta, "tree", tree_meta))
+
+
+def iter_orbax(path: str | os.PathLike, *, chunk_bytes: int = 64 << 20) -> Iterator[tuple[str, Any]]:
+    """Stream an Orbax parameter folder: ``(dotted path, jax array on the default device)``.
+
+    Orbax restores whole trees; this restores the tree in groups of at most ``chunk_bytes``
+    (``partial_restore``), so only one group is in flight on top of what the caller keeps.
+    """
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    ckptr = _orbax_checkpointer()
+    try:
+        flat = flatten(_orbax_tree_meta(ckptr, path))
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        groups: list[list[str]] = [[]]
+        size = 0
+        for k, m in flat.items():
+            n = int(np.prod(m.shape, dtype=np.int64)) * np.dtype(m.dtype).itemsize
+            if groups[-1] and size + n > chunk_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(k)
+            size += n
+        for group in groups:
+            sub = nest({k: flat[k] for k in group})
+            restore_args = jax.tree_util.tree_map(
+                lambda m: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=m.shape, dtype=m.dtype), sub)
+            item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)
+            got = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                   partial_restore=True))
+            yield from flatten(got).items()
+            del got
+    finally:
+        ckptr.close()
+
+
+def format_meta(folder: str | os.PathLike, fmt: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{dotted path: (shape, dtype)}`` of one format in ``folder``, read without the tensor bytes."""
+    folder = Path(folder)
+    target = folder / (ORBAX_DIR if fmt == "orbax" else MSGPACK_NAME)
+    if not target.exists():
+        raise CheckpointError(f"{folder}: no {fmt} parameters ({target.name} missing)")
+    try:
+        if fmt == "msgpack":
+            return dict(iter_msgpack(target, data=False))
+        ckptr = _orbax_checkpointer()
+        try:
+            flat = flatten(_orbax_tree_meta(ckptr, target.absolute()))
+        finally:
+            ckptr.close()
+        return {k: (tuple(int(d) for d in m.shape), np.dtype(m.dtype)) for k, m in flat.items()}
+    except Exception as e:  # noqa: BLE001 -- any reader failure is a corrupt file; say which
+        raise CheckpointError(f"{target}: cannot read {fmt} parameters: {type(e).__name__}: {e}") from None
+
+
+def iter_format(folder: str | os.PathLike, fmt: str) -> Iterator[tuple[str, Any]]:
+    """Stream one format's parameters as ``(dotted path, jax array)``, a tensor or a small group
+    at a time (see :func:`iter_msgpack` and :func:`iter_orbax`); errors as :class:`CheckpointError`."""
+    folder = Path(folder)
+    target = folder / (ORBAX_DIR if fmt == "orbax" else MSGPACK_NAME)
+    if not target.exists():
+        raise CheckpointError(f"{folder}: no {fmt} parameters ({target.name} missing)")
+    try:
+        if fmt == "orbax":
+            yield from iter_orbax(target)
+        else:
+            for k, a in iter_msgpack(target):
+                yield k, adopt_array(a)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{target}: cannot read {fmt} parameters: {type(e).__name__}: {e}") from None
 
 
 def _read_msgpack(path: Path) -> dict[str, np.ndarray]:
@@ -700,6 +786,27 @@ def read_checkpoint(
 # ----------------------------------------------------------------------------------------
 # model building
 # ----------------------------------------------------------------------------------------
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def keep_heap_lean(threshold: int = 256 << 10) -> None:
+    """Serve every allocation of ``threshold`` bytes or more by its own ``mmap`` (glibc ``mallopt``).
+
+    glibc starts at 128 KiB but raises the threshold (up to 32 MiB) each time such a block is
+    freed, after which tensor-sized blocks come from per-thread heaps, where a block freed by one
+    thread is not reused by another. A conversion allocates tensors in worker threads, tensorstore
+    threads and the main thread in turn, and without this its resident memory grows to about
+    twice the live data. A fixed threshold returns every freed tensor to the OS at once.
+    Process-wide; a no-op where glibc is not the allocator.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold))
+    except (OSError, AttributeError):
+        pass
 
 
 def release_free_memory() -> None:

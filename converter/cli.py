@@ -102,6 +102,7 @@ Examples:
   cogvae-convert THUDM/CogVideoX-5b --revision main --dtype bfloat16 --out ckpt-5b/
   cogvae-convert ./CogVideoX-2b/vae --format msgpack --out ckpt/ --overwrite --json
   cogvae-convert THUDM/CogVideoX-2b --out ckpt/ --push-to-hub me/cogvideox-2b-vae-jax --private
+  cogvae-convert THUDM/CogVideoX-2b --out ckpt/ --push-to-hub me/vae-jax --push-revision bf16 --dtype bfloat16
 """
 
 
@@ -123,8 +124,11 @@ def _convert_options(f):
         click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None,
                      help="Upload the finished checkpoint to this Hub model repo."),
         click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
+        click.option("--push-revision", default=None, metavar="BRANCH",
+                     help="With --push-to-hub: the branch to push to (--revision names the source's revision)."),
         click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing."),
         click.option("--dry-run", is_flag=True, help="With --push-to-hub: list what would be uploaded, upload nothing."),
+        click.option("--token", default=None, help="Hub token for the source and the push (default: HF_TOKEN / login)."),
         click.option("--quiet", "-q", is_flag=True, help="No progress output on stderr."),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout."),
     ]
@@ -134,15 +138,16 @@ def _convert_options(f):
 
 
 def _do_convert(source, out, subfolder, revision, variant, dtype, fmt, no_validate, overwrite, push_to_hub,
-                private, create_pr, dry_run, quiet, as_json):
+                private, push_revision, create_pr, dry_run, token, quiet, as_json):
     from .convert import convert
 
-    if not push_to_hub and (private or create_pr or dry_run):
-        raise click.UsageError("--private, --create-pr and --dry-run need --push-to-hub")
+    if not push_to_hub and (private or create_pr or dry_run or push_revision):
+        raise click.UsageError("--private, --push-revision, --create-pr and --dry-run need --push-to-hub")
     summary = _run(
         convert, source, out, subfolder=subfolder, revision=revision, variant=variant, dtype=dtype,
         formats=fmt, validate=not no_validate, overwrite=overwrite, quiet=quiet,
-        push_to_hub=push_to_hub, private=private, create_pr=create_pr, dry_run=dry_run,
+        push_to_hub=push_to_hub, private=private, push_revision=push_revision, create_pr=create_pr,
+        dry_run=dry_run, token=token,
     )
     if as_json:
         _emit_json(summary)

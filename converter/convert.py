@@ -32,9 +32,8 @@ from .checkpoint import (
     CheckpointError,
     atomic_output_dir,
     finish_into,
+    keep_heap_lean,
     normalize_formats,
-    params_to_model,
-    read_format,
     release_free_memory,
     tensor_digest,
     write_into,
@@ -130,33 +129,24 @@ def smoke_latent_shape(config: VAEConfig) -> tuple[int, ...]:
     return (1, 1, 4, 4, config.latent_channels)
 
 
-def _swap_in(holder: list, items: Iterable[tuple[str, np.ndarray]], source_name: str):
-    """Load a second format into an existing model, one tensor at a time.
+def _fill_pairs(pairs: list, items: Iterable[tuple[str, Any]], source_name: str, *, exact_dtype: bool) -> dict[str, str]:
+    """Put streamed ``(dotted path, array)`` into the model's flat state ``pairs``, in place.
 
-    ``holder``: ``[model]``, emptied here so that no reference to the old arrays survives.
-    Returns ``(model, {path: digest})``. Each incoming array replaces the previous format's array
-    at once (and that one is freed), so memory stays near one copy of the weights. Strict: every
-    parameter must come exactly once with its shape and dtype.
+    Each array replaces the leaf it belongs to at once (the previous array, if any, is freed then),
+    so memory stays near one copy of the weights. Strict: every parameter exactly once, with the
+    model's shape (and, with ``exact_dtype``, the dtype already there). Returns ``{path: digest}``;
+    raises :class:`CheckpointError` listing every problem.
     """
-    from flax import nnx
-
     from .checkpoint import adopt_array
     from .engine import path_to_str
 
-    graphdef, state = nnx.split(holder.pop())
-    pairs = list(nnx.to_flat_state(state))
-    del state
-    # flax's flatten helper is a self-referencing closure that keeps its own list of the old
-    # variables alive until the cycle collector runs: collect now, so that `pairs` holds the only
-    # references and each old array is freed as soon as it is replaced.
-    gc.collect()
-    where = {path_to_str(p): i for i, (p, _) in enumerate(pairs)}
+    where = {path_to_str(p): i for i, (p, _v) in enumerate(pairs)}
     seen: dict[str, str] = {}
     problems = []
     for name, a in items:
         i = where.get(name)
         if i is None:
-            problems.append(f"{source_name}: extra parameter {name!r}")
+            problems.append(f"{source_name}: extra parameter {name!r} (not in the model for this config)")
             continue
         if name in seen:
             problems.append(f"{source_name}: parameter {name!r} appears twice")
@@ -164,18 +154,18 @@ def _swap_in(holder: list, items: Iterable[tuple[str, np.ndarray]], source_name:
         seen[name] = tensor_digest(a)
         path, var = pairs[i]
         old = var.get_value()
-        if tuple(a.shape) != tuple(old.shape) or np.dtype(a.dtype) != np.dtype(old.dtype):
-            problems.append(f"{source_name}: parameter {name!r} is {a.dtype}{list(a.shape)}, "
-                            f"the other format has {np.dtype(old.dtype)}{list(old.shape)}")
+        if tuple(a.shape) != tuple(old.shape) or (exact_dtype and np.dtype(a.dtype) != np.dtype(old.dtype)):
+            problems.append(f"{source_name}: parameter {name!r} is {np.dtype(a.dtype).name}{list(a.shape)}, "
+                            f"expected {np.dtype(old.dtype).name}{list(old.shape)}")
             continue
         del old
         pairs[i] = (path, var.replace(adopt_array(a)))
-        del a
+        del a, var
     problems += [f"{source_name}: missing parameter {n!r}" for n in where if n not in seen]
     if problems:
         raise CheckpointError(f"{source_name}: parameters do not fit the model: {len(problems)} problem(s):\n"
                               + "\n".join(f"  - {p}" for p in problems))
-    return nnx.merge(graphdef, nnx.from_flat_state(pairs)), seen
+    return seen
 
 
 def validate_checkpoint_dir(
@@ -186,26 +176,32 @@ def validate_checkpoint_dir(
 ) -> dict[str, Any]:
     """Load each written format back into the NNX VAE, decode a small latent, compare.
 
-    The first format is read whole and built into the model (``nnx.eval_shape`` + merge); each
-    further format is streamed into that same model tensor by tensor, replacing the first
-    format's arrays, and decoded again with the already compiled function. So validation holds
-    one copy of the weights, compiles once, and both formats must decode bit-identically.
+    One model serves every format. Its abstract state (``nnx.eval_shape``, no weights) takes the
+    parameter dtypes from the first format's metadata, and the smoke decode is compiled from those
+    shapes before any weight is loaded. Then each format is streamed into the model's state, a
+    tensor (msgpack) or a small group (Orbax) at a time, replacing the previous format's arrays,
+    merged into the VAE and decoded. So validation holds one copy of the weights, compiles once,
+    and every format must decode bit-identically.
 
     ``expected``: ``{dotted_path: tensor_digest}`` of the converted arrays; each format must match
     it exactly. Returns a report dict with ``ok``; never raises for a validation failure.
     """
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
-    from cogvae.model.layers import conv_impl_scope
+    from cogvae.model import abstract_model
+    from cogvae.model.vae import compile_decode_first_batch
 
-    from .checkpoint import iter_msgpack
+    from .checkpoint import format_meta, iter_format
+    from .engine import path_to_str
 
     dev = jax.devices()[0]
     shape = smoke_latent_shape(config)
     sc = config.spatial_compression
     want = (shape[0], shape[1], shape[2] * sc, shape[3] * sc, config.out_channels)
     z = jnp.asarray(np.random.default_rng(0).standard_normal(shape, dtype=np.float32))
+    formats = normalize_formats(list(formats))
     report: dict[str, Any] = {
         "ok": False,
         "backend": jax.default_backend(),
@@ -213,46 +209,73 @@ def validate_checkpoint_dir(
         "latent_shape": list(shape),
         "expected_output_shape": list(want),
         "conv_impl": SMOKE_CONV_IMPL,
-        "formats": {},
+        "formats": {fmt: {} for fmt in formats},
     }
     problems: list[str] = []
     outputs: dict[str, np.ndarray] = {}
     digests: dict[str, dict[str, str]] = {}
-    vae = None
-    # Orbax is read whole (first); msgpack can be streamed into the model (second).
-    for fmt in sorted(normalize_formats(list(formats)), key=FORMATS.index):
+
+    # The model, abstract: parameter dtypes as stored (the first readable format's metadata).
+    graphdef = pairs = run = None
+    for fmt in formats:
+        try:
+            meta = format_meta(folder, fmt)
+        except CheckpointError as e:
+            report["formats"][fmt]["error"] = str(e)
+            problems.append(f"{fmt}: cannot read back: {e}")
+            continue
+        graphdef, abstract_state = nnx.split(abstract_model(config))
+        pairs = []
+        for path, var in nnx.to_flat_state(abstract_state):
+            shp, dt = meta.get(path_to_str(path), (None, None))
+            value = var.get_value()
+            dt = dt if shp is not None and tuple(shp) == tuple(value.shape) else value.dtype
+            pairs.append((path, var.replace(jax.ShapeDtypeStruct(value.shape, dt))))
+        del abstract_state
+        try:
+            run = compile_decode_first_batch(graphdef, nnx.from_flat_state(pairs), shape, impl=SMOKE_CONV_IMPL)
+        except Exception as e:  # noqa: BLE001 -- reported as a validation failure
+            problems.append(f"cannot compile the smoke decode: {type(e).__name__}: {e}")
+            run = None
+        break
+    gc.collect()  # the compiler's and flax's transient objects, before the weights arrive
+    release_free_memory()
+
+    for fmt in formats:
+        entry = report["formats"][fmt]
+        if "error" in entry:
+            continue
+        if pairs is None:
+            entry["error"] = "not checked: the model could not be built from an earlier format"
+            continue
         t0 = time.perf_counter()
-        entry: dict[str, Any] = {}
-        report["formats"][fmt] = entry
         name = f"{folder} ({fmt})"
         try:
-            if vae is None:
-                release_free_memory()
-                params = read_format(folder, fmt, as_jax=True)
-                digests[fmt] = _digests(params)
-                vae = params_to_model(config, params, source_name=name, adopt=True)
-                del params
-                release_free_memory()
-            else:
-                holder, vae = [vae], None
-                vae, digests[fmt] = _swap_in(holder, iter_msgpack(folder / MSGPACK_NAME), name)
+            digests[fmt] = _fill_pairs(pairs, iter_format(folder, fmt), name,
+                                       exact_dtype=len(digests) > 0)
+            vae = nnx.merge(graphdef, nnx.from_flat_state(pairs))  # the NNX VAE, holding these weights
         except Exception as e:  # noqa: BLE001 -- reported as a validation failure
             problems.append(f"{fmt}: cannot read back or load into the NNX VAE: {e}")
             entry["error"] = str(e)
-            vae = None
+            pairs = None
             continue
         if expected is not None:
             diff = sorted(k for k in set(expected) | set(digests[fmt]) if expected.get(k) != digests[fmt].get(k))
             entry["params_match_converted"] = not diff
             if diff:
                 problems.append(f"{fmt}: {len(diff)} parameter(s) differ from the converted ones, e.g. {diff[0]!r}")
+        if run is None:
+            entry["error"] = "no smoke decode (it did not compile)"
+            continue
         try:
-            with conv_impl_scope(SMOKE_CONV_IMPL):
-                y = np.asarray(vae.decode(z))
+            y = np.asarray(run(nnx.split(vae)[1], z))
         except Exception as e:  # noqa: BLE001
             problems.append(f"{fmt}: decode failed: {type(e).__name__}: {e}")
             entry["error"] = str(e)
             continue
+        finally:
+            del vae
+            gc.collect()  # the merged module graph is cyclic; `pairs` must hold the only references
         finite = bool(np.isfinite(y).all())
         entry.update(output_shape=list(y.shape), finite=finite, seconds=round(time.perf_counter() - t0, 3))
         if tuple(y.shape) != want:
@@ -260,10 +283,11 @@ def validate_checkpoint_dir(
         if not finite:
             problems.append(f"{fmt}: decode output has NaN/Inf")
         outputs[fmt] = y
-    del vae
-    if len(report["formats"]) > 1:
-        same = (len(digests) == len(report["formats"]) and len({tuple(sorted(d.items())) for d in digests.values()}) == 1
-                and len(outputs) == len(digests)
+    del pairs
+    gc.collect()
+    if len(formats) > 1:
+        same = (len(digests) == len(formats) and len({tuple(sorted(d.items())) for d in digests.values()}) == 1
+                and len(outputs) == len(formats)
                 and all(np.array_equal(o, next(iter(outputs.values()))) for o in outputs.values()))
         report["formats_identical"] = same
         if not same:
@@ -278,7 +302,8 @@ def validate_checkpoint_dir(
 # ----------------------------------------------------------------------------------------
 
 
-def _resolve(source: Optional[str], subfolder: str, revision: Optional[str], variant: Optional[str], quiet: bool):
+def _resolve(source: Optional[str], subfolder: str, revision: Optional[str], variant: Optional[str], quiet: bool,
+             token: Optional[str] = None):
     if source is None:
         if revision:
             raise SourceError("--revision needs a Hub SOURCE (the embedded default has no revisions)")
@@ -286,7 +311,8 @@ def _resolve(source: Optional[str], subfolder: str, revision: Optional[str], var
     from . import hub
 
     try:
-        r = hub.resolve_source(str(source), subfolder=subfolder, revision=revision, variant=variant, quiet=quiet)
+        r = hub.resolve_source(str(source), subfolder=subfolder, revision=revision, variant=variant, quiet=quiet,
+                               token=token)
     except hub.HubError as e:
         if Path(str(source)).exists() or not hub.looks_like_repo_id(str(source)):
             raise SourceError(str(e)) from None  # a local path problem: bad input, not network
@@ -308,6 +334,7 @@ def convert(
     quiet: bool = False,
     push_to_hub: Optional[str] = None,
     private: bool = False,
+    push_revision: Optional[str] = None,
     create_pr: bool = False,
     dry_run: bool = False,
     token: Optional[str] = None,
@@ -323,6 +350,7 @@ def convert(
     the written checkpoint fails validation; in every failure case nothing is left at ``out``.
     """
     t_start = time.perf_counter()
+    keep_heap_lean()  # peak memory near one copy of the weights (see keep_heap_lean)
     timings: dict[str, float] = {}
     formats = normalize_formats(formats)
     np_dtype = None if dtype is None else np.dtype(resolve_dtype(dtype)).name
@@ -333,7 +361,7 @@ def convert(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:  # refuses a bad --out before any work
         t0 = time.perf_counter()
         folder, source_id, resolved_rev, is_hub = _resolve(
-            None if source is None else str(source), subfolder, revision, variant, quiet)
+            None if source is None else str(source), subfolder, revision, variant, quiet, token)
         src = find_diffusers_vae(folder, subfolder=subfolder, variant=variant)
         config = VAEConfig.from_json_file(src.config_path)
         timings["resolve"] = time.perf_counter() - t0
@@ -432,8 +460,8 @@ def convert(
     if push_to_hub:
         from .push import push_checkpoint
 
-        summary["push"] = push_checkpoint(out, push_to_hub, private=private, revision=None, create_pr=create_pr,
-                                          dry_run=dry_run, token=token)
+        summary["push"] = push_checkpoint(out, push_to_hub, private=private, revision=push_revision,
+                                          create_pr=create_pr, dry_run=dry_run, token=token)
     return summary
 
 

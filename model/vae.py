@@ -32,7 +32,15 @@ from .layers import CausalConv3d, Conv3d, DownBlock3D, GroupNorm, MidBlock3D, Sp
 
 Array = jax.Array
 
-__all__ = ["Encoder3D", "Decoder3D", "AutoencoderKLCogVideoX", "TilingConfig", "default_compute_dtype", "frame_batches"]
+__all__ = [
+    "Encoder3D",
+    "Decoder3D",
+    "AutoencoderKLCogVideoX",
+    "TilingConfig",
+    "compile_decode_first_batch",
+    "default_compute_dtype",
+    "frame_batches",
+]
 
 # diffusers: num_sample_frames_batch_size / num_latent_frames_batch_size. Other values give poor
 # results, says diffusers, because the VAE was trained with these.
@@ -244,6 +252,30 @@ def _kernels(backend: str) -> dict:
 
 def kernels() -> dict:
     return _kernels(jax.default_backend())
+
+
+def compile_decode_first_batch(graphdef, state, latent_shape, latent_dtype=jnp.float32, *, impl: str | None = None):
+    """Ahead-of-time compile of the decoder's first latent batch, from shapes alone.
+
+    ``state``: the model's ``nnx.State`` with arrays or ``jax.ShapeDtypeStruct`` leaves (e.g. from
+    ``nnx.split(abstract_model(config))``); ``latent_shape``: (B, t, h, w, latent) with t <= 3, so
+    that ``decode`` runs exactly this one kernel (diffusers decodes up to 3 latents in its first
+    batch). Returns ``fn(state, z) -> video (B, T, H, W, out)``, the same compiled kernel ``decode``
+    uses. Compiling before the weights are loaded keeps the compiler's transient memory apart
+    from the weights' (the converter's validation relies on this).
+    """
+    if latent_shape[1] > 3:
+        raise ValueError(f"the first decode batch holds at most 3 latent frames, got {latent_shape}")
+    impl = impl or conv3d_impl()
+    avals = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    z = jax.ShapeDtypeStruct(tuple(latent_shape), latent_dtype)
+    compiled = kernels()["first"].lower("decode", impl, graphdef, avals, z, None).compile()
+
+    def run(state, z: Array) -> Array:
+        video, _cache = compiled(state, z, None)
+        return video
+
+    return run
 
 
 def _unstack_batches(ys: Array) -> Array:

@@ -148,3 +148,39 @@ def test_conv_lowering_switch_gets_its_own_compiled_functions(monkeypatch):
         assert rel_l2(out, outs["3d"]) <= 1e-6, impl
     # Each lowering really ran its own code: different summation orders round differently.
     assert any(not np.array_equal(out, outs["3d"]) for impl, out in outs.items() if impl != "3d")
+
+
+@pytest.mark.parametrize("latents", [1, 3])
+def test_ahead_of_time_first_batch_equals_decode(latents):
+    """compile_decode_first_batch (compiled from shapes alone, before any weight exists) is the
+    kernel decode runs for up to 3 latents: the same bytes, whatever the lowering."""
+    from flax import nnx
+
+    from cogvae.model import abstract_model
+
+    vae, _ = models()
+    graphdef, abstract_state = nnx.split(abstract_model(vae.config, dtype=jnp.float32))
+    z = jnp.asarray(np.random.default_rng(latents).standard_normal((1, latents, 4, 6, 4)), jnp.float32)
+    for impl in ("3d", "2d_sum"):
+        run = vae_mod.compile_decode_first_batch(graphdef, abstract_state, z.shape, impl=impl)
+        with vae_mod.conv_impl_scope(impl):
+            want = np.asarray(vae.decode(z))
+        np.testing.assert_array_equal(np.asarray(run(nnx.split(vae)[1], z)), want)
+    with pytest.raises(ValueError, match="at most 3 latent frames"):
+        vae_mod.compile_decode_first_batch(graphdef, abstract_state, (1, 4, 4, 6, 4))
+
+
+@pytest.mark.parametrize("config", [CONFIG, dict(CONFIG, latent_channels=3, use_quant_conv=True, use_post_quant_conv=True)])
+def test_abstract_model_matches_a_real_init(config):
+    """abstract_model draws every init from one constant key (cheap under eval_shape); the
+    parameter tree, shapes and dtypes must equal those of a model built with real nnx.Rngs."""
+    from flax import nnx
+
+    from cogvae.model import AutoencoderKLCogVideoX, abstract_model
+
+    cfg = VAEConfig.from_diffusers_config(dict(diffusers_vae(seed=0, **config).config))
+    real = nnx.state(AutoencoderKLCogVideoX(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.state(abstract_model(cfg))
+    shapes = lambda st: {p: (tuple(v.get_value().shape), v.get_value().dtype, type(v))  # noqa: E731
+                         for p, v in nnx.to_flat_state(st)}
+    assert shapes(abstract) == shapes(real)

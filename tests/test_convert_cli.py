@@ -137,6 +137,119 @@ def test_convert_validates_by_default_and_records_provenance(tiny, tmp_path):
     assert prov["formats"] == ["orbax", "msgpack"] and prov["created"]
 
 
+# ----------------------------------------------------------------------------------------
+# validation: each format loaded into one model, a smoke decode, both formats compared
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def written(tiny, tmp_path_factory):
+    """A converted tiny checkpoint (both formats) and the digests of what was converted."""
+    from cogvae.converter.checkpoint import tensor_digest
+
+    out = tmp_path_factory.mktemp("written") / "ckpt"
+    convert(str(tiny), out, quiet=True, validate=False)
+    _, params, _ = read_checkpoint(out, format="msgpack")
+    return out, {k: tensor_digest(v) for k, v in params.items()}
+
+
+def _damaged(written, tmp_path, fmt_gone=None, change=None):
+    """A copy of the written folder with one format removed or its msgpack params changed."""
+    from cogvae.converter.checkpoint import _read_msgpack, _write_msgpack
+
+    src, _ = written
+    d = tmp_path / "ckpt"
+    shutil.copytree(src, d)
+    if fmt_gone == "orbax":
+        shutil.rmtree(d / "orbax")
+    if change is not None:
+        params = _read_msgpack(d / "params.msgpack")
+        change(params)
+        _write_msgpack(d / "params.msgpack", params)
+    return d
+
+
+def _validate(folder, expected):
+    from cogvae.converter.convert import validate_checkpoint_dir
+    from cogvae.model import VAEConfig
+
+    return validate_checkpoint_dir(folder, VAEConfig.from_json_file(folder / "config.json"), ("orbax", "msgpack"),
+                                   expected)
+
+
+def test_validation_of_a_good_checkpoint(written):
+    v = _validate(*written)
+    assert v["ok"] and v["formats_identical"] and v["problems"] == []
+    assert v["conv_impl"] == "3d" and v["latent_shape"] == [1, 1, 4, 4, 16]
+    for e in v["formats"].values():
+        assert e["params_match_converted"] and e["finite"] and e["output_shape"] == [1, 1, 32, 32, 3]
+
+
+def _bump(params):
+    k = "decoder.conv_out.conv.kernel"
+    params[k] = (params[k] + np.float32(0.01)).astype(params[k].dtype)
+
+
+def _nan(params):
+    k = "decoder.conv_out.conv.bias"
+    params[k] = np.full_like(params[k], np.nan)
+
+
+@pytest.mark.parametrize("change, problems", [
+    (_bump, ["msgpack: 1 parameter(s) differ from the converted ones, e.g. 'decoder.conv_out.conv.kernel'",
+             "orbax and msgpack parameters (or their decodes) differ"]),
+    (lambda p: p.pop("encoder.conv_in.conv.bias"),
+     ["msgpack: cannot read back or load into the NNX VAE: {d} (msgpack): parameters do not fit the model: "
+      "1 problem(s):\n  - {d} (msgpack): missing parameter 'encoder.conv_in.conv.bias'",
+      "orbax and msgpack parameters (or their decodes) differ"]),
+    (lambda p: p.update(extra=np.zeros(3, np.float32)),
+     ["msgpack: cannot read back or load into the NNX VAE: {d} (msgpack): parameters do not fit the model: "
+      "1 problem(s):\n  - {d} (msgpack): extra parameter 'extra' (not in the model for this config)",
+      "orbax and msgpack parameters (or their decodes) differ"]),
+    (lambda p: p.update({"decoder.conv_out.conv.bias": p["decoder.conv_out.conv.bias"].astype(ml_dtypes.bfloat16)}),
+     ["msgpack: cannot read back or load into the NNX VAE: {d} (msgpack): parameters do not fit the model: "
+      "1 problem(s):\n  - {d} (msgpack): parameter 'decoder.conv_out.conv.bias' is bfloat16[3], expected float32[3]",
+      "orbax and msgpack parameters (or their decodes) differ"]),
+    (_nan, ["msgpack: 1 parameter(s) differ from the converted ones, e.g. 'decoder.conv_out.conv.bias'",
+            "msgpack: decode output has NaN/Inf",
+            "orbax and msgpack parameters (or their decodes) differ"]),
+], ids=["changed", "missing", "extra", "dtype", "nan"])
+def test_validation_catches_a_bad_second_format(written, tmp_path, change, problems):
+    d = _damaged(written, tmp_path, change=change)
+    v = _validate(d, written[1])
+    assert not v["ok"]
+    assert v["formats"]["orbax"]["params_match_converted"] and v["formats"]["orbax"]["finite"]
+    assert v["problems"] == [p.format(d=d) for p in problems]
+
+
+def test_validation_builds_the_model_from_msgpack_when_orbax_is_unreadable(written, tmp_path):
+    d = _damaged(written, tmp_path, fmt_gone="orbax")
+    v = _validate(d, written[1])
+    assert not v["ok"] and "error" in v["formats"]["orbax"]
+    assert v["problems"][0] == f"orbax: cannot read back: {d}: no orbax parameters (orbax missing)"
+    assert v["formats"]["msgpack"]["params_match_converted"] and v["formats"]["msgpack"]["finite"]
+
+
+def test_failed_validation_exits_1_and_publishes_nothing(tiny, tmp_path, monkeypatch):
+    """Faked: the msgpack writer is wrapped to damage one tensor after writing it, as a bad disk or
+    a writer bug would; validation must catch it, exit 1, and leave no folder at --out."""
+    import cogvae.converter.checkpoint as ck
+
+    real = ck._write_msgpack
+
+    def damaging(path, params):
+        params = dict(params)
+        _bump(params)
+        return real(path, params)
+
+    monkeypatch.setattr(ck, "_write_msgpack", damaging)
+    out = tmp_path / "ckpt"
+    code, _, stderr = _run([str(tiny), "--out", str(out)])
+    assert code == 1
+    assert "validation failed: msgpack: 1 parameter(s) differ from the converted ones" in stderr
+    assert not out.exists() and _leftovers(tmp_path, "ckpt") == []
+
+
 @pytest.mark.parametrize("dtype, name", [
     ("float32", "float32"),
     ("bfloat16", "bfloat16"),

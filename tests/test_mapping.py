@@ -111,6 +111,25 @@ def test_transform_round_trip(name, dtype):
     assert z.tobytes() == x.tobytes()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(37, 5, 3, 3, 3), (16, 4, 3, 3, 3), (17, 3, 1, 3, 3), (33, 6, 3, 3), (40, 7, 2)])
+def test_blocked_permute_equals_numpy_transpose(shape, dtype):
+    """permute copies output channels in blocks; every permutation, including the ragged last
+    block, must give numpy's bytes, C-contiguous and 64-byte aligned when blocked."""
+    import itertools
+
+    from cogvae.converter.transforms import permute
+
+    x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    for perm in itertools.permutations(range(len(shape))):
+        y = permute(x, perm)
+        want = np.ascontiguousarray(np.transpose(x, perm))
+        assert y.shape == want.shape and y.dtype == want.dtype and y.flags["C_CONTIGUOUS"]
+        assert y.tobytes() == want.tobytes(), perm
+        if perm[-1] == 0 and shape[0] > 16:
+            assert y.ctypes.data % 64 == 0
+
+
 def test_transform_layouts():
     x = np.arange(2 * 3 * 4 * 5 * 6).reshape(2, 3, 4, 5, 6)  # O,I,T,H,W
     k = TRANSFORMS["conv3d_oithw_to_thwio"](x)

@@ -230,3 +230,45 @@ def test_model_card_of_a_local_source_has_no_base_model():
     card = ModelCard(model_card_text("me/x", {}, {"source": "/data/CogVideoX-2b"}))
     assert card.data.base_model is None and card.data.license is None
     assert "local diffusers folder" in card.text
+
+
+def test_convert_push_to_hub_passes_push_revision_and_token(tmp_path, monkeypatch):
+    """cogvae-convert --push-to-hub ... --push-revision B: the branch reaches upload_folder.
+
+    Faked, and why: no network and no real Hub writes, so create_repo / create_branch /
+    upload_folder are patched on the real huggingface_hub.HfApi class (recording). The source is
+    the embedded tiny VAE, converted for real; --revision stays the *source* revision option."""
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import convert_command
+
+    seen = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: seen.append(("create_repo", self.token, repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch",
+                        lambda self, repo_id, **kw: seen.append(("create_branch", self.token, repo_id, kw)))
+
+    def upload_folder(self, **kw):
+        seen.append(("upload_folder", self.token, kw["repo_id"], kw))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/{'f' * 40}",
+                               oid="f" * 40, pr_url=None)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    r = CliRunner().invoke(convert_command, ["--out", str(tmp_path / "ckpt"), "--no-validate", "-q",
+                                             "--push-to-hub", "me/x", "--push-revision", "flax",
+                                             "--token", "hf_not_a_real_token"])
+    assert r.exit_code == 0, r.output
+    calls = {c[0]: c for c in seen}
+    assert calls["create_branch"][1:3] == ("hf_not_a_real_token", "me/x")
+    assert calls["create_branch"][3]["branch"] == "flax"
+    assert calls["upload_folder"][3]["revision"] == "flax" and calls["upload_folder"][1] == "hf_not_a_real_token"
+
+
+def test_push_revision_needs_push_to_hub(tmp_path):
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import convert_command
+
+    r = CliRunner().invoke(convert_command, ["--out", str(tmp_path / "o"), "--push-revision", "x"])
+    assert r.exit_code == 2 and "--push-revision" in r.output
