@@ -659,7 +659,11 @@ def iter_orbax(path: str | os.PathLike, *, chunk_bytes: int = 64 << 20) -> Itera
     import jax
     import orbax.checkpoint as ocp
 
+    import dataclasses
+
     path = Path(path).absolute()
+    if "partial_restore" not in {f.name for f in dataclasses.fields(ocp.args.PyTreeRestore)}:
+        chunk_bytes = 1 << 62  # an Orbax without partial restores: one group, the whole tree
     ckptr = _orbax_checkpointer()
     try:
         flat = flatten(_orbax_tree_meta(ckptr, path))
@@ -678,8 +682,8 @@ def iter_orbax(path: str | os.PathLike, *, chunk_bytes: int = 64 << 20) -> Itera
             restore_args = jax.tree_util.tree_map(
                 lambda m: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=m.shape, dtype=m.dtype), sub)
             item = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), sub)
-            got = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                   partial_restore=True))
+            partial = {"partial_restore": True} if len(groups) > 1 else {}
+            got = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, **partial))
             yield from flatten(got).items()
             del got
     finally:
