@@ -377,16 +377,34 @@ class SpatialNorm3D(nnx.Module):
     def __call__(self, f: Array, zq: Array, cache: Cache = None, valid=None) -> tuple[Array, dict]:
         """f: (B, T, H, W, Cf); zq: (B, Tz, h, w, Cz) -> (B, T, H, W, Cf)."""
         del cache  # both convs have kernel 1: no temporal context is carried
-        t, h, w = f.shape[1:4]
-        if t > 1 and t % 2 == 1:
-            z_first = nearest_resize(zq[:, :1], (1, h, w))
-            z_rest = nearest_resize(zq[:, 1:], (t - 1, h, w))
-            zq = jnp.concatenate([z_first, z_rest], axis=1)
-        else:
-            zq = nearest_resize(zq, (t, h, w))
-        conv_y, _ = self.conv_y(zq)
-        conv_b, _ = self.conv_b(zq)
-        return self.norm_layer(f, valid) * conv_y + conv_b, {}
+        # diffusers resizes zq to f's size and then applies conv_y and conv_b. Both are 1x1x1 convs,
+        # pointwise in time and space, so they commute with nearest resizing: every output pixel is
+        # the same dot product of the same latent vector either way. Applying them at the latent
+        # size and resizing the results computes the same values on up to 256x fewer pixels, and
+        # the full-size y and b are never stored: the resize fuses into the product below. (Resized
+        # first, XLA computes the full-size y and b of every SpatialNorm early and holds all 14 of
+        # the largest ones at once.)
+        y, _ = self.conv_y(zq)
+        b, _ = self.conv_b(zq)
+        y, b = _resize_zq(y, f.shape[1:4]), _resize_zq(b, f.shape[1:4])
+        return self.norm_layer(f, valid) * y + b, {}
+
+
+def _resize_zq(x: Array, size: tuple[int, int, int]) -> Array:
+    """diffusers' zq resize in ``CogVideoXSpatialNorm3D``: nearest to (T, H, W); when T is odd and
+    > 1 the first frame and the rest are resized separately, so that the first latent frame
+    conditions exactly the first video frame."""
+    t, h, w = size
+    th, tw = x.shape[2:4]
+    # Nearest resizing is separable: time first, at the latent's small size (where the odd-frame
+    # concatenation is cheap), then height and width, whose repeats fuse into the consumer.
+    if t > 1 and t % 2 == 1:
+        first = nearest_resize(x[:, :1], (1, th, tw))
+        rest = nearest_resize(x[:, 1:], (t - 1, th, tw))
+        x = jnp.concatenate([first, rest], axis=1)
+    else:
+        x = nearest_resize(x, (t, th, tw))
+    return nearest_resize(x, (t, h, w))
 
 
 class ResnetBlock3D(nnx.Module):
