@@ -1,21 +1,39 @@
 """cogvae.converter: diffusers CogVideoX VAE <-> Flax NNX conversion.
 
 ``load(path)`` returns the bundled NNX model with weights loaded from a diffusers VAE folder
-(or a pipeline folder holding ``vae/``).
+(or a pipeline folder holding ``vae/``), or from a converted cogvae checkpoint folder.
+
+The names below are imported on first use, so that the command line starts (``--help``, usage
+errors) without importing jax and flax.
 """
 
-from .engine import ConversionError, convert_tensors, export_tensors
-from .loading import SourceError, find_diffusers_vae, load, model_from_tensors
-from .mapping import MappingError, load_mapping
+from __future__ import annotations
 
-__all__ = [
-    "ConversionError",
-    "MappingError",
-    "SourceError",
-    "convert_tensors",
-    "export_tensors",
-    "find_diffusers_vae",
-    "load",
-    "load_mapping",
-    "model_from_tensors",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ConversionError": ".engine",
+    "convert_tensors": ".engine",
+    "export_tensors": ".engine",
+    "SourceError": ".loading",
+    "find_diffusers_vae": ".loading",
+    "load": ".loading",
+    "model_from_tensors": ".loading",
+    "MappingError": ".mapping",
+    "load_mapping": ".mapping",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
