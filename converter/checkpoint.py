@@ -441,7 +441,11 @@ def write_checkpoint(
 def looks_like_checkpoint(path: str | os.PathLike) -> bool:
     """A folder with any converted-checkpoint file (complete or not): load() treats it as one."""
     p = Path(path)
-    return p.is_dir() and any((p / n).exists() for n in (MANIFEST_NAME, ORBAX_DIR, MSGPACK_NAME, PROVENANCE_NAME))
+    # OWNER_FILE marks a conversion's temporary folder from its first moment (it is removed just
+    # before the rename), so a folder killed before any parameter file was written still reads as
+    # an interrupted conversion rather than as a diffusers folder with its config.json.
+    names = (MANIFEST_NAME, ORBAX_DIR, MSGPACK_NAME, PROVENANCE_NAME, OWNER_FILE)
+    return p.is_dir() and any((p / n).exists() for n in names)
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

@@ -409,6 +409,19 @@ def test_killed_mid_write_leaves_nothing_loadable(tiny, tmp_path):
     assert is_converted_checkpoint(out)
 
 
+def test_folder_killed_before_any_parameter_file_reads_as_interrupted(tiny, tmp_path):
+    """The earliest a conversion can be killed after creating its folder: only the owner file and
+    config.json exist. load must call it an interrupted conversion, not try it as a diffusers folder."""
+    from cogvae.converter.checkpoint import OWNER_FILE
+
+    d = tmp_path / ".ckpt.tmp-early"
+    d.mkdir()
+    (d / OWNER_FILE).write_text("somehost 1\n")
+    shutil.copy(tiny / "config.json", d / "config.json")
+    with pytest.raises(CheckpointError, match="incomplete or not a cogvae checkpoint: no COMPLETE manifest"):
+        load(d)
+
+
 # ----------------------------------------------------------------------------------------
 # errors
 # ----------------------------------------------------------------------------------------
