@@ -233,7 +233,9 @@ def validate_checkpoint_dir(
             pairs.append((path, var.replace(jax.ShapeDtypeStruct(value.shape, dt))))
         del abstract_state
         try:
+            t0 = time.perf_counter()
             run = compile_decode_first_batch(graphdef, nnx.from_flat_state(pairs), shape, impl=SMOKE_CONV_IMPL)
+            report["compile_seconds"] = round(time.perf_counter() - t0, 3)
         except Exception as e:  # noqa: BLE001 -- reported as a validation failure
             problems.append(f"cannot compile the smoke decode: {type(e).__name__}: {e}")
             run = None
@@ -467,7 +469,7 @@ def convert(
 
 def _format_validation(v: dict[str, Any]) -> str:
     lines = [f"validation: {'OK' if v.get('ok') else 'FAILED'} on {v.get('backend')} ({v.get('device_kind')}), "
-             f"latent {tuple(v.get('latent_shape', ()))}"]
+             f"latent {tuple(v.get('latent_shape', ()))}, smoke decode compiled in {v.get('compile_seconds', '?')}s"]
     for fmt, e in v.get("formats", {}).items():
         if "error" in e:
             lines.append(f"  {fmt}: error: {e['error']}")
