@@ -694,12 +694,18 @@ def iter_orbax(path: str | os.PathLike, *, chunk_bytes: int = 64 << 20) -> Itera
         ckptr.close()
 
 
-def format_meta(folder: str | os.PathLike, fmt: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """``{dotted path: (shape, dtype)}`` of one format in ``folder``, read without the tensor bytes."""
+def _format_target(folder: str | os.PathLike, fmt: str) -> Path:
+    """The file or folder holding one format's parameters in ``folder``; it must exist."""
     folder = Path(folder)
     target = folder / (ORBAX_DIR if fmt == "orbax" else MSGPACK_NAME)
     if not target.exists():
         raise CheckpointError(f"{folder}: no {fmt} parameters ({target.name} missing)")
+    return target
+
+
+def format_meta(folder: str | os.PathLike, fmt: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{dotted path: (shape, dtype)}`` of one format in ``folder``, read without the tensor bytes."""
+    target = _format_target(folder, fmt)
     try:
         if fmt == "msgpack":
             return dict(iter_msgpack(target, data=False))
@@ -716,10 +722,7 @@ def format_meta(folder: str | os.PathLike, fmt: str) -> dict[str, tuple[tuple[in
 def iter_format(folder: str | os.PathLike, fmt: str) -> Iterator[tuple[str, Any]]:
     """Stream one format's parameters as ``(dotted path, jax array)``, a tensor or a small group
     at a time (see :func:`iter_msgpack` and :func:`iter_orbax`); errors as :class:`CheckpointError`."""
-    folder = Path(folder)
-    target = folder / (ORBAX_DIR if fmt == "orbax" else MSGPACK_NAME)
-    if not target.exists():
-        raise CheckpointError(f"{folder}: no {fmt} parameters ({target.name} missing)")
+    target = _format_target(folder, fmt)
     try:
         if fmt == "orbax":
             yield from iter_orbax(target)
@@ -740,10 +743,7 @@ def read_format(folder: str | os.PathLike, fmt: str, *, as_jax: bool = False) ->
     ``as_jax``: jax arrays on the default device instead of numpy arrays; the weights are then
     held once, by the device (Orbax restores into device buffers; msgpack arrays are adopted).
     """
-    folder = Path(folder)
-    target = folder / (ORBAX_DIR if fmt == "orbax" else MSGPACK_NAME)
-    if not target.exists():
-        raise CheckpointError(f"{folder}: no {fmt} parameters ({target.name} missing)")
+    target = _format_target(folder, fmt)
     try:
         if fmt == "orbax":
             return _read_orbax(target, as_jax=as_jax)
