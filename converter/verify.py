@@ -396,8 +396,12 @@ def _parity(config: Any, params: dict[str, np.ndarray], mapping: Any, seed: int 
     except ConversionError as e:
         return {"status": "failed", "reason": f"cannot export to diffusers names: {e.problems[0]}"}
     model = DiffusersVAE.from_config(config.to_diffusers_config()).eval()  # fp32 parameters
-    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in exported.items()}
-    result = model.load_state_dict(state, strict=False)
+    # The exported arrays are fresh, contiguous fp32 copies nobody else holds: torch shares them
+    # (from_numpy) and the model takes them over (assign=True) instead of copying them again.
+    state = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in exported.items()}
+    del exported
+    result = model.load_state_dict(state, strict=False, assign=True)
+    del state
     if result.missing_keys or result.unexpected_keys:
         what = [f"missing {k!r}" for k in result.missing_keys[:3]] + [f"unexpected {k!r}" for k in result.unexpected_keys[:3]]
         return {"status": "failed", "reason": "diffusers rejects the exported weights: " + ", ".join(what)}
@@ -445,8 +449,10 @@ def verify_checkpoint(
     when set, a tensor whose relative change exceeds it fails the report (default: report only).
     ``parity=False`` skips the diffusers decode comparison.
     """
+    from .checkpoint import keep_heap_lean
     from .mapping import load_mapping
 
+    keep_heap_lean()  # freed tensors go back to the OS between phases (see keep_heap_lean)
     mapping = mapping or load_mapping()
     src = _load(source, fmt=format, subfolder=subfolder, variant=variant, mapping=mapping)
     report = VerifyReport(source=src.path, source_kind=src.kind, source_detail=src.detail, top=top,
@@ -489,6 +495,7 @@ def verify_checkpoint(
             if max_rel_change is not None:
                 report.over_tolerance = [c["key"] for c in report.changes
                                          if not (c["rel_change"] <= max_rel_change)]
+        del ref  # the reference's weights are not needed for the parity run
 
     if not parity:
         report.parity = {"status": "skipped", "note": "parity check not requested"}
