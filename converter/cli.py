@@ -191,14 +191,17 @@ def convert_subcommand(**kw):
 def export_diffusers(ckpt: str | Path, out: str | Path, *, format: Optional[str] = None, overwrite: bool = False,
                      mapping=None) -> dict:
     """Write a converted checkpoint back as a diffusers VAE folder (config.json + safetensors), atomically."""
-    from .checkpoint import CONFIG_NAME, OutputError, atomic_output_dir, read_checkpoint
+    from .checkpoint import CONFIG_NAME, OutputError, atomic_output_dir, keep_heap_lean, read_checkpoint
     from .engine import export_tensors
     from .mapping import load_mapping
     from .st_io import save_safetensors
 
+    keep_heap_lean()
     mapping = mapping or load_mapping()
     config, params, info = read_checkpoint(ckpt, format=format)
-    tensors = export_tensors(params, mapping, source_name=f"{ckpt} ({info['format']})")
+    # lazy: every check passes first, then each tensor is transformed as the writer reaches it and
+    # its source array is released, so memory stays near one copy of the weights.
+    tensors = export_tensors(params, mapping, source_name=f"{ckpt} ({info['format']})", lazy=True)
     del params
     try:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:

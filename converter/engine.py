@@ -15,7 +15,7 @@ peak memory stays near one copy of the checkpoint plus one tensor.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping as TMapping
 
 import numpy as np
 
@@ -32,6 +32,7 @@ __all__ = [
     "convert_tensors",
     "fill_state",
     "export_tensors",
+    "LazyExport",
     "state_to_flat_dict",
     "path_to_str",
 ]
@@ -367,11 +368,14 @@ def export_tensors(
     *,
     allowed_dtypes: Iterable[str] = ALLOWED_DTYPES,
     source_name: str = "<model>",
+    lazy: bool = False,
 ) -> dict[str, np.ndarray]:
     """``{dotted NNX path: array}`` -> ``{diffusers key: array}`` through inverse transforms.
 
     Strict: a path matching no rule or several rules, a rank mismatch, a disallowed dtype,
     or two paths producing the same key is an error; all are raised together.
+    ``lazy=True``: after the checks, return a :class:`LazyExport` that transforms each tensor
+    when it is read (a streaming writer then holds one exported tensor at a time).
     """
     allowed = frozenset(allowed_dtypes)
     problems: list[str] = []
@@ -403,7 +407,36 @@ def export_tensors(
         if dp:
             problems.append(f"{source_name}: parameter {path!r}: {dp}")
             continue
-        out[key] = inv(arr)
+        out[key] = (inv, arr) if lazy else inv(arr)
     if problems:
         raise ConversionError(problems, header=f"cannot export {source_name}")
-    return out
+    return LazyExport(out) if lazy else out
+
+
+class LazyExport(TMapping[str, np.ndarray]):
+    """The result of ``export_tensors(..., lazy=True)``: every check has passed, and each tensor is
+    transformed when it is read, once: reading ``[key]`` hands the array over and forgets it, so a
+    writer that goes key by key holds one exported tensor at a time. ``shape_of`` / ``dtype_of``
+    answer without transforming (a safetensors header is written before any tensor)."""
+
+    def __init__(self, pending: dict[str, tuple[Any, np.ndarray]]):
+        self._pending = pending
+        self._meta = {k: (tuple(inv.shape(a.shape)), a.dtype) for k, (inv, a) in pending.items()}
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return self._meta[key][0]
+
+    def dtype_of(self, key: str) -> np.dtype:
+        return self._meta[key][1]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._pending:
+            raise KeyError(f"{key!r} (each exported tensor can be read once)" if key in self._meta else key)
+        inv, arr = self._pending.pop(key)
+        return inv(arr)
+
+    def __iter__(self):
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)

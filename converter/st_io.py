@@ -232,12 +232,15 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
     offset = 0
     keys = sorted(tensors)
     for k in keys:
-        a = tensors[k]
-        dt = np.dtype(a.dtype)
+        # A lazy mapping (engine.LazyExport) tells shapes and dtypes without making the tensor.
+        if hasattr(tensors, "shape_of"):
+            shape, dt = tuple(tensors.shape_of(k)), np.dtype(tensors.dtype_of(k))
+        else:
+            shape, dt = tuple(tensors[k].shape), np.dtype(tensors[k].dtype)
         if dt not in _NAMES:
             raise SafetensorsError(f"{path}: tensor {k!r} has unsupported dtype {dt}")
-        nbytes = int(np.prod(a.shape, dtype=np.int64)) * dt.itemsize
-        header[k] = {"dtype": _NAMES[dt], "shape": list(a.shape), "data_offsets": [offset, offset + nbytes]}
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        header[k] = {"dtype": _NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -245,4 +248,9 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for k in keys:
-            f.write(np.ascontiguousarray(tensors[k]).tobytes())
+            a = np.ascontiguousarray(tensors[k])
+            if tuple(a.shape) != tuple(header[k]["shape"]) or _NAMES.get(np.dtype(a.dtype)) != header[k]["dtype"]:
+                raise SafetensorsError(f"{path}: tensor {k!r} is {a.dtype}{list(a.shape)}, "
+                                       f"its header says {header[k]['dtype']}{header[k]['shape']}")
+            f.write(memoryview(a.reshape(-1).view(np.uint8)) if a.size else b"")
+            del a
