@@ -343,15 +343,13 @@ def _stream_msgpack(path: Path, params: dict[str, np.ndarray], packer, also: Cal
         os.fsync(f.fileno())
 
 
-def _hash_workers() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 def _manifest(folder: Path, formats: Iterable[str], known_sha: dict[str, str]) -> dict[str, Any]:
     paths = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (MANIFEST_NAME, OWNER_FILE)]
     rels = [p.relative_to(folder).as_posix() for p in paths]
     todo = [p for p, rel in zip(paths, rels) if rel not in known_sha]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=_hash_workers()) as pool:  # hashlib drops the GIL
+    from .engine import default_workers
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=default_workers()) as pool:  # hashlib drops the GIL
         hashed = dict(zip(todo, pool.map(_sha256, todo)))
     files = {rel: {"size": p.stat().st_size, "sha256": known_sha.get(rel) or hashed[p]} for p, rel in zip(paths, rels)}
     return {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "formats": list(formats), "files": files}

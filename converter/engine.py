@@ -174,8 +174,8 @@ def abstract_targets(abstract_state: Any) -> dict[str, Target]:
 
 
 def default_workers() -> int:
-    """Threads for reading and transforming tensors: numpy copies, ``pread`` and the finiteness
-    check release the GIL, so tensors convert in parallel on every core (capped at 8)."""
+    """Threads for per-tensor work (reading, transforming, hashing): numpy copies, ``pread``,
+    the finiteness check and hashlib release the GIL, so it runs on every core (capped at 8)."""
     import os
 
     return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
@@ -201,7 +201,7 @@ def convert_flat(
 
     Keys are matched to rules first, without reading any data. Then the matched tensors are
     read, checked and transformed by ``workers`` threads (default :func:`default_workers`), at
-    most that many in flight, so memory stays near one copy of the weights. The getter must be
+    most twice that many in flight, so memory stays near one copy of the weights. The getter must be
     safe to call from several threads (our safetensors readers and dicts are).
     ``on_tensor(key)`` is called in the calling thread as each tensor is done (progress bars).
     """
