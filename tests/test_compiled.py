@@ -179,7 +179,8 @@ def test_abstract_model_matches_a_real_init(config):
     from cogvae.model import AutoencoderKLCogVideoX, abstract_model
 
     cfg = VAEConfig.from_diffusers_config(dict(diffusers_vae(seed=0, **config).config))
-    real = nnx.state(AutoencoderKLCogVideoX(cfg, rngs=nnx.Rngs(0)))
+    # traced, not run: the same modules and nnx.Rngs draws as a real init, without executing them
+    real = nnx.state(nnx.eval_shape(lambda: AutoencoderKLCogVideoX(cfg, rngs=nnx.Rngs(0))))
     abstract = nnx.state(abstract_model(cfg))
     shapes = lambda st: {p: (tuple(v.get_value().shape), v.get_value().dtype, type(v))  # noqa: E731
                          for p, v in nnx.to_flat_state(st)}
