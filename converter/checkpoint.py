@@ -495,27 +495,20 @@ def is_converted_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
-def _read_orbax(path: Path, as_jax: bool = False) -> dict[str, Any]:
-    """``{dotted path: array}`` from an Orbax folder: numpy arrays, or with ``as_jax`` jax arrays
-    on the default device, restored straight into device buffers (no host copy kept)."""
+def _read_orbax(path: Path) -> dict[str, np.ndarray]:
+    """``{dotted path: numpy array}`` from an Orbax folder (for device arrays see :func:`iter_orbax`)."""
     import jax
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     ckptr = _orbax_checkpointer()
     try:
-        tree_meta = _orbax_tree_meta(ckptr, path)
-        if as_jax:
-            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            restore_args = jax.tree_util.tree_map(
-                lambda m: ocp.ArrayRestoreArgs(sharding=sharding, global_shape=m.shape, dtype=m.dtype), tree_meta)
-        else:
-            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta)
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                              _orbax_tree_meta(ckptr, path))
         tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     finally:
         ckptr.close()
-    flat = flatten(tree)
-    return flat if as_jax else {k: np.asarray(v) for k, v in flat.items()}
+    return {k: np.asarray(v) for k, v in flatten(tree).items()}
 
 
 class _MsgpackStream:
@@ -559,6 +552,8 @@ class _MsgpackStream:
 
     def ext(self, tag: int, where: str, data: bool = True):
         """The ndarray at this position; with ``data=False`` only ``(shape, dtype)``, its bytes skipped."""
+        import msgpack
+
         fixed = {0xD4: 1, 0xD5: 2, 0xD6: 4, 0xD7: 8, 0xD8: 16}
         if tag in fixed:
             size = fixed[tag]
@@ -571,7 +566,7 @@ class _MsgpackStream:
             raise ValueError(f"{where}: unexpected msgpack extension type {code}")
         # (shape, dtype name, bin): a few dozen header bytes, then the tensor's bytes
         head = self.take(min(size, 256))
-        unpacker = msgpack_unpacker()
+        unpacker = msgpack.Unpacker(raw=False)
         unpacker.feed(head)
         if unpacker.read_array_header() != 3:
             raise ValueError(f"{where}: malformed ndarray extension")
@@ -618,12 +613,6 @@ class _MsgpackStream:
                 yield from self.items(f"{prefix}{k}.", data)
             else:
                 yield f"{prefix}{k}", self.ext(tag, f"{prefix}{k}", data)
-
-
-def msgpack_unpacker():
-    import msgpack
-
-    return msgpack.Unpacker(raw=False)
 
 
 def iter_msgpack(path: str | os.PathLike, *, data: bool = True) -> Iterator[tuple[str, Any]]:
@@ -741,13 +730,11 @@ def read_format(folder: str | os.PathLike, fmt: str, *, as_jax: bool = False) ->
     ``as_jax``: jax arrays on the default device instead of numpy arrays; the weights are then
     held once, by the device (Orbax restores into device buffers; msgpack arrays are adopted).
     """
+    if as_jax:
+        return dict(iter_format(folder, fmt))
     target = _format_target(folder, fmt)
     try:
-        if fmt == "orbax":
-            return _read_orbax(target, as_jax=as_jax)
-        if as_jax:
-            return {k: adopt_array(v) for k, v in iter_msgpack(target)}
-        return _read_msgpack(target)
+        return _read_orbax(target) if fmt == "orbax" else _read_msgpack(target)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 -- any reader failure is a corrupt file; say which
@@ -797,6 +784,16 @@ def read_checkpoint(
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
+def _glibc():
+    """glibc, or None where it is not the C library."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_heap_lean(threshold: int = 256 << 10) -> None:
     """Serve every allocation of ``threshold`` bytes or more by its own ``mmap`` (glibc ``mallopt``).
 
@@ -807,12 +804,9 @@ def keep_heap_lean(threshold: int = 256 << 10) -> None:
     twice the live data. A fixed threshold returns every freed tensor to the OS at once.
     Process-wide; a no-op where glibc is not the allocator.
     """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold))
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(_M_MMAP_THRESHOLD, int(threshold))
 
 
 def release_free_memory() -> None:
@@ -823,12 +817,9 @@ def release_free_memory() -> None:
     thread's allocations cannot reuse them. Trimming between phases keeps the process's resident
     memory near what is actually live.
     """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def adopt_array(a: np.ndarray):
