@@ -64,7 +64,7 @@ def main() -> int:
         report["cache_bytes"] = _nbytes(cache)
         m = first.memory_analysis()
         report["first"] = {"temp_bytes": m.temp_size_in_bytes, "output_bytes": m.output_size_in_bytes,
-                           "argument_bytes": m.argument_size_in_bytes}
+                           "argument_bytes": m.argument_size_in_bytes, "alias_bytes": m.alias_size_in_bytes}
         if len(batches) > 1:
             n = len(batches) - 1
             xs = jax.ShapeDtypeStruct((n, 1, V.LATENT_FRAMES_BATCH, h, w, c), dtype)
@@ -81,8 +81,11 @@ def main() -> int:
     for name in ("first", "scan"):
         if name in report:
             r = report[name]
+            # Everything the kernel holds while it runs: donated arguments share their outputs' buffers.
+            r["total_bytes"] = r["temp_bytes"] + r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
             print(f"  {name:5s} temporaries {r['temp_bytes'] / gib:6.2f} GiB  outputs {r['output_bytes'] / gib:6.2f} GiB"
-                  f"  arguments {r['argument_bytes'] / gib:6.2f} GiB  (compiled in {report[name + '_compile_s']:.1f} s)")
+                  f"  arguments {r['argument_bytes'] / gib:6.2f} GiB  aliased {r['alias_bytes'] / gib:5.2f} GiB"
+                  f"  total {r['total_bytes'] / gib:6.2f} GiB  (compiled in {report[name + '_compile_s']:.1f} s)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)
