@@ -97,6 +97,8 @@ def worker_torch(args) -> dict:
 
     results = {}
     for op in args.ops:
+        if op == "decode_tiled_exact":
+            continue  # diffusers has one tiled decode; the jax op is compared against decode_tiled
         if op == "decode_tiled":
             vae.enable_tiling()
         else:
@@ -135,8 +137,9 @@ def worker_jax(args) -> dict:
 
     results = {}
     for op in args.ops:  # the orchestrator passes one op per jax worker: isolated peaks
-        if op == "decode_tiled":
-            vae.enable_tiling()
+        if op in ("decode_tiled", "decode_tiled_exact"):
+            # decode_tiled: edge tiles padded to one compiled shape; _exact: each tile at its own size
+            vae.enable_tiling(pad_tiles=op == "decode_tiled")
         else:
             vae.disable_tiling()
         src = "video" if op == "encode" else "latents"
@@ -181,6 +184,8 @@ def run_worker(framework: str, scale: str, ops: list[str], args) -> dict:
 
 
 # ------------------------------------------------------------------------------ report
+REFERENCE_OP = {"decode_tiled_exact": "decode_tiled"}  # the diffusers run a jax op is compared with
+
 def _gib(b):
     return None if b is None else b / 2**30
 
@@ -192,7 +197,8 @@ def summarise(raw: dict, workdir: Path) -> list[dict]:
     for scale, per_fw in raw.items():
         for op in per_fw.get("jax", {}):
             j = per_fw["jax"][op]
-            t = per_fw.get("torch", {}).get(op, {})
+            ref_op = REFERENCE_OP.get(op, op)
+            t = per_fw.get("torch", {}).get(ref_op, {})
             row = dict(scale=scale, op=op)
             for name, r in (("diffusers", t), ("cogvae", j)):
                 if "times_s" in r:
@@ -206,7 +212,7 @@ def summarise(raw: dict, workdir: Path) -> list[dict]:
                 row["conv_impl"] = j["conv_impl"]
             if "diffusers_median_s" in row and "cogvae_median_s" in row:
                 row["speedup"] = row["diffusers_median_s"] / row["cogvae_median_s"]
-                a = np.load(workdir / f"out_torch_{op}_{scale}.npy")
+                a = np.load(workdir / f"out_torch_{ref_op}_{scale}.npy")
                 b = np.load(workdir / f"out_jax_{op}_{scale}.npy")
                 row["max_abs_diff"] = float(np.abs(a - b).max()) if a.shape == b.shape else f"shape {a.shape} vs {b.shape}"
             rows.append(row)
@@ -217,14 +223,14 @@ def print_table(rows: list[dict]) -> None:
     def f(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else str(v if v is not None else "-")
 
-    head = f"{'scale':6s} {'op':13s} {'diffusers s':>11s} {'cogvae s':>9s} {'speedup':>8s} {'first s':>8s} " \
+    head = f"{'scale':6s} {'op':18s} {'diffusers s':>11s} {'cogvae s':>9s} {'speedup':>8s} {'first s':>8s} " \
            f"{'diff GiB':>9s} {'cogvae GiB':>10s} {'max|diff|':>10s}"
     print()
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['scale']:6s} {r['op']:13s} {f(r.get('diffusers_median_s'), '11.3f')} {f(r.get('cogvae_median_s'), '9.3f')} "
+            f"{r['scale']:6s} {r['op']:18s} {f(r.get('diffusers_median_s'), '11.3f')} {f(r.get('cogvae_median_s'), '9.3f')} "
             f"{f(r.get('speedup'), '7.2f')}x {f(r.get('cogvae_first_s'), '8.1f')} {f(r.get('diffusers_peak_gib'), '9.2f')} "
             f"{f(r.get('cogvae_peak_gib'), '10.2f')} {f(r.get('max_abs_diff'), '10.3e')}"
         )
@@ -236,7 +242,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="small config on CPU in fp32 (< 1 minute)")
     p.add_argument("--scales", default=None, help="comma list of 2b,1.5 (default both; 'small' with --small)")
-    p.add_argument("--ops", default="decode,encode,decode_tiled")
+    p.add_argument("--ops", default="decode,encode,decode_tiled,decode_tiled_exact",
+                   help="decode_tiled pads edge tiles to one compiled shape; decode_tiled_exact runs them unpadded")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16, fp32 with --small)")
     p.add_argument("--workdir", type=Path, default=None)
@@ -264,7 +271,7 @@ def main() -> None:
     raw: dict = {}
     for scale in scales:
         # 1.5 scale: diffusers takes 5-15 s a call there; skip tiling (no target) and time fewer calls.
-        ops = args.ops if scale != "1.5" else [o for o in args.ops if o != "decode_tiled"]
+        ops = args.ops if scale != "1.5" else [o for o in args.ops if not o.startswith("decode_tiled")]
         raw[scale] = {"jax": {}, "torch": {}}
         if not args.skip_torch:
             raw[scale]["torch"] = run_worker("torch", scale, ops, args)

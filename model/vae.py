@@ -176,6 +176,12 @@ class TilingConfig:
     tile_overlap_factor_height: float = 1 / 6
     tile_overlap_factor_width: float = 1 / 5
     spatial_compression: int = 8
+    # True: every tile is zero-padded to the full tile size and masked, so all tiles share one
+    # compiled function. False: each tile runs at its own size, one compiled function per distinct
+    # tile shape (the full tile plus the partial ones of the last rows and columns: 4 shapes at 2b
+    # scale); no padded area is computed, which at 2b scale is 38% less work (tiles covering
+    # 70x108 latent rows x columns instead of 90x135), at the price of those extra compiles.
+    pad_tiles: bool = True
 
     @property
     def tile_latent_min_height(self) -> int:
@@ -245,6 +251,18 @@ def _scan_fn(kind, impl, graphdef, state, xs, cache, valid):
     return outs, cache
 
 
+# XLA copies a while loop's carried buffers when its default (ordering-based) analysis cannot prove
+# that an old conv cache is read before the new one overwrites it; the new cache is a slice that
+# XLA fuses away from the conv input it reads. The region-based analysis proves more and drops
+# some of those copies: for the 2b decode scan (fp32, CPU) the compile-time total falls from 18.2
+# to 17.2 GiB. Both backends' spellings are given; each compiler reads its own (DebugOptions
+# fields, ignored elsewhere).
+SCAN_COMPILER_OPTIONS = {
+    "xla_cpu_copy_insertion_use_region_analysis": True,
+    "xla_gpu_copy_insertion_use_region_analysis": True,
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(backend: str) -> dict:
     # Static arguments: kind, conv lowering (so a changed COGVAE_CONV_IMPL compiles anew rather
@@ -252,7 +270,7 @@ def _kernels(backend: str) -> dict:
     del backend  # every backend donates (jax's CPU client aliases donated buffers too)
     return {
         "first": jax.jit(_first_fn, static_argnums=(0, 1, 2)),
-        "scan": jax.jit(_scan_fn, static_argnums=(0, 1, 2), donate_argnums=(5,)),
+        "scan": jax.jit(_scan_fn, static_argnums=(0, 1, 2), donate_argnums=(5,), compiler_options=SCAN_COMPILER_OPTIONS),
     }
 
 
@@ -333,7 +351,13 @@ class AutoencoderKLCogVideoX(nnx.Module):
         tile_sample_min_width: Optional[int] = None,
         tile_overlap_factor_height: Optional[float] = None,
         tile_overlap_factor_width: Optional[float] = None,
+        *,
+        pad_tiles: Optional[bool] = None,
     ) -> None:
+        """diffusers' ``enable_tiling`` (same arguments and defaults), plus ``pad_tiles``: True
+        (the default) pads edge tiles to the full tile size so one compiled function serves every
+        tile; False runs each tile at its own size (less work; one compile per distinct tile
+        shape). Both give diffusers' tiled result."""
         t = self.tiling
         self.use_tiling = True
         self.tiling = TilingConfig(
@@ -342,6 +366,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
             tile_overlap_factor_height=tile_overlap_factor_height or t.tile_overlap_factor_height,
             tile_overlap_factor_width=tile_overlap_factor_width or t.tile_overlap_factor_width,
             spatial_compression=self.config.spatial_compression,
+            pad_tiles=t.pad_tiles if pad_tiles is None else bool(pad_tiles),
         )
 
     def disable_tiling(self) -> None:
@@ -479,9 +504,10 @@ class AutoencoderKLCogVideoX(nnx.Module):
     def _tiled(self, x: Array, tile_in: tuple[int, int], tile_out: tuple[int, int], factors, run_tile, out_size) -> Array:
         """diffusers' tiled_encode / tiled_decode loop over (B, T, H, W, C) input tiles.
 
-        Every tile is zero-padded to one shape and run with its valid size (see
-        ``layers.mask_valid``), so all tiles share one compiled function; the output is cropped
-        to the size diffusers' unpadded tile has (``out_size``).
+        With ``pad_tiles`` every tile is zero-padded to one shape and run with its valid size
+        (see ``layers.mask_valid``), so all tiles share one compiled function; the output is
+        cropped to the size diffusers' unpadded tile has (``out_size``). Without it, each tile
+        runs unpadded, exactly as diffusers slices it.
         """
         fh, fw = factors
         height, width = x.shape[2], x.shape[3]
@@ -498,6 +524,9 @@ class AutoencoderKLCogVideoX(nnx.Module):
             for j in range(0, width, overlap_w):
                 tile = x[:, :, i : i + tile_in[0], j : j + tile_in[1]]
                 vh, vw = tile.shape[2], tile.shape[3]
+                if not self.tiling.pad_tiles:
+                    row.append(run_tile(tile, None))
+                    continue
                 pad = ((0, 0), (0, 0), (0, full[0] - vh), (0, full[1] - vw), (0, 0))
                 out = run_tile(jnp.pad(tile, pad), (jnp.int32(vh), jnp.int32(vw)))
                 row.append(out[:, :, : out_size(vh), : out_size(vw)])

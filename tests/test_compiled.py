@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from _ref import diffusers_vae, state_arrays
+from _ref import assert_parity, diffusers_vae, state_arrays, to_bthwc
 from cogvae.converter.loading import model_from_tensors
 from cogvae.model import VAEConfig
 from cogvae.model import vae as vae_mod
@@ -101,6 +101,40 @@ def test_tiles_share_one_compiled_function():
         assert t["encode_first"] == 1 and t["encode_scan"] == 1
     finally:
         vae.disable_tiling()
+
+
+def test_unpadded_tiles_compile_once_per_tile_shape():
+    """pad_tiles=False: each distinct tile shape is traced once per kernel, however many tiles
+    have it, and the result is diffusers' tiled decode (the padded path's parity is in
+    test_parity.py)."""
+    vae, _ = models()
+    ref = diffusers_vae(seed=3, **CONFIG)  # the weights models() converted
+    z = torch.randn(1, 4, 4, 10, 15, generator=torch.Generator().manual_seed(0))
+    ref.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24)
+    with torch.no_grad():
+        expected = ref.decode(z).sample
+    vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24, pad_tiles=False)
+    try:
+        t = _traces(lambda: vae.decode(to_bthwc(z)).block_until_ready())
+        # diffusers' loop: 4 x 6 latent tiles (16 x 24 pixels, 4x compression) every 3 rows and
+        # 4 columns (overlaps 1/6, 1/5) over 10 x 15 latents: 4 x 4 tiles, heights {4, 1} x
+        # widths {6, 3}.
+        shapes = {(min(4, 10 - i), min(6, 15 - j)) for i in range(0, 10, 3) for j in range(0, 15, 4)}
+        assert len(shapes) == 4
+        assert t["decode_first"] == len(shapes) and t["decode_scan"] == len(shapes)
+        out = vae.decode(to_bthwc(z))
+        assert _traces(lambda: vae.decode(to_bthwc(z)).block_until_ready()) == dict.fromkeys(t, 0)
+        # 36 x 56 pixels: tiles 16 x 24 every 13 x 19, edge tiles 10 x 18 (diffusers itself fails on
+        # an edge tile too thin for its convs, e.g. 60 columns would leave a 3-pixel one).
+        x = torch.rand(1, 3, 9, 36, 56, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        with torch.no_grad():
+            expected_mean = ref.encode(x).latent_dist.mean
+        mean, _ = vae.encode(to_bthwc(x))
+    finally:
+        vae.enable_tiling(pad_tiles=True)
+        vae.disable_tiling()
+    assert_parity(out, expected, "unpadded tiles decode")
+    assert_parity(mean, expected_mean, "unpadded tiles encode")
 
 
 # bf16 compute against fp32 on the same weights: bf16 keeps 8 mantissa bits, so after ~20 convs
