@@ -8,7 +8,7 @@
 #       diffusers==0.42.1 importlib_metadata zipp
 # and run it with the device tool, carrying .whl:  bash bench/gpu_run.sh   (carry: [".whl"])
 #
-# BENCH_TIMEOUT bounds bench_vae.py (default 420 s); SCALES picks its scales (default 2b,1.5).
+# BENCH_TIMEOUT bounds bench_vae.py (default 450 s); SCALES picks its scales (default 2b,1.5).
 set -u
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 OUT=${OUT:-/tmp/out}
@@ -19,8 +19,8 @@ mkdir -p /tmp/cog/cogvae && for d in converter model mappings; do ln -sfn "$PWD/
 export PYTHONPATH=/tmp/site:/tmp/cog XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 python3 -c "import cogvae.model, diffusers, jax; print('jax', jax.__version__, jax.devices(), 'diffusers', diffusers.__version__)" || exit 1
 for impl in 2d_concat_chunked 3d; do
-  timeout 120 python3 bench/bench_memory.py --latent 13x60x90 --impl "$impl" --json "$OUT/memory_2b_$impl.json" 2>&1 | tee -a "$OUT/memory.txt"
+  timeout 60 python3 bench/bench_memory.py --latent 13x60x90 --impl "$impl" --json "$OUT/memory_2b_$impl.json" 2>&1 | tee -a "$OUT/memory.txt"
 done
-timeout 120 python3 bench/bench_memory.py --latent 21x96x170 --json "$OUT/memory_1.5.json" 2>&1 | tee -a "$OUT/memory.txt"
-timeout "${BENCH_TIMEOUT:-420}" python3 bench/bench_vae.py --scales "${SCALES:-2b,1.5}" --workdir /tmp/bw \
+timeout 60 python3 bench/bench_memory.py --latent 21x96x170 --json "$OUT/memory_1.5.json" 2>&1 | tee -a "$OUT/memory.txt"
+timeout "${BENCH_TIMEOUT:-450}" python3 bench/bench_vae.py --scales "${SCALES:-2b,1.5}" --workdir /tmp/bw \
   --json "$OUT/bench_vae.json" 2>&1 | tee "$OUT/bench_vae.log"
