@@ -110,7 +110,9 @@ def test_tiled_encode_matches_diffusers(name, frames):
         x = torch.randn(1, 3, frames, 40, 60)
         with torch.no_grad():
             dist = ref.encode(x).latent_dist
-        for compiled in (True, False):
+        # The eager loop (compiled=False) runs the same tiles through the same masked layers; one
+        # frame count per config covers it (the compiled path is checked for every case).
+        for compiled in (True, False) if frames == 9 else (True,):
             mean, logvar = ours.encode(to_bthwc(x), compiled=compiled)
             assert_parity(mean, dist.mean, f"{name} tiled encode T={frames} compiled={compiled}")
             assert_parity(logvar, dist.logvar, f"{name} tiled encode logvar T={frames} compiled={compiled}")
@@ -131,7 +133,8 @@ def test_tiled_decode_matches_diffusers(name, latents):
         z = torch.randn(1, TINY[name]["latent_channels"], latents, 40 // s, 60 // s)
         with torch.no_grad():
             video = ref.decode(z).sample
-        for compiled in (True, False):
+        # Eager loop once per config (4 latents: first batch and a carried cache), as for encode.
+        for compiled in (True, False) if latents == 4 else (True,):
             assert_parity(ours.decode(to_bthwc(z), compiled=compiled), video, f"{name} tiled decode t={latents} compiled={compiled}")
     finally:
         ref.disable_tiling()
