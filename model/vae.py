@@ -255,22 +255,40 @@ def _scan_fn(kind, impl, graphdef, state, xs, cache, valid):
 # that an old conv cache is read before the new one overwrites it; the new cache is a slice that
 # XLA fuses away from the conv input it reads. The region-based analysis proves more and drops
 # some of those copies: for the 2b decode scan (fp32, CPU) the compile-time total falls from 18.2
-# to 17.2 GiB. Both backends' spellings are given; each compiler reads its own (DebugOptions
-# fields, ignored elsewhere).
-SCAN_COMPILER_OPTIONS = {
-    "xla_cpu_copy_insertion_use_region_analysis": True,
-    "xla_gpu_copy_insertion_use_region_analysis": True,
+# to 17.2 GiB. The option is per backend; one this jaxlib does not know is left out (checked once
+# on a trivial function), so a renamed XLA flag costs memory, never a failed compile.
+_REGION_ANALYSIS = {
+    "cpu": "xla_cpu_copy_insertion_use_region_analysis",
+    "gpu": "xla_gpu_copy_insertion_use_region_analysis",
+    "cuda": "xla_gpu_copy_insertion_use_region_analysis",
+    "rocm": "xla_gpu_copy_insertion_use_region_analysis",
 }
+
+
+def scan_compiler_options(backend: str) -> dict:
+    """The XLA options the scan kernels are compiled with; ``backend`` is ``jax.default_backend()``,
+    on which the option is checked."""
+    name = _REGION_ANALYSIS.get(backend)
+    if name is None:
+        return {}
+    opts = {name: True}
+    try:
+        jax.jit(lambda v: v + 1, compiler_options=opts).lower(jnp.float32(0)).compile()  # default backend
+    except Exception:  # an option this jaxlib's XLA does not have: compile without it
+        return {}
+    return opts
 
 
 @functools.lru_cache(maxsize=None)
 def _kernels(backend: str) -> dict:
     # Static arguments: kind, conv lowering (so a changed COGVAE_CONV_IMPL compiles anew rather
     # than reusing a function traced for another lowering) and graphdef.
-    del backend  # every backend donates (jax's CPU client aliases donated buffers too)
+    # Every backend donates the cache (jax's CPU client aliases donated buffers too).
     return {
         "first": jax.jit(_first_fn, static_argnums=(0, 1, 2)),
-        "scan": jax.jit(_scan_fn, static_argnums=(0, 1, 2), donate_argnums=(5,), compiler_options=SCAN_COMPILER_OPTIONS),
+        "scan": jax.jit(
+            _scan_fn, static_argnums=(0, 1, 2), donate_argnums=(5,), compiler_options=scan_compiler_options(backend)
+        ),
     }
 
 

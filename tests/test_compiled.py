@@ -103,6 +103,16 @@ def test_tiles_share_one_compiled_function():
         vae.disable_tiling()
 
 
+def test_scan_gets_region_based_copy_insertion():
+    """The scan's XLA option is known to this jaxlib (it is dropped, not fatal, where it is not)."""
+    import jax
+
+    backend = jax.default_backend()
+    expected = {"cpu": "xla_cpu_copy_insertion_use_region_analysis"}.get(backend, "xla_gpu_copy_insertion_use_region_analysis")
+    assert vae_mod.scan_compiler_options(backend) == {expected: True}
+    assert vae_mod.scan_compiler_options("tpu") == {}
+
+
 def test_unpadded_tiles_compile_once_per_tile_shape():
     """pad_tiles=False: each distinct tile shape is traced once per kernel, however many tiles
     have it, and the result is diffusers' tiled decode (the padded path's parity is in
