@@ -257,11 +257,9 @@ def _scan_fn(kind, impl, graphdef, state, xs, cache, valid):
 # some of those copies: for the 2b decode scan (fp32, CPU) the compile-time total falls from 18.2
 # to 17.2 GiB. The option is per backend; one this jaxlib does not know is left out (checked once
 # on a trivial function), so a renamed XLA flag costs memory, never a failed compile.
-_REGION_ANALYSIS = {
+_REGION_ANALYSIS = {  # jax.default_backend() -> the option's name in that compiler
     "cpu": "xla_cpu_copy_insertion_use_region_analysis",
     "gpu": "xla_gpu_copy_insertion_use_region_analysis",
-    "cuda": "xla_gpu_copy_insertion_use_region_analysis",
-    "rocm": "xla_gpu_copy_insertion_use_region_analysis",
 }
 
 
