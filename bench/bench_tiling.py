@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +30,8 @@ from flax import nnx
 
 from cogvae.model import PRESETS, default_compute_dtype
 from cogvae.model.vae import AutoencoderKLCogVideoX
+
+from bench_vae import _timed  # the first-call and repeated timing bench_vae.py uses (bench/ is on sys.path)
 
 
 def main() -> None:
@@ -53,14 +54,7 @@ def main() -> None:
             vae.disable_tiling()
         else:
             vae.enable_tiling(pad_tiles=pad)
-        tic = time.perf_counter()
-        out = vae.decode(z).block_until_ready()
-        first = time.perf_counter() - tic
-        times = []
-        for _ in range(a.repeats):
-            tic = time.perf_counter()
-            out = vae.decode(z).block_until_ready()
-            times.append(time.perf_counter() - tic)
+        out, first, times = _timed(lambda: vae.decode(z), jax.block_until_ready, a.repeats)
         outs[name] = np.asarray(out.astype(jnp.float32))
         rows[name] = dict(first_s=first, best_s=min(times), ratio=min(times) / rows.get("untiled", {"best_s": min(times)})["best_s"])
         r = rows[name]
