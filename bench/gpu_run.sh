@@ -1,26 +1,41 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU machine (its python3 has jax, flax, orbax, torch, but no
-# diffusers): XLA's compile-time memory of the decode kernels first (seconds, no weights), then the
-# full-size benchmark against diffusers eager in the same run. Results land in $OUT.
+# diffusers). Steps, most important first, each bounded by what is left of DEADLINE seconds:
+#   1. 2b scale, default lowering: diffusers eager and cogvae (decode, encode, tiled, exact tiles);
+#   2. 1.5 scale, default lowering: diffusers eager and cogvae (decode, encode);
+#   3. 2b and 1.5 scale with the `3d` lowering, cogvae only (decode; exact tiles at 2b);
+#   4. XLA's compile-time memory of the 2b decode kernels (bench/bench_memory.py).
+# Everything lands in $OUT (log.txt and one JSON per step).
 #
 # Before the call, on this machine (the GPU machine has no network), fetch the reference wheels:
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
 #       diffusers==0.42.1 importlib_metadata zipp
 # and run it with the device tool, carrying .whl:  bash bench/gpu_run.sh   (carry: [".whl"])
-#
-# BENCH_TIMEOUT bounds bench_vae.py (default 450 s); SCALES picks its scales (default 2b,1.5).
 set -u
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+T0=$SECONDS
+DEADLINE=${DEADLINE:-560}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 # The package is used from the tree as `cogvae.*` without installing it (no network for its deps).
 mkdir -p /tmp/cog/cogvae && for d in converter model mappings; do ln -sfn "$PWD/$d" "/tmp/cog/cogvae/$d"; done
 export PYTHONPATH=/tmp/site:/tmp/cog XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
-python3 -c "import cogvae.model, diffusers, jax; print('jax', jax.__version__, jax.devices(), 'diffusers', diffusers.__version__)" || exit 1
-for impl in 2d_concat_chunked 3d; do
-  timeout 60 python3 bench/bench_memory.py --latent 13x60x90 --impl "$impl" --json "$OUT/memory_2b_$impl.json" 2>&1 | tee -a "$OUT/memory.txt"
-done
-timeout 60 python3 bench/bench_memory.py --latent 21x96x170 --json "$OUT/memory_1.5.json" 2>&1 | tee -a "$OUT/memory.txt"
-timeout "${BENCH_TIMEOUT:-450}" python3 bench/bench_vae.py --scales "${SCALES:-2b,1.5}" --workdir /tmp/bw \
-  --json "$OUT/bench_vae.json" 2>&1 | tee "$OUT/bench_vae.log"
+python3 -c "import cogvae.model, diffusers, jax, torch; print('jax', jax.__version__, jax.devices(), 'torch', torch.__version__, 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$LOG" || exit 1
+
+step() {  # step NAME CAP command...: runs with a timeout of min(CAP, time left before DEADLINE)
+  local name=$1 cap=$2; shift 2
+  local left=$((DEADLINE - (SECONDS - T0)))
+  local t=$(( cap < left ? cap : left ))
+  if [ "$t" -lt 20 ]; then echo "== $name: skipped, ${left}s left" | tee -a "$LOG"; return; fi
+  echo "== $name (timeout ${t}s, at $((SECONDS - T0))s)" | tee -a "$LOG"
+  timeout "$t" "$@" 2>&1 | tee -a "$LOG"
+}
+BV="python3 bench/bench_vae.py --workdir /tmp/bw"
+step 2b 240 $BV --scales 2b --json "$OUT/bench_2b.json"
+step 1.5 170 $BV --scales 1.5 --ops decode,encode --json "$OUT/bench_1.5.json"
+step 2b_3d 100 env COGVAE_CONV_IMPL=3d $BV --scales 2b --ops decode,decode_tiled_exact --skip-torch --json "$OUT/bench_2b_3d.json"
+step 1.5_3d 60 env COGVAE_CONV_IMPL=3d $BV --scales 1.5 --ops decode --skip-torch --json "$OUT/bench_1.5_3d.json"
+step memory 40 python3 bench/bench_memory.py --latent 13x60x90 --json "$OUT/memory_2b.json"
+echo "== done at $((SECONDS - T0))s" | tee -a "$LOG"
