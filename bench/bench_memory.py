@@ -10,6 +10,8 @@ of a decode is too high, and it needs neither torch nor weights.
     python bench/bench_memory.py                          # 13x60x90 latents (49x480x720), bf16 on GPU
     python bench/bench_memory.py --latent 3x12x18 --dtype float32
     python bench/bench_memory.py --impl 3d --json out.json
+    python bench/bench_memory.py --kernels scan --variant default \
+        --variant nolhs:xla_gpu_enable_latency_hiding_scheduler=false     # XLA options side by side
 
 ``XLA_FLAGS=--xla_dump_to=DIR`` additionally writes the buffer assignment and a memory-usage
 report per kernel (look for ``*memory-usage-report.txt``).
@@ -36,56 +38,97 @@ def _nbytes(tree) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
+def _option_value(v: str):
+    """An XLA option's value from the command line: true/false, an int, a float, else the string."""
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:opt=value,opt=value`` -> (NAME, {opt: value}), XLA options added to the
+    kernels' own (``vae.scan_compiler_options``) for one compile."""
+    name, _, rest = spec.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--variant {spec!r}: expected opt=value, got {item!r}")
+        opts[key.strip()] = _option_value(value.strip())
+    return name, opts
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cogvideox-2b", choices=sorted(PRESETS))
     ap.add_argument("--latent", default="13x60x90", help="T x H x W of the latents (default: 49x480x720 video)")
     ap.add_argument("--dtype", default=None, help="compute and parameter dtype (default: bf16 on GPU/TPU, fp32 on CPU)")
     ap.add_argument("--impl", default=None, help="conv lowering (default: the backend's)")
+    ap.add_argument("--kernels", default="first,scan", help="which kernels to compile: first, scan or both")
+    ap.add_argument(
+        "--variant", action="append", default=None, metavar="NAME[:opt=value,...]",
+        help="compile the kernels once more with these XLA options added (repeatable), e.g. "
+             "'nolhs:xla_gpu_enable_latency_hiding_scheduler=false'; default: one variant, 'default'",
+    )
     ap.add_argument("--json", default=None, help="write the figures to this file")
     a = ap.parse_args()
     config: VAEConfig = PRESETS[a.preset]
     dtype = jnp.dtype(a.dtype) if a.dtype else jnp.dtype(default_compute_dtype())
     impl = a.impl or conv3d_impl()
+    kernels = [k for k in a.kernels.split(",") if k]
+    variants = [parse_variant(v) for v in (a.variant or ["default"])]
     t, h, w = (int(v) for v in a.latent.lower().split("x"))
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype, param_dtype=dtype))
     batches = V.frame_batches(t, V.LATENT_FRAMES_BATCH)
     s0, e0 = batches[0]
     c = config.latent_channels
     first_in = jax.ShapeDtypeStruct((1, e0 - s0, h, w, c), dtype)
-    report: dict = {"device": str(jax.devices()[0]), "backend": jax.default_backend(), "preset": a.preset,
-                    "latent": [t, h, w], "dtype": dtype.name, "conv_impl": impl, "params_bytes": _nbytes(state)}
+    backend = jax.default_backend()
+    report: dict = {"device": str(jax.devices()[0]), "backend": backend, "preset": a.preset,
+                    "latent": [t, h, w], "dtype": dtype.name, "conv_impl": impl, "params_bytes": _nbytes(state),
+                    "scan_compiler_options": V.scan_compiler_options(backend), "variants": {}}
+    _, cache = jax.eval_shape(lambda s, z: V._first_fn("decode", impl, graphdef, s, z, None), state, first_in)
+    report["cache_bytes"] = _nbytes(cache)
     k = V.kernels()
+    lowered = {}
     with conv_impl_scope(impl):
-        tic = time.perf_counter()
-        first = k["first"].lower("decode", impl, graphdef, state, first_in, None).compile()
-        report["first_compile_s"] = time.perf_counter() - tic
-        _, cache = jax.eval_shape(lambda s, z: V._first_fn("decode", impl, graphdef, s, z, None), state, first_in)
-        report["cache_bytes"] = _nbytes(cache)
-        m = first.memory_analysis()
-        report["first"] = {"temp_bytes": m.temp_size_in_bytes, "output_bytes": m.output_size_in_bytes,
-                           "argument_bytes": m.argument_size_in_bytes, "alias_bytes": m.alias_size_in_bytes}
-        if len(batches) > 1:
+        if "first" in kernels:
+            lowered["first"] = k["first"].lower("decode", impl, graphdef, state, first_in, None)
+        if "scan" in kernels and len(batches) > 1:
             n = len(batches) - 1
             xs = jax.ShapeDtypeStruct((n, 1, V.LATENT_FRAMES_BATCH, h, w, c), dtype)
-            tic = time.perf_counter()
-            scan = k["scan"].lower("decode", impl, graphdef, state, xs, cache, None).compile()
-            report["scan_compile_s"] = time.perf_counter() - tic
-            m = scan.memory_analysis()
-            report["scan"] = {"iterations": n, "temp_bytes": m.temp_size_in_bytes,
-                              "output_bytes": m.output_size_in_bytes, "argument_bytes": m.argument_size_in_bytes,
-                              "alias_bytes": m.alias_size_in_bytes}
+            lowered["scan"] = k["scan"].lower("decode", impl, graphdef, state, xs, cache, None)
+            report["scan_iterations"] = n
     gib = 1 << 30
     print(f"{report['device']}  {a.preset}  latents {t}x{h}x{w}  {dtype.name}  conv lowering {impl}")
-    print(f"  parameters {report['params_bytes'] / gib:.2f} GiB, conv caches {report['cache_bytes'] / gib:.2f} GiB")
-    for name in ("first", "scan"):
-        if name in report:
-            r = report[name]
+    print(f"  parameters {report['params_bytes'] / gib:.2f} GiB, conv caches {report['cache_bytes'] / gib:.2f} GiB;"
+          f" the scan's own XLA options {report['scan_compiler_options']}")
+    for vname, opts in variants:
+        out = report["variants"][vname] = {"xla_options": opts}
+        for name, low in lowered.items():
+            tic = time.perf_counter()
+            try:
+                m = low.compile(compiler_options=opts or None).memory_analysis()
+            except Exception as e:  # an option this jaxlib does not know: report it, go on with the next
+                out[name] = {"error": str(e).splitlines()[0][:200]}
+                print(f"  {vname:12s} {name:5s} failed: {out[name]['error']}")
+                continue
+            r = {"temp_bytes": m.temp_size_in_bytes, "output_bytes": m.output_size_in_bytes,
+                 "argument_bytes": m.argument_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
+                 "compile_s": time.perf_counter() - tic}
             # Everything the kernel holds while it runs: donated arguments share their outputs' buffers.
             r["total_bytes"] = r["temp_bytes"] + r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"]
-            print(f"  {name:5s} temporaries {r['temp_bytes'] / gib:6.2f} GiB  outputs {r['output_bytes'] / gib:6.2f} GiB"
+            out[name] = r
+            print(f"  {vname:12s} {name:5s} temporaries {r['temp_bytes'] / gib:6.2f} GiB  outputs {r['output_bytes'] / gib:6.2f} GiB"
                   f"  arguments {r['argument_bytes'] / gib:6.2f} GiB  aliased {r['alias_bytes'] / gib:5.2f} GiB"
-                  f"  total {r['total_bytes'] / gib:6.2f} GiB  (compiled in {report[name + '_compile_s']:.1f} s)")
+                  f"  total {r['total_bytes'] / gib:6.2f} GiB  (compiled in {r['compile_s']:.1f} s)", flush=True)
+    if "default" in report["variants"]:  # the layout earlier runs wrote (bench/results/*memory*.json)
+        report.update({n: v for n, v in report["variants"]["default"].items() if n in ("first", "scan")})
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)
