@@ -31,7 +31,7 @@ from flax import nnx
 
 from cogvae.model import PRESETS, VAEConfig, abstract_model, default_compute_dtype
 from cogvae.model import vae as V
-from cogvae.model.layers import conv3d_impl, conv_impl_scope
+from cogvae.model.layers import TAIL_READ, TAIL_READS, conv3d_impl, conv_impl_scope
 
 
 def _nbytes(tree) -> int:
@@ -63,23 +63,39 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, opts
 
 
+def _fused_fn(kind, impl, graphdef, state, first, xs):
+    """An experiment, not what ``decode`` runs: the first batch and the scan in one compiled function,
+    so the scan's initial cache is a value of the same computation instead of a donated argument."""
+    video, cache = V._first_fn(kind, impl, graphdef, state, first, None)
+    outs, _ = V._scan_fn(kind, impl, graphdef, state, xs, cache, None)
+    return video, outs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cogvideox-2b", choices=sorted(PRESETS))
     ap.add_argument("--latent", default="13x60x90", help="T x H x W of the latents (default: 49x480x720 video)")
     ap.add_argument("--dtype", default=None, help="compute and parameter dtype (default: bf16 on GPU/TPU, fp32 on CPU)")
     ap.add_argument("--impl", default=None, help="conv lowering (default: the backend's)")
-    ap.add_argument("--kernels", default="first,scan", help="which kernels to compile: first, scan or both")
+    ap.add_argument("--kernels", default="first,scan",
+                    help="comma list of the kernels to compile: first, scan (what decode runs), and fused, an "
+                         "experiment: both in one compiled function, the scan's initial cache not an argument")
     ap.add_argument(
         "--variant", action="append", default=None, metavar="NAME[:opt=value,...]",
         help="compile the kernels once more with these XLA options added (repeatable), e.g. "
              "'nolhs:xla_gpu_enable_latency_hiding_scheduler=false'; default: one variant, 'default'",
     )
+    ap.add_argument("--tail-read", default=None, choices=TAIL_READS,
+                    help="when the lowering reads each conv's next cache (layers.TAIL_READ; default: its entry)")
     ap.add_argument("--json", default=None, help="write the figures to this file")
     a = ap.parse_args()
     config: VAEConfig = PRESETS[a.preset]
     dtype = jnp.dtype(a.dtype) if a.dtype else jnp.dtype(default_compute_dtype())
     impl = a.impl or conv3d_impl()
+    if a.tail_read:
+        if a.tail_read == "chunks" and not impl.startswith("2d_concat"):
+            ap.error(f"--tail-read chunks needs a 2d_concat lowering, not {impl}")
+        TAIL_READ[impl] = a.tail_read  # before anything is traced
     kernels = [k for k in a.kernels.split(",") if k]
     variants = [parse_variant(v) for v in (a.variant or ["default"])]
     t, h, w = (int(v) for v in a.latent.lower().split("x"))
@@ -90,7 +106,8 @@ def main() -> int:
     first_in = jax.ShapeDtypeStruct((1, e0 - s0, h, w, c), dtype)
     backend = jax.default_backend()
     report: dict = {"device": str(jax.devices()[0]), "backend": backend, "preset": a.preset,
-                    "latent": [t, h, w], "dtype": dtype.name, "conv_impl": impl, "params_bytes": _nbytes(state),
+                    "latent": [t, h, w], "dtype": dtype.name, "conv_impl": impl, "tail_read": TAIL_READ[impl],
+                    "params_bytes": _nbytes(state),
                     "scan_compiler_options": V.scan_compiler_options(backend), "variants": {}}
     _, cache = jax.eval_shape(lambda s, z: V._first_fn("decode", impl, graphdef, s, z, None), state, first_in)
     report["cache_bytes"] = _nbytes(cache)
@@ -104,8 +121,13 @@ def main() -> int:
             xs = jax.ShapeDtypeStruct((n, 1, V.LATENT_FRAMES_BATCH, h, w, c), dtype)
             lowered["scan"] = k["scan"].lower("decode", impl, graphdef, state, xs, cache, None)
             report["scan_iterations"] = n
+            if "fused" in kernels:
+                fused = jax.jit(_fused_fn, static_argnums=(0, 1, 2),
+                                compiler_options=V.scan_compiler_options(backend))
+                lowered["fused"] = fused.lower("decode", impl, graphdef, state, first_in, xs)
     gib = 1 << 30
-    print(f"{report['device']}  {a.preset}  latents {t}x{h}x{w}  {dtype.name}  conv lowering {impl}")
+    print(f"{report['device']}  {a.preset}  latents {t}x{h}x{w}  {dtype.name}  conv lowering {impl}"
+          f" (new caches read: {TAIL_READ[impl]})")
     print(f"  parameters {report['params_bytes'] / gib:.2f} GiB, conv caches {report['cache_bytes'] / gib:.2f} GiB;"
           f" the scan's own XLA options {report['scan_compiler_options']}")
     for vname, opts in variants:
@@ -128,7 +150,7 @@ def main() -> int:
                   f"  arguments {r['argument_bytes'] / gib:6.2f} GiB  aliased {r['alias_bytes'] / gib:5.2f} GiB"
                   f"  total {r['total_bytes'] / gib:6.2f} GiB  (compiled in {r['compile_s']:.1f} s)", flush=True)
     if "default" in report["variants"]:  # the layout earlier runs wrote (bench/results/*memory*.json)
-        report.update({n: v for n, v in report["variants"]["default"].items() if n in ("first", "scan")})
+        report.update({n: v for n, v in report["variants"]["default"].items() if n in ("first", "scan", "fused")})
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -6,11 +6,13 @@
 #   1.5     1.5 scale, default lowering: diffusers eager and cogvae (decode, encode);
 #   2b_3d, 1.5_3d   the same with the `3d` lowering, cogvae only (decode; exact tiles at 2b);
 #   memory  XLA's compile-time memory of the 2b decode kernels (bench/bench_memory.py);
-#   sweep   the 2b scan kernel's compile-time memory under XLA GPU options that bear on a loop's
-#           buffers (scheduler, copy insertion, unrolling, command buffers), for both lowerings:
-#           about 2 minutes, no torch. An option that wins can then be tried end to end with
-#           XLA_FLAGS=--<option>=<value> in front of the other steps.
-# Everything lands in $OUT (log.txt and one JSON per step). Example: STEPS=sweep DEADLINE=200.
+#   sweep   what might close the GPU scan's excess over the first batch (bench/RESULTS.md), by
+#           XLA's compile-time memory of the 2b kernels, no torch, about 5 minutes: when each new
+#           conv cache is read (layers.TAIL_READ, --tail-read) and the first batch and scan fused
+#           into one function (--kernels fused), per lowering; then XLA GPU options that bear on
+#           a loop's buffers (scheduler, copy insertion, unrolling, command buffers). A winning
+#           option can then be tried end to end with XLA_FLAGS=--<option>=<value> before a step.
+# Everything lands in $OUT (log.txt and one JSON per step). Example: STEPS=sweep DEADLINE=330 (about 5 minutes).
 #
 # Before the call, on this machine (the GPU machine has no network), fetch the reference wheels:
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
@@ -40,20 +42,26 @@ step() {  # step NAME CAP command...: runs with a timeout of min(CAP, time left 
 BV="python3 bench/bench_vae.py --workdir /tmp/bw"
 SWEEP=(--variant default
        --variant nolhs:xla_gpu_enable_latency_hiding_scheduler=false
-       --variant slop5:xla_gpu_memory_limit_slop_factor=5
        --variant noregion:xla_gpu_copy_insertion_use_region_analysis=false
+       --variant slop5:xla_gpu_memory_limit_slop_factor=5
        --variant nounroll:xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_NO_UNROLL
        --variant nocmdbuf:xla_gpu_enable_command_buffer=)
+BM="python3 bench/bench_memory.py --latent 13x60x90"
 for s in ${STEPS:-2b 1.5 2b_3d 1.5_3d memory}; do
   case $s in
     2b) step 2b 240 $BV --scales 2b --json "$OUT/bench_2b.json" ;;
     1.5) step 1.5 170 $BV --scales 1.5 --ops decode,encode --json "$OUT/bench_1.5.json" ;;
     2b_3d) step 2b_3d 100 env COGVAE_CONV_IMPL=3d $BV --scales 2b --ops decode,decode_tiled_exact --skip-torch --json "$OUT/bench_2b_3d.json" ;;
     1.5_3d) step 1.5_3d 60 env COGVAE_CONV_IMPL=3d $BV --scales 1.5 --ops decode --skip-torch --json "$OUT/bench_1.5_3d.json" ;;
-    memory) step memory 40 python3 bench/bench_memory.py --latent 13x60x90 --json "$OUT/memory_2b.json" ;;
+    memory) step memory 40 $BM --json "$OUT/memory_2b.json" ;;
     sweep)
-      step sweep_chunked 90 python3 bench/bench_memory.py --kernels scan --impl 2d_concat_chunked "${SWEEP[@]}" --json "$OUT/sweep_chunked.json"
-      step sweep_3d 150 python3 bench/bench_memory.py --kernels scan --impl 3d "${SWEEP[@]}" --json "$OUT/sweep_3d.json" ;;
+      for r in slice chunks conv; do
+        step "sweep_chunked_$r" 60 $BM --impl 2d_concat_chunked --kernels scan,fused --tail-read $r --json "$OUT/sweep_chunked_$r.json"
+      done
+      for r in conv slice; do
+        step "sweep_3d_$r" 75 $BM --impl 3d --kernels scan,fused --tail-read $r --json "$OUT/sweep_3d_$r.json"
+      done
+      step sweep_flags 90 $BM --impl 2d_concat_chunked --kernels scan "${SWEEP[@]}" --json "$OUT/sweep_flags.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
 done

@@ -68,6 +68,15 @@ CONV3D_IMPLS = ("3d", "2d_sum", "2d_concat", "2d_concat_chunked")
 CHUNK_BYTES = 1 << 30
 _AUTO_IMPL = {"cpu": "2d_sum", "gpu": "2d_concat_chunked", "tpu": "3d"}
 
+# When each lowering reads a causal conv's next cache (its input's last frames; see conv3d and
+# _after): "conv", after the conv's output; "chunks", after the stacked chunks that read the
+# previous cache (2d_concat lowerings only); "slice", a plain slice XLA may schedule anywhere.
+# The values compute the same; they differ in the buffers XLA keeps in the decode scan. Chosen by
+# XLA's compile-time memory of the 2b decode scan (bench/bench_memory.py, bench/RESULTS.md);
+# read at trace time, so changing an entry needs jax.clear_caches() (bench_memory --tail-read).
+TAIL_READ = {"3d": "conv", "2d_sum": "conv", "2d_concat": "slice", "2d_concat_chunked": "slice"}
+TAIL_READS = ("conv", "chunks", "slice")
+
 
 _SCOPED_IMPL: list[str] = []
 
@@ -107,8 +116,8 @@ def _conv2d_frames(x: Array, kernel: Array, padding, stride=(1, 1), precision=No
     return y.reshape(b, t, *y.shape[1:])
 
 
-def _after(y: Array, frames: Array, start: int, size: int) -> Array:
-    """``frames[:, start:start + size]``, read only once ``y`` is computed.
+def _after(y, frames: Array, start: int, size: int) -> Array:
+    """``frames[:, start:start + size]``, read only once ``y`` (an array, or a list of them) is computed.
 
     The index depends on one element of y (``start + isnan(y[0, ...])``); dynamic_slice clamps it
     to ``start`` (the slice ends at the last frame), so the value is always the static slice. The
@@ -119,7 +128,8 @@ def _after(y: Array, frames: Array, start: int, size: int) -> Array:
     place. (The clamp needs ``start + size == frames.shape[1]``.)
     """
     assert start + size == frames.shape[1]
-    probe = jnp.isnan(y[(0,) * y.ndim]).astype(jnp.int32)
+    ys = y if isinstance(y, list) else [y]
+    probe = sum(jnp.isnan(v[(0,) * v.ndim]).astype(jnp.int32) for v in ys)
     return jax.lax.dynamic_slice_in_dim(frames, start + probe, size, axis=1)
 
 
@@ -127,26 +137,38 @@ def conv3d(x: Array, kernel: Array, padding, precision, impl: str, tail: int = 0
     """Stride-1 3-D conv, x (B, T, H, W, C), kernel (kt, kh, kw, C, O), no padding in time.
 
     With ``tail`` (0 < tail < kt) also returns x's last ``tail`` frames: the causal conv's next
-    cache. The ``3d`` and ``2d_sum`` lowerings read them after the conv (see ``_after``), which cuts
-    XLA's compile-time total of the 2b decode scan (fp32, CPU) from 17.2 to 14.5 GiB (``3d``) and
-    from 23.8 to 19.8 GiB (``2d_sum``).
+    cache, read as ``TAIL_READ`` says. The ``3d`` and ``2d_sum`` lowerings read them after the conv
+    (see ``_after``), which cuts XLA's compile-time total of the 2b decode scan (fp32, CPU) from
+    17.2 to 14.5 GiB (``3d``) and from 23.8 to 19.8 GiB (``2d_sum``).
     """
     kt = kernel.shape[0]
     hw_pad = padding[1:]
     if kt == 1:  # a 1-frame kernel is a 2-D conv of every frame
         assert not tail
         return _conv2d_frames(x, kernel[0], hw_pad, precision=precision)
+    read = TAIL_READ[impl]
+    if read not in TAIL_READS or (read == "chunks" and not impl.startswith("2d_concat")):
+        raise ValueError(f"TAIL_READ[{impl!r}] = {read!r}: use one of {TAIL_READS} ('chunks': 2d_concat lowerings)")
+
+    def with_tail(y, readers=()):
+        if not tail:
+            return y
+        start = x.shape[1] - tail
+        if read == "slice":
+            return y, x[:, start:]
+        return y, _after(list(readers) if read == "chunks" else y, x, start, tail)
+
     if impl == "3d":
         y = jax.lax.conv_general_dilated(
             x, kernel, (1, 1, 1), padding, dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=precision
         )
-        return (y, _after(y, x, x.shape[1] - tail, tail)) if tail else y
+        return with_tail(y)
     t = x.shape[1] - kt + 1
     if impl == "2d_sum":
         out = _conv2d_frames(x[:, 0:t], kernel[0], hw_pad, precision=precision)
         for dt in range(1, kt):
             out = out + _conv2d_frames(x[:, dt : dt + t], kernel[dt], hw_pad, precision=precision)
-        return (out, _after(out, x, x.shape[1] - tail, tail)) if tail else out
+        return with_tail(out)
     if impl in ("2d_concat", "2d_concat_chunked"):
         kh, kw, c, o = kernel.shape[1:]
         k2 = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, kt * c, o)
@@ -155,16 +177,18 @@ def conv3d(x: Array, kernel: Array, padding, precision, impl: str, tail: int = 0
             # Bound the stacked copy (kt x the input) to about CHUNK_BYTES: output frames in chunks.
             per_frame = kt * c * x.shape[0] * x.shape[2] * x.shape[3] * x.dtype.itemsize
             step = max(1, min(t, CHUNK_BYTES // per_frame))
-        outs = []
+        outs, readers = [], []
         for s0 in range(0, t, step):
             n = min(step, t - s0)
             stacked = jnp.concatenate([x[:, s0 + dt : s0 + dt + n] for dt in range(kt)], axis=-1)
+            if s0 < tail:  # this chunk holds x's first `tail` frames: the previous batch's cache
+                readers.append(stacked)
             outs.append(_conv2d_frames(stacked, k2, hw_pad, precision=precision))
         y = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-        # Here the tail stays a plain slice: read after the conv (from x, or from the last stacked
-        # chunk) it raised XLA's compile-time total of the 2b decode scan on the CPU (17.2 -> 17.5
-        # GiB for the chunked lowering, 18.5 from x), while the other lowerings gain (see conv3d).
-        return (y, x[:, x.shape[1] - tail :]) if tail else y
+        # "slice" here: on the CPU, "conv" raised the 2b decode scan's compile-time total from 17.2
+        # to 22.1 GiB (fp32); "chunks" gave 18.2 (fp32) and 14.0 against 16.0 GiB (bf16) at 2b
+        # but 51.0 against 48.0 GiB (bf16) at 1.5 scale: no clear winner without a GPU figure.
+        return with_tail(y, readers)
     raise ValueError(f"unknown conv impl {impl!r}")
 
 

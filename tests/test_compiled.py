@@ -194,6 +194,35 @@ def test_conv_lowering_switch_gets_its_own_compiled_functions(monkeypatch):
     assert any(not np.array_equal(out, outs["3d"]) for impl, out in outs.items() if impl != "3d")
 
 
+@pytest.mark.parametrize(
+    "impl, reads", [("2d_concat_chunked", ("slice", "chunks", "conv")), ("3d", ("conv", "slice"))]
+)
+def test_when_new_caches_are_read_changes_no_value(monkeypatch, impl, reads):
+    """layers.TAIL_READ only orders XLA's buffers: every choice decodes the same bytes, through the
+    scan (5 latents: a scanned batch that reads and writes caches), with chunks of one frame so
+    that two stacked chunks hold the previous cache."""
+    import jax
+
+    from cogvae.model import layers
+
+    vae, _ = models()
+    z = jnp.asarray(np.random.default_rng(11).standard_normal((1, 5, 4, 6, 4)), jnp.float32)
+    monkeypatch.setattr(layers, "CHUNK_BYTES", 1)
+    outs = {}
+    for read in reads:
+        monkeypatch.setitem(layers.TAIL_READ, impl, read)
+        jax.clear_caches()  # TAIL_READ is read at trace time
+        with vae_mod.conv_impl_scope(impl):
+            outs[read] = np.asarray(vae.decode(z))
+    jax.clear_caches()
+    for read, out in outs.items():
+        np.testing.assert_array_equal(out, outs[reads[0]], err_msg=read)
+    monkeypatch.setitem(layers.TAIL_READ, "3d", "chunks")
+    with pytest.raises(ValueError, match="chunks"):
+        layers.conv3d(jnp.zeros((1, 4, 3, 3, 2)), jnp.zeros((3, 3, 3, 2, 2)), ((0, 0), (1, 1), (1, 1)),
+                      None, "3d", tail=2)
+
+
 @pytest.mark.parametrize("latents", [1, 3])
 def test_ahead_of_time_first_batch_equals_decode(latents):
     """compile_decode_first_batch (compiled from shapes alone, before any weight exists) is the
