@@ -71,6 +71,13 @@ def _fused_fn(kind, impl, graphdef, state, first, xs):
     return video, outs
 
 
+def _step_fn(kind, impl, graphdef, state, x, cache):
+    """An experiment, not what ``decode`` runs: one scanned batch as its own compiled function (the
+    cache donated), i.e. what a Python loop over batches would compile instead of the scan."""
+    with conv_impl_scope(impl):
+        return V._STEPS[kind](nnx.merge(graphdef, state), x, cache, None)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cogvideox-2b", choices=sorted(PRESETS))
@@ -78,8 +85,8 @@ def main() -> int:
     ap.add_argument("--dtype", default=None, help="compute and parameter dtype (default: bf16 on GPU/TPU, fp32 on CPU)")
     ap.add_argument("--impl", default=None, help="conv lowering (default: the backend's)")
     ap.add_argument("--kernels", default="first,scan",
-                    help="comma list of the kernels to compile: first, scan (what decode runs), and fused, an "
-                         "experiment: both in one compiled function, the scan's initial cache not an argument")
+                    help="comma list of the kernels to compile: first, scan (what decode runs); experiments: "
+                         "fused (both in one compiled function), step (one scanned batch on its own)")
     ap.add_argument(
         "--variant", action="append", default=None, metavar="NAME[:opt=value,...]",
         help="compile the kernels once more with these XLA options added (repeatable), e.g. "
@@ -125,6 +132,9 @@ def main() -> int:
                 fused = jax.jit(_fused_fn, static_argnums=(0, 1, 2),
                                 compiler_options=V.scan_compiler_options(backend))
                 lowered["fused"] = fused.lower("decode", impl, graphdef, state, first_in, xs)
+            if "step" in kernels:
+                step = jax.jit(_step_fn, static_argnums=(0, 1, 2), donate_argnums=(5,))
+                lowered["step"] = step.lower("decode", impl, graphdef, state, xs.update(shape=xs.shape[1:]), cache)
     gib = 1 << 30
     print(f"{report['device']}  {a.preset}  latents {t}x{h}x{w}  {dtype.name}  conv lowering {impl}"
           f" (new caches read: {TAIL_READ[impl]})")
@@ -150,7 +160,7 @@ def main() -> int:
                   f"  arguments {r['argument_bytes'] / gib:6.2f} GiB  aliased {r['alias_bytes'] / gib:5.2f} GiB"
                   f"  total {r['total_bytes'] / gib:6.2f} GiB  (compiled in {r['compile_s']:.1f} s)", flush=True)
     if "default" in report["variants"]:  # the layout earlier runs wrote (bench/results/*memory*.json)
-        report.update({n: v for n, v in report["variants"]["default"].items() if n in ("first", "scan", "fused")})
+        report.update({n: v for n, v in report["variants"]["default"].items() if n in ("first", "scan", "fused", "step")})
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -8,11 +8,12 @@
 #   memory  XLA's compile-time memory of the 2b decode kernels (bench/bench_memory.py);
 #   sweep   what might close the GPU scan's excess over the first batch (bench/RESULTS.md), by
 #           XLA's compile-time memory of the 2b kernels, no torch, about 5 minutes: when each new
-#           conv cache is read (layers.TAIL_READ, --tail-read) and the first batch and scan fused
-#           into one function (--kernels fused), per lowering; then XLA GPU options that bear on
+#           conv cache is read (layers.TAIL_READ, --tail-read), the first batch and scan fused
+#           into one function (--kernels fused), one scanned batch compiled on its own with its
+#           cache donated (--kernels step: is the loop itself the cause?); then XLA GPU options on
 #           a loop's buffers (scheduler, copy insertion, unrolling, command buffers). A winning
 #           option can then be tried end to end with XLA_FLAGS=--<option>=<value> before a step.
-# Everything lands in $OUT (log.txt and one JSON per step). Example: STEPS=sweep DEADLINE=330 (about 5 minutes).
+# Everything lands in $OUT (log.txt and one JSON per step). Example: STEPS=sweep DEADLINE=360 (about 5 minutes).
 #
 # Before the call, on this machine (the GPU machine has no network), fetch the reference wheels:
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
@@ -56,11 +57,9 @@ for s in ${STEPS:-2b 1.5 2b_3d 1.5_3d memory}; do
     memory) step memory 40 $BM --json "$OUT/memory_2b.json" ;;
     sweep)
       for r in slice chunks conv; do
-        step "sweep_chunked_$r" 60 $BM --impl 2d_concat_chunked --kernels scan,fused --tail-read $r --json "$OUT/sweep_chunked_$r.json"
+        step "sweep_chunked_$r" 60 $BM --impl 2d_concat_chunked --kernels scan,fused,step --tail-read $r --json "$OUT/sweep_chunked_$r.json"
       done
-      for r in conv slice; do
-        step "sweep_3d_$r" 75 $BM --impl 3d --kernels scan,fused --tail-read $r --json "$OUT/sweep_3d_$r.json"
-      done
+      step sweep_3d 120 $BM --impl 3d --kernels scan,fused,step --json "$OUT/sweep_3d.json"
       step sweep_flags 90 $BM --impl 2d_concat_chunked --kernels scan "${SWEEP[@]}" --json "$OUT/sweep_flags.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
