@@ -31,7 +31,7 @@ from flax import nnx
 
 from cogvae.model import PRESETS, VAEConfig, abstract_model, default_compute_dtype
 from cogvae.model import vae as V
-from cogvae.model.layers import TAIL_READ, TAIL_READS, conv3d_impl, conv_impl_scope
+from cogvae.model.layers import TAIL_READ, TAIL_READS, conv3d_impl, conv_impl_scope, lowering
 
 
 def _nbytes(tree) -> int:
@@ -103,6 +103,7 @@ def main() -> int:
         if a.tail_read == "chunks" and not impl.startswith("2d_concat"):
             ap.error(f"--tail-read chunks needs a 2d_concat lowering, not {impl}")
         TAIL_READ[impl] = a.tail_read  # before anything is traced
+    key = lowering(impl)  # the kernels' static lowering argument: (impl, tail read)
     kernels = [k for k in a.kernels.split(",") if k]
     variants = [parse_variant(v) for v in (a.variant or ["default"])]
     t, h, w = (int(v) for v in a.latent.lower().split("x"))
@@ -116,25 +117,25 @@ def main() -> int:
                     "latent": [t, h, w], "dtype": dtype.name, "conv_impl": impl, "tail_read": TAIL_READ[impl],
                     "params_bytes": _nbytes(state),
                     "scan_compiler_options": V.scan_compiler_options(backend), "variants": {}}
-    _, cache = jax.eval_shape(lambda s, z: V._first_fn("decode", impl, graphdef, s, z, None), state, first_in)
+    _, cache = jax.eval_shape(lambda s, z: V._first_fn("decode", key, graphdef, s, z, None), state, first_in)
     report["cache_bytes"] = _nbytes(cache)
     k = V.kernels()
     lowered = {}
-    with conv_impl_scope(impl):
+    with conv_impl_scope(key):
         if "first" in kernels:
-            lowered["first"] = k["first"].lower("decode", impl, graphdef, state, first_in, None)
+            lowered["first"] = k["first"].lower("decode", key, graphdef, state, first_in, None)
         if "scan" in kernels and len(batches) > 1:
             n = len(batches) - 1
             xs = jax.ShapeDtypeStruct((n, 1, V.LATENT_FRAMES_BATCH, h, w, c), dtype)
-            lowered["scan"] = k["scan"].lower("decode", impl, graphdef, state, xs, cache, None)
+            lowered["scan"] = k["scan"].lower("decode", key, graphdef, state, xs, cache, None)
             report["scan_iterations"] = n
             if "fused" in kernels:
                 fused = jax.jit(_fused_fn, static_argnums=(0, 1, 2),
                                 compiler_options=V.scan_compiler_options(backend))
-                lowered["fused"] = fused.lower("decode", impl, graphdef, state, first_in, xs)
+                lowered["fused"] = fused.lower("decode", key, graphdef, state, first_in, xs)
             if "step" in kernels:
                 step = jax.jit(_step_fn, static_argnums=(0, 1, 2), donate_argnums=(5,))
-                lowered["step"] = step.lower("decode", impl, graphdef, state, xs.update(shape=xs.shape[1:]), cache)
+                lowered["step"] = step.lower("decode", key, graphdef, state, xs.update(shape=xs.shape[1:]), cache)
     gib = 1 << 30
     print(f"{report['device']}  {a.preset}  latents {t}x{h}x{w}  {dtype.name}  conv lowering {impl}"
           f" (new caches read: {TAIL_READ[impl]})")

@@ -72,28 +72,42 @@ _AUTO_IMPL = {"cpu": "2d_sum", "gpu": "2d_concat_chunked", "tpu": "3d"}
 # _after): "conv", after the conv's output; "chunks", after the stacked chunks that read the
 # previous cache (2d_concat lowerings only); "slice", a plain slice XLA may schedule anywhere.
 # The values compute the same; they differ in the buffers XLA keeps in the decode scan. Chosen by
-# XLA's compile-time memory of the 2b decode scan (bench/bench_memory.py, bench/RESULTS.md);
-# read at trace time, so changing an entry needs jax.clear_caches() (bench_memory --tail-read).
+# XLA's compile-time memory of the 2b decode scan (bench/bench_memory.py, bench/RESULTS.md). The
+# compiled kernels are keyed on it (``lowering()``), so a changed entry compiles anew.
 TAIL_READ = {"3d": "conv", "2d_sum": "conv", "2d_concat": "slice", "2d_concat_chunked": "slice"}
 TAIL_READS = ("conv", "chunks", "slice")
 
 
-_SCOPED_IMPL: list[str] = []
+_SCOPED_IMPL: list[tuple[str, Optional[str]]] = []
 
 
 @contextlib.contextmanager
-def conv_impl_scope(impl: str):
-    """Trace under a fixed lowering (the compiled kernels take it as a static argument)."""
-    _SCOPED_IMPL.append(impl)
+def conv_impl_scope(impl):
+    """Trace under a fixed lowering: a conv impl name, or a ``lowering()`` key (impl, tail read),
+    which the compiled kernels take as a static argument."""
+    _SCOPED_IMPL.append((impl, None) if isinstance(impl, str) else tuple(impl))
     try:
         yield
     finally:
         _SCOPED_IMPL.pop()
 
 
+def tail_read(impl: str) -> str:
+    """When ``impl`` reads a causal conv's next cache: the scope's pinned choice, else TAIL_READ's."""
+    if _SCOPED_IMPL and _SCOPED_IMPL[-1][0] == impl and _SCOPED_IMPL[-1][1] is not None:
+        return _SCOPED_IMPL[-1][1]
+    return TAIL_READ[impl]
+
+
+def lowering(impl: Optional[str] = None) -> tuple[str, str]:
+    """The static key the compiled kernels are specialised on: (conv impl, its tail read)."""
+    impl = impl or conv3d_impl()
+    return impl, tail_read(impl)
+
+
 def conv3d_impl() -> str:
     if _SCOPED_IMPL:
-        return _SCOPED_IMPL[-1]
+        return _SCOPED_IMPL[-1][0]
     impl = os.environ.get("COGVAE_CONV_IMPL", "auto")
     if impl == "auto":
         return _AUTO_IMPL.get(jax.default_backend(), "3d")
@@ -146,7 +160,7 @@ def conv3d(x: Array, kernel: Array, padding, precision, impl: str, tail: int = 0
     if kt == 1:  # a 1-frame kernel is a 2-D conv of every frame
         assert not tail
         return _conv2d_frames(x, kernel[0], hw_pad, precision=precision)
-    read = TAIL_READ[impl]
+    read = tail_read(impl)
     if read not in TAIL_READS or (read == "chunks" and not impl.startswith("2d_concat")):
         raise ValueError(f"TAIL_READ[{impl!r}] = {read!r}: use one of {TAIL_READS} ('chunks': 2d_concat lowerings)")
 

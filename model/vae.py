@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from .config import VAEConfig
-from .layers import CausalConv3d, Conv3d, DownBlock3D, GroupNorm, MidBlock3D, SpatialNorm3D, UpBlock3D, conv3d_impl, conv_impl_scope, double_valid, halve_valid
+from .layers import CausalConv3d, Conv3d, DownBlock3D, GroupNorm, MidBlock3D, SpatialNorm3D, UpBlock3D, conv_impl_scope, double_valid, halve_valid, lowering
 
 Array = jax.Array
 
@@ -279,8 +279,9 @@ def scan_compiler_options(backend: str) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _kernels(backend: str) -> dict:
-    # Static arguments: kind, conv lowering (so a changed COGVAE_CONV_IMPL compiles anew rather
-    # than reusing a function traced for another lowering) and graphdef.
+    # Static arguments: kind, the ``lowering()`` key (conv impl and tail read, so a changed
+    # COGVAE_CONV_IMPL or layers.TAIL_READ compiles anew rather than reusing a function traced for
+    # another lowering) and graphdef.
     # Every backend donates the cache (jax's CPU client aliases donated buffers too).
     return {
         "first": jax.jit(_first_fn, static_argnums=(0, 1, 2)),
@@ -306,7 +307,7 @@ def compile_decode_first_batch(graphdef, state, latent_shape, latent_dtype=jnp.f
     """
     if latent_shape[1] > 3:
         raise ValueError(f"the first decode batch holds at most 3 latent frames, got {latent_shape}")
-    impl = impl or conv3d_impl()
+    impl = lowering(impl)
     avals = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     z = jax.ShapeDtypeStruct(tuple(latent_shape), latent_dtype)
     compiled = kernels()["first"].lower("decode", impl, graphdef, avals, z, None).compile()
@@ -438,7 +439,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
         k = kernels()
         graphdef, state = self._split()
         s0, e0 = batches[0]
-        impl = conv3d_impl()
+        impl = lowering()  # the conv lowering and its tail read: a static argument of both kernels
         out0, cache = k["first"](kind, impl, graphdef, state, x[:, s0:e0], valid)
         if len(batches) == 1:
             return out0

@@ -198,22 +198,29 @@ def test_conv_lowering_switch_gets_its_own_compiled_functions(monkeypatch):
     "impl, reads", [("2d_concat_chunked", ("slice", "chunks", "conv")), ("3d", ("conv", "slice"))]
 )
 def test_when_new_caches_are_read_changes_no_value(monkeypatch, impl, reads):
-    """layers.TAIL_READ only orders XLA's buffers: every choice decodes the same bytes (5 latents: a
-    second batch that reads and writes caches), with chunks of one frame so that two stacked chunks
-    hold the previous cache. The reference loop runs the same layer code op by op, so no compiled
-    function has to be dropped (TAIL_READ is read at trace time)."""
+    """layers.TAIL_READ only orders XLA's buffers: on the reference loop every choice decodes the
+    same bytes (5 latents: a second batch that reads and writes caches), with chunks of one frame so
+    that two stacked chunks hold the previous cache. A changed entry is part of the compiled
+    kernels' key: decode traces anew instead of reusing a function traced for another choice."""
     from cogvae.model import layers
 
     vae, _ = models()
     z = jnp.asarray(np.random.default_rng(11).standard_normal((1, 5, 4, 6, 4)), jnp.float32)
     monkeypatch.setattr(layers, "CHUNK_BYTES", 1)
+    assert layers.TAIL_READ[impl] == reads[0]
     outs = {}
-    for read in reads:
-        monkeypatch.setitem(layers.TAIL_READ, impl, read)
-        with vae_mod.conv_impl_scope(impl):
-            outs[read] = np.asarray(vae.decode(z, compiled=False))
+    with vae_mod.conv_impl_scope(impl):
+        for read in reads:
+            monkeypatch.setitem(layers.TAIL_READ, impl, read)
+            outs[read] = np.asarray(vae.decode(z, compiled=False))  # the layer code, op by op
+            if read == reads[1]:  # one other choice than the default, whose kernels other tests made
+                t = _traces(lambda: outs.__setitem__(("compiled", read), np.asarray(vae.decode(z))))
+                assert (t["decode_first"], t["decode_scan"]) == (1, 1), read
     for read, out in outs.items():
-        np.testing.assert_array_equal(out, outs[reads[0]], err_msg=read)
+        if isinstance(read, str):  # the layer code gives the same bytes for every choice
+            np.testing.assert_array_equal(out, outs[reads[0]], err_msg=read)
+        else:  # compiled: XLA's fusions round differently from op-by-op, as in the tests above
+            assert rel_l2(out, outs[reads[0]]) <= 1e-6 and np.abs(out - outs[reads[0]]).max() <= 1e-5, read
     monkeypatch.setitem(layers.TAIL_READ, "3d", "chunks")
     with pytest.raises(ValueError, match="chunks"):
         layers.conv3d(jnp.zeros((1, 4, 3, 3, 2)), jnp.zeros((3, 3, 3, 2, 2)), ((0, 0), (1, 1), (1, 1)),
