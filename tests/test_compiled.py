@@ -195,7 +195,7 @@ def test_conv_lowering_switch_gets_its_own_compiled_functions(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "impl, reads", [("2d_concat_chunked", ("slice", "chunks", "conv")), ("3d", ("conv", "slice"))]
+    "impl, reads", [("2d_concat_chunked", ("slice", "chunks")), ("3d", ("conv", "slice"))]
 )
 def test_when_new_caches_are_read_changes_no_value(monkeypatch, impl, reads):
     """layers.TAIL_READ only orders XLA's buffers: on the reference loop every choice decodes the
