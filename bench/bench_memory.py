@@ -105,6 +105,8 @@ def main() -> int:
         TAIL_READ[impl] = a.tail_read  # before anything is traced
     key = lowering(impl)  # the kernels' static lowering argument: (impl, tail read)
     kernels = [k for k in a.kernels.split(",") if k]
+    if set(kernels) - {"first", "scan", "fused", "step"}:
+        ap.error(f"--kernels: unknown {sorted(set(kernels) - {'first', 'scan', 'fused', 'step'})}")
     variants = [parse_variant(v) for v in (a.variant or ["default"])]
     t, h, w = (int(v) for v in a.latent.lower().split("x"))
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype, param_dtype=dtype))
@@ -124,11 +126,12 @@ def main() -> int:
     with conv_impl_scope(key):
         if "first" in kernels:
             lowered["first"] = k["first"].lower("decode", key, graphdef, state, first_in, None)
-        if "scan" in kernels and len(batches) > 1:
+        if len(batches) > 1:  # the other kernels need a scanned batch
             n = len(batches) - 1
             xs = jax.ShapeDtypeStruct((n, 1, V.LATENT_FRAMES_BATCH, h, w, c), dtype)
-            lowered["scan"] = k["scan"].lower("decode", key, graphdef, state, xs, cache, None)
             report["scan_iterations"] = n
+            if "scan" in kernels:
+                lowered["scan"] = k["scan"].lower("decode", key, graphdef, state, xs, cache, None)
             if "fused" in kernels:
                 fused = jax.jit(_fused_fn, static_argnums=(0, 1, 2),
                                 compiler_options=V.scan_compiler_options(backend))
