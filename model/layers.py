@@ -256,7 +256,7 @@ class Conv3d(nnx.Module):
 
     def __call__(self, x: Array, tail: int = 0):
         """x: (B, T, H, W, Cin) -> (B, T', H', W', Cout); with ``tail`` > 0, also x's last ``tail``
-        frames (B, tail, H, W, Cin), read after the conv (see ``conv3d``)."""
+        frames (B, tail, H, W, Cin), read when ``TAIL_READ`` says (see ``conv3d``)."""
         out = conv3d(
             x.astype(self.dtype),
             self.kernel[...].astype(self.dtype),

@@ -263,9 +263,10 @@ _REGION_ANALYSIS = {  # jax.default_backend() -> the option's name in that compi
 }
 
 
+@functools.lru_cache(maxsize=None)
 def scan_compiler_options(backend: str) -> dict:
     """The XLA options the scan kernels are compiled with; ``backend`` is ``jax.default_backend()``,
-    on which the option is checked."""
+    on which the option is checked (once per process)."""
     name = _REGION_ANALYSIS.get(backend)
     if name is None:
         return {}
