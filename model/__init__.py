@@ -4,6 +4,7 @@ Layout is ``(B, T, H, W, C)`` throughout. Build with ``AutoencoderKLCogVideoX(co
 without allocating weights, ``abstract_model(config)``.
 """
 
+from .compilation_cache import default_cache_dir, enable_compilation_cache
 from .config import HANDLED_KEYS, IGNORED_KEYS, PRESETS, ConfigError, VAEConfig
 from .vae import (
     AutoencoderKLCogVideoX,
@@ -56,6 +57,8 @@ __all__ = [
     "TilingConfig",
     "VAEConfig",
     "abstract_model",
+    "default_cache_dir",
     "default_compute_dtype",
+    "enable_compilation_cache",
     "frame_batches",
 ]
