@@ -132,6 +132,10 @@ def worker_jax(args) -> dict:
 
     if args.compilation_cache:
         enable_compilation_cache(args.compilation_cache)
+    if args.tail_read:  # an experiment (bench/pick_lever.py): when the lowering reads new conv caches
+        from cogvae.model import layers
+
+        layers.TAIL_READ[conv3d_impl()] = args.tail_read
     vae = load(args.workdir / "vae", dtype=args.dtype, compute_dtype=args.dtype)
     dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
     dev = jax.devices()[0]
@@ -166,6 +170,8 @@ def worker_jax(args) -> dict:
             peak_bytes=peak,
             device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
             conv_impl=conv3d_impl(),
+            xla_flags=os.environ.get("XLA_FLAGS", ""),
+            tail_read=args.tail_read,
         )
         del out, x
     return results
@@ -177,6 +183,8 @@ def run_worker(framework: str, scale: str, ops: list[str], args) -> dict:
         "--workdir", str(args.workdir), "--dtype", args.dtype,
         "--repeats", str(args.repeats if scale != "1.5" else max(1, args.repeats - 1)),
     ]
+    if framework == "jax" and args.tail_read:
+        cmd += ["--tail-read", args.tail_read]
     if framework == "jax" and args.compilation_cache:
         # One folder per (scale, op): an op's cold first call never finds another op's kernels.
         cmd += ["--compilation-cache", str(args.compilation_cache / scale / "_".join(ops))]
@@ -265,6 +273,8 @@ def main() -> None:
     p.add_argument("--compilation-cache", type=Path, default=None, metavar="DIR",
                    help="cogvae workers use this persistent compilation cache (enable_compilation_cache), and "
                         "each op runs once more in a new process to time its first call with the cache filled")
+    p.add_argument("--tail-read", default=None, choices=["conv", "chunks", "slice"],
+                   help="experiment: override layers.TAIL_READ for the lowering in use (default: its entry)")
     p.add_argument("--worker", choices=["torch", "jax"], help=argparse.SUPPRESS)
     p.add_argument("--scale", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -11,8 +11,12 @@
 #           conv cache is read (layers.TAIL_READ, --tail-read), the first batch and scan fused
 #           into one function (--kernels fused), one scanned batch compiled on its own with its
 #           cache donated (--kernels step: is the loop itself the cause?); then XLA GPU options on
-#           a loop's buffers (scheduler, copy insertion, unrolling, command buffers). A winning
-#           option can then be tried end to end with XLA_FLAGS=--<option>=<value> before a step.
+#           a loop's buffers (scheduler, copy insertion, unrolling, command buffers);
+#   best    after sweep: the lever with the lowest scan total (bench/pick_lever.py), if it beats
+#           the default by 0.5 GiB, run end to end at 2b (decode, exact tiles; cogvae only: compare
+#           with the 2b step's diffusers figures from the same call);
+#   cache   2b decode, cogvae only, once cold and once in a new process with the persistent
+#           compilation cache filled (enable_compilation_cache).
 # Everything lands in $OUT (log.txt and one JSON per step). Example: STEPS=sweep DEADLINE=360 (about 5 minutes).
 #
 # Before the call, on this machine (the GPU machine has no network), fetch the reference wheels:
@@ -61,6 +65,13 @@ for s in ${STEPS:-2b 1.5 2b_3d 1.5_3d memory}; do
       done
       step sweep_3d 120 $BM --impl 3d --kernels scan,fused,step --json "$OUT/sweep_3d.json"
       step sweep_flags 90 $BM --impl 2d_concat_chunked --kernels scan "${SWEEP[@]}" --json "$OUT/sweep_flags.json" ;;
+    best)
+      if { read -r envs && read -r args; } < <(python3 bench/pick_lever.py "$OUT" 2>>"$LOG"); then
+        eval "step best 150 env $envs $BV --scales 2b --ops decode,decode_tiled_exact --skip-torch $args --json $OUT/bench_2b_best.json"
+      else
+        echo "== best: no lever to try (see above)" | tee -a "$LOG"
+      fi ;;
+    cache) step cache 120 $BV --scales 2b --ops decode --skip-torch --repeats 1 --compilation-cache /tmp/cc --json "$OUT/bench_2b_cache.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
 done
