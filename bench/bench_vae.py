@@ -260,6 +260,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    from cogvae.model.layers import TAIL_READS
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="small config on CPU in fp32 (< 1 minute)")
     p.add_argument("--scales", default=None, help="comma list of 2b,1.5 (default both; 'small' with --small)")
@@ -273,7 +275,7 @@ def main() -> None:
     p.add_argument("--compilation-cache", type=Path, default=None, metavar="DIR",
                    help="cogvae workers use this persistent compilation cache (enable_compilation_cache), and "
                         "each op runs once more in a new process to time its first call with the cache filled")
-    p.add_argument("--tail-read", default=None, choices=["conv", "chunks", "slice"],
+    p.add_argument("--tail-read", default=None, choices=TAIL_READS,
                    help="experiment: override layers.TAIL_READ for the lowering in use (default: its entry)")
     p.add_argument("--worker", choices=["torch", "jax"], help=argparse.SUPPRESS)
     p.add_argument("--scale", help=argparse.SUPPRESS)

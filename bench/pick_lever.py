@@ -2,17 +2,18 @@
 """Pick the memory lever the GPU sweep found best, for an end-to-end check in the same call.
 
 Reads the JSON files ``bench/gpu_run.sh``'s ``sweep`` step wrote (``bench/bench_memory.py``: XLA's
-compile-time total of the 2b decode scan under each lever) and prints one shell line of
-environment assignments and one line of arguments for ``bench/bench_vae.py``, e.g.
+compile-time total of the 2b decode scan under each lever) and prints a line of environment
+assignments and a line of arguments for ``bench/bench_vae.py``, e.g.
 
     COGVAE_CONV_IMPL=2d_concat_chunked XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=false
     --tail-read slice
 
 Only the levers ``decode`` can use without a code change count: a conv lowering, when it reads
-new caches (``--tail-read``) and XLA options (as ``XLA_FLAGS``). The ``fused`` and ``step``
-experiments are reported, not picked. (An XLA option the scan kernels set themselves,
-``vae.scan_compiler_options``, wins over ``XLA_FLAGS`` end to end.) Prints nothing (exit 1) when no lever beats the default
-(``2d_concat_chunked``, its own tail read, no extra options) by ``--min-gain`` GiB.
+new caches (``--tail-read``) and XLA options (as ``XLA_FLAGS``); the ``fused`` and ``step``
+experiments are reported, not picked. An XLA option the scan kernels set themselves
+(``vae.scan_compiler_options``) wins over ``XLA_FLAGS`` end to end. The default is the GPU's conv
+lowering with its own tail read (``layers._AUTO_IMPL``, ``layers.TAIL_READ``) and no extra
+options; prints nothing (exit 1) when no lever beats it by ``--min-gain`` GiB.
 
     python bench/pick_lever.py OUT_DIR [--min-gain 0.5]
 """
@@ -54,7 +55,10 @@ def main() -> int:
         return 1
     for label, total, _, _ in sorted(rows, key=lambda r: r[1]):
         print(f"  {label:40s} scan total {total / GIB:6.2f} GiB", file=sys.stderr)
-    defaults = [t for label, t, env, _ in rows if label.startswith("2d_concat_chunked/slice/default")]
+    from cogvae.model.layers import _AUTO_IMPL, TAIL_READ
+
+    impl = _AUTO_IMPL["gpu"]
+    defaults = [t for label, t, _, _ in rows if label == f"{impl}/{TAIL_READ[impl]}/default"]
     best = min(rows, key=lambda r: r[1])
     if not defaults or best[1] > min(defaults) - a.min_gain * GIB:
         print("no lever beats the default by the margin", file=sys.stderr)
