@@ -6,6 +6,7 @@ without allocating weights, ``abstract_model(config)``.
 
 from .compilation_cache import default_cache_dir, enable_compilation_cache
 from .config import HANDLED_KEYS, IGNORED_KEYS, PRESETS, ConfigError, VAEConfig
+from .sharding import replicate, video_sharding
 from .vae import (
     AutoencoderKLCogVideoX,
     Decoder3D,
@@ -61,4 +62,6 @@ __all__ = [
     "default_compute_dtype",
     "enable_compilation_cache",
     "frame_batches",
+    "replicate",
+    "video_sharding",
 ]

@@ -320,6 +320,16 @@ def compile_decode_first_batch(graphdef, state, latent_shape, latent_dtype=jnp.f
     return run
 
 
+def _partitioned(x) -> bool:
+    """Whether ``x`` is a concrete array split over several devices, so that the kernels it goes
+    into are partitioned (GSPMD). A tracer (decode inside a caller's jit) says nothing: False."""
+    try:
+        sharding = x.sharding
+    except AttributeError:
+        return False
+    return len(sharding.device_set) > 1 and not sharding.is_fully_replicated
+
+
 def _unstack_batches(ys: Array) -> Array:
     """(N, B, t, ...) scan outputs -> (B, N*t, ...) frames in order."""
     n, b, t = ys.shape[:3]
@@ -440,7 +450,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
         k = kernels()
         graphdef, state = self._split()
         s0, e0 = batches[0]
-        impl = lowering()  # the conv lowering and its tail read: a static argument of both kernels
+        # The conv lowering and its tail read: a static argument of both kernels.
+        impl = lowering(partitioned=_partitioned(x))
         out0, cache = k["first"](kind, impl, graphdef, state, x[:, s0:e0], valid)
         if len(batches) == 1:
             return out0
