@@ -13,6 +13,12 @@ of a decode is too high, and it needs neither torch nor weights.
     python bench/bench_memory.py --kernels scan --variant default \
         --variant nolhs:xla_gpu_enable_latency_hiding_scheduler=false     # XLA options side by side
 
+Split over devices (``cogvae.model.video_sharding``: height over N devices, weights replicated;
+on a CPU, make N devices with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=4 python bench/bench_memory.py \
+        --dtype float32 --kernels first,scan,step --split-height 4     # per-device figures
+
 ``XLA_FLAGS=--xla_dump_to=DIR`` additionally writes the buffer assignment and a memory-usage
 report per kernel (look for ``*memory-usage-report.txt``).
 """
@@ -29,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cogvae.model import PRESETS, VAEConfig, abstract_model, default_compute_dtype
+from cogvae.model import PRESETS, VAEConfig, abstract_model, default_compute_dtype, video_sharding
 from cogvae.model import vae as V
 from cogvae.model.layers import TAIL_READ, TAIL_READS, conv3d_impl, conv_impl_scope, lowering
 
@@ -94,6 +100,9 @@ def main() -> int:
     )
     ap.add_argument("--tail-read", default=None, choices=TAIL_READS,
                     help="when the lowering reads each conv's next cache (layers.TAIL_READ; default: its entry)")
+    ap.add_argument("--split-height", type=int, default=1, metavar="N",
+                    help="split height over the first N devices (per-device figures; the kernels decode compiles "
+                         "for such an input, which read new caches as slices)")
     ap.add_argument("--json", default=None, help="write the figures to this file")
     a = ap.parse_args()
     config: VAEConfig = PRESETS[a.preset]
@@ -103,7 +112,11 @@ def main() -> int:
         if a.tail_read == "chunks" and not impl.startswith("2d_concat"):
             ap.error(f"--tail-read chunks needs a 2d_concat lowering, not {impl}")
         TAIL_READ[impl] = a.tail_read  # before anything is traced
-    key = lowering(impl)  # the kernels' static lowering argument: (impl, tail read)
+    n_dev = a.split_height
+    if n_dev > len(jax.devices()):
+        ap.error(f"--split-height {n_dev}: only {len(jax.devices())} devices")
+    # The kernels' static lowering argument, (impl, tail read): what decode uses for this input.
+    key = (impl, a.tail_read) if a.tail_read else lowering(impl, partitioned=n_dev > 1)
     kernels = [k for k in a.kernels.split(",") if k]
     if set(kernels) - {"first", "scan", "fused", "step"}:
         ap.error(f"--kernels: unknown {sorted(set(kernels) - {'first', 'scan', 'fused', 'step'})}")
@@ -113,14 +126,23 @@ def main() -> int:
     batches = V.frame_batches(t, V.LATENT_FRAMES_BATCH)
     s0, e0 = batches[0]
     c = config.latent_channels
-    first_in = jax.ShapeDtypeStruct((1, e0 - s0, h, w, c), dtype)
+    split = rep = None
+    if n_dev > 1:  # weights on every device, every (B, T, H, W, C) value split in height
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("h",))
+        split = video_sharding(mesh, height="h")
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        state = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep), state)
+    first_in = jax.ShapeDtypeStruct((1, e0 - s0, h, w, c), dtype, sharding=split)
     backend = jax.default_backend()
     report: dict = {"device": str(jax.devices()[0]), "backend": backend, "preset": a.preset,
-                    "latent": [t, h, w], "dtype": dtype.name, "conv_impl": impl, "tail_read": TAIL_READ[impl],
+                    "latent": [t, h, w], "dtype": dtype.name, "conv_impl": impl, "tail_read": key[1],
                     "params_bytes": _nbytes(state),
                     "scan_compiler_options": V.scan_compiler_options(backend), "variants": {}}
     _, cache = jax.eval_shape(lambda s, z: V._first_fn("decode", key, graphdef, s, z, None), state, first_in)
     report["cache_bytes"] = _nbytes(cache)
+    report["split_height"] = n_dev
+    if split is not None:
+        cache = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split), cache)
     k = V.kernels()
     lowered = {}
     with conv_impl_scope(key):
@@ -128,7 +150,8 @@ def main() -> int:
             lowered["first"] = k["first"].lower("decode", key, graphdef, state, first_in, None)
         if len(batches) > 1:  # the other kernels need a scanned batch
             n = len(batches) - 1
-            xs = jax.ShapeDtypeStruct((n, 1, V.LATENT_FRAMES_BATCH, h, w, c), dtype)
+            xs = jax.ShapeDtypeStruct((n, 1, V.LATENT_FRAMES_BATCH, h, w, c), dtype, sharding=None if split is None else
+                                      jax.sharding.NamedSharding(split.mesh, jax.sharding.PartitionSpec(None, *split.spec)))
             report["scan_iterations"] = n
             if "scan" in kernels:
                 lowered["scan"] = k["scan"].lower("decode", key, graphdef, state, xs, cache, None)
@@ -138,10 +161,11 @@ def main() -> int:
                 lowered["fused"] = fused.lower("decode", key, graphdef, state, first_in, xs)
             if "step" in kernels:
                 step = jax.jit(_step_fn, static_argnums=(0, 1, 2), donate_argnums=(5,))
-                lowered["step"] = step.lower("decode", key, graphdef, state, xs.update(shape=xs.shape[1:]), cache)
+                x1 = jax.ShapeDtypeStruct(xs.shape[1:], dtype, sharding=split)
+                lowered["step"] = step.lower("decode", key, graphdef, state, x1, cache)
     gib = 1 << 30
     print(f"{report['device']}  {a.preset}  latents {t}x{h}x{w}  {dtype.name}  conv lowering {impl}"
-          f" (new caches read: {TAIL_READ[impl]})")
+          f" (new caches read: {key[1]})" + (f"  height split over {n_dev} devices: per-device figures" if n_dev > 1 else ""))
     print(f"  parameters {report['params_bytes'] / gib:.2f} GiB, conv caches {report['cache_bytes'] / gib:.2f} GiB;"
           f" the scan's own XLA options {report['scan_compiler_options']}")
     for vname, opts in variants:
