@@ -11,13 +11,25 @@ of a decode is too high, and it needs neither torch nor weights.
     python bench/bench_memory.py --latent 3x12x18 --dtype float32
     python bench/bench_memory.py --impl 3d --json out.json
     python bench/bench_memory.py --kernels scan --variant default \
-        --variant nolhs:xla_gpu_enable_latency_hiding_scheduler=false     # XLA options side by side
+        --variant lhs:xla_gpu_enable_latency_hiding_scheduler=true       # XLA options side by side
 
 Split over devices (``cogvae.model.video_sharding``: height over N devices, weights replicated;
 on a CPU, make N devices with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python bench/bench_memory.py \
         --dtype float32 --kernels first,scan,step --split-height 4     # per-device figures
+
+For a GPU you do not have (deviceless compile: XLA's GPU compiler from the jax CUDA plugin, run on
+this machine's CPU against a target description in ``bench/gpu_targets/``; no driver or device is
+touched). Install the plugin matching jax into a separate environment, e.g.
+``pip install "jax[cuda12]==<your jax version>"``, then:
+
+    python bench/bench_memory.py --target h200                      # what an H200 compiles
+    python bench/bench_memory.py --target h200 --kind encode --video 49x480x720
+
+Convolution algorithms are not autotuned without a device, so their workspaces are left out; for
+the 2b decode's first batch the figures equal those measured on an H200 with the same jax
+(bench/RESULTS.md). Use the jax version the GPU runs: the GPU compiler changes between releases.
 
 ``XLA_FLAGS=--xla_dump_to=DIR`` additionally writes the buffer assignment and a memory-usage
 report per kernel (look for ``*memory-usage-report.txt``).
@@ -27,8 +39,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
+
+if "--target" in sys.argv:  # before jax loads its plugins: compile for a GPU, run nothing on one
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the CUDA plugin is used for its compiler only
+    os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"  # its driver check needs a device
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +55,9 @@ from flax import nnx
 
 from cogvae.model import PRESETS, VAEConfig, abstract_model, default_compute_dtype, video_sharding
 from cogvae.model import vae as V
-from cogvae.model.layers import TAIL_READ, TAIL_READS, conv3d_impl, conv_impl_scope, lowering
+from cogvae.model.layers import _AUTO_IMPL, TAIL_READ, TAIL_READS, conv3d_impl, conv_impl_scope, lowering
+
+TARGETS = Path(__file__).resolve().parent / "gpu_targets"
 
 
 def _nbytes(tree) -> int:
@@ -69,6 +89,21 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, opts
 
 
+def target_devices(name: str) -> list:
+    """Compile-only devices of one GPU described by ``bench/gpu_targets/NAME.txtpb`` (or a file)."""
+    from jax.experimental import topologies
+
+    path = Path(name) if Path(name).is_file() else TARGETS / f"{name}.txtpb"
+    if not path.is_file():
+        raise SystemExit(f"--target {name}: no such file, and not one of {sorted(p.stem for p in TARGETS.glob('*.txtpb'))}")
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", target_config=path.read_text(), topology="1x1x1")
+    except (NotImplementedError, RuntimeError) as e:
+        raise SystemExit(f"--target {name}: jax cannot compile for CUDA here ({str(e).splitlines()[0]}); install the "
+                         f"CUDA plugin matching jax {jax.__version__}: pip install 'jax[cuda12]=={jax.__version__}'")
+    return list(topo.devices)
+
+
 def _fused_fn(kind, impl, graphdef, state, first, xs):
     """An experiment, not what ``decode`` runs: the first batch and the scan in one compiled function,
     so the scan's initial cache is a value of the same computation instead of a donated argument."""
@@ -96,18 +131,28 @@ def main() -> int:
     ap.add_argument(
         "--variant", action="append", default=None, metavar="NAME[:opt=value,...]",
         help="compile the kernels once more with these XLA options added (repeatable), e.g. "
-             "'nolhs:xla_gpu_enable_latency_hiding_scheduler=false'; default: one variant, 'default'",
+             "'lhs:xla_gpu_enable_latency_hiding_scheduler=true'; default: one variant, 'default'",
     )
     ap.add_argument("--tail-read", default=None, choices=TAIL_READS,
                     help="when the lowering reads each conv's next cache (layers.TAIL_READ; default: its entry)")
     ap.add_argument("--split-height", type=int, default=1, metavar="N",
                     help="split height over the first N devices (per-device figures; the kernels decode compiles "
                          "for such an input, which read new caches as slices)")
+    ap.add_argument("--kind", default="decode", choices=["decode", "encode"],
+                    help="the decoder's kernels (input --latent) or the encoder's (input --video)")
+    ap.add_argument("--video", default="49x480x720", help="T x H x W of the video, for --kind encode")
+    ap.add_argument("--target", default=None, metavar="NAME|FILE",
+                    help="compile for this GPU instead of the local backend (deviceless; bench/gpu_targets/NAME.txtpb"
+                         " or a target-config file; needs the jax CUDA plugin)")
     ap.add_argument("--json", default=None, help="write the figures to this file")
     a = ap.parse_args()
     config: VAEConfig = PRESETS[a.preset]
-    dtype = jnp.dtype(a.dtype) if a.dtype else jnp.dtype(default_compute_dtype())
-    impl = a.impl or conv3d_impl()
+    target = target_devices(a.target) if a.target else None
+    if target and a.split_height > 1:
+        ap.error("--target compiles for one GPU: leave out --split-height")
+    backend = "gpu" if target else jax.default_backend()
+    dtype = jnp.dtype(a.dtype) if a.dtype else jnp.dtype(jnp.bfloat16 if target else default_compute_dtype())
+    impl = a.impl or (_AUTO_IMPL["gpu"] if target and os.environ.get("COGVAE_CONV_IMPL", "auto") == "auto" else conv3d_impl())
     if a.tail_read:
         if a.tail_read == "chunks" and not impl.startswith("2d_concat"):
             ap.error(f"--tail-read chunks needs a 2d_concat lowering, not {impl}")
@@ -121,53 +166,62 @@ def main() -> int:
     if set(kernels) - {"first", "scan", "fused", "step"}:
         ap.error(f"--kernels: unknown {sorted(set(kernels) - {'first', 'scan', 'fused', 'step'})}")
     variants = [parse_variant(v) for v in (a.variant or ["default"])]
-    t, h, w = (int(v) for v in a.latent.lower().split("x"))
+    kind = a.kind
+    t, h, w = (int(v) for v in (a.latent if kind == "decode" else a.video).lower().split("x"))
     graphdef, state = nnx.split(abstract_model(config, dtype=dtype, param_dtype=dtype))
-    batches = V.frame_batches(t, V.LATENT_FRAMES_BATCH)
+    frames = V.LATENT_FRAMES_BATCH if kind == "decode" else V.SAMPLE_FRAMES_BATCH
+    batches = V.frame_batches(t, frames)
     s0, e0 = batches[0]
-    c = config.latent_channels
+    c = config.latent_channels if kind == "decode" else config.in_channels
     split = rep = None
-    if n_dev > 1:  # weights on every device, every (B, T, H, W, C) value split in height
+    if target:  # every value on the one compile-only GPU
+        rep = split = jax.sharding.SingleDeviceSharding(target[0])
+        state = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep), state)
+    elif n_dev > 1:  # weights on every device, every (B, T, H, W, C) value split in height
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("h",))
         split = video_sharding(mesh, height="h")
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         state = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep), state)
     first_in = jax.ShapeDtypeStruct((1, e0 - s0, h, w, c), dtype, sharding=split)
-    backend = jax.default_backend()
-    report: dict = {"device": str(jax.devices()[0]), "backend": backend, "preset": a.preset,
-                    "latent": [t, h, w], "dtype": dtype.name, "conv_impl": impl, "tail_read": key[1],
-                    "params_bytes": _nbytes(state),
-                    "scan_compiler_options": V.scan_compiler_options(backend), "variants": {}}
-    _, cache = jax.eval_shape(lambda s, z: V._first_fn("decode", key, graphdef, s, z, None), state, first_in)
+    device = f"{target[0].device_kind} (deviceless compile, jax {jax.__version__})" if target else str(jax.devices()[0])
+    scan_opts = V.kernel_compiler_options(backend, "scan", check=not target)
+    report: dict = {"device": device, "backend": backend, "target": a.target, "jax": jax.__version__,
+                    "preset": a.preset, "kind": kind,
+                    ("latent" if kind == "decode" else "video"): [t, h, w], "dtype": dtype.name, "conv_impl": impl,
+                    "tail_read": key[1], "params_bytes": _nbytes(state),
+                    "first_compiler_options": V.kernel_compiler_options(backend, "first", check=not target),
+                    "scan_compiler_options": scan_opts, "variants": {}}
+    _, cache = jax.eval_shape(lambda s, z: V._first_fn(kind, key, graphdef, s, z, None), state, first_in)
     report["cache_bytes"] = _nbytes(cache)
     report["split_height"] = n_dev
     if split is not None:
         cache = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split), cache)
-    k = V.kernels()
+    k = V.make_kernels(backend, check=False) if target else V.kernels()
     lowered = {}
     with conv_impl_scope(key):
         if "first" in kernels:
-            lowered["first"] = k["first"].lower("decode", key, graphdef, state, first_in, None)
+            lowered["first"] = k["first"].lower(kind, key, graphdef, state, first_in, None)
         if len(batches) > 1:  # the other kernels need a scanned batch
             n = len(batches) - 1
-            xs = jax.ShapeDtypeStruct((n, 1, V.LATENT_FRAMES_BATCH, h, w, c), dtype, sharding=None if split is None else
-                                      jax.sharding.NamedSharding(split.mesh, jax.sharding.PartitionSpec(None, *split.spec)))
+            xs_sharding = split if target or split is None else \
+                jax.sharding.NamedSharding(split.mesh, jax.sharding.PartitionSpec(None, *split.spec))
+            xs = jax.ShapeDtypeStruct((n, 1, frames, h, w, c), dtype, sharding=xs_sharding)
             report["scan_iterations"] = n
             if "scan" in kernels:
-                lowered["scan"] = k["scan"].lower("decode", key, graphdef, state, xs, cache, None)
+                lowered["scan"] = k["scan"].lower(kind, key, graphdef, state, xs, cache, None)
             if "fused" in kernels:
-                fused = jax.jit(_fused_fn, static_argnums=(0, 1, 2),
-                                compiler_options=V.scan_compiler_options(backend))
-                lowered["fused"] = fused.lower("decode", key, graphdef, state, first_in, xs)
+                fused = jax.jit(_fused_fn, static_argnums=(0, 1, 2), compiler_options=scan_opts or None)
+                lowered["fused"] = fused.lower(kind, key, graphdef, state, first_in, xs)
             if "step" in kernels:
-                step = jax.jit(_step_fn, static_argnums=(0, 1, 2), donate_argnums=(5,))
+                step = jax.jit(_step_fn, static_argnums=(0, 1, 2), donate_argnums=(5,), compiler_options=scan_opts or None)
                 x1 = jax.ShapeDtypeStruct(xs.shape[1:], dtype, sharding=split)
-                lowered["step"] = step.lower("decode", key, graphdef, state, x1, cache)
+                lowered["step"] = step.lower(kind, key, graphdef, state, x1, cache)
     gib = 1 << 30
-    print(f"{report['device']}  {a.preset}  latents {t}x{h}x{w}  {dtype.name}  conv lowering {impl}"
+    print(f"{report['device']}  {a.preset}  {kind} of {'latents' if kind == 'decode' else 'video'} {t}x{h}x{w}"
+          f"  {dtype.name}  conv lowering {impl}"
           f" (new caches read: {key[1]})" + (f"  height split over {n_dev} devices: per-device figures" if n_dev > 1 else ""))
     print(f"  parameters {report['params_bytes'] / gib:.2f} GiB, conv caches {report['cache_bytes'] / gib:.2f} GiB;"
-          f" the scan's own XLA options {report['scan_compiler_options']}")
+          f" XLA options: first {report['first_compiler_options']}, scan {report['scan_compiler_options']}")
     for vname, opts in variants:
         out = report["variants"][vname] = {"xla_options": opts}
         for name, low in lowered.items():

@@ -46,7 +46,8 @@ step() {  # step NAME CAP command...: runs with a timeout of min(CAP, time left 
 }
 BV="python3 bench/bench_vae.py --workdir /tmp/bw"
 SWEEP=(--variant default
-       --variant nolhs:xla_gpu_enable_latency_hiding_scheduler=false
+       --variant lhs:xla_gpu_enable_latency_hiding_scheduler=true
+       --variant ws256:xla_gpu_redzone_scratch_max_megabytes=256
        --variant noregion:xla_gpu_copy_insertion_use_region_analysis=false
        --variant slop5:xla_gpu_memory_limit_slop_factor=5
        --variant nounroll:xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_NO_UNROLL

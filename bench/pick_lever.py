@@ -5,13 +5,13 @@ Reads the JSON files ``bench/gpu_run.sh``'s ``sweep`` step wrote (``bench/bench_
 compile-time total of the 2b decode scan under each lever) and prints a line of environment
 assignments and a line of arguments for ``bench/bench_vae.py``, e.g.
 
-    COGVAE_CONV_IMPL=2d_concat_chunked XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=false
+    COGVAE_CONV_IMPL=2d_concat_chunked XLA_FLAGS=--xla_gpu_redzone_scratch_max_megabytes=256
     --tail-read slice
 
 Only the levers ``decode`` can use without a code change count: a conv lowering, when it reads
 new caches (``--tail-read``) and XLA options (as ``XLA_FLAGS``); the ``fused`` and ``step``
 experiments are reported, not picked. An XLA option the scan kernels set themselves
-(``vae.scan_compiler_options``) wins over ``XLA_FLAGS`` end to end. The default is the GPU's conv
+(``vae.KERNEL_COMPILER_OPTIONS``) wins over ``XLA_FLAGS`` end to end. The default is the GPU's conv
 lowering with its own tail read (``layers._AUTO_IMPL``, ``layers.TAIL_READ``) and no extra
 options; prints nothing (exit 1) when no lever beats it by ``--min-gain`` GiB.
 

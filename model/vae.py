@@ -251,45 +251,69 @@ def _scan_fn(kind, impl, graphdef, state, xs, cache, valid):
     return outs, cache
 
 
-# XLA copies a while loop's carried buffers when its default (ordering-based) analysis cannot prove
-# that an old conv cache is read before the new one overwrites it; the new cache is a slice that
-# XLA fuses away from the conv input it reads. The region-based analysis proves more and drops
-# some of those copies: for the 2b decode scan (fp32, CPU) the compile-time total falls from 18.2
-# to 17.2 GiB. The option is per backend; one this jaxlib does not know is left out (checked once
-# on a trivial function), so a renamed XLA flag costs memory, never a failed compile.
-_REGION_ANALYSIS = {  # jax.default_backend() -> the option's name in that compiler
-    "cpu": "xla_cpu_copy_insertion_use_region_analysis",
-    "gpu": "xla_gpu_copy_insertion_use_region_analysis",
+# The XLA options each compiled kernel is built with, per backend (``jax.default_backend()``):
+#
+# - Region-based copy insertion (scan only). XLA copies a while loop's carried buffers when its
+#   default (ordering-based) analysis cannot prove that an old conv cache is read before the new
+#   one overwrites it; the new cache is a slice that XLA fuses away from the conv input it reads.
+#   The region-based analysis proves more and drops some of those copies: for the 2b decode scan
+#   (fp32, CPU) the compile-time total falls from 18.2 to 17.2 GiB.
+# - No latency-hiding scheduler (GPU, both kernels). On one GPU the kernels have no collectives or
+#   host transfers to overlap, and the scheduler's reordering keeps activations of several layers
+#   alive at once. XLA's compile-time memory of the 2b decode scan for an H200 (jax 0.11.2, bf16,
+#   13x60x90 latents; bench/bench_memory.py --target h200) falls from 11.23 to 6.99 GiB, and at
+#   CogVideoX 1.5 scale (21x96x170) from 29.96 to 19.91 GiB; the first batch is unchanged.
+#
+# An option this jaxlib does not know is left out (checked once per option on a trivial function),
+# so a renamed XLA flag costs memory, never a failed compile.
+KERNEL_COMPILER_OPTIONS = {  # backend -> kernel -> {option: value}
+    "cpu": {"first": {}, "scan": {"xla_cpu_copy_insertion_use_region_analysis": True}},
+    "gpu": {
+        "first": {"xla_gpu_enable_latency_hiding_scheduler": False},
+        "scan": {"xla_gpu_copy_insertion_use_region_analysis": True, "xla_gpu_enable_latency_hiding_scheduler": False},
+    },
 }
 
 
 @functools.lru_cache(maxsize=None)
-def scan_compiler_options(backend: str) -> dict:
-    """The XLA options the scan kernels are compiled with; ``backend`` is ``jax.default_backend()``,
-    on which the option is checked (once per process)."""
-    name = _REGION_ANALYSIS.get(backend)
-    if name is None:
-        return {}
-    opts = {name: True}
+def _option_known(name: str, value) -> bool:
     try:
-        jax.jit(lambda v: v + 1, compiler_options=opts).lower(jnp.float32(0)).compile()  # default backend
-    except Exception:  # an option this jaxlib's XLA does not have: compile without it
-        return {}
-    return opts
+        jax.jit(lambda v: v + 1, compiler_options={name: value}).lower(jnp.float32(0)).compile()  # default backend
+    except Exception:  # an option this jaxlib's XLA does not have
+        return False
+    return True
 
 
-@functools.lru_cache(maxsize=None)
-def _kernels(backend: str) -> dict:
+def kernel_compiler_options(backend: str, kernel: str, *, check: bool = True) -> dict:
+    """The XLA options ``kernel`` ("first" or "scan") is compiled with on ``backend``; with ``check``,
+    only those the default backend's compiler accepts (``check=False`` for compiling for another
+    target, e.g. bench/bench_memory.py --target)."""
+    opts = KERNEL_COMPILER_OPTIONS.get(backend, {}).get(kernel, {})
+    return {k: v for k, v in opts.items() if not check or _option_known(k, v)}
+
+
+def scan_compiler_options(backend: str) -> dict:
+    """The XLA options the scan kernels are compiled with (see KERNEL_COMPILER_OPTIONS)."""
+    return kernel_compiler_options(backend, "scan")
+
+
+def make_kernels(backend: str, *, check: bool = True) -> dict:
+    """The two jitted kernels, with ``backend``'s compiler options."""
     # Static arguments: kind, the ``lowering()`` key (conv impl and tail read, so a changed
     # COGVAE_CONV_IMPL or layers.TAIL_READ compiles anew rather than reusing a function traced for
     # another lowering) and graphdef.
     # Every backend donates the cache (jax's CPU client aliases donated buffers too).
+    first = kernel_compiler_options(backend, "first", check=check)
+    scan = kernel_compiler_options(backend, "scan", check=check)
     return {
-        "first": jax.jit(_first_fn, static_argnums=(0, 1, 2)),
-        "scan": jax.jit(
-            _scan_fn, static_argnums=(0, 1, 2), donate_argnums=(5,), compiler_options=scan_compiler_options(backend)
-        ),
+        "first": jax.jit(_first_fn, static_argnums=(0, 1, 2), compiler_options=first or None),
+        "scan": jax.jit(_scan_fn, static_argnums=(0, 1, 2), donate_argnums=(5,), compiler_options=scan or None),
     }
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels(backend: str) -> dict:
+    return make_kernels(backend)
 
 
 def kernels() -> dict:

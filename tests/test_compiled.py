@@ -109,8 +109,25 @@ def test_scan_gets_region_based_copy_insertion():
 
     backend = jax.default_backend()
     expected = {"cpu": "xla_cpu_copy_insertion_use_region_analysis"}.get(backend, "xla_gpu_copy_insertion_use_region_analysis")
-    assert vae_mod.scan_compiler_options(backend) == {expected: True}
+    assert vae_mod.scan_compiler_options(backend)[expected] is True
     assert vae_mod.scan_compiler_options("tpu") == {}
+
+
+@pytest.mark.parametrize("kernel", ["first", "scan"])
+def test_gpu_kernels_compile_without_the_latency_hiding_scheduler(kernel):
+    """On a GPU both kernels turn XLA's latency-hiding scheduler off (its reordering kept several
+    layers' activations alive: bench/RESULTS.md, deviceless H200 compile); the option is a field of
+    XLA's DebugOptions, which every jaxlib backend parses, so it is checked on this one."""
+    assert vae_mod.kernel_compiler_options("gpu", kernel)["xla_gpu_enable_latency_hiding_scheduler"] is False
+    assert "xla_gpu_enable_latency_hiding_scheduler" not in vae_mod.kernel_compiler_options("cpu", kernel)
+    assert vae_mod.kernel_compiler_options("tpu", kernel) == {}
+
+
+def test_unknown_kernel_options_are_dropped_not_fatal(monkeypatch):
+    opts = {"cpu": {"first": {"xla_no_such_option_anywhere": True}, "scan": {}}}
+    monkeypatch.setattr(vae_mod, "KERNEL_COMPILER_OPTIONS", opts)
+    assert vae_mod.kernel_compiler_options("cpu", "first") == {}
+    assert vae_mod.kernel_compiler_options("cpu", "first", check=False) == {"xla_no_such_option_anywhere": True}
 
 
 def test_unpadded_tiles_compile_once_per_tile_shape():
