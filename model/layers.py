@@ -65,7 +65,10 @@ def _conv_params(rngs: nnx.Rngs, kernel_shape: tuple[int, ...], param_dtype) -> 
 # sum; which is fastest depends on the backend (see bench/RESULTS.md). "auto" picks per backend;
 # the environment variable COGVAE_CONV_IMPL overrides it.
 CONV3D_IMPLS = ("3d", "2d_sum", "2d_concat", "2d_concat_chunked")
-CHUNK_BYTES = 1 << 30
+# The stacked copy's budget: at 512 MiB a 256-channel 480x720 conv stacks one frame at a time (two
+# at 1 GiB). XLA's compile-time memory of the 2b decode for an H200 (bf16, deviceless compile):
+# first batch 7.26 -> 6.40 GiB, scan 6.99 -> 6.83 GiB; 256 MiB saves nothing more.
+CHUNK_BYTES = 1 << 29
 _AUTO_IMPL = {"cpu": "2d_sum", "gpu": "2d_concat_chunked", "tpu": "3d"}
 
 # When each lowering reads a causal conv's next cache (its input's last frames; see conv3d and
