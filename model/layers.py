@@ -607,15 +607,19 @@ class Upsample3D(nnx.Module):
         """x: (B, T, H, W, C) -> (B, T', 2H, 2W, C'); ``valid`` is the input's valid size."""
         t = x.shape[1]
         if self.compress_time and t > 1:
+            # diffusers doubles time by nearest interpolation (every frame twice) and then convs
+            # every frame. The conv works frame by frame, so it runs on the distinct frames and its
+            # output is repeated: the same values for half the conv's work.
             if t % 2 == 1:
-                first = _upsample_hw(x[:, :1])
-                rest = jnp.repeat(_upsample_hw(x[:, 1:]), 2, axis=1)
-                x = jnp.concatenate([first, rest], axis=1)
-            else:
-                x = jnp.repeat(_upsample_hw(x), 2, axis=1)
-        else:
-            x = _upsample_hw(x)
-        return self.conv(mask_valid(x, double_valid(valid)))
+                first = self._upsample_conv(x[:, :1], valid)
+                rest = jnp.repeat(self._upsample_conv(x[:, 1:], valid), 2, axis=1)
+                return jnp.concatenate([first, rest], axis=1)
+            return jnp.repeat(self._upsample_conv(x, valid), 2, axis=1)
+        return self._upsample_conv(x, valid)
+
+    def _upsample_conv(self, x: Array, valid) -> Array:
+        """Nearest x2 in space, then the conv on every frame: (B, T, H, W, C) -> (B, T, 2H, 2W, C')."""
+        return self.conv(mask_valid(_upsample_hw(x), double_valid(valid)))
 
 
 def _run_resnets(resnets, h, zq, cache, valid):
