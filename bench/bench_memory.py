@@ -26,8 +26,11 @@ touched). Install the plugin matching jax into a separate environment, e.g.
 
     python bench/bench_memory.py --target h200                      # what an H200 compiles
     python bench/bench_memory.py --target h200 --kind encode --video 49x480x720
+    python bench/bench_memory.py --target OUT/gpu_target_config.pbtxt \
+        --autotune-results OUT/autotune_2b.textproto     # with a GPU run's conv autotuning (gpu_run.sh autotune)
 
-Convolution algorithms are not autotuned without a device, so their workspaces are left out; for
+Convolution algorithms are not autotuned without a device, so their workspaces are left out
+(unless a GPU run's autotuning results are passed in); for
 the 2b decode's first batch the figures equal those measured on an H200 with the same jax
 (bench/RESULTS.md). Use the jax version the GPU runs: the GPU compiler changes between releases.
 
@@ -44,9 +47,23 @@ import sys
 import time
 from pathlib import Path
 
-if "--target" in sys.argv:  # before jax loads its plugins: compile for a GPU, run nothing on one
+
+def _argv_value(name: str) -> str | None:
+    """An option's value from sys.argv before argparse runs (``--name V`` or ``--name=V``)."""
+    for i, arg in enumerate(sys.argv):
+        if arg == name and i + 1 < len(sys.argv):
+            return sys.argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+if _argv_value("--target"):  # before jax loads its plugins: compile for a GPU, run nothing on one
     os.environ["JAX_PLATFORMS"] = "cpu"  # the CUDA plugin is used for its compiler only
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"  # its driver check needs a device
+    if _argv_value("--autotune-results"):  # XLA reads the flag when its GPU compiler starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_load_autotune_results_from="
+                                   + os.path.abspath(_argv_value("--autotune-results"))).strip()
 
 import jax
 import jax.numpy as jnp
@@ -144,8 +161,16 @@ def main() -> int:
     ap.add_argument("--target", default=None, metavar="NAME|FILE",
                     help="compile for this GPU instead of the local backend (deviceless; bench/gpu_targets/NAME.txtpb"
                          " or a target-config file; needs the jax CUDA plugin)")
+    ap.add_argument("--autotune-results", default=None, metavar="FILE",
+                    help="with --target: conv autotuning results a GPU wrote (bench/gpu_run.sh, step autotune), so the"
+                         " deviceless compile uses that card's algorithms and workspaces; pair it with the"
+                         " gpu_target_config.pbtxt the same step wrote, as --target")
     ap.add_argument("--json", default=None, help="write the figures to this file")
     a = ap.parse_args()
+    if a.autotune_results and not a.target:
+        ap.error("--autotune-results needs --target")
+    if a.autotune_results and not Path(a.autotune_results).is_file():
+        ap.error(f"--autotune-results {a.autotune_results}: no such file")
     config: VAEConfig = PRESETS[a.preset]
     target = target_devices(a.target) if a.target else None
     if target and a.split_height > 1:
@@ -186,6 +211,7 @@ def main() -> int:
     device = f"{target[0].device_kind} (deviceless compile, jax {jax.__version__})" if target else str(jax.devices()[0])
     scan_opts = V.kernel_compiler_options(backend, "scan", check=not target)
     report: dict = {"device": device, "backend": backend, "target": a.target, "jax": jax.__version__,
+                    "autotune_results": a.autotune_results,
                     "preset": a.preset, "kind": kind,
                     ("latent" if kind == "decode" else "video"): [t, h, w], "dtype": dtype.name, "conv_impl": impl,
                     "tail_read": key[1], "params_bytes": _nbytes(state),

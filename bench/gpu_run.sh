@@ -16,7 +16,11 @@
 #           the default by 0.5 GiB, run end to end at 2b (decode, exact tiles; cogvae only: compare
 #           with the 2b step's diffusers figures from the same call);
 #   cache   2b decode, cogvae only, once cold and once in a new process with the persistent
-#           compilation cache filled (enable_compilation_cache).
+#           compilation cache filled (enable_compilation_cache);
+#   autotune  the 2b decode kernels' compile-time memory with this card's conv autotuning, and the
+#           autotuning results and this card's target description written to $OUT, so that a
+#           machine without a GPU can compile with them (bench_memory.py --target FILE
+#           --autotune-results FILE) and see the workspaces the deviceless compile leaves out.
 # Everything lands in $OUT (log.txt and one JSON per step). Example: STEPS=sweep DEADLINE=360 (about 5 minutes).
 #
 # Before the call, on this machine (the GPU machine has no network), fetch the reference wheels:
@@ -72,6 +76,12 @@ for s in ${STEPS:-2b 1.5 2b_3d 1.5_3d memory}; do
       else
         echo "== best: no lever to try (see above)" | tee -a "$LOG"
       fi ;;
+    autotune)
+      rm -rf /tmp/xd
+      step autotune 90 env XLA_FLAGS="--xla_dump_to=/tmp/xd --xla_dump_hlo_pass_re=NONE --xla_gpu_dump_autotune_results_to=$OUT/autotune_2b.textproto" \
+        $BM --json "$OUT/memory_2b_autotuned.json"
+      cp "$(ls /tmp/xd/*gpu_target_config.pbtxt 2>/dev/null | head -1)" "$OUT/gpu_target_config.pbtxt" 2>/dev/null \
+        || echo "no gpu_target_config.pbtxt in the XLA dump" | tee -a "$LOG" ;;
     cache) step cache 120 $BV --scales 2b --ops decode --skip-torch --repeats 1 --compilation-cache /tmp/cc --json "$OUT/bench_2b_cache.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
