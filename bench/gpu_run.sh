@@ -64,12 +64,12 @@ for s in ${STEPS:-2b 1.5 2b_3d 1.5_3d memory}; do
     2b_3d) step 2b_3d 100 env COGVAE_CONV_IMPL=3d $BV --scales 2b --ops decode,decode_tiled_exact --skip-torch --json "$OUT/bench_2b_3d.json" ;;
     1.5_3d) step 1.5_3d 60 env COGVAE_CONV_IMPL=3d $BV --scales 1.5 --ops decode --skip-torch --json "$OUT/bench_1.5_3d.json" ;;
     memory) step memory 40 $BM --json "$OUT/memory_2b.json" ;;
-    sweep)
+    sweep)  # XLA options first: the latency-hiding scheduler and the autotuned workspaces are what remain
+      step sweep_flags 90 $BM --impl 2d_concat_chunked --kernels scan "${SWEEP[@]}" --json "$OUT/sweep_flags.json"
       for r in slice chunks conv; do
         step "sweep_chunked_$r" 60 $BM --impl 2d_concat_chunked --kernels scan,fused,step --tail-read $r --json "$OUT/sweep_chunked_$r.json"
       done
-      step sweep_3d 120 $BM --impl 3d --kernels scan,fused,step --json "$OUT/sweep_3d.json"
-      step sweep_flags 90 $BM --impl 2d_concat_chunked --kernels scan "${SWEEP[@]}" --json "$OUT/sweep_flags.json" ;;
+      step sweep_3d 120 $BM --impl 3d --kernels scan,fused,step --json "$OUT/sweep_3d.json" ;;
     best)
       if { read -r envs && read -r args; } < <(python3 bench/pick_lever.py "$OUT" 2>>"$LOG"); then
         eval "step best 150 env $envs $BV --scales 2b --ops decode,decode_tiled_exact --skip-torch $args --json $OUT/bench_2b_best.json"
