@@ -128,6 +128,7 @@ def worker_jax(args) -> dict:
 
     from cogvae.converter import load
     from cogvae.model import enable_compilation_cache
+    from cogvae.model import vae as vae_mod
     from cogvae.model.layers import conv3d_impl
 
     if args.compilation_cache:
@@ -172,6 +173,8 @@ def worker_jax(args) -> dict:
             conv_impl=conv3d_impl(),
             xla_flags=os.environ.get("XLA_FLAGS", ""),
             tail_read=args.tail_read,
+            # The options the kernels set themselves (they win over XLA_FLAGS), for the record.
+            kernel_compiler_options={k: vae_mod.kernel_compiler_options(jax.default_backend(), k) for k in ("first", "scan")},
         )
         del out, x
     return results
