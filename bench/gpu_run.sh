@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU machine (its python3 has jax, flax, orbax, torch, but no
-# diffusers). STEPS picks and orders the steps (default: "2b 1.5 2b_3d 1.5_3d memory"), each bounded
+# diffusers). STEPS picks and orders the steps (default: "2b 1.5 autotune sweep best", what bench/RESULTS.md asks of the next GPU run), each bounded
 # by what is left of DEADLINE seconds:
 #   2b      2b scale, default lowering: diffusers eager and cogvae (decode, encode, tiled, exact tiles);
 #   1.5     1.5 scale, default lowering: diffusers eager and cogvae (decode, encode);
@@ -57,7 +57,7 @@ SWEEP=(--variant default
        --variant nounroll:xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_NO_UNROLL
        --variant nocmdbuf:xla_gpu_enable_command_buffer=)
 BM="python3 bench/bench_memory.py --latent 13x60x90"
-for s in ${STEPS:-2b 1.5 2b_3d 1.5_3d memory}; do
+for s in ${STEPS:-2b 1.5 autotune sweep best}; do
   case $s in
     2b) step 2b 240 $BV --scales 2b --json "$OUT/bench_2b.json" ;;
     1.5) step 1.5 170 $BV --scales 1.5 --ops decode,encode --json "$OUT/bench_1.5.json" ;;
