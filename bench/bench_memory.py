@@ -72,7 +72,7 @@ from flax import nnx
 
 from cogvae.model import PRESETS, VAEConfig, abstract_model, default_compute_dtype, video_sharding
 from cogvae.model import vae as V
-from cogvae.model.layers import _AUTO_IMPL, TAIL_READ, TAIL_READS, conv3d_impl, conv_impl_scope, lowering
+from cogvae.model.layers import TAIL_READ, TAIL_READS, conv3d_impl, conv_impl_scope, lowering
 
 TARGETS = Path(__file__).resolve().parent / "gpu_targets"
 
@@ -176,8 +176,8 @@ def main() -> int:
     if target and a.split_height > 1:
         ap.error("--target compiles for one GPU: leave out --split-height")
     backend = "gpu" if target else jax.default_backend()
-    dtype = jnp.dtype(a.dtype) if a.dtype else jnp.dtype(jnp.bfloat16 if target else default_compute_dtype())
-    impl = a.impl or (_AUTO_IMPL["gpu"] if target and os.environ.get("COGVAE_CONV_IMPL", "auto") == "auto" else conv3d_impl())
+    dtype = jnp.dtype(a.dtype) if a.dtype else jnp.dtype(default_compute_dtype(backend))
+    impl = a.impl or conv3d_impl(backend)
     if a.tail_read:
         if a.tail_read == "chunks" and not impl.startswith("2d_concat"):
             ap.error(f"--tail-read chunks needs a 2d_concat lowering, not {impl}")
@@ -201,11 +201,11 @@ def main() -> int:
     split = rep = None
     if target:  # every value on the one compile-only GPU
         rep = split = jax.sharding.SingleDeviceSharding(target[0])
-        state = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep), state)
     elif n_dev > 1:  # weights on every device, every (B, T, H, W, C) value split in height
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("h",))
         split = video_sharding(mesh, height="h")
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if rep is not None:
         state = jax.tree_util.tree_map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep), state)
     first_in = jax.ShapeDtypeStruct((1, e0 - s0, h, w, c), dtype, sharding=split)
     device = f"{target[0].device_kind} (deviceless compile, jax {jax.__version__})" if target else str(jax.devices()[0])

@@ -116,12 +116,14 @@ def lowering(impl: Optional[str] = None, *, partitioned: bool = False) -> tuple[
     return impl, "slice" if partitioned else tail_read(impl)
 
 
-def conv3d_impl() -> str:
+def conv3d_impl(backend: Optional[str] = None) -> str:
+    """The conv lowering in force: the scope's, else COGVAE_CONV_IMPL, else ``backend``'s default
+    (``backend`` defaults to ``jax.default_backend()``)."""
     if _SCOPED_IMPL:
         return _SCOPED_IMPL[-1][0]
     impl = os.environ.get("COGVAE_CONV_IMPL", "auto")
     if impl == "auto":
-        return _AUTO_IMPL.get(jax.default_backend(), "3d")
+        return _AUTO_IMPL.get(backend or jax.default_backend(), "3d")
     if impl not in CONV3D_IMPLS:
         raise ValueError(f"COGVAE_CONV_IMPL={impl!r}: use one of {CONV3D_IMPLS} or 'auto'")
     return impl

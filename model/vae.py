@@ -48,9 +48,10 @@ SAMPLE_FRAMES_BATCH = 8
 LATENT_FRAMES_BATCH = 2
 
 
-def default_compute_dtype():
-    """bf16 on accelerators, fp32 on CPU (where it is also the parity setting)."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+def default_compute_dtype(backend: str | None = None):
+    """bf16 on accelerators, fp32 on CPU (where it is also the parity setting); ``backend``
+    defaults to ``jax.default_backend()``."""
+    return jnp.float32 if (backend or jax.default_backend()) == "cpu" else jnp.bfloat16
 
 
 def frame_batches(num_frames: int, batch: int) -> list[tuple[int, int]]:
