@@ -58,8 +58,8 @@ def _argv_value(name: str) -> str | None:
     return None
 
 
-if _argv_value("--target"):  # before jax loads its plugins: compile for a GPU, run nothing on one
-    os.environ["JAX_PLATFORMS"] = "cpu"  # the CUDA plugin is used for its compiler only
+if _argv_value("--target"):  # before jax loads its plugins: compile for a GPU or TPU, run nothing on one
+    os.environ["JAX_PLATFORMS"] = "cpu"  # the CUDA plugin or libtpu is used for its compiler only
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"  # its driver check needs a device
     if _argv_value("--autotune-results"):  # XLA reads the flag when its GPU compiler starts
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_load_autotune_results_from="
@@ -106,13 +106,32 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     return name, opts
 
 
+# TPU generations a deviceless compile can target (libtpu's compile-only client): one chip each.
+TPU_TARGETS = {"v4": "v4:1x1x1", "v5e": "v5e:1x1", "v5p": "v5p:1x1x1", "v6e": "v6e:1x1"}
+
+
+def target_backend(name: str) -> str:
+    """The backend a ``--target`` compiles for: "tpu" for a TPU_TARGETS name, else "gpu"."""
+    return "tpu" if name in TPU_TARGETS else "gpu"
+
+
 def target_devices(name: str) -> list:
-    """Compile-only devices of one GPU described by ``bench/gpu_targets/NAME.txtpb`` (or a file)."""
+    """Compile-only devices of one accelerator: a TPU generation (``TPU_TARGETS``, needs libtpu), or
+    a GPU described by ``bench/gpu_targets/NAME.txtpb`` (or a file; needs the jax CUDA plugin)."""
     from jax.experimental import topologies
 
+    if name in TPU_TARGETS:
+        try:
+            topo = topologies.get_topology_desc(platform="tpu", topology_name=TPU_TARGETS[name], chip_config_name="default",
+                                                chips_per_host_bounds=(1, 1, 1), num_slices=1)
+        except Exception as e:  # no libtpu, or one that does not know this generation
+            raise SystemExit(f"--target {name}: jax cannot compile for TPU here ({str(e).splitlines()[0]}); install libtpu "
+                             f"matching jax {jax.__version__}: pip install 'jax[tpu]=={jax.__version__}'")
+        return list(topo.devices)[:1]
     path = Path(name) if Path(name).is_file() else TARGETS / f"{name}.txtpb"
     if not path.is_file():
-        raise SystemExit(f"--target {name}: no such file, and not one of {sorted(p.stem for p in TARGETS.glob('*.txtpb'))}")
+        known = sorted([p.stem for p in TARGETS.glob("*.txtpb")] + list(TPU_TARGETS))
+        raise SystemExit(f"--target {name}: no such file, and not one of {known}")
     try:
         topo = topologies.get_topology_desc(platform="cuda", target_config=path.read_text(), topology="1x1x1")
     except (NotImplementedError, RuntimeError) as e:
@@ -174,8 +193,10 @@ def main() -> int:
     config: VAEConfig = PRESETS[a.preset]
     target = target_devices(a.target) if a.target else None
     if target and a.split_height > 1:
-        ap.error("--target compiles for one GPU: leave out --split-height")
-    backend = "gpu" if target else jax.default_backend()
+        ap.error("--target compiles for one device: leave out --split-height")
+    if a.autotune_results and target_backend(a.target) != "gpu":
+        ap.error("--autotune-results: GPU targets only")
+    backend = target_backend(a.target) if target else jax.default_backend()
     dtype = jnp.dtype(a.dtype) if a.dtype else jnp.dtype(default_compute_dtype(backend))
     impl = a.impl or conv3d_impl(backend)
     if a.tail_read:
@@ -186,7 +207,7 @@ def main() -> int:
     if n_dev > len(jax.devices()):
         ap.error(f"--split-height {n_dev}: only {len(jax.devices())} devices")
     # The kernels' static lowering argument, (impl, tail read): what decode uses for this input.
-    key = (impl, a.tail_read) if a.tail_read else lowering(impl, partitioned=n_dev > 1)
+    key = (impl, a.tail_read) if a.tail_read else lowering(impl, partitioned=n_dev > 1, backend=backend)
     kernels = [k for k in a.kernels.split(",") if k]
     if set(kernels) - {"first", "scan", "fused", "step"}:
         ap.error(f"--kernels: unknown {sorted(set(kernels) - {'first', 'scan', 'fused', 'step'})}")
@@ -199,7 +220,7 @@ def main() -> int:
     s0, e0 = batches[0]
     c = config.latent_channels if kind == "decode" else config.in_channels
     split = rep = None
-    if target:  # every value on the one compile-only GPU
+    if target:  # every value on the one compile-only device
         rep = split = jax.sharding.SingleDeviceSharding(target[0])
     elif n_dev > 1:  # weights on every device, every (B, T, H, W, C) value split in height
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("h",))

@@ -73,12 +73,21 @@ _AUTO_IMPL = {"cpu": "2d_sum", "gpu": "2d_concat_chunked", "tpu": "3d"}
 
 # When each lowering reads a causal conv's next cache (its input's last frames; see conv3d and
 # _after): "conv", after the conv's output; "chunks", after the stacked chunks that read the
-# previous cache (2d_concat lowerings only); "slice", a plain slice XLA may schedule anywhere.
+# previous cache (2d_concat lowerings only); "slice", a plain slice XLA may schedule anywhere;
+# "barrier", a plain slice passed with the conv's output through one optimization barrier, so both
+# exist before anything reads the output (and the input can be freed right after the conv).
 # The values compute the same; they differ in the buffers XLA keeps in the decode scan. Chosen by
 # XLA's compile-time memory of the 2b decode scan (bench/bench_memory.py, bench/RESULTS.md). The
 # compiled kernels are keyed on it (``lowering()``), so a changed entry compiles anew.
 TAIL_READ = {"3d": "conv", "2d_sum": "conv", "2d_concat": "slice", "2d_concat_chunked": "slice"}
-TAIL_READS = ("conv", "chunks", "slice")
+TAIL_READS = ("conv", "chunks", "slice", "barrier")
+# Per-backend entries that take precedence over TAIL_READ. On a TPU the compiler schedules a plain
+# or data-dependent slice late (an async slice done at the end of the kernel), so every conv input
+# of the batch stays alive until then: XLA's compile-time plan of the 2b decode (bf16, 13x60x90
+# latents) for one TPU v5e chip (15.75 GiB usable) needs 20.35 GiB of temporaries for the first
+# batch with either, and compiles in 15.23 GiB with "barrier", also used for the first batch there
+# (bench/bench_memory.py --target v5e; bench/RESULTS.md).
+BACKEND_TAIL_READ = {"tpu": {"3d": "barrier"}}
 
 
 _SCOPED_IMPL: list[tuple[str, Optional[str]]] = []
@@ -95,14 +104,16 @@ def conv_impl_scope(impl):
         _SCOPED_IMPL.pop()
 
 
-def tail_read(impl: str) -> str:
-    """When ``impl`` reads a causal conv's next cache: the scope's pinned choice, else TAIL_READ's."""
+def tail_read(impl: str, backend: Optional[str] = None) -> str:
+    """When ``impl`` reads a causal conv's next cache: the scope's pinned choice, else
+    ``backend``'s entry in BACKEND_TAIL_READ (``backend`` defaults to ``jax.default_backend()``),
+    else TAIL_READ's."""
     if _SCOPED_IMPL and _SCOPED_IMPL[-1][0] == impl and _SCOPED_IMPL[-1][1] is not None:
         return _SCOPED_IMPL[-1][1]
-    return TAIL_READ[impl]
+    return BACKEND_TAIL_READ.get(backend or jax.default_backend(), {}).get(impl) or TAIL_READ[impl]
 
 
-def lowering(impl: Optional[str] = None, *, partitioned: bool = False) -> tuple[str, str]:
+def lowering(impl: Optional[str] = None, *, partitioned: bool = False, backend: Optional[str] = None) -> tuple[str, str]:
     """The static key the compiled kernels are specialised on: (conv impl, its tail read).
 
     ``partitioned``: the input is split over several devices (see ``model/sharding.py``), and
@@ -112,8 +123,8 @@ def lowering(impl: Optional[str] = None, *, partitioned: bool = False) -> tuple[
     "conv" against 7.84 GiB with "slice", 13.94 GiB unsplit), while "slice" divides them by the
     number of devices.
     """
-    impl = impl or conv3d_impl()
-    return impl, "slice" if partitioned else tail_read(impl)
+    impl = impl or conv3d_impl(backend)
+    return impl, "slice" if partitioned else tail_read(impl, backend)
 
 
 def conv3d_impl(backend: Optional[str] = None) -> str:
@@ -181,7 +192,7 @@ def conv3d(x: Array, kernel: Array, padding, precision, impl: str, tail: int = 0
         if not tail:
             return y
         start = x.shape[1] - tail
-        if read == "slice":
+        if read in ("slice", "barrier"):  # "barrier": Conv3d adds the bias, then the barrier
             return y, x[:, start:]
         return y, _after(list(readers) if read == "chunks" else y, x, start, tail)
 
@@ -279,7 +290,12 @@ class Conv3d(nnx.Module):
             tail=tail,
         )
         bias = self.bias[...].astype(self.dtype)
-        return (out[0] + bias, out[1]) if tail else out + bias
+        if not tail:
+            return out + bias
+        y, new_cache = out[0] + bias, out[1]
+        if tail_read(conv3d_impl()) == "barrier":  # after the bias, which then fuses into the conv
+            y, new_cache = jax.lax.optimization_barrier((y, new_cache))
+        return y, new_cache
 
 
 class Conv2d(nnx.Module):
@@ -411,9 +427,11 @@ class CausalConv3d(nnx.Module):
         x = mask_valid(x.astype(self.conv.dtype), valid)
         pad = cache if cache is not None else jnp.repeat(x[:, :1], k - 1, axis=1)
         padded = jnp.concatenate([pad.astype(x.dtype), x], axis=1)
-        if cache is None or x.shape[1] < k - 1:
+        # The new cache (the last k - 1 input frames) is read as conv3d's ``tail`` says. In the first
+        # batch (no cache) only "barrier" needs that (a TPU's first batch is what it fixes); the
+        # other reads keep the plain slice there, whose memory was measured on GPU and CPU.
+        if x.shape[1] < k - 1 or (cache is None and tail_read(conv3d_impl()) != "barrier"):
             return self.conv(padded), padded[:, -(k - 1) :]
-        # The new cache (the last k - 1 input frames) is read after the conv: see conv3d's ``tail``.
         return self.conv(padded, tail=k - 1)
 
 

@@ -12,10 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from _ref import assert_parity, diffusers_vae, state_arrays, to_bthwc
 from cogvae.converter.loading import model_from_tensors
 from cogvae.model import VAEConfig
+from cogvae.model.layers import CausalConv3d
 from cogvae.model import vae as vae_mod
 
 CONFIG = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
@@ -212,13 +214,14 @@ def test_conv_lowering_switch_gets_its_own_compiled_functions(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "impl, reads", [("2d_concat_chunked", ("slice", "chunks")), ("3d", ("conv", "slice"))]
+    "impl, reads", [("2d_concat_chunked", ("slice", "chunks")), ("3d", ("conv", "slice", "barrier"))]
 )
 def test_when_new_caches_are_read_changes_no_value(monkeypatch, impl, reads):
     """layers.TAIL_READ only orders XLA's buffers: on the reference loop every choice decodes the
-    same bytes (5 latents: a second batch that reads and writes caches), with chunks of one frame so
-    that two stacked chunks hold the previous cache. A changed entry is part of the compiled
-    kernels' key: decode traces anew instead of reusing a function traced for another choice."""
+    same bytes (5 latents: a first batch, and a second that reads and writes caches), with chunks of
+    one frame so that two stacked chunks hold the previous cache. A changed entry is part of the
+    compiled kernels' key: decode traces anew instead of reusing a function traced for another
+    choice."""
     from cogvae.model import layers
 
     vae, _ = models()
@@ -230,7 +233,7 @@ def test_when_new_caches_are_read_changes_no_value(monkeypatch, impl, reads):
         for read in reads:
             monkeypatch.setitem(layers.TAIL_READ, impl, read)
             outs[read] = np.asarray(vae.decode(z, compiled=False))  # the layer code, op by op
-            if read == reads[1]:  # one other choice than the default, whose kernels other tests made
+            if read != reads[0]:  # the other choices than the default, whose kernels other tests made
                 t = _traces(lambda: outs.__setitem__(("compiled", read), np.asarray(vae.decode(z))))
                 assert (t["decode_first"], t["decode_scan"]) == (1, 1), read
     for read, out in outs.items():
@@ -242,6 +245,30 @@ def test_when_new_caches_are_read_changes_no_value(monkeypatch, impl, reads):
     with pytest.raises(ValueError, match="chunks"):
         layers.conv3d(jnp.zeros((1, 4, 3, 3, 2)), jnp.zeros((3, 3, 3, 2, 2)), ((0, 0), (1, 1), (1, 1)),
                       None, "3d", tail=2)
+
+
+def test_tpu_reads_new_caches_through_a_barrier(monkeypatch):
+    """On a TPU the 3d lowering passes each new cache and its conv's output through one optimization
+    barrier, in the first batch as well as the scan (the TPU compiler otherwise keeps every conv
+    input of the batch alive until a late slice: bench/RESULTS.md, deviceless TPU compile); other
+    backends, and inputs split over devices, keep their reads."""
+    from cogvae.model import layers
+
+    monkeypatch.delenv("COGVAE_CONV_IMPL", raising=False)
+    assert layers.lowering(backend="tpu") == ("3d", "barrier")
+    assert layers.lowering(backend="tpu", partitioned=True) == ("3d", "slice")
+    assert layers.lowering(backend="gpu") == ("2d_concat_chunked", "slice")
+    assert layers.lowering(backend="cpu") == ("2d_sum", "conv")
+    assert layers.lowering("3d", backend="gpu") == ("3d", "conv")
+    vae, _ = models()
+    graphdef, state = nnx.split(vae)
+    z = jnp.zeros((1, 3, 4, 6, 4), jnp.float32)
+    first = vae_mod.kernels()["first"]
+    barriers = {read: first.lower("decode", ("3d", read), graphdef, state, z, None).as_text().count("optimization_barrier")
+                for read in ("barrier", "conv")}
+    n_causal = sum(1 for _, m in nnx.iter_modules(vae.decoder) if isinstance(m, CausalConv3d)
+                   and m.time_kernel_size > 1)
+    assert barriers == {"barrier": n_causal, "conv": 0}
 
 
 @pytest.mark.parametrize("latents", [1, 3])
