@@ -85,8 +85,8 @@ TAIL_READS = ("conv", "chunks", "slice", "barrier")
 # or data-dependent slice late (an async slice done at the end of the kernel), so every conv input
 # of the batch stays alive until then: XLA's compile-time plan of the 2b decode (bf16, 13x60x90
 # latents) for one TPU v5e chip (15.75 GiB usable) needs 20.35 GiB of temporaries for the first
-# batch with either, and compiles in 15.23 GiB with "barrier", also used for the first batch there
-# (bench/bench_memory.py --target v5e; bench/RESULTS.md).
+# batch with either read, and 12.37 GiB (15.23 GiB in all) with "barrier", which the TPU therefore
+# also uses in the first batch (bench/bench_memory.py --target v5e; bench/RESULTS.md).
 BACKEND_TAIL_READ = {"tpu": {"3d": "barrier"}}
 
 
