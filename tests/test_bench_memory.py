@@ -2,8 +2,8 @@
 
 Nothing is faked: the script compiles the real 2b kernels for a tiny latent. Its ``--target``
 mode (a deviceless GPU or TPU compile) needs the jax CUDA plugin or libtpu, which the test
-environment does not install, so only its refusals are checked here: an unknown target, and a
-TPU target without libtpu.
+environment does not install, so here it is checked that an unknown target and a TPU target
+without libtpu are refused (where libtpu is installed, the TPU test compiles instead).
 """
 
 from __future__ import annotations
