@@ -190,12 +190,12 @@ def main() -> int:
         ap.error("--autotune-results needs --target")
     if a.autotune_results and not Path(a.autotune_results).is_file():
         ap.error(f"--autotune-results {a.autotune_results}: no such file")
+    if a.autotune_results and target_backend(a.target) != "gpu":
+        ap.error("--autotune-results: GPU targets only")
     config: VAEConfig = PRESETS[a.preset]
     target = target_devices(a.target) if a.target else None
     if target and a.split_height > 1:
         ap.error("--target compiles for one device: leave out --split-height")
-    if a.autotune_results and target_backend(a.target) != "gpu":
-        ap.error("--autotune-results: GPU targets only")
     backend = target_backend(a.target) if target else jax.default_backend()
     dtype = jnp.dtype(a.dtype) if a.dtype else jnp.dtype(default_compute_dtype(backend))
     impl = a.impl or conv3d_impl(backend)

@@ -281,19 +281,20 @@ class Conv3d(nnx.Module):
     def __call__(self, x: Array, tail: int = 0):
         """x: (B, T, H, W, Cin) -> (B, T', H', W', Cout); with ``tail`` > 0, also x's last ``tail``
         frames (B, tail, H, W, Cin), read when ``TAIL_READ`` says (see ``conv3d``)."""
+        impl = conv3d_impl()
         out = conv3d(
             x.astype(self.dtype),
             self.kernel[...].astype(self.dtype),
             self.padding,
             _precision(self.dtype),
-            conv3d_impl(),
+            impl,
             tail=tail,
         )
         bias = self.bias[...].astype(self.dtype)
         if not tail:
             return out + bias
         y, new_cache = out[0] + bias, out[1]
-        if tail_read(conv3d_impl()) == "barrier":  # after the bias, which then fuses into the conv
+        if tail_read(impl) == "barrier":  # after the bias, which then fuses into the conv
             y, new_cache = jax.lax.optimization_barrier((y, new_cache))
         return y, new_cache
 
