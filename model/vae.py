@@ -298,12 +298,21 @@ def scan_compiler_options(backend: str) -> dict:
     return kernel_compiler_options(backend, "scan")
 
 
-def make_kernels(backend: str, *, check: bool = True) -> dict:
-    """The two jitted kernels, with ``backend``'s compiler options."""
+def make_kernels(backend: str, *, check: bool = True, nested: bool = False) -> dict:
+    """The two jitted kernels, with ``backend``'s compiler options.
+
+    ``nested=True``: the kernels for a call traced by a caller's transformation (their ``jax.jit``
+    or ``nnx.jit``, ``jax.grad``, ...). JAX accepts compiler options only on a top-level jit and
+    raises on a nested one, and a nested jit is compiled as part of the caller's program anyway,
+    with the caller's options; its donations mean nothing there either. So these carry neither.
+    """
     # Static arguments: kind, the ``lowering()`` key (conv impl and tail read, so a changed
     # COGVAE_CONV_IMPL or layers.TAIL_READ compiles anew rather than reusing a function traced for
     # another lowering) and graphdef.
     # Every backend donates the cache (jax's CPU client aliases donated buffers too).
+    if nested:
+        return {"first": jax.jit(_first_fn, static_argnums=(0, 1, 2)),
+                "scan": jax.jit(_scan_fn, static_argnums=(0, 1, 2))}
     first = kernel_compiler_options(backend, "first", check=check)
     scan = kernel_compiler_options(backend, "scan", check=check)
     return {
@@ -313,12 +322,27 @@ def make_kernels(backend: str, *, check: bool = True) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(backend: str) -> dict:
-    return make_kernels(backend)
+def _kernels(backend: str, nested: bool = False) -> dict:
+    return make_kernels(backend, nested=nested)
 
 
-def kernels() -> dict:
-    return _kernels(jax.default_backend())
+def kernels(*, nested: bool = False) -> dict:
+    """The default backend's kernels; ``nested``: for a call inside a caller's transformation."""
+    return _kernels(jax.default_backend(), nested)
+
+
+def traced(*trees) -> bool:
+    """Whether this call is being traced by a transformation (a caller's jit, grad, vmap, ...), so
+    that the kernels it calls are nested in the caller's program (see ``make_kernels``)."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees)):
+        return True
+    # Concrete inputs can still be inside a caller's jit (arrays it closes over). JAX has no public
+    # test for that; where its internal one is missing, the tracer test above is all there is.
+    try:
+        from jax._src.core import trace_state_clean
+    except ImportError:  # pragma: no cover - a jax without it
+        return False
+    return not trace_state_clean()
 
 
 def compile_decode_first_batch(graphdef, state, latent_shape, latent_dtype=jnp.float32, *, impl: str | None = None):
@@ -472,8 +496,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
                 out, cache = step(self, x[:, s:e], cache, valid)
                 outs.append(out)
             return jnp.concatenate(outs, axis=1)
-        k = kernels()
         graphdef, state = self._split()
+        k = kernels(nested=traced(x, state, valid))
         s0, e0 = batches[0]
         # The conv lowering and its tail read: a static argument of both kernels.
         impl = lowering(partitioned=_partitioned(x))
