@@ -1,7 +1,8 @@
 """cogvae.converter: diffusers CogVideoX VAE <-> Flax NNX conversion.
 
 ``load(path)`` returns the bundled NNX model with weights loaded from a diffusers VAE folder
-(or a pipeline folder holding ``vae/``), or from a converted cogvae checkpoint folder.
+(or a pipeline folder holding ``vae/``), or from a converted cogvae checkpoint folder. ``save(vae, out)`` writes a model held in memory (a JAX
+fine-tune) as such a folder, and ``export_diffusers(vae_or_folder, out)`` as a diffusers VAE folder.
 
 The names below are imported on first use, so that the command line starts (``--help``, usage
 errors) without importing jax and flax.
@@ -22,6 +23,9 @@ _EXPORTS = {
     "model_from_tensors": ".loading",
     "MappingError": ".mapping",
     "load_mapping": ".mapping",
+    "export_diffusers": ".saving",
+    "model_params": ".saving",
+    "save": ".saving",
 }
 
 __all__ = sorted(_EXPORTS)

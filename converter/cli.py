@@ -188,31 +188,11 @@ def convert_subcommand(**kw):
 # ----------------------------------------------------------------------------------------
 
 
-def export_diffusers(ckpt: str | Path, out: str | Path, *, format: Optional[str] = None, overwrite: bool = False,
-                     mapping=None) -> dict:
-    """Write a converted checkpoint back as a diffusers VAE folder (config.json + safetensors), atomically."""
-    from .checkpoint import CONFIG_NAME, OutputError, atomic_output_dir, keep_heap_lean, read_checkpoint
-    from .engine import export_tensors
-    from .mapping import load_mapping
-    from .st_io import save_safetensors
+def export_diffusers(*args: Any, **kwargs: Any) -> dict:
+    """``cogvae.converter.saving.export_diffusers`` (imported on first use, like jax and flax)."""
+    from .saving import export_diffusers as export
 
-    keep_heap_lean()
-    mapping = mapping or load_mapping()
-    config, params, info = read_checkpoint(ckpt, format=format)
-    # lazy: every check passes first, then each tensor is transformed as the writer reaches it and
-    # its source array is released, so memory stays near one copy of the weights.
-    tensors = export_tensors(params, mapping, source_name=f"{ckpt} ({info['format']})", lazy=True)
-    del params
-    try:
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            (tmp / CONFIG_NAME).write_text(json.dumps(config.to_diffusers_config(), indent=2) + "\n")
-            save_safetensors(tensors, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
-    except OSError as e:
-        if isinstance(e, OutputError):
-            raise
-        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
-    return {"ok": True, "out": str(out), "checkpoint": str(ckpt), "format": info["format"], "num_tensors": len(tensors),
-            "files": ["config.json", "diffusion_pytorch_model.safetensors"]}
+    return export(*args, **kwargs)
 
 
 @cli.command("export-diffusers", epilog=EXIT_EPILOG)

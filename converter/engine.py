@@ -372,8 +372,8 @@ def export_tensors(
 ) -> dict[str, np.ndarray]:
     """``{dotted NNX path: array}`` -> ``{diffusers key: array}`` through inverse transforms.
 
-    Strict: a path matching no rule or several rules, a rank mismatch, a disallowed dtype,
-    or two paths producing the same key is an error; all are raised together.
+    Strict: a path matching no rule or several rules, a rank mismatch, a disallowed dtype, a
+    non-finite value, or two paths producing the same key is an error; all are raised together.
     ``lazy=True``: after the checks, return a :class:`LazyExport` that transforms each tensor
     when it is read (a streaming writer then holds one exported tensor at a time).
     """
@@ -403,7 +403,7 @@ def export_tensors(
             problems.append(f"{source_name}: parameter {path!r}: wrong rank: shape "
                             f"{tuple(arr.shape)}, {inv.name} ({rule.label}) expects rank {inv.rank}")
             continue
-        dp = _dtype_problem(arr, allowed)
+        dp = _dtype_problem(arr, allowed) or _nonfinite_problem(arr)
         if dp:
             problems.append(f"{source_name}: parameter {path!r}: {dp}")
             continue

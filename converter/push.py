@@ -125,6 +125,10 @@ def model_card_text(repo_id: str, config: dict, provenance: dict) -> str:
         origin = f"[`{source_id}`](https://huggingface.co/{source_id})" + (f" at commit `{revision}`" if revision else "")
     else:
         origin = f"a local diffusers folder (`{source_id}`)" if source_id else "a diffusers checkpoint"
+    src = provenance.get("source")
+    if isinstance(src, dict) and src.get("saved_from"):  # written by cogvae.converter.save (a JAX fine-tune)
+        origin = "a model saved from JAX (`cogvae.converter.save`)" + (
+            f", based on {origin}" if provenance.get("base") and source_id else "")
     arch = ", ".join(f"{k}={config[k]}" for k in ("block_out_channels", "latent_channels", "layers_per_block",
                                                   "scaling_factor") if k in config)
     lic_line = ""

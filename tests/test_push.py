@@ -11,6 +11,8 @@ instead patches those methods on the real ``huggingface_hub.HfApi`` class, so th
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -230,6 +232,25 @@ def test_model_card_of_a_local_source_has_no_base_model():
     card = ModelCard(model_card_text("me/x", {}, {"source": "/data/CogVideoX-2b"}))
     assert card.data.base_model is None and card.data.license is None
     assert "local diffusers folder" in card.text
+
+
+def test_a_saved_fine_tune_keeps_base_model_and_licence(ckpt, tmp_path):
+    """A model loaded from the converted checkpoint and written back by ``save(vae, out, base=ckpt)``:
+    its card names that checkpoint's Hub source as base_model and keeps its licence.
+    Fake: RecordingApi stands in for the Hub (no network)."""
+    from cogvae.converter import load, save
+
+    save(load(ckpt), tmp_path / "ft", base=ckpt, validate=False)
+    api = RecordingApi(tmp_path)
+    push_checkpoint(tmp_path / "ft", "me/ft", api=api)
+    card = ModelCard.load(api.uploaded / "README.md")
+    assert card.data.base_model == SOURCE and card.data.license_name == "cogvideox-license"
+    assert "a model saved from JAX (`cogvae.converter.save`), based on" in card.text
+    assert f"at commit `{SHA}`" in card.text
+    card = ModelCard(model_card_text("me/x", {}, json.loads((tmp_path / "ft" / "provenance.json").read_text())
+                                     | {"base": None, "source": {"id": "<in-memory model>", "is_hub": False,
+                                                                 "saved_from": "<in-memory model>"}}))
+    assert card.data.base_model is None and "based on" not in card.text
 
 
 def test_convert_push_to_hub_passes_push_revision_and_token(tmp_path, monkeypatch):
