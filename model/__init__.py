@@ -12,6 +12,7 @@ from .vae import (
     Decoder3D,
     Encoder3D,
     TilingConfig,
+    compiler_options,
     default_compute_dtype,
     frame_batches,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "TilingConfig",
     "VAEConfig",
     "abstract_model",
+    "compiler_options",
     "default_cache_dir",
     "default_compute_dtype",
     "enable_compilation_cache",

@@ -643,12 +643,24 @@ class Upsample3D(nnx.Module):
         return self.conv(mask_valid(_upsample_hw(x), double_valid(valid)))
 
 
-def _run_resnets(resnets, h, zq, cache, valid):
+def checkpointed(module: nnx.Module, *args):
+    """``module(*args)``, with its activations recomputed in the backward pass instead of kept
+    (``jax.checkpoint``): only its inputs are saved. Without a gradient it is a plain call."""
+    graphdef, state = nnx.split(module)
+    return jax.checkpoint(lambda state, *a: nnx.merge(graphdef, state)(*a))(state, *args)
+
+
+def _run_resnets(resnets, h, zq, cache, valid, checkpoint: bool = False):
+    """The block's resnets in order; ``checkpoint``: each one checkpointed, as diffusers' blocks
+    do under ``enable_gradient_checkpointing``."""
     cache = cache or {}
     new = {}
     for i, resnet in enumerate(resnets):
         key = f"resnet_{i}"
-        h, new[key] = resnet(h, zq, cache.get(key), valid)
+        if checkpoint:
+            h, new[key] = checkpointed(resnet, h, zq, cache.get(key), valid)
+        else:
+            h, new[key] = resnet(h, zq, cache.get(key), valid)
     return h, new
 
 
@@ -680,9 +692,10 @@ class DownBlock3D(nnx.Module):
             self.downsamplers = nnx.List([Downsample3D(out_channels, out_channels, compress_time=compress_time, **kw)])
         else:
             self.downsamplers = None
+        self.gradient_checkpointing = False  # diffusers' attribute (see AutoencoderKLCogVideoX)
 
     def __call__(self, x: Array, cache: Cache = None, valid=None) -> tuple[Array, dict]:
-        h, new = _run_resnets(self.resnets, x, None, cache, valid)
+        h, new = _run_resnets(self.resnets, x, None, cache, valid, self.gradient_checkpointing)
         if self.downsamplers is not None:
             for d in self.downsamplers:
                 h = d(h, valid)
@@ -703,9 +716,10 @@ class MidBlock3D(nnx.Module):
                 for _ in range(num_layers)
             ]
         )
+        self.gradient_checkpointing = False
 
     def __call__(self, x: Array, zq: Optional[Array] = None, cache: Cache = None, valid=None) -> tuple[Array, dict]:
-        return _run_resnets(self.resnets, x, zq, cache, valid)
+        return _run_resnets(self.resnets, x, zq, cache, valid, self.gradient_checkpointing)
 
 
 class UpBlock3D(nnx.Module):
@@ -744,9 +758,10 @@ class UpBlock3D(nnx.Module):
             self.upsamplers = nnx.List([Upsample3D(out_channels, out_channels, compress_time=compress_time, **kw)])
         else:
             self.upsamplers = None
+        self.gradient_checkpointing = False
 
     def __call__(self, x: Array, zq: Array, cache: Cache = None, valid=None) -> tuple[Array, dict]:
-        h, new = _run_resnets(self.resnets, x, zq, cache, valid)
+        h, new = _run_resnets(self.resnets, x, zq, cache, valid, self.gradient_checkpointing)
         if self.upsamplers is not None:
             for u in self.upsamplers:
                 h = u(h, valid)

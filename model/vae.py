@@ -227,11 +227,23 @@ def _decode_step(vae, z, cache, valid):
 _STEPS = {"encode": _encode_step, "decode": _decode_step}
 
 
+def _batch_step(vae, kind: str):
+    """``fn(x, cache, valid) -> (out, new cache)``: one frame batch of ``kind``. With gradient
+    checkpointing, the whole batch is checkpointed: a gradient keeps only each batch's input and
+    conv caches, and recomputes the batch (its resnets checkpointed in turn) in the backward pass."""
+    step = _STEPS[kind]
+    if not getattr(vae, "gradient_checkpointing", False):
+        return lambda x, cache, valid: step(vae, x, cache, valid)
+    graphdef, state = nnx.split(vae)
+    run = jax.checkpoint(lambda state, x, cache, valid: step(nnx.merge(graphdef, state), x, cache, valid))
+    return lambda x, cache, valid: run(state, x, cache, valid)
+
+
 def _first_fn(kind, impl, graphdef, state, x, valid):
     """The first batch of ``kind``, with no cache (causal padding repeats the first frame)."""
     TRACE_COUNTS[f"{kind}_first"] += 1
     with conv_impl_scope(impl):
-        return _STEPS[kind](nnx.merge(graphdef, state), x, None, valid)
+        return _batch_step(nnx.merge(graphdef, state), kind)(x, None, valid)
 
 
 def _scan_fn(kind, impl, graphdef, state, xs, cache, valid):
@@ -240,14 +252,13 @@ def _scan_fn(kind, impl, graphdef, state, xs, cache, valid):
     Returns (outputs (N, B, frames', H', W', C'), the final cache); the cache is returned so that
     the donated input cache has an output to alias (see above)."""
     TRACE_COUNTS[f"{kind}_scan"] += 1
-    vae = nnx.merge(graphdef, state)
-    step = _STEPS[kind]
 
     def body(c, x):
-        out, c = step(vae, x, c, valid)
+        out, c = step(x, c, valid)
         return c, out
 
     with conv_impl_scope(impl):
+        step = _batch_step(nnx.merge(graphdef, state), kind)
         cache, outs = jax.lax.scan(body, cache, xs)
     return outs, cache
 
@@ -291,6 +302,14 @@ def kernel_compiler_options(backend: str, kernel: str, *, check: bool = True) ->
     target, e.g. bench/bench_memory.py --target)."""
     opts = KERNEL_COMPILER_OPTIONS.get(backend, {}).get(kernel, {})
     return {k: v for k, v in opts.items() if not check or _option_known(k, v)}
+
+
+def compiler_options(backend: str | None = None) -> dict:
+    """The XLA options cogvae's own kernels are compiled with on ``backend`` (default: the default
+    backend). Called inside your ``jax.jit`` / ``nnx.jit``, encode and decode are compiled as part
+    of your program, with your jit's options: pass these (``jax.jit(f, compiler_options=...)``) to
+    keep the kernels' memory behaviour there (on GPUs: no latency-hiding scheduler)."""
+    return kernel_compiler_options(backend or jax.default_backend(), "scan")
 
 
 def scan_compiler_options(backend: str) -> dict:
@@ -415,6 +434,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
         self.post_quant_conv = Conv3d(oc, oc, (1, 1, 1), **kw) if config.use_post_quant_conv else None
         self.use_slicing = False
         self.use_tiling = False
+        self.gradient_checkpointing = False
         self.tiling = TilingConfig(
             tile_sample_min_height=config.sample_height // 2,
             tile_sample_min_width=config.sample_width // 2,
@@ -448,6 +468,25 @@ class AutoencoderKLCogVideoX(nnx.Module):
 
     def disable_tiling(self) -> None:
         self.use_tiling = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """diffusers' ``enable_gradient_checkpointing``: for fine-tuning, trade compute for memory.
+
+        A gradient then keeps only what each frame batch starts from (its input and the conv
+        caches carried into it) and each resnet's input, and recomputes the rest in the backward
+        pass: the batch once more, and its resnets once again inside that (the 2b decoder's
+        gradient: 56% more FLOPs). The forward values and the gradients are unchanged.
+        Switching compiles anew (the flag is part of the model's static structure)."""
+        self._set_gradient_checkpointing(True)
+
+    def disable_gradient_checkpointing(self) -> None:
+        self._set_gradient_checkpointing(False)
+
+    def _set_gradient_checkpointing(self, on: bool) -> None:
+        self.gradient_checkpointing = on
+        for _, module in nnx.iter_modules(self):
+            if module is not self and hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = on
 
     def enable_slicing(self) -> None:
         self.use_slicing = True
@@ -489,11 +528,11 @@ class AutoencoderKLCogVideoX(nnx.Module):
         """diffusers' frame-batch loop: ``max(T // batch, 1)`` batches, the remainder in the first,
         conv caches carried from batch to batch; outputs concatenated in time."""
         batches = frame_batches(x.shape[1], batch)
-        step = _STEPS[kind]
         if not compiled:
+            step = _batch_step(self, kind)
             cache, outs = None, []
             for s, e in batches:
-                out, cache = step(self, x[:, s:e], cache, valid)
+                out, cache = step(x[:, s:e], cache, valid)
                 outs.append(out)
             return jnp.concatenate(outs, axis=1)
         graphdef, state = self._split()
