@@ -125,6 +125,12 @@ def _nonfinite_problem(arr: np.ndarray) -> str | None:
     return f"contains non-finite values: {n_nan} NaN, {n_inf} Inf (of {arr.size})"
 
 
+def value_problem(arr: np.ndarray, allowed: frozenset[str] = ALLOWED_DTYPES) -> str | None:
+    """What no converted, saved or exported tensor may have: a dtype outside ``allowed``, else a
+    non-finite value. None when the tensor is fine."""
+    return _dtype_problem(arr, allowed) or (_nonfinite_problem(arr) if arr.size else None)
+
+
 # ----------------------------------------------------------------------------------------
 # abstract state
 # ----------------------------------------------------------------------------------------
@@ -253,13 +259,9 @@ def convert_flat(
             want = inv.shape(tgt.shape) if inv.rank in (None, len(tgt.shape)) else "?"
             msgs.append(f"shape mismatch: source shape {src_shape}, expected {want} "
                         f"(model parameter {path_to_str(tgt.path)!r} has shape {tgt.shape}; {rule.label})")
-        dp = _dtype_problem(arr, allowed)
-        if dp:
-            msgs.append(dp)
-        elif arr.size:
-            nf = _nonfinite_problem(arr)
-            if nf:
-                msgs.append(nf)
+        vp = value_problem(arr, allowed)
+        if vp:
+            msgs.append(vp)
         if msgs:
             return msgs, None
         y = rule.transform(arr)
@@ -403,9 +405,9 @@ def export_tensors(
             problems.append(f"{source_name}: parameter {path!r}: wrong rank: shape "
                             f"{tuple(arr.shape)}, {inv.name} ({rule.label}) expects rank {inv.rank}")
             continue
-        dp = _dtype_problem(arr, allowed) or _nonfinite_problem(arr)
-        if dp:
-            problems.append(f"{source_name}: parameter {path!r}: {dp}")
+        vp = value_problem(arr, allowed)
+        if vp:
+            problems.append(f"{source_name}: parameter {path!r}: {vp}")
             continue
         out[key] = (inv, arr) if lazy else inv(arr)
     if problems:

@@ -35,7 +35,7 @@ from .checkpoint import (
     read_checkpoint,
     write_into,
 )
-from .engine import ALLOWED_DTYPES, ConversionError, _dtype_problem, _nonfinite_problem, abstract_targets, path_to_str
+from .engine import ConversionError, abstract_targets, path_to_str, value_problem
 from .mapping import Mapping, load_mapping
 
 __all__ = ["model_params", "save", "export_diffusers"]
@@ -69,7 +69,6 @@ def model_params(vae, *, dtype: Any = None, source_name: str = IN_MEMORY) -> dic
     targets = abstract_targets(nnx.split(abstract_model(vae.config))[1])
     problems: list[str] = []
     params: dict[str, np.ndarray] = {}
-    allowed = frozenset(ALLOWED_DTYPES)
     for path, leaf in nnx.to_flat_state(nnx.state(vae)):
         key = path_to_str(path)
         value = leaf.get_value() if hasattr(leaf, "get_value") else leaf
@@ -83,7 +82,7 @@ def model_params(vae, *, dtype: Any = None, source_name: str = IN_MEMORY) -> dic
             problems.append(f"{source_name}: parameter {key!r}: shape {tuple(arr.shape)}, the config's "
                             f"architecture has {target.shape}")
             continue
-        problem = _dtype_problem(arr, allowed) or _nonfinite_problem(arr)
+        problem = value_problem(arr)
         if problem:
             problems.append(f"{source_name}: parameter {key!r}: {problem}")
             continue
@@ -134,6 +133,7 @@ def save(
     formats = normalize_formats(formats)
     out = Path(out)
     mapping = load_mapping()
+    origin = _base_source(base)  # before any work: an unreadable base fails at once
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         params = model_params(vae, dtype=dtype)
         config = vae.config
@@ -149,7 +149,6 @@ def save(
         validation = validate_checkpoint_dir(tmp, config, formats, expected) if validate else {"skipped": True}
         if validate and not validation["ok"]:
             raise ValidationError(f"{out}: validation failed: " + "; ".join(validation["problems"]), validation)
-        origin = _base_source(base)
         provenance = {
             "source": {"id": IN_MEMORY, "revision": None, "is_hub": False, **(origin or {}), "saved_from": IN_MEMORY},
             "base": origin,
