@@ -1,8 +1,9 @@
 """cogvae.converter: diffusers CogVideoX VAE <-> Flax NNX conversion.
 
 ``load(path)`` returns the bundled NNX model with weights loaded from a diffusers VAE folder
-(or a pipeline folder holding ``vae/``), or from a converted cogvae checkpoint folder. ``save(vae, out)`` writes a model held in memory (a JAX
-fine-tune) as such a folder, and ``export_diffusers(vae_or_folder, out)`` as a diffusers VAE folder.
+(or a pipeline folder holding ``vae/``), or from a converted cogvae checkpoint folder.
+``save(vae, out)`` writes a model held in memory (a JAX fine-tune) as such a folder, and
+``export_diffusers(vae_or_folder, out)`` as a diffusers VAE folder.
 
 The names below are imported on first use, so that the command line starts (``--help``, usage
 errors) without importing jax and flax.
