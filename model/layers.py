@@ -643,11 +643,15 @@ class Upsample3D(nnx.Module):
         return self.conv(mask_valid(_upsample_hw(x), double_valid(valid)))
 
 
-def checkpointed(module: nnx.Module, *args):
-    """``module(*args)``, with its activations recomputed in the backward pass instead of kept
+def checkpointed(fn, module: nnx.Module, *args):
+    """``fn(module, *args)``, with its activations recomputed in the backward pass instead of kept
     (``jax.checkpoint``): only its inputs are saved. Without a gradient it is a plain call."""
     graphdef, state = nnx.split(module)
-    return jax.checkpoint(lambda state, *a: nnx.merge(graphdef, state)(*a))(state, *args)
+    return jax.checkpoint(lambda state, *a: fn(nnx.merge(graphdef, state), *a))(state, *args)
+
+
+def _call(module, *args):
+    return module(*args)
 
 
 def _run_resnets(resnets, h, zq, cache, valid, checkpoint: bool = False):
@@ -658,7 +662,7 @@ def _run_resnets(resnets, h, zq, cache, valid, checkpoint: bool = False):
     for i, resnet in enumerate(resnets):
         key = f"resnet_{i}"
         if checkpoint:
-            h, new[key] = checkpointed(resnet, h, zq, cache.get(key), valid)
+            h, new[key] = checkpointed(_call, resnet, h, zq, cache.get(key), valid)
         else:
             h, new[key] = resnet(h, zq, cache.get(key), valid)
     return h, new

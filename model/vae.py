@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from .config import VAEConfig
-from .layers import CausalConv3d, Conv3d, DownBlock3D, GroupNorm, MidBlock3D, SpatialNorm3D, UpBlock3D, conv_impl_scope, double_valid, halve_valid, lowering
+from .layers import CausalConv3d, Conv3d, DownBlock3D, GroupNorm, MidBlock3D, SpatialNorm3D, UpBlock3D, checkpointed, conv_impl_scope, double_valid, halve_valid, lowering
 
 Array = jax.Array
 
@@ -232,11 +232,9 @@ def _batch_step(vae, kind: str):
     checkpointing, the whole batch is checkpointed: a gradient keeps only each batch's input and
     conv caches, and recomputes the batch (its resnets checkpointed in turn) in the backward pass."""
     step = _STEPS[kind]
-    if not getattr(vae, "gradient_checkpointing", False):
-        return lambda x, cache, valid: step(vae, x, cache, valid)
-    graphdef, state = nnx.split(vae)
-    run = jax.checkpoint(lambda state, x, cache, valid: step(nnx.merge(graphdef, state), x, cache, valid))
-    return lambda x, cache, valid: run(state, x, cache, valid)
+    if vae.gradient_checkpointing:
+        return lambda x, cache, valid: checkpointed(step, vae, x, cache, valid)
+    return lambda x, cache, valid: step(vae, x, cache, valid)
 
 
 def _first_fn(kind, impl, graphdef, state, x, valid):
