@@ -95,7 +95,7 @@ def _option_value(v: str):
 
 def parse_variant(spec: str) -> tuple[str, dict]:
     """``NAME`` or ``NAME:opt=value,opt=value`` -> (NAME, {opt: value}), XLA options added to the
-    kernels' own (``vae.scan_compiler_options``) for one compile."""
+    kernels' own (``vae.compiler_options``) for one compile."""
     name, _, rest = spec.partition(":")
     opts = {}
     for item in filter(None, rest.split(",")):

@@ -250,13 +250,13 @@ def _scan_fn(kind, impl, graphdef, state, xs, cache, valid):
     Returns (outputs (N, B, frames', H', W', C'), the final cache); the cache is returned so that
     the donated input cache has an output to alias (see above)."""
     TRACE_COUNTS[f"{kind}_scan"] += 1
-
-    def body(c, x):
-        out, c = step(x, c, valid)
-        return c, out
-
     with conv_impl_scope(impl):
         step = _batch_step(nnx.merge(graphdef, state), kind)
+
+        def body(c, x):
+            out, c = step(x, c, valid)
+            return c, out
+
         cache, outs = jax.lax.scan(body, cache, xs)
     return outs, cache
 
@@ -303,16 +303,12 @@ def kernel_compiler_options(backend: str, kernel: str, *, check: bool = True) ->
 
 
 def compiler_options(backend: str | None = None) -> dict:
-    """The XLA options cogvae's own kernels are compiled with on ``backend`` (default: the default
-    backend). Called inside your ``jax.jit`` / ``nnx.jit``, encode and decode are compiled as part
-    of your program, with your jit's options: pass these (``jax.jit(f, compiler_options=...)``) to
-    keep the kernels' memory behaviour there (on GPUs: no latency-hiding scheduler)."""
+    """The XLA options cogvae's scan kernels are compiled with on ``backend`` (default: the default
+    backend); the first-batch kernel's are a subset. Called inside your ``jax.jit`` / ``nnx.jit``,
+    encode and decode are compiled as part of your program, with your jit's options: pass these
+    (``jax.jit(f, compiler_options=...)``) to keep the kernels' memory behaviour there (on GPUs:
+    no latency-hiding scheduler)."""
     return kernel_compiler_options(backend or jax.default_backend(), "scan")
-
-
-def scan_compiler_options(backend: str) -> dict:
-    """The XLA options the scan kernels are compiled with (see KERNEL_COMPILER_OPTIONS)."""
-    return kernel_compiler_options(backend, "scan")
 
 
 def make_kernels(backend: str, *, check: bool = True, nested: bool = False) -> dict:
@@ -351,14 +347,12 @@ def kernels(*, nested: bool = False) -> dict:
 def traced(*trees) -> bool:
     """Whether this call is being traced by a transformation (a caller's jit, grad, vmap, ...), so
     that the kernels it calls are nested in the caller's program (see ``make_kernels``)."""
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees)):
-        return True
-    # Concrete inputs can still be inside a caller's jit (arrays it closes over). JAX has no public
-    # test for that; where its internal one is missing, the tracer test above is all there is.
+    # JAX's own test sees every transformation, also around concrete inputs (arrays a caller's jit
+    # closes over). It is internal; where it is missing, a tracer among the inputs is the sign.
     try:
         from jax._src.core import trace_state_clean
     except ImportError:  # pragma: no cover - a jax without it
-        return False
+        return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
     return not trace_state_clean()
 
 
@@ -481,9 +475,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
         self._set_gradient_checkpointing(False)
 
     def _set_gradient_checkpointing(self, on: bool) -> None:
-        self.gradient_checkpointing = on
-        for _, module in nnx.iter_modules(self):
-            if module is not self and hasattr(module, "gradient_checkpointing"):
+        for _, module in nnx.iter_modules(self):  # this model and its blocks
+            if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = on
 
     def enable_slicing(self) -> None:

@@ -111,8 +111,8 @@ def test_scan_gets_region_based_copy_insertion():
 
     backend = jax.default_backend()
     expected = {"cpu": "xla_cpu_copy_insertion_use_region_analysis"}.get(backend, "xla_gpu_copy_insertion_use_region_analysis")
-    assert vae_mod.scan_compiler_options(backend)[expected] is True
-    assert vae_mod.scan_compiler_options("tpu") == {}
+    assert vae_mod.compiler_options(backend)[expected] is True
+    assert vae_mod.compiler_options("tpu") == {}
 
 
 @pytest.mark.parametrize("kernel", ["first", "scan"])
