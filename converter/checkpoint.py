@@ -468,10 +468,14 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def _verify_files(folder: Path, manifest: dict, prefixes: Iterable[str], hashes: bool) -> None:
+def _verify_files(folder: Path, manifest: dict, prefixes: Iterable[str], hashes: bool, only: bool = False) -> None:
+    """Every file the manifest lists must be there with its size (``only``: just those under
+    ``prefixes``), and with ``hashes`` those under ``prefixes`` must have its sha256."""
     problems = []
     prefixes = tuple(prefixes)
     for rel, meta in manifest["files"].items():
+        if only and not rel.startswith(prefixes):
+            continue
         p = folder / rel
         if not p.is_file():
             problems.append(f"{rel}: missing")
@@ -747,8 +751,9 @@ def read_checkpoint(
     """Read a converted checkpoint -> ``(config, {dotted_path: np.ndarray}, info)``.
 
     ``format``: 'orbax' (default when present) or 'msgpack' (default when orbax is absent).
-    The ``COMPLETE`` manifest must exist; every listed file must have its size, and with
-    ``verify`` the files read (config and the chosen format) must match their sha256.
+    The ``COMPLETE`` manifest must exist; the files read (config and the chosen format) must be
+    there with their listed sizes, and with ``verify`` match their sha256. The other format's
+    files may be absent (a Hub download fetches one format).
     ``info``: ``{'path', 'format', 'formats', 'manifest', 'provenance'}``. ``as_jax``: jax arrays
     on the default device instead of numpy arrays (see :func:`read_format`).
     """
@@ -762,7 +767,7 @@ def read_checkpoint(
     if format not in formats:
         raise CheckpointError(f"{folder}: holds no {format} parameters (formats: {', '.join(formats) or 'none'})")
     want = (CONFIG_NAME, ORBAX_DIR + "/" if format == "orbax" else MSGPACK_NAME)
-    _verify_files(folder, manifest, want, hashes=verify)
+    _verify_files(folder, manifest, want, hashes=verify, only=True)
     try:
         config = VAEConfig.from_json_file(folder / CONFIG_NAME)
     except ConfigError as e:

@@ -196,23 +196,27 @@ def export_diffusers(*args: Any, **kwargs: Any) -> dict:
 
 
 @cli.command("export-diffusers", epilog=EXIT_EPILOG)
-@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("ckpt")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output diffusers VAE folder.")
 @click.option("--format", "fmt", type=click.Choice(["orbax", "msgpack"]), default=None,
               help="Which stored format to read (default: orbax when present).")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub CKPT only).")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN / login).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def export_diffusers_command(ckpt, out, fmt, overwrite, as_json):
-    """Export a converted checkpoint back to diffusers format (config.json +
-    diffusion_pytorch_model.safetensors), through the inverse mapping rules. The tensors are
-    bit-identical to the ones converted; diffusers' AutoencoderKLCogVideoX.from_pretrained loads it.
+def export_diffusers_command(ckpt, out, fmt, revision, token, overwrite, as_json):
+    """Export a converted checkpoint (a folder, or the Hub repo id of one pushed by `cogvae push`)
+    back to diffusers format (config.json + diffusion_pytorch_model.safetensors), through the
+    inverse mapping rules. The tensors are bit-identical to the ones converted; diffusers'
+    AutoencoderKLCogVideoX.from_pretrained loads it.
 
     \b
     Examples:
       cogvae export-diffusers ckpt/ --out vae-diffusers/
       cogvae export-diffusers ckpt/ --format msgpack --out vae-diffusers/ --overwrite
+      cogvae export-diffusers me/cogvideox-2b-vae-jax --out vae-diffusers/
     """
-    summary = _run(export_diffusers, ckpt, out, format=fmt, overwrite=overwrite)
+    summary = _run(export_diffusers, ckpt, out, format=fmt, overwrite=overwrite, revision=revision, token=token)
     _emit_json(summary) if as_json else click.echo(str(out))
 
 
@@ -221,17 +225,24 @@ def export_diffusers_command(ckpt, out, fmt, overwrite, as_json):
 # ----------------------------------------------------------------------------------------
 
 
-def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optional[str] = None, mapping=None) -> dict:
-    """Per tensor: its rule, target (or source) key, shape and dtype, for a diffusers folder or a checkpoint."""
+def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optional[str] = None, mapping=None,
+                   revision: Optional[str] = None, token: Optional[str] = None) -> dict:
+    """Per tensor: its rule, target (or source) key, shape and dtype, for a diffusers folder or a
+    checkpoint, local or a Hub repo id (only the VAE's files, or one format, are fetched)."""
     from .checkpoint import looks_like_checkpoint, read_checkpoint
     from .loading import find_diffusers_vae
     from .mapping import load_mapping
     from .st_io import open_safetensors
 
+    from .loading import fetch
+
     mapping = mapping or load_mapping()
     rows = []
+    hub = fetch(source, subfolder=subfolder, variant=variant, revision=revision, token=token, quiet=True)
+    if hub is not None:
+        source = hub.folder
     if looks_like_checkpoint(source):
-        config, params, info = read_checkpoint(source)
+        config, params, info = read_checkpoint(source, format=hub.format if hub is not None else None)
         for path in sorted(params):
             a = params[path]
             m = mapping.match_reverse(path)
@@ -258,20 +269,23 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
 
 
 @cli.command("inspect", epilog=EXIT_EPILOG)
-@click.argument("source", type=click.Path(path_type=Path))
-@click.option("--subfolder", default="vae", show_default=True, help="VAE subfolder of a pipeline folder.")
+@click.argument("source")
+@click.option("--subfolder", default="vae", show_default=True, help="VAE subfolder of a pipeline folder or repo.")
 @click.option("--variant", default=None, help="Weights variant of a diffusers folder.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub SOURCE only).")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN / login).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
-def inspect_command(source, subfolder, variant, as_json):
-    """List every tensor of a diffusers VAE folder or a converted checkpoint: the mapping rule that
-    handles it, where it goes (or comes from), shape and dtype.
+def inspect_command(source, subfolder, variant, revision, token, as_json):
+    """List every tensor of a diffusers VAE or a converted checkpoint (a folder or a Hub repo id):
+    the mapping rule that handles it, where it goes (or comes from), shape and dtype.
 
     \b
     Examples:
       cogvae inspect ./CogVideoX-2b/vae
       cogvae inspect ckpt/ --json
+      cogvae inspect THUDM/CogVideoX-2b
     """
-    data = _run(inspect_source, source, subfolder=subfolder, variant=variant)
+    data = _run(inspect_source, source, subfolder=subfolder, variant=variant, revision=revision, token=token)
     if as_json:
         _emit_json(data)
         return
@@ -290,19 +304,23 @@ def inspect_command(source, subfolder, variant, as_json):
 @click.argument("source")
 @click.option("--reference", default=None, help="Diffusers source to compare against (folder or Hub repo id).")
 @click.option("--no-parity", is_flag=True, help="Skip the numerical parity check against the reference.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of SOURCE (Hub SOURCE only).")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN / login).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def verify_command(source, reference, no_parity, as_json):
-    """Verify a converted checkpoint: manifest and hashes, loading, and (with --reference) that its
-    weights and outputs match the diffusers source. Exit code 1 when a check fails.
+def verify_command(source, reference, no_parity, revision, token, as_json):
+    """Verify a converted checkpoint (a folder, or the Hub repo id of one pushed by `cogvae push`):
+    manifest and hashes, loading, and (with --reference) that its weights and outputs match the
+    diffusers source. Exit code 1 when a check fails.
 
     \b
     Examples:
       cogvae verify ckpt/
       cogvae verify ckpt/ --reference THUDM/CogVideoX-2b --json
+      cogvae verify me/cogvideox-2b-vae-jax --revision finetune-v2 --reference THUDM/CogVideoX-2b
     """
     from .verify import verify_checkpoint
 
-    report = _run(verify_checkpoint, source, reference, parity=not no_parity)
+    report = _run(verify_checkpoint, source, reference, parity=not no_parity, revision=revision, token=token)
     if as_json:
         _emit_json(report.to_dict())
     else:

@@ -319,6 +319,10 @@ def _resolve(source: Optional[str], subfolder: str, revision: Optional[str], var
         if Path(str(source)).exists() or not hub.looks_like_repo_id(str(source)):
             raise SourceError(str(e)) from None  # a local path problem: bad input, not network
         raise
+    if r.kind == "checkpoint":
+        where = f"{source}@{r.revision}" if r.is_hub else str(source)
+        raise SourceError(f"{where}: a converted cogvae checkpoint, not a diffusers VAE: load it with "
+                          "cogvae.converter.load, or turn it back into diffusers files with `cogvae export-diffusers`")
     return Path(r.folder), r.source_id, r.revision, bool(r.is_hub)
 
 

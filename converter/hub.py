@@ -1,24 +1,33 @@
-"""Resolve a conversion source: a local folder, or a Hugging Face Hub repo id fetched with
+"""Resolve a source: a local folder, or a Hugging Face Hub repo id fetched with
 ``huggingface_hub.snapshot_download``.
 
-Only the files a VAE conversion needs are fetched (``<subfolder>/config.json``, the safetensors
-weights of the requested variant, single file or sharded, and ``model_index.json``), so a
-pipeline repo's multi-GB transformer is never downloaded. ``HF_HUB_OFFLINE=1`` with a populated
-Hub cache works without a network; every Hub failure becomes one :class:`HubError` line naming
-the repo and revision.
+A Hub repo is either a diffusers repo (a pipeline with ``<subfolder>/``, or a bare VAE) or a
+converted cogvae checkpoint pushed by ``cogvae push``. A first, small request fetches only the
+files that tell the two apart (``COMPLETE``, ``config.json``, ``model_index.json`` and
+``<subfolder>/config.json``); the second, pinned to the commit the first resolved, fetches only
+what is needed: for diffusers the VAE's config and safetensors weights of the requested variant
+(single file or sharded), so a pipeline repo's multi-GB transformer is never downloaded; for a
+checkpoint one format (``orbax/`` or ``params.msgpack``), not both. ``HF_HUB_OFFLINE=1`` with a
+populated Hub cache works without a network; every Hub failure becomes one :class:`HubError`
+line naming the repo and revision.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["HubError", "ResolvedSource", "resolve_source", "allow_patterns", "looks_like_repo_id"]
+__all__ = ["HubError", "ResolvedSource", "resolve_source", "allow_patterns", "checkpoint_patterns", "looks_like_repo_id"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
+# A converted checkpoint's files (the names cogvae.converter.checkpoint writes; spelled here so
+# that resolving a source does not import jax).
+MANIFEST_NAME, CONFIG_NAME, PROVENANCE_NAME = "COMPLETE", "config.json", "provenance.json"
+FORMAT_FILES = {"orbax": "orbax/", "msgpack": "params.msgpack"}
 
 # Hub repo ids: "namespace/name", letters, digits, '-', '_', '.'; no '--' or '..' (hub rules).
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+\Z")
@@ -36,13 +45,17 @@ class ResolvedSource:
     ``folder``: the local folder (for a Hub repo, the snapshot folder in the Hub cache: a pipeline
     root holding ``<subfolder>/``, or the VAE folder itself when ``subfolder`` is empty);
     ``source_id``: the repo id, or the local path as given; ``revision``: the resolved 40-hex commit
-    of a Hub snapshot (None for a local folder); ``is_hub``: whether it came from the Hub.
+    of a Hub snapshot (None for a local folder); ``is_hub``: whether it came from the Hub;
+    ``kind``: ``"diffusers"`` or ``"checkpoint"`` (a converted cogvae checkpoint, whose parameters
+    are at the folder's root); ``format``: for a checkpoint from the Hub, the format fetched.
     """
 
     folder: Path
     source_id: str
     revision: Optional[str]
     is_hub: bool
+    kind: str = "diffusers"
+    format: Optional[str] = None
 
 
 def looks_like_repo_id(source: str) -> bool:
@@ -82,6 +95,44 @@ def allow_patterns(subfolder: str = "vae", variant: Optional[str] = None) -> lis
         "model_index.json",
     ]
     return list(dict.fromkeys(pats))
+
+
+def checkpoint_patterns(format: str) -> list[str]:
+    """The files of a converted checkpoint to fetch for one format ('orbax' or 'msgpack')."""
+    if format not in FORMAT_FILES:
+        raise ValueError(f"unknown format {format!r}; use 'orbax' or 'msgpack'")
+    target = FORMAT_FILES[format]
+    return [MANIFEST_NAME, CONFIG_NAME, PROVENANCE_NAME, target + "*" if target.endswith("/") else target]
+
+
+def _format_files(manifest: dict, format: str) -> list[str]:
+    target = FORMAT_FILES[format]
+    return [rel for rel in manifest.get("files", {}) if (rel.startswith(target) if target.endswith("/") else rel == target)]
+
+
+def _checkpoint_format(snapshot: Path, where: str, format: Optional[str]) -> str:
+    """The format to fetch from a checkpoint repo, from its manifest: ``format`` when given (it must
+    be there); else one whose files are all in the cached snapshot already, else Orbax when the
+    checkpoint has it (as ``load`` of a local folder), else msgpack."""
+    try:
+        manifest = json.loads((snapshot / MANIFEST_NAME).read_text())
+        formats = [f for f in manifest.get("formats") or [] if f in FORMAT_FILES]
+        if not isinstance(manifest.get("files"), dict):
+            raise ValueError("no file list")
+    except (OSError, ValueError, AttributeError) as e:
+        raise HubError(f"{where}: corrupt {MANIFEST_NAME} manifest in the snapshot at {snapshot} ({e})") from None
+    if format is not None:
+        if format not in FORMAT_FILES:
+            raise HubError(f"{where}: unknown format {format!r}; use 'orbax' or 'msgpack'")
+        if format not in formats:
+            raise HubError(f"{where}: the checkpoint holds no {format} parameters (formats: {', '.join(formats) or 'none'})")
+        return format
+    if not formats:
+        raise HubError(f"{where}: the checkpoint's {MANIFEST_NAME} manifest lists no parameter format")
+    for f in formats:
+        if all((snapshot / rel).is_file() for rel in _format_files(manifest, f)):
+            return f
+    return "orbax" if "orbax" in formats else formats[0]
 
 
 def _silent_tqdm():
@@ -150,7 +201,13 @@ def _hub_error(e: BaseException, repo_id: str, revision: Optional[str], cache: s
 
         offline = constants.is_offline_mode() or isinstance(e.__cause__, OfflineModeIsEnabled)
         why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hub cannot be reached (no network?)"
-        repo_cached = (Path(cache) / repo_folder_name(repo_id=repo_id, repo_type="model")).is_dir()
+        repo_dir = Path(cache) / repo_folder_name(repo_id=repo_id, repo_type="model")
+        repo_cached = repo_dir.is_dir()
+        if revision and _COMMIT.match(revision) and (repo_dir / "snapshots" / revision).is_dir():
+            # The commit is cached, but not every file asked for (hf_hub_download's error, as
+            # snapshot_download reports a commit given by its sha).
+            return HubError(f"{where}: the cached snapshot in {cache} is incomplete and {why}; "
+                            "re-run with network access")
         what = (f"revision {rev!r} of {repo_id} is not in the Hub cache {cache}" if repo_cached
                 else f"{repo_id} is not in the Hub cache {cache}")
         return HubError(f"{what} and {why}; download it once with network access, or pass a local folder")
@@ -172,22 +229,43 @@ def _hub_error(e: BaseException, repo_id: str, revision: Optional[str], cache: s
     return HubError(f"{where}: download failed: {type(e).__name__}: {e}")
 
 
+def _download(repo_id: str, revision: Optional[str], patterns: list[str], cache: str, token, quiet: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    kwargs = dict(repo_id=repo_id, repo_type="model", revision=revision, cache_dir=cache,
+                  allow_patterns=patterns, library_name="cogvae")
+    if token is not None:
+        kwargs["token"] = token
+    if quiet:
+        kwargs["tqdm_class"] = _silent_tqdm()
+    try:
+        return Path(snapshot_download(**kwargs))
+    except AssertionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every Hub failure becomes one HubError line
+        raise _hub_error(e, repo_id, revision, cache) from e
+
+
 def resolve_source(
     source: str | os.PathLike,
     *,
     subfolder: str = "vae",
     revision: Optional[str] = None,
     variant: Optional[str] = None,
+    format: Optional[str] = None,
     quiet: bool = False,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
 ) -> ResolvedSource:
     """A local folder as is, or a Hub repo id (``org/name``) downloaded into the Hub cache.
 
-    For a Hub repo only the VAE files are fetched (see :func:`allow_patterns`); ``revision`` is a
-    branch, tag or commit; the result's ``revision`` is the resolved commit sha. ``quiet`` hides
-    huggingface_hub's progress bars. ``cache_dir`` defaults to huggingface_hub's (``HF_HUB_CACHE``).
-    Raises :class:`HubError` with one clear line on any failure.
+    The result's ``kind`` says whether it is a diffusers VAE (or pipeline) or a converted cogvae
+    checkpoint. For a diffusers repo only the VAE files are fetched (see :func:`allow_patterns`);
+    for a checkpoint repo only one format (``format``, or see :func:`_checkpoint_format`).
+    ``revision`` is a branch, tag or commit; the result's ``revision`` is the resolved commit sha,
+    and both requests read that one commit. ``quiet`` hides huggingface_hub's progress bars.
+    ``cache_dir`` defaults to huggingface_hub's (``HF_HUB_CACHE``). Raises :class:`HubError` with
+    one clear line on any failure.
     """
     text = os.fspath(source)
     path = Path(text).expanduser()
@@ -196,32 +274,37 @@ def resolve_source(
             raise HubError(f"{text}: --revision applies to Hub repo ids only, not to a local folder")
         if not path.is_dir():
             raise HubError(f"{text}: not a folder (expected a diffusers VAE or pipeline folder)")
-        return ResolvedSource(folder=path, source_id=text, revision=None, is_hub=False)
+        from .checkpoint import looks_like_checkpoint
+
+        kind = "checkpoint" if looks_like_checkpoint(path) else "diffusers"
+        return ResolvedSource(folder=path, source_id=text, revision=None, is_hub=False, kind=kind)
     if _looks_local(text) or not looks_like_repo_id(text):
         hint = "" if _looks_local(text) else " and not a Hub repo id ('org/name')"
         raise HubError(f"{text}: no such folder{hint}")
 
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants
 
     cache = os.fspath(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
-    kwargs = dict(
-        repo_id=text,
-        repo_type="model",
-        revision=revision,
-        cache_dir=cache,
-        allow_patterns=allow_patterns(subfolder, variant),
-        library_name="cogvae",
-    )
-    if token is not None:
-        kwargs["token"] = token
-    if quiet:
-        kwargs["tqdm_class"] = _silent_tqdm()
-    try:
-        snapshot = Path(snapshot_download(**kwargs))
-    except AssertionError:
-        raise
-    except Exception as e:  # noqa: BLE001 - every Hub failure becomes one HubError line
-        raise _hub_error(e, text, revision, cache) from e
+    sub = subfolder.strip("/") if subfolder else ""
+    # First request: the few small files that tell a checkpoint repo from a diffusers one.
+    probe = [MANIFEST_NAME, CONFIG_NAME, "model_index.json"] + ([f"{sub}/{CONFIG_NAME}"] if sub else [])
+    snapshot = _download(text, revision, probe, cache, token, quiet)
     commit = snapshot.name if _COMMIT.match(snapshot.name) else None
-    _check_snapshot(snapshot, text, commit or revision or "main", subfolder.strip("/") if subfolder else "", variant)
+    # Second request pinned to the commit just resolved, so a push landing in between cannot mix
+    # two commits' files.
+    pinned = commit or revision
+    where = f"{text}@{commit or revision or 'main'}"
+    if (snapshot / MANIFEST_NAME).is_file():
+        fmt = _checkpoint_format(snapshot, where, format)
+        snapshot = _download(text, pinned, checkpoint_patterns(fmt), cache, token, quiet)
+        manifest = json.loads((snapshot / MANIFEST_NAME).read_text())
+        missing = [rel for rel in [CONFIG_NAME, *_format_files(manifest, fmt)] if not (snapshot / rel).is_file()]
+        if missing:
+            raise HubError(f"{where}: the cached snapshot at {snapshot} lacks {len(missing)} file(s) of the "
+                           f"checkpoint's {fmt} format (first: {missing[0]}) and the Hub cannot be reached; "
+                           "re-run with network access")
+        return ResolvedSource(folder=snapshot, source_id=text, revision=commit, is_hub=True, kind="checkpoint",
+                              format=fmt)
+    snapshot = _download(text, pinned, allow_patterns(subfolder, variant), cache, token, quiet)
+    _check_snapshot(snapshot, text, commit or revision or "main", sub, variant)
     return ResolvedSource(folder=snapshot, source_id=text, revision=commit, is_hub=True)

@@ -22,7 +22,7 @@ from .engine import convert_tensors
 from .mapping import Mapping, load_mapping
 from .st_io import is_index_file, open_safetensors
 
-__all__ = ["SourceError", "DiffusersSource", "find_diffusers_vae", "model_from_tensors", "load_diffusers", "resolve_dtype"]
+__all__ = ["SourceError", "DiffusersSource", "fetch", "find_diffusers_vae", "model_from_tensors", "load_diffusers", "resolve_dtype"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 
@@ -144,19 +144,61 @@ def load_checkpoint(
                            source_name=f"{path} ({info['format']})", adopt=True)
 
 
-def load(path: str | Path, dtype: Any = None, **kwargs: Any) -> AutoencoderKLCogVideoX:
+def fetch(source: str | Path, *, kind: Optional[str] = None, **kwargs: Any):
+    """``None`` for a local path (it is used as is, no Hub request), else the Hub repo id
+    ``source`` resolved into the Hub cache: a :class:`cogvae.converter.hub.ResolvedSource` (its
+    ``folder``, ``kind`` and ``format``). ``kwargs`` go to ``hub.resolve_source`` (``revision``,
+    ``subfolder``, ``variant``, ``format``, ``token``, ``cache_dir``, ``quiet``); a ``revision``
+    makes ``source`` a repo id. ``kind``: 'checkpoint' or 'diffusers', required of a Hub repo
+    (:class:`SourceError` otherwise). Hub failures raise ``hub.HubError``.
+    """
+    from .hub import looks_like_repo_id, resolve_source
+
+    text = str(source)
+    if kwargs.get("revision") is None and (Path(text).expanduser().exists() or not looks_like_repo_id(text)):
+        return None
+    r = resolve_source(text, **kwargs)
+    if kind is not None and r.kind != kind:
+        what = {"checkpoint": "a converted cogvae checkpoint", "diffusers": "a diffusers VAE"}
+        raise SourceError(f"{text}@{r.revision or kwargs.get('revision') or 'main'}: {what[r.kind]} repo, "
+                          f"not {what[kind]}")
+    return r
+
+
+def load(
+    path: str | Path,
+    dtype: Any = None,
+    *,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    cache_dir: Optional[str | Path] = None,
+    **kwargs: Any,
+) -> AutoencoderKLCogVideoX:
     """Load a CogVideoX VAE as the bundled NNX model.
 
-    ``path``: a converted cogvae checkpoint folder (from ``cogvae-convert``), a diffusers VAE
-    folder, or a pipeline folder with ``vae/``.
+    ``path``: a converted cogvae checkpoint folder (from ``cogvae-convert`` or ``save``), a
+    diffusers VAE folder, a pipeline folder with ``vae/``, or a Hugging Face Hub repo id of any of
+    these (a checkpoint pushed by ``cogvae push``, or a diffusers repo such as
+    ``THUDM/CogVideoX-2b``, whose VAE is converted in memory). A local folder of that name wins.
     ``dtype``: parameter dtype ('float32', 'bfloat16', 'float16' or a jnp dtype); None keeps the
     stored dtype. Other keywords: ``compute_dtype``; for a converted checkpoint ``format``
     ('orbax' default, 'msgpack') and ``verify`` (check sha256 against the manifest, default True);
-    for a diffusers folder ``subfolder``, ``variant``, ``mapping``. The model is built abstractly
-    (``nnx.eval_shape``), filled and merged: never randomly initialised.
+    for diffusers files ``subfolder``, ``variant``, ``mapping``; for a Hub repo ``revision``
+    (branch, tag or commit), ``token`` and ``cache_dir``. From the Hub only the files needed are
+    fetched: the VAE's of a pipeline repo, one format of a checkpoint (``format``, else one already
+    cached, else Orbax). The model is built abstractly (``nnx.eval_shape``), filled and merged:
+    never randomly initialised.
     """
     from .checkpoint import looks_like_checkpoint
 
+    hub = fetch(path, subfolder=kwargs.get("subfolder", "vae"), revision=revision, variant=kwargs.get("variant"),
+                format=kwargs.get("format"), cache_dir=cache_dir, token=token)
+    if hub is not None:
+        if hub.kind == "checkpoint":
+            kwargs.pop("subfolder", None)  # it only locates the VAE of a pipeline repo
+            kwargs["format"] = hub.format
+            return load_checkpoint(hub.folder, dtype=dtype, **kwargs)
+        path = hub.folder
     if looks_like_checkpoint(path):
         return load_checkpoint(path, dtype=dtype, **kwargs)
     if "format" in kwargs:

@@ -1,8 +1,12 @@
 """Publish a converted checkpoint folder to the Hugging Face Hub, with a generated model card.
 
-``push_checkpoint`` checks that the folder is a complete converted checkpoint, stages it (every
-file symlinked into a temporary folder, plus the generated ``README.md``: the user's folder is
-never modified), then ``HfApi.create_repo(exist_ok=True)`` and one ``HfApi.upload_folder`` commit.
+``push_checkpoint`` checks that the folder is a complete converted checkpoint, then calls
+``HfApi.create_repo(exist_ok=True)`` and makes exactly one commit (``HfApi.create_commit``): every
+file of the folder, the generated ``README.md`` (the user's folder is never modified), and the
+deletion of the files a previously pushed checkpoint left that this one does not have (Orbax's
+data files have new names on every save; an msgpack-only push replaces an Orbax one). One commit
+means a revision of the repo never holds half of a checkpoint, or the manifest of one with the
+files of another. Files in the repo that a checkpoint never writes are left alone.
 ``dry_run=True`` lists what would be uploaded, with sizes, and calls no API.
 """
 
@@ -10,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -129,6 +132,11 @@ def model_card_text(repo_id: str, config: dict, provenance: dict) -> str:
     if isinstance(src, dict) and src.get("saved_from"):  # written by cogvae.converter.save (a JAX fine-tune)
         origin = "a model saved from JAX (`cogvae.converter.save`)" + (
             f", based on {origin}" if provenance.get("base") and source_id else "")
+    formats = [f for f in (provenance.get("formats") or ["orbax", "msgpack"]) if f in ("orbax", "msgpack")]
+    described = {"orbax": "`orbax/` (Orbax checkpoint)", "msgpack": "`params.msgpack` (Flax msgpack)"}
+    files = "".join(described[f] + ", " for f in formats)
+    first = "Orbax" if "orbax" in formats else "msgpack"
+    ref = f" --reference {source_id}" if is_hub and source_id else ""
     arch = ", ".join(f"{k}={config[k]}" for k in ("block_out_channels", "latent_channels", "layers_per_block",
                                                   "scaling_factor") if k in config)
     lic_line = ""
@@ -143,19 +151,23 @@ The CogVideoX video VAE (diffusers `AutoencoderKLCogVideoX`) converted to JAX / 
 
 - Architecture: {arch or 'see config.json'}
 - Layout: `(B, T, H, W, C)` (diffusers uses `(B, C, T, H, W)`)
-- Files: `orbax/` (Orbax checkpoint), `params.msgpack` (Flax msgpack), `config.json` (the diffusers
-  config), `provenance.json` (source, revision, mapping and checksums)
+- Files: {files}`config.json` (the diffusers config), `provenance.json` (source, revision, mapping
+  and checksums), `COMPLETE` (every file's size and sha256, checked on loading)
 
 ## Usage
 
 ```python
-from huggingface_hub import snapshot_download
 from cogvae.converter import load
 
 REPO_ID = "{repo_id}"
-vae = load(snapshot_download(REPO_ID))
+vae = load(REPO_ID)                          # fetches one format ({first}), checks it against COMPLETE
 mean, logvar = vae.encode(video)             # video: (B, T, H, W, 3) in [-1, 1]
 video = vae.decode(vae.unscale_latents(z))   # z: (B, t, h, w, {config.get('latent_channels', 16)}) scaled latents
+```
+
+```bash
+cogvae verify {repo_id}{ref}   # hashes, architecture, finiteness, parity
+cogvae export-diffusers {repo_id} --out vae-diffusers/        # back to diffusers files
 ```
 {lic_line}"""
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
@@ -181,16 +193,25 @@ def plan_upload(ckpt_dir: str | os.PathLike, repo_id: str) -> tuple[list[dict], 
     return sorted(files, key=lambda f: f["path"]), card
 
 
-def _stage(ckpt: Path, card: str, into: Path) -> None:
-    """Mirror ``ckpt`` into ``into`` with per-file symlinks (no copy) and write README.md there."""
-    for p in _files_of(ckpt):
-        rel = p.relative_to(ckpt)
-        if rel.as_posix() == "README.md":
-            continue
-        dst = into / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(p.resolve(), dst)
-    (into / "README.md").write_text(card, encoding="utf-8")
+def _is_checkpoint_file(rel: str) -> bool:
+    """A path that a pushed checkpoint writes (and a later push may therefore replace or delete)."""
+    from .checkpoint import CONFIG_NAME, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME
+
+    return rel.startswith(ORBAX_DIR + "/") or rel in (MSGPACK_NAME, CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME,
+                                                      "README.md")
+
+
+def _operations(ckpt: Path, card: str, remote: list[str]) -> tuple[list, list[str]]:
+    """The commit: an add for every file of ``ckpt`` and the card, a delete for every checkpoint
+    file in ``remote`` (the repo's files now) that the new checkpoint does not have."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    adds = [CommitOperationAdd(path_in_repo=p.relative_to(ckpt).as_posix(), path_or_fileobj=str(p))
+            for p in _files_of(ckpt) if p.relative_to(ckpt).as_posix() != "README.md"]
+    adds.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    added = {op.path_in_repo for op in adds}
+    stale = sorted(rel for rel in remote if _is_checkpoint_file(rel) and rel not in added)
+    return [CommitOperationDelete(path_in_repo=rel) for rel in stale] + adds, stale
 
 
 def _push_error(e: BaseException, repo_id: str, step: str) -> PushError:
@@ -238,7 +259,8 @@ def push_checkpoint(
     """Upload a converted checkpoint folder and a generated model card to the Hub model repo ``repo_id``.
 
     Returns ``{"repo_id", "files": [{"path", "size"}], "dry_run", "model_card"}`` plus, after a
-    real push, ``"url"`` (the commit or pull-request URL) and ``"commit"`` (its sha). ``revision``
+    real push, ``"url"`` (the commit or pull-request URL), ``"commit"`` (its sha) and
+    ``"deleted"`` (the previous checkpoint's files that the commit removed). ``revision``
     is the branch to commit to (created if missing, unless ``create_pr``, where it is the PR's
     base). ``api``: an ``HfApi``-like object (default ``HfApi(token=token)``); without one, a
     token is required (``token`` or ``huggingface_hub.get_token()``).
@@ -275,21 +297,27 @@ def push_checkpoint(
             if isinstance(e, AssertionError):
                 raise
             raise _push_error(e, repo_id, f"create_branch {revision!r}") from e
-    with tempfile.TemporaryDirectory(prefix="cogvae-push-") as tmp:
-        _stage(ckpt, card, Path(tmp))
-        try:
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=tmp,
-                repo_type="model",
-                revision=revision,
-                create_pr=create_pr,
-                commit_message=message,
-            )
-        except Exception as e:  # noqa: BLE001
-            if isinstance(e, AssertionError):
-                raise
-            raise _push_error(e, repo_id, "upload") from e
+    try:  # what the commit builds on: the branch, or a pull request's base (main by default)
+        remote = list(api.list_repo_files(repo_id, revision=revision, repo_type="model"))
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, AssertionError):
+            raise
+        raise _push_error(e, repo_id, "list_repo_files") from e
+    operations, stale = _operations(ckpt, card, remote)
+    try:
+        info = api.create_commit(
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=message,
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr,
+        )
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, AssertionError):
+            raise
+        raise _push_error(e, repo_id, "upload") from e
+    result["deleted"] = stale
     pr_url = getattr(info, "pr_url", None)
     result["url"] = pr_url or getattr(info, "commit_url", None) or (str(info) if info is not None else None)
     result["commit"] = getattr(info, "oid", None)

@@ -173,12 +173,16 @@ def export_diffusers(
     format: Optional[str] = None,
     overwrite: bool = False,
     mapping: Optional[Mapping] = None,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    cache_dir: Optional[str | os.PathLike] = None,
 ) -> dict[str, Any]:
     """Write a diffusers VAE folder (``config.json`` + ``diffusion_pytorch_model.safetensors``),
     atomically, through the inverse of the mapping table.
 
-    ``source``: a cogvae model in memory, or a converted checkpoint folder (``format`` picks
-    'orbax' or 'msgpack'; default Orbax when present). The tensors are bit-identical to the ones
+    ``source``: a cogvae model in memory, a converted checkpoint folder, or the Hub repo id of one
+    (pushed by ``cogvae push``; ``revision``, ``token``, ``cache_dir`` as for ``load``). ``format``
+    picks 'orbax' or 'msgpack' (default Orbax when present; from the Hub, one already cached). The tensors are bit-identical to the ones
     converted (a round trip diffusers -> cogvae -> diffusers gives diffusers' bytes back), and
     diffusers' ``AutoencoderKLCogVideoX.from_pretrained`` loads the folder.
     """
@@ -188,11 +192,15 @@ def export_diffusers(
     keep_heap_lean()
     mapping = mapping or load_mapping()
     if isinstance(source, _model_class()):
-        if format is not None:
-            raise ValueError("format= applies to a checkpoint folder, not to a model in memory")
+        if format is not None or revision is not None:
+            raise ValueError("format= and revision= apply to a checkpoint, not to a model in memory")
         config, params, name, fmt = source.config, model_params(source), IN_MEMORY, None
     else:
-        config, params, info = read_checkpoint(source, format=format)
+        from .loading import fetch
+
+        hub = fetch(source, kind="checkpoint", format=format, revision=revision, token=token, cache_dir=cache_dir)
+        folder = hub.folder if hub is not None else source
+        config, params, info = read_checkpoint(folder, format=hub.format if hub is not None else format)
         name, fmt = f"{source} ({info['format']})", info["format"]
     # lazy: every check passes first, then each tensor is transformed as the writer reaches it and
     # its source array is released, so memory stays near one copy of the weights.

@@ -244,24 +244,26 @@ def _lenient_convert(tensors: Any, mapping: Any) -> dict[str, np.ndarray]:
 
 
 def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, variant: Optional[str],
-          mapping: Any) -> _Loaded:
+          mapping: Any, revision: Optional[str] = None, token: Optional[str] = None) -> _Loaded:
     from .checkpoint import CheckpointError, looks_like_checkpoint, read_checkpoint
 
     text = os.fspath(source)
     got = _Loaded(path=text)
     path = Path(text)
-    if not path.exists():
+    if not path.exists() or revision is not None:
         from .hub import HubError, looks_like_repo_id, resolve_source
 
-        if not looks_like_repo_id(text):
+        if not path.exists() and not looks_like_repo_id(text):
             got.problems.append(f"{text}: no such file or folder")
             return got
         try:
-            r = resolve_source(text, subfolder=subfolder, variant=variant, quiet=True)
+            r = resolve_source(text, subfolder=subfolder, variant=variant, format=fmt, revision=revision,
+                               token=token, quiet=True)
         except HubError as e:
             got.problems.append(str(e))
             return got
         path = Path(r.folder)
+        fmt = r.format or fmt
         got.detail = f"Hub snapshot {r.revision}"
 
     if looks_like_checkpoint(path):
@@ -271,7 +273,7 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
         except CheckpointError as e:
             got.problems.append(str(e))
             return got
-        got.detail = f"{info['format']} format"
+        got.detail = (got.detail + ", " if got.detail else "") + f"{info['format']} format"
         return got
 
     from cogvae.model import ConfigError, VAEConfig
@@ -440,21 +442,25 @@ def verify_checkpoint(
     top: int = 10,
     max_rel_change: Optional[float] = None,
     mapping: Any = None,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
 ) -> VerifyReport:
     """Check ``source`` (a converted checkpoint folder in either format, a diffusers VAE or pipeline
-    folder, or a cached Hub repo id) and, when given, compare it with ``reference`` (same kinds).
+    folder, or a Hub repo id of either) and, when given, compare it with ``reference`` (same kinds).
 
     ``format`` picks the checkpoint format to read ('orbax' / 'msgpack'; default: what is there).
     ``top``: changed tensors listed by ``format_text`` (``to_dict`` lists all). ``max_rel_change``:
     when set, a tensor whose relative change exceeds it fails the report (default: report only).
-    ``parity=False`` skips the diffusers decode comparison.
+    ``parity=False`` skips the diffusers decode comparison. ``revision`` (branch, tag or commit)
+    applies to a Hub ``source``; ``token`` to every Hub request.
     """
     from .checkpoint import keep_heap_lean
     from .mapping import load_mapping
 
     keep_heap_lean()  # freed tensors go back to the OS between phases (see keep_heap_lean)
     mapping = mapping or load_mapping()
-    src = _load(source, fmt=format, subfolder=subfolder, variant=variant, mapping=mapping)
+    src = _load(source, fmt=format, subfolder=subfolder, variant=variant, mapping=mapping, revision=revision,
+                token=token)
     report = VerifyReport(source=src.path, source_kind=src.kind, source_detail=src.detail, top=top,
                           max_rel_change=max_rel_change, load_problems=list(src.problems))
     params = src.params
@@ -477,7 +483,7 @@ def verify_checkpoint(
             report.nonfinite.append(nf)
 
     if reference is not None:
-        ref = _load(reference, fmt=None, subfolder=subfolder, variant=variant, mapping=mapping)
+        ref = _load(reference, fmt=None, subfolder=subfolder, variant=variant, mapping=mapping, token=token)
         report.reference, report.reference_kind, report.reference_detail = ref.path, ref.kind, ref.detail
         report.load_problems += [f"reference: {p}" for p in ref.problems]
         if ref.config is not None and src.config is not None:

@@ -2,8 +2,9 @@
 
 What is faked, and why: there is no network here and tests must never write to the real Hub, so
 the Hub API is replaced. Most tests inject ``api=`` a small recording class with the
-``HfApi`` methods push uses (``create_repo``, ``create_branch``, ``upload_folder``); it copies the
-uploaded folder away so its contents can be checked after the staging folder is gone. One test
+``HfApi`` methods push uses (``create_repo``, ``create_branch``, ``list_repo_files``,
+``create_commit``); it plays a repo holding given files and writes out what each commit's real
+``huggingface_hub.CommitOperationAdd`` would upload, so its contents can be checked. One test
 instead patches those methods on the real ``huggingface_hub.HfApi`` class, so the default
 ``HfApi(token=...)`` construction path is exercised. The model card is built by the real
 ``huggingface_hub.ModelCard``.
@@ -50,13 +51,16 @@ def ckpt(tmp_path_factory):
 
 
 class RecordingApi:
-    """Fake HfApi: records every call; upload_folder snapshots the uploaded folder."""
+    """Fake HfApi: records every call; the repo holds ``remote`` (paths); create_commit writes what
+    its add operations upload into ``uploaded`` and records the deleted paths."""
 
-    def __init__(self, tmp: Path, fail: Exception | None = None):
+    def __init__(self, tmp: Path, fail: Exception | None = None, remote: tuple[str, ...] = ()):
         self.calls: list[tuple[str, tuple, dict]] = []
         self.tmp = tmp
         self.fail = fail
+        self.remote = list(remote)
         self.uploaded: Path | None = None
+        self.deleted: list[str] = []
 
     def create_repo(self, *args, **kwargs):
         self.calls.append(("create_repo", args, kwargs))
@@ -67,10 +71,24 @@ class RecordingApi:
     def create_branch(self, *args, **kwargs):
         self.calls.append(("create_branch", args, kwargs))
 
-    def upload_folder(self, **kwargs):
-        self.calls.append(("upload_folder", (), kwargs))
+    def list_repo_files(self, repo_id, **kwargs):
+        self.calls.append(("list_repo_files", (repo_id,), kwargs))
+        return list(self.remote)
+
+    def create_commit(self, **kwargs):
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        self.calls.append(("create_commit", (), kwargs))
         self.uploaded = self.tmp / "uploaded"
-        shutil.copytree(kwargs["folder_path"], self.uploaded, symlinks=False)
+        for op in kwargs["operations"]:
+            if isinstance(op, CommitOperationAdd):
+                dst = self.uploaded / op.path_in_repo
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                with op.as_file() as f:
+                    dst.write_bytes(f.read())
+            else:
+                assert isinstance(op, CommitOperationDelete)
+                self.deleted.append(op.path_in_repo)
         return SimpleNamespace(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/{'d' * 40}",
                                oid="d" * 40, pr_url=None)
 
@@ -84,11 +102,13 @@ def test_push_uploads_checkpoint_and_model_card(ckpt, tmp_path):
     before = _files(ckpt)
     api = RecordingApi(tmp_path)
     out = push_checkpoint(ckpt, "me/tiny-vae-jax", api=api)
-    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    assert [c[0] for c in api.calls] == ["create_repo", "list_repo_files", "create_commit"]
     name, args, kw = api.calls[0]
     assert (args, kw) == (("me/tiny-vae-jax",), dict(private=False, exist_ok=True, repo_type="model"))
-    up = api.calls[1][2]
+    assert api.calls[1][1:] == (("me/tiny-vae-jax",), dict(revision=None, repo_type="model"))
+    up = api.calls[2][2]
     assert up["repo_id"] == "me/tiny-vae-jax" and up["revision"] is None and up["create_pr"] is False
+    assert out["deleted"] == [] and api.deleted == []
     assert up["commit_message"].startswith("Upload CogVideoX VAE converted by cogvae")
 
     uploaded = _files(api.uploaded)
@@ -103,11 +123,36 @@ def test_push_uploads_checkpoint_and_model_card(ckpt, tmp_path):
     assert (card.data.license, card.data.license_name) == ("other", "cogvideox-license")
     assert f"at commit `{SHA}`" in card.text  # the resolved source revision, from provenance.json
     assert card.data.tags == ["jax", "flax", "nnx", "cogvideox", "vae", "video"]
-    assert 'REPO_ID = "me/tiny-vae-jax"' in card.text and "vae = load(snapshot_download(REPO_ID))" in card.text
+    assert 'REPO_ID = "me/tiny-vae-jax"' in card.text and "vae = load(REPO_ID)" in card.text
     assert "from cogvae.converter import load" in card.text
+    assert f"cogvae verify me/tiny-vae-jax --reference {SOURCE}" in card.text
+    assert "`orbax/` (Orbax checkpoint), `params.msgpack` (Flax msgpack)" in card.text
     assert out["url"].endswith("/commit/" + "d" * 40) and out["commit"] == "d" * 40
     assert out["dry_run"] is False
     assert {f["path"]: f["size"] for f in out["files"]} == uploaded
+
+
+def test_a_new_push_replaces_the_previous_checkpoint_in_one_commit(ckpt, tmp_path):
+    """The repo (RecordingApi, no network) holds an earlier Orbax + msgpack checkpoint, whose Orbax
+    data files have other names, plus files a user added. Pushing an msgpack-only checkpoint over
+    it is one commit that deletes the earlier checkpoint's files it does not replace, and nothing
+    else: a revision never mixes two checkpoints."""
+    from cogvae.converter.checkpoint import read_checkpoint, write_checkpoint
+
+    config, params, _ = read_checkpoint(ckpt)
+    only = write_checkpoint(tmp_path / "msgpack-only", params, config, formats=("msgpack",),
+                            provenance=json.loads((ckpt / "provenance.json").read_text()) | {"formats": ["msgpack"]})
+    earlier = ["orbax/_METADATA", "orbax/d/0123abcd", "orbax/ocdbt.process_0/manifest.ocdbt", "params.msgpack",
+               "config.json", "provenance.json", "COMPLETE", "README.md"]
+    theirs = [".gitattributes", "samples/clip.mp4", "orbax-notes.txt"]
+    api = RecordingApi(tmp_path, remote=tuple(earlier + theirs))
+    out = push_checkpoint(only, "me/x", api=api)
+    assert [c[0] for c in api.calls].count("create_commit") == 1
+    assert api.deleted == out["deleted"] == ["orbax/_METADATA", "orbax/d/0123abcd", "orbax/ocdbt.process_0/manifest.ocdbt"]
+    assert sorted(_files(api.uploaded)) == sorted([*_files(only), "README.md"])
+    card = ModelCard.load(api.uploaded / "README.md")
+    assert "`params.msgpack` (Flax msgpack)" in card.text and "`orbax/`" not in card.text
+    assert "fetches one format (msgpack)" in card.text
 
 
 @pytest.mark.parametrize("private,revision,create_pr", [(True, None, False), (False, "jax", False), (False, "main", True)])
@@ -117,8 +162,10 @@ def test_flags_are_passed_through(ckpt, tmp_path, private, revision, create_pr):
     push_checkpoint(ckpt, "me/x", private=private, revision=revision, create_pr=create_pr, api=api)
     calls = {c[0]: c for c in api.calls}
     assert calls["create_repo"][2]["private"] is private
-    assert calls["upload_folder"][2]["revision"] == revision
-    assert calls["upload_folder"][2]["create_pr"] is create_pr
+    assert calls["create_commit"][2]["revision"] == revision
+    assert calls["create_commit"][2]["create_pr"] is create_pr
+    # the files a commit replaces are those of the branch it builds on (a pull request's base)
+    assert calls["list_repo_files"][2]["revision"] == revision
     # a new branch is created for a plain commit to it; a PR targets an existing revision
     assert ("create_branch" in calls) == (revision is not None and not create_pr)
     if "create_branch" in calls:
@@ -144,8 +191,9 @@ def test_dry_run_lists_files_and_sizes_without_api(ckpt, monkeypatch):
 
 
 def test_real_hfapi_class_with_patched_methods(ckpt, tmp_path, monkeypatch):
-    """Fake: create_repo/create_branch/upload_folder are patched on the real huggingface_hub.HfApi
-    class (recording, no network), so push_checkpoint's own HfApi(token=...) path runs."""
+    """Fake: create_repo/list_repo_files/create_commit are patched on the real huggingface_hub.HfApi
+    class (recording, no network: an empty new repo), so push_checkpoint's own HfApi(token=...)
+    path runs."""
     import huggingface_hub
 
     seen = []
@@ -153,19 +201,23 @@ def test_real_hfapi_class_with_patched_methods(ckpt, tmp_path, monkeypatch):
     def create_repo(self, repo_id, **kw):
         seen.append(("create_repo", self.token, repo_id, kw))
 
-    def upload_folder(self, **kw):
-        seen.append(("upload_folder", self.token, kw["repo_id"], sorted(_files(Path(kw["folder_path"])))))
+    def list_repo_files(self, repo_id, **kw):
+        return [".gitattributes"]
+
+    def create_commit(self, **kw):
+        seen.append(("create_commit", self.token, kw["repo_id"], sorted(op.path_in_repo for op in kw["operations"])))
         return huggingface_hub.CommitInfo(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/{'e' * 40}",
                                           commit_message=kw["commit_message"], commit_description="",
                                           oid="e" * 40, pr_url=None)
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     out = push_checkpoint(ckpt, "me/real-class", token="hf_not_a_real_token", private=True)
     assert seen[0] == ("create_repo", "hf_not_a_real_token", "me/real-class",
                        dict(private=True, exist_ok=True, repo_type="model"))
-    assert seen[1][:3] == ("upload_folder", "hf_not_a_real_token", "me/real-class")
-    assert "README.md" in seen[1][3] and "config.json" in seen[1][3]
+    assert seen[1][:3] == ("create_commit", "hf_not_a_real_token", "me/real-class")
+    assert seen[1][3] == sorted([*_files(ckpt), "README.md"])  # one commit, every file, nothing deleted
     assert out["commit"] == "e" * 40
 
 
@@ -254,11 +306,12 @@ def test_a_saved_fine_tune_keeps_base_model_and_licence(ckpt, tmp_path):
 
 
 def test_convert_push_to_hub_passes_push_revision_and_token(tmp_path, monkeypatch):
-    """cogvae-convert --push-to-hub ... --push-revision B: the branch reaches upload_folder.
+    """cogvae-convert --push-to-hub ... --push-revision B: the branch reaches the commit.
 
     Faked, and why: no network and no real Hub writes, so create_repo / create_branch /
-    upload_folder are patched on the real huggingface_hub.HfApi class (recording). The source is
-    the embedded tiny VAE, converted for real; --revision stays the *source* revision option."""
+    list_repo_files / create_commit are patched on the real huggingface_hub.HfApi class
+    (recording). The source is the embedded tiny VAE, converted for real; --revision stays the
+    *source* revision option."""
     import huggingface_hub
     from click.testing import CliRunner
 
@@ -270,12 +323,13 @@ def test_convert_push_to_hub_passes_push_revision_and_token(tmp_path, monkeypatc
     monkeypatch.setattr(huggingface_hub.HfApi, "create_branch",
                         lambda self, repo_id, **kw: seen.append(("create_branch", self.token, repo_id, kw)))
 
-    def upload_folder(self, **kw):
-        seen.append(("upload_folder", self.token, kw["repo_id"], kw))
+    def create_commit(self, **kw):
+        seen.append(("create_commit", self.token, kw["repo_id"], kw))
         return SimpleNamespace(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/{'f' * 40}",
                                oid="f" * 40, pr_url=None)
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **kw: [])
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     r = CliRunner().invoke(convert_command, ["--out", str(tmp_path / "ckpt"), "--no-validate", "-q",
                                              "--push-to-hub", "me/x", "--push-revision", "flax",
                                              "--token", "hf_not_a_real_token"])
@@ -283,7 +337,7 @@ def test_convert_push_to_hub_passes_push_revision_and_token(tmp_path, monkeypatc
     calls = {c[0]: c for c in seen}
     assert calls["create_branch"][1:3] == ("hf_not_a_real_token", "me/x")
     assert calls["create_branch"][3]["branch"] == "flax"
-    assert calls["upload_folder"][3]["revision"] == "flax" and calls["upload_folder"][1] == "hf_not_a_real_token"
+    assert calls["create_commit"][3]["revision"] == "flax" and calls["create_commit"][1] == "hf_not_a_real_token"
 
 
 def test_push_revision_needs_push_to_hub(tmp_path):

@@ -1,0 +1,195 @@
+"""Pulling from the Hub: a checkpoint pushed by ``cogvae push`` (and a diffusers repo) used by its
+repo id in ``load``, ``cogvae verify``, ``cogvae export-diffusers`` and ``cogvae inspect``.
+
+What is faked, and why: there is no network here, so nothing is downloaded. The repo a push makes
+is put into a real Hub cache instead (huggingface_hub's own layout, see ``_hubcache``): exactly
+the files ``push``'s upload plan lists (``plan_upload``: the checkpoint folder's files and the
+generated README.md), and ``huggingface_hub.constants.HF_HUB_OFFLINE`` / ``HF_HUB_CACHE`` are
+patched to point at it (huggingface_hub reads both from the environment at import time). The real
+``snapshot_download`` resolves every request from that cache. The checkpoints are real ones,
+converted from diffusers' own tiny ``AutoencoderKLCogVideoX``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from _hubcache import add_snapshot, pipeline_files, save_tiny_vae
+from cogvae.converter import load
+from cogvae.converter.checkpoint import read_checkpoint, write_checkpoint
+from cogvae.converter.cli import cli, convert_command
+from cogvae.converter.hub import HubError, checkpoint_patterns, resolve_source
+from cogvae.converter.push import plan_upload
+from cogvae.converter.saving import model_params
+
+REPO = "me/tiny-vae-jax"
+PIPELINE = "org/tiny-cogvideox"
+SHA_MAIN = "1" * 40
+SHA_FT = "2" * 40
+SHA_PIPE = "3" * 40
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """Two real checkpoints of the tiny VAE (the second with changed weights, a 'fine-tune'), the
+    diffusers folder they came from, and the files a push of each would upload."""
+    from cogvae.converter.convert import convert
+
+    base = tmp_path_factory.mktemp("pull")
+    vae_dir = save_tiny_vae(base / "vae")
+    ckpt = base / "ckpt"
+    convert(str(vae_dir), ckpt, quiet=True, validate=False)
+    config, params, _ = read_checkpoint(ckpt)
+    key = "decoder.conv_out.conv.bias"
+    tuned = dict(params, **{key: params[key] + np.float32(0.5)})
+    ft = write_checkpoint(base / "ft", tuned, config, provenance=json.loads((ckpt / "provenance.json").read_text()))
+
+    def repo_files(folder: Path) -> dict[str, Path]:
+        files, card = plan_upload(folder, REPO)
+        (folder.parent / f"{folder.name}_README.md").write_text(card)
+        return {f["path"]: (folder.parent / f"{folder.name}_README.md" if f["path"] == "README.md"
+                            else folder / f["path"]) for f in files}
+
+    return dict(base=base, vae_dir=vae_dir, ckpt=ckpt, ft=ft, files=repo_files(ckpt), ft_files=repo_files(ft),
+                changed=key)
+
+
+@pytest.fixture
+def hub(tmp_path, made, monkeypatch):
+    """A Hub cache holding REPO (main: the checkpoint; branch 'ft': the fine-tune) and a pipeline
+    repo PIPELINE with the diffusers VAE in vae/; offline."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, made["files"], commit=SHA_MAIN, refs=("main",))
+    add_snapshot(cache, REPO, made["ft_files"], commit=SHA_FT, refs=("ft",))
+    add_snapshot(cache, PIPELINE, pipeline_files(made["vae_dir"]), commit=SHA_PIPE)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def _same_params(a, b) -> None:
+    pa, pb = model_params(a), model_params(b)
+    assert sorted(pa) == sorted(pb)
+    for k in pa:
+        assert np.asarray(pa[k]).tobytes() == np.asarray(pb[k]).tobytes(), k
+
+
+@pytest.mark.parametrize("fmt", [None, "orbax", "msgpack"])
+def test_load_a_pushed_checkpoint_by_repo_id(hub, made, fmt):
+    kw = {} if fmt is None else {"format": fmt}
+    r = resolve_source(REPO, quiet=True, **kw)
+    assert (r.kind, r.revision, r.format, r.is_hub) == ("checkpoint", SHA_MAIN, fmt or "orbax", True)
+    _same_params(load(REPO, **kw), load(made["ckpt"], **kw))
+
+
+def test_a_branch_of_the_repo_by_revision(hub, made):
+    ft = load(REPO, revision="ft")
+    _same_params(ft, load(made["ft"]))
+    assert resolve_source(REPO, revision="ft", quiet=True).revision == SHA_FT
+    _same_params(load(REPO, revision=SHA_FT), ft)
+
+
+def test_only_one_format_is_fetched(hub, made, monkeypatch):
+    """snapshot_download is wrapped to record what each request asks for (the real one still
+    runs): a probe for the files that tell the repo kinds apart, then one format pinned to the
+    commit the probe resolved."""
+    import huggingface_hub
+
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def recording(**kw):
+        asked.append((kw["revision"], kw["allow_patterns"]))
+        return real(**kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+    resolve_source(REPO, format="msgpack", quiet=True)
+    assert asked == [(None, ["COMPLETE", "config.json", "model_index.json", "vae/config.json"]),
+                     (SHA_MAIN, ["COMPLETE", "config.json", "provenance.json", "params.msgpack"])]
+    assert checkpoint_patterns("orbax")[-1] == "orbax/*"
+
+
+def test_a_cache_with_one_format_loads_offline(tmp_path, made, monkeypatch):
+    """Only the msgpack files were ever downloaded (the cached tree listing names the Orbax ones
+    too): offline, load picks the cached format; asking for Orbax is one clear error."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    files = {k: v for k, v in made["files"].items() if not k.startswith("orbax/")}
+    orbax = {k: v.stat().st_size for k, v in made["files"].items() if k.startswith("orbax/")}
+    add_snapshot(cache, REPO, files, commit=SHA_MAIN, tree_only=orbax)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    r = resolve_source(REPO, cache_dir=cache, quiet=True)
+    assert (r.kind, r.format) == ("checkpoint", "msgpack")
+    _same_params(load(REPO, cache_dir=cache), load(made["ckpt"]))
+    with pytest.raises(HubError, match=rf"{REPO}@{SHA_MAIN}: the cached snapshot in .* is incomplete and offline"):
+        load(REPO, cache_dir=cache, format="orbax")
+
+
+def test_a_diffusers_repo_loads_by_repo_id(hub, made):
+    assert resolve_source(PIPELINE, quiet=True).kind == "diffusers"
+    _same_params(load(PIPELINE), load(made["vae_dir"]))
+
+
+def test_verify_a_pushed_checkpoint_by_repo_id(hub, made):
+    r = CliRunner().invoke(cli, ["verify", REPO, "--reference", PIPELINE, "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["ok"] and f"Hub snapshot {SHA_MAIN}" in report["source"]["detail"]
+    assert report["parity"]["status"] == "passed"
+    # the fine-tune on its branch: sound, and its one changed tensor is reported against the base
+    r = CliRunner().invoke(cli, ["verify", REPO, "--revision", "ft", "--reference", PIPELINE, "--no-parity", "--json"])
+    assert r.exit_code == 0, r.output
+    changed = [c["key"] for c in json.loads(r.output)["changes"] if c["max_abs"] > 0]
+    assert changed == [made["changed"]]
+
+
+def test_a_corrupt_download_fails_verify_and_load(tmp_path, made, monkeypatch):
+    """A cached blob whose bytes differ from the manifest's sha256 (a damaged download)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    bad = tmp_path / "params.msgpack"
+    data = bytearray(made["files"]["params.msgpack"].read_bytes())
+    data[-1] ^= 1
+    bad.write_bytes(bytes(data))
+    add_snapshot(cache, REPO, dict(made["files"], **{"params.msgpack": bad}), commit=SHA_MAIN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    r = CliRunner().invoke(cli, ["verify", REPO, "--no-parity"])
+    assert r.exit_code == 0, r.output  # Orbax (the default) is intact
+    with pytest.raises(Exception, match=r"params.msgpack: sha256 differs from the manifest"):
+        load(REPO, format="msgpack")
+    from cogvae.converter.verify import verify_checkpoint
+
+    report = verify_checkpoint(REPO, format="msgpack", parity=False)
+    assert not report.ok and any("params.msgpack: sha256 differs" in p for p in report.load_problems)
+
+
+def test_export_and_inspect_a_pushed_checkpoint_by_repo_id(hub, made, tmp_path):
+    r = CliRunner().invoke(cli, ["export-diffusers", REPO, "--out", str(tmp_path / "from-hub")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["export-diffusers", str(made["ckpt"]), "--out", str(tmp_path / "local")])
+    assert r.exit_code == 0, r.output
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "from-hub" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    r = CliRunner().invoke(cli, ["export-diffusers", PIPELINE, "--out", str(tmp_path / "x")])
+    assert r.exit_code == 3 and "a diffusers VAE repo, not a converted cogvae checkpoint" in r.output
+    r = CliRunner().invoke(cli, ["inspect", REPO, "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["kind"] == "cogvae-checkpoint" and data["num_tensors"] == len(model_params(load(made["ckpt"])))
+
+
+def test_converting_a_checkpoint_repo_is_a_clear_error(hub, tmp_path):
+    r = CliRunner().invoke(convert_command, [REPO, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 3
+    assert f"{REPO}@{SHA_MAIN}: a converted cogvae checkpoint, not a diffusers VAE" in r.output
+    assert not (tmp_path / "o").exists()
