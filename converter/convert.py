@@ -431,7 +431,9 @@ def convert(
                 "revision": resolved_rev,
                 "requested_revision": revision,
                 "is_hub": is_hub,
-                "subfolder": subfolder,
+                # where the VAE was found: "" when the source is the VAE folder itself (found first,
+                # whatever ``subfolder`` asked for, as diffusers' from_pretrained of a VAE repo)
+                "subfolder": "" if src.folder == folder else src.folder.relative_to(folder).as_posix(),
                 "variant": variant,
                 "folder": str(src.folder),
                 "files": input_info,

@@ -148,6 +148,15 @@ def _silent_tqdm():
     return _Silent
 
 
+def pipeline_vaes(folder: Path) -> list[str]:
+    """The components a pipeline's ``model_index.json`` declares as diffusers VAEs."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return sorted(k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and "AutoencoderKL" in str(v[1]))
+
+
 def _check_snapshot(folder: Path, repo_id: str, rev: str, subfolder: str, variant: Optional[str]) -> None:
     """The snapshot must hold the config and the requested weights (offline, snapshot_download
     returns a cached snapshot without checking which files it holds)."""
@@ -155,7 +164,11 @@ def _check_snapshot(folder: Path, repo_id: str, rev: str, subfolder: str, varian
     where = f"{repo_id}@{rev}"
     if not (vae / "config.json").is_file():
         rel = f"{subfolder}/config.json" if subfolder else "config.json"
-        hint = "" if vae.is_dir() else f" (no '{subfolder}/' folder: pass --subfolder '' for a VAE-only repo?)" if subfolder else ""
+        hint = ""
+        if subfolder and not vae.is_dir():
+            named = pipeline_vaes(folder)
+            hint = (f" (its model_index.json names the VAE {', '.join(repr(n) for n in named)}: pass --subfolder "
+                    f"{named[0]})" if named else f" (no '{subfolder}/' folder: pass --subfolder '' for a VAE-only repo?)")
         raise HubError(f"{where}: no {rel} in the snapshot at {folder}{hint}")
     v = f".{variant}" if variant else ""
     candidates = [f"{WEIGHTS_NAME}{v}.safetensors", f"{WEIGHTS_NAME}.safetensors.index{v}.json",
@@ -305,6 +318,11 @@ def resolve_source(
                            "re-run with network access")
         return ResolvedSource(folder=snapshot, source_id=text, revision=commit, is_hub=True, kind="checkpoint",
                               format=fmt)
-    snapshot = _download(text, pinned, allow_patterns(subfolder, variant), cache, token, quiet)
+    if sub and not (snapshot / sub / CONFIG_NAME).is_file() and (snapshot / CONFIG_NAME).is_file() \
+            and not (snapshot / "model_index.json").is_file():
+        # A VAE-only repo (its config at the root, no pipeline index): use the root, as a local
+        # VAE folder is used whatever ``subfolder`` says (and as diffusers loads a VAE repo).
+        sub = ""
+    snapshot = _download(text, pinned, allow_patterns(sub, variant), cache, token, quiet)
     _check_snapshot(snapshot, text, commit or revision or "main", sub, variant)
     return ResolvedSource(folder=snapshot, source_id=text, revision=commit, is_hub=True)

@@ -90,7 +90,11 @@ def find_diffusers_vae(path: str | Path, *, subfolder: str = "vae", variant: Opt
                 raise SourceError(f"{folder}: no {want}{hint}; only safetensors weights are supported")
             return DiffusersSource(folder, folder / "config.json", weights)
     if (root / "model_index.json").is_file():
-        raise SourceError(f"{root}: a pipeline folder without a '{subfolder}/' VAE subfolder")
+        from .hub import pipeline_vaes
+
+        named = [n for n in pipeline_vaes(root) if (root / n / "config.json").is_file()]
+        hint = f" (its model_index.json names the VAE {named[0]!r}: pass --subfolder {named[0]})" if named else ""
+        raise SourceError(f"{root}: a pipeline folder without a '{subfolder}/' VAE subfolder{hint}")
     raise SourceError(f"{root}: no config.json (nor {subfolder}/config.json): not a diffusers VAE folder")
 
 

@@ -104,14 +104,33 @@ def test_variant_missing_from_snapshot_is_a_clear_error(cache):
         resolve_source(REPO, revision="old", variant="bf16", cache_dir=cache, quiet=True)
 
 
-def test_vae_only_repo_with_empty_subfolder(tmp_path, vae_dir):
+def test_vae_only_repo_with_empty_or_default_subfolder(tmp_path, vae_dir):
+    """A VAE-only repo (config and weights at the root, no model_index.json) resolves with
+    ``subfolder=""`` and with the default ``"vae"`` alike, as a local VAE folder does; a pipeline
+    repo without the asked-for subfolder is still an error that suggests ``--subfolder ''``."""
     cache = tmp_path / "hub"
     files = {p.name: p for p in vae_dir.iterdir()}
     add_snapshot(cache, "org/vae-only", files, commit=SHA_MAIN)
-    r = resolve_source("org/vae-only", subfolder="", cache_dir=cache, quiet=True)
-    assert (r.folder / "config.json").is_file()
+    for sub in ("", "vae"):
+        r = resolve_source("org/vae-only", subfolder=sub, cache_dir=cache, quiet=True)
+        assert (r.folder / "config.json").is_file() and r.kind == "diffusers"
+        assert find_diffusers_vae(r.folder, subfolder=sub).folder == r.folder
+    add_snapshot(cache, "org/no-vae", {"config.txt": vae_dir / "config.json"}, commit=SHA_MAIN)
     with pytest.raises(HubError, match=r"no vae/config\.json .*--subfolder ''"):
-        resolve_source("org/vae-only", cache_dir=cache, quiet=True)
+        resolve_source("org/no-vae", cache_dir=cache, quiet=True)
+
+
+def test_a_pipeline_whose_vae_has_another_name(tmp_path, vae_dir):
+    """model_index.json names the pipeline's VAE component: the error says which --subfolder."""
+    cache = tmp_path / "hub"
+    files = pipeline_files(vae_dir, subfolder="vae_2")
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "CogVideoXPipeline", "vae_2": ["diffusers", "AutoencoderKLCogVideoX"],
+                                 "scheduler": ["diffusers", "CogVideoXDDIMScheduler"]}))
+    add_snapshot(cache, "org/pipe", dict(files, **{"model_index.json": index}), commit=SHA_MAIN)
+    with pytest.raises(HubError, match=r"no vae/config\.json .*names the VAE 'vae_2': pass --subfolder vae_2\)"):
+        resolve_source("org/pipe", cache_dir=cache, quiet=True)
+    assert resolve_source("org/pipe", subfolder="vae_2", cache_dir=cache, quiet=True).kind == "diffusers"
 
 
 def test_nothing_cached_and_offline_is_a_clear_error(tmp_path):

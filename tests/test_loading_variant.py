@@ -30,3 +30,22 @@ def test_sharded_fp16_variant_from_save_pretrained(tmp_path):
     assert sorted(back) == sorted(sd)
     for k, v in sd.items():
         np.testing.assert_array_equal(back[k], v)
+
+
+def test_a_local_pipeline_whose_vae_has_another_name(tmp_path):
+    """model_index.json names the pipeline's VAE component: the error says which subfolder."""
+    import json
+    import shutil
+
+    import pytest
+
+    from cogvae.converter.convert import default_source
+    from cogvae.converter.loading import SourceError
+
+    shutil.copytree(default_source(), tmp_path / "vae_2")
+    (tmp_path / "model_index.json").write_text(json.dumps(
+        {"_class_name": "CogVideoXPipeline", "vae_2": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    with pytest.raises(SourceError, match=r"without a 'vae/' VAE subfolder \(its model_index.json names the VAE "
+                                          r"'vae_2': pass --subfolder vae_2\)"):
+        load(tmp_path)
+    load(tmp_path, subfolder="vae_2")
