@@ -52,7 +52,12 @@ def test_good_checkpoint_passes_with_parity(good, vae):
     assert r.dtype_summary() == {"float32": 152}
     assert r.parity["status"] == "passed"
     assert r.parity["rel_l2"] <= 1e-5 and r.parity["max_abs"] <= 1e-4
-    assert r.parity["latent_shape"] == [1, 2, 4, 4, 4] and r.parity["output_shape"][:2] == [1, 3]  # (B, C, T, H, W)
+    # both halves of the VAE, in the compiled path, over two frame batches each (caches carried);
+    # this config has one temporal down/upsampling: 5 latents -> 9 frames, 17 frames -> 9 latents
+    cases = {c["op"]: c for c in r.parity["cases"]}
+    assert cases["decode"]["input_shape"] == [1, 5, 4, 4, 4] and cases["decode"]["output_shape"] == [1, 3, 9, 8, 8]
+    assert cases["encode"]["input_shape"] == [1, 17, 32, 32, 3] and cases["encode"]["output_shape"] == [1, 8, 9, 16, 16]
+    assert all(c["status"] == "passed" and c["rel_l2"] <= 1e-5 for c in cases.values())
     assert all(c["rel_change"] == 0.0 for c in r.changes) and len(r.changes) == 152
     d = _strict_json(r)
     assert d["ok"] is True and d["problems"] == [] and len(d["changes"]) == 152
@@ -163,22 +168,27 @@ def test_parity_skipped_when_torch_or_diffusers_missing(good, monkeypatch):
     assert "parity: parity check skipped: torch/diffusers not installed" in r.format_text()
 
 
-def test_parity_failure_is_reported(good, monkeypatch):
+@pytest.mark.parametrize("key,op", [("decoder.conv_out.conv.weight", "decode"),
+                                    ("encoder.down_blocks.0.resnets.0.conv1.conv.weight", "encode")])
+def test_parity_failure_is_reported(good, monkeypatch, key, op):
     """Faked: the export to diffusers names is wrapped to scale one kernel, so diffusers runs other
-    weights than the NNX model: the decode comparison must catch it."""
+    weights than the NNX model: the comparison of the half that uses it must catch it (the
+    encoder's too: a decode alone would pass)."""
     from cogvae.converter import engine
 
     real = engine.export_tensors
 
     def tampered(*args, **kwargs):
         out = real(*args, **kwargs)
-        out["decoder.conv_out.conv.weight"] = out["decoder.conv_out.conv.weight"] * 1.01
+        out[key] = out[key] * 1.01
         return out
 
     monkeypatch.setattr(engine, "export_tensors", tampered)
     r = verify_checkpoint(good)
     assert not r.ok and r.parity["status"] == "failed" and r.parity["rel_l2"] > 1e-5
-    assert any(p.startswith("parity with diffusers failed: rel L2") for p in r.problems)
+    assert [c["op"] for c in r.parity["cases"] if c["status"] == "failed"] == [op]
+    assert any(p.startswith(f"parity with diffusers failed: {op}: rel L2") for p in r.problems)
+    assert f"    {op} of " in r.format_text() and "FAILED" in r.format_text()
 
 
 def test_unreadable_sources_are_reported(base, good, tmp_path):
