@@ -304,10 +304,19 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
 @click.argument("source")
 @click.option("--reference", default=None, help="Diffusers source to compare against (folder or Hub repo id).")
 @click.option("--no-parity", is_flag=True, help="Skip the numerical parity check against the reference.")
+@click.option("--max-rel-change", type=float, default=None, metavar="X",
+              help="Fail when a tensor's relative change against --reference exceeds X (default: report only).")
+@click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Changed tensors listed in the text report (--json lists all).")
+@click.option("--format", "fmt", type=click.Choice(["orbax", "msgpack"]), default=None,
+              help="Which stored format of a checkpoint SOURCE to read (default: orbax when present).")
+@click.option("--subfolder", default="vae", show_default=True, help="VAE subfolder of a diffusers pipeline.")
+@click.option("--variant", default=None, help="Weights variant of a diffusers source or reference, e.g. fp16.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit of SOURCE (Hub SOURCE only).")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN / login).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def verify_command(source, reference, no_parity, revision, token, as_json):
+def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfolder, variant, revision, token,
+                   as_json):
     """Verify a converted checkpoint (a folder, or the Hub repo id of one pushed by `cogvae push`):
     manifest and hashes, loading, and (with --reference) that its weights and outputs match the
     diffusers source. Exit code 1 when a check fails.
@@ -317,10 +326,12 @@ def verify_command(source, reference, no_parity, revision, token, as_json):
       cogvae verify ckpt/
       cogvae verify ckpt/ --reference THUDM/CogVideoX-2b --json
       cogvae verify me/cogvideox-2b-vae-jax --revision finetune-v2 --reference THUDM/CogVideoX-2b
+      cogvae verify ckpt-tuned/ --reference ckpt/ --max-rel-change 0.05
     """
     from .verify import verify_checkpoint
 
-    report = _run(verify_checkpoint, source, reference, parity=not no_parity, revision=revision, token=token)
+    report = _run(verify_checkpoint, source, reference, parity=not no_parity, revision=revision, token=token,
+                  max_rel_change=max_rel_change, top=top, format=fmt, subfolder=subfolder, variant=variant)
     if as_json:
         _emit_json(report.to_dict())
     else:

@@ -144,6 +144,21 @@ def test_relative_change_puts_the_perturbed_tensor_first(base, vae, good):
     strict = verify_checkpoint(changed, good, parity=False, max_rel_change=1e-6)
     assert not strict.ok and strict.over_tolerance == [PERTURBED_KEY]
 
+    # the same from the command line: a tolerance gate for a fine-tune (exit 1), --top, --format
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    args = ["verify", str(changed), "--reference", str(good), "--no-parity", "--format", "msgpack"]
+    r = CliRunner().invoke(cli, args + ["--top", "1"])
+    assert r.exit_code == 0 and "top 1 of 152:" in r.stdout and r.stdout.count("max abs") == 1
+    r = CliRunner().invoke(cli, args + ["--max-rel-change", "1e-6", "--json"])
+    assert r.exit_code == 1 and json.loads(r.stdout)["ok"] is False
+    r = CliRunner().invoke(cli, args + ["--max-rel-change", "1", "--json"])
+    assert r.exit_code == 0, r.stdout
+    r = CliRunner().invoke(cli, ["verify", str(changed), "--format", "orbax", "--no-parity"])
+    assert r.exit_code == 1 and "holds no orbax parameters" in r.stdout
+
 
 def test_bf16_checkpoint_dtypes_and_parity(base, vae, good):
     def to_bf16(params):
