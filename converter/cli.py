@@ -347,20 +347,24 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
 @click.option("--revision", default=None, help="Branch to push to.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded; upload nothing.")
+@click.option("--with-diffusers", is_flag=True,
+              help="Also upload the weights in diffusers' format, so diffusers loads the repo too.")
 @click.option("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, token, as_json):
-    """Upload a complete converted checkpoint to a Hugging Face Hub model repo.
+def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, with_diffusers, token, as_json):
+    """Upload a complete converted checkpoint to a Hugging Face Hub model repo, in one commit that
+    also removes the files a previously pushed checkpoint left there.
 
     \b
     Examples:
       cogvae push ckpt/ me/cogvideox-2b-vae-jax --dry-run
       cogvae push ckpt/ me/cogvideox-2b-vae-jax --private
+      cogvae push ckpt-tuned/ me/cogvideox-2b-vae-ft --with-diffusers
     """
     from .push import push_checkpoint
 
     result = _run(push_checkpoint, ckpt, repo_id, private=private, revision=revision, create_pr=create_pr,
-                  dry_run=dry_run, token=token)
+                  dry_run=dry_run, token=token, with_diffusers=with_diffusers)
     if as_json:
         _emit_json(result)
     else:

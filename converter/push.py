@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,6 +36,8 @@ LICENSES: dict[str, tuple[str, Optional[str], Optional[str]]] = {
 _LICENSE_ORGS = ("thudm", "zai-org")
 
 _REQUIRED = ("config.json", "provenance.json")  # read to build the model card
+DIFFUSERS_STEM = "diffusion_pytorch_model"
+DIFFUSERS_WEIGHTS = DIFFUSERS_STEM + ".safetensors"
 
 
 class PushError(RuntimeError):
@@ -110,15 +113,16 @@ def _license_for(source_id: Optional[str]) -> Optional[tuple[str, Optional[str],
 # ----------------------------------------------------------------------------------------
 
 
-def model_card_text(repo_id: str, config: dict, provenance: dict) -> str:
-    """The README.md (YAML metadata + markdown) for a converted checkpoint pushed to ``repo_id``."""
+def model_card_text(repo_id: str, config: dict, provenance: dict, *, diffusers: bool = False) -> str:
+    """The README.md (YAML metadata + markdown) for a converted checkpoint pushed to ``repo_id``;
+    ``diffusers``: the push also holds the weights in diffusers' format."""
     from huggingface_hub import ModelCard, ModelCardData
 
     source_id, revision, is_hub = _source_of(provenance)
     lic = _license_for(source_id) if is_hub else None
     data = ModelCardData(
         library_name=LIBRARY_NAME,
-        tags=list(TAGS),
+        tags=list(TAGS) + (["diffusers"] if diffusers else []),
         base_model=source_id if is_hub else None,
         license=lic[0] if lic else None,
         license_name=lic[1] if lic else None,
@@ -139,6 +143,19 @@ def model_card_text(repo_id: str, config: dict, provenance: dict) -> str:
     ref = f" --reference {source_id}" if is_hub and source_id else ""
     arch = ", ".join(f"{k}={config[k]}" for k in ("block_out_channels", "latent_channels", "layers_per_block",
                                                   "scaling_factor") if k in config)
+    dfile = dusage = ""
+    if diffusers:
+        dfile = (f"\n- `{DIFFUSERS_WEIGHTS}`: the same weights in diffusers' format (exported by cogvae through the "
+                 "inverse mapping, bit for bit)")
+        dusage = f"""
+The repo is also a diffusers VAE (the same `config.json` and weights):
+
+```python
+from diffusers import AutoencoderKLCogVideoX
+
+vae = AutoencoderKLCogVideoX.from_pretrained("{repo_id}")
+```
+"""
     lic_line = ""
     if lic:
         lic_line = (f"\n## Licence\n\nThe weights keep the licence of the source model: `{lic[0]}`"
@@ -152,7 +169,7 @@ The CogVideoX video VAE (diffusers `AutoencoderKLCogVideoX`) converted to JAX / 
 - Architecture: {arch or 'see config.json'}
 - Layout: `(B, T, H, W, C)` (diffusers uses `(B, C, T, H, W)`)
 - Files: {files}`config.json` (the diffusers config), `provenance.json` (source, revision, mapping
-  and checksums), `COMPLETE` (every file's size and sha256, checked on loading)
+  and checksums), `COMPLETE` (every file's size and sha256, checked on loading){dfile}
 
 ## Usage
 
@@ -169,7 +186,7 @@ video = vae.decode(vae.unscale_latents(z))   # z: (B, t, h, w, {config.get('late
 cogvae verify {repo_id}{ref}   # hashes, architecture, finiteness, parity
 cogvae export-diffusers {repo_id} --out vae-diffusers/        # back to diffusers files
 ```
-{lic_line}"""
+{dusage}{lic_line}"""
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
@@ -182,33 +199,55 @@ def _files_of(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def plan_upload(ckpt_dir: str | os.PathLike, repo_id: str) -> tuple[list[dict], str]:
-    """([{path, size}] of every file to upload, README.md included; the model card text)."""
+def plan_upload(ckpt_dir: str | os.PathLike, repo_id: str, *, diffusers: Optional[Path] = None
+                ) -> tuple[list[dict], str]:
+    """([{path, size}] of every file to upload, README.md included; the model card text).
+    ``diffusers``: an exported diffusers weights file to upload too (as ``DIFFUSERS_WEIGHTS``)."""
     ckpt = Path(ckpt_dir)
     _check_checkpoint(ckpt)
-    card = model_card_text(repo_id, _read_json(ckpt / "config.json"), _read_json(ckpt / "provenance.json"))
+    card = model_card_text(repo_id, _read_json(ckpt / "config.json"), _read_json(ckpt / "provenance.json"),
+                           diffusers=diffusers is not None)
     files = [{"path": p.relative_to(ckpt).as_posix(), "size": p.stat().st_size}
-             for p in _files_of(ckpt) if p.relative_to(ckpt).as_posix() != "README.md"]
+             for p in _files_of(ckpt) if p.relative_to(ckpt).as_posix() not in ("README.md", DIFFUSERS_WEIGHTS)]
     files.append({"path": "README.md", "size": len(card.encode("utf-8"))})
+    if diffusers is not None:
+        files.append({"path": DIFFUSERS_WEIGHTS, "size": Path(diffusers).stat().st_size})
     return sorted(files, key=lambda f: f["path"]), card
 
 
+def _export_weights(ckpt: Path, into: Path) -> Path:
+    """The checkpoint's weights in diffusers' format (``export_diffusers``: every check, bit for bit),
+    and its config.json must be the checkpoint's, which the repo shares."""
+    from .saving import export_diffusers
+
+    export_diffusers(ckpt, into / "export")
+    if (into / "export" / "config.json").read_bytes() != (ckpt / "config.json").read_bytes():
+        raise PushError(f"{ckpt}: its config.json differs from the diffusers config of its architecture; "
+                        "convert it again to push diffusers weights with it")
+    return into / "export" / DIFFUSERS_WEIGHTS
+
+
 def _is_checkpoint_file(rel: str) -> bool:
-    """A path that a pushed checkpoint writes (and a later push may therefore replace or delete)."""
+    """A path that a pushed checkpoint writes (and a later push may therefore replace or delete).
+    Diffusers weights at the root count: they pair with the ``config.json`` a push replaces, so
+    left behind they would be another model's weights under this one's config."""
     from .checkpoint import CONFIG_NAME, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME
 
-    return rel.startswith(ORBAX_DIR + "/") or rel in (MSGPACK_NAME, CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME,
-                                                      "README.md")
+    return (rel.startswith(ORBAX_DIR + "/") or rel in (MSGPACK_NAME, CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME,
+                                                       "README.md")
+            or ("/" not in rel and rel.startswith(DIFFUSERS_STEM) and ".safetensors" in rel))
 
 
-def _operations(ckpt: Path, card: str, remote: list[str]) -> tuple[list, list[str]]:
-    """The commit: an add for every file of ``ckpt`` and the card, a delete for every checkpoint
-    file in ``remote`` (the repo's files now) that the new checkpoint does not have."""
+def _operations(ckpt: Path, card: str, remote: list[str], diffusers: Optional[Path] = None) -> tuple[list, list[str]]:
+    """The commit: an add for every file of ``ckpt``, the card (and the diffusers weights), a
+    delete for every checkpoint file in ``remote`` (the repo's files now) not among them."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     adds = [CommitOperationAdd(path_in_repo=p.relative_to(ckpt).as_posix(), path_or_fileobj=str(p))
-            for p in _files_of(ckpt) if p.relative_to(ckpt).as_posix() != "README.md"]
+            for p in _files_of(ckpt) if p.relative_to(ckpt).as_posix() not in ("README.md", DIFFUSERS_WEIGHTS)]
     adds.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
+    if diffusers is not None:
+        adds.append(CommitOperationAdd(path_in_repo=DIFFUSERS_WEIGHTS, path_or_fileobj=str(diffusers)))
     added = {op.path_in_repo for op in adds}
     stale = sorted(rel for rel in remote if _is_checkpoint_file(rel) and rel not in added)
     return [CommitOperationDelete(path_in_repo=rel) for rel in stale] + adds, stale
@@ -245,6 +284,39 @@ def _push_error(e: BaseException, repo_id: str, step: str) -> PushError:
     return PushError(f"{repo_id}: {step} failed: {type(e).__name__}: {e}")
 
 
+def _commit(api: Any, ckpt: Path, repo_id: str, card: str, diffusers: Optional[Path], *, private: bool,
+            revision: Optional[str], create_pr: bool, token: Optional[str]) -> tuple[Any, list[str]]:
+    """Create the repo (and branch), then one commit; (the commit info, the deleted paths)."""
+    if api is None:
+        from huggingface_hub import HfApi, get_token
+
+        if token is None and get_token() is None:
+            raise PushError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
+        api = HfApi(token=token)
+
+    source_id = _source_of(_read_json(ckpt / "provenance.json"))[0]
+    message = "Upload CogVideoX VAE converted by cogvae" + (f" from {source_id}" if source_id else "")
+
+    def call(step: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - Hub failures become one PushError line
+            if isinstance(e, AssertionError):
+                raise
+            raise _push_error(e, repo_id, step) from e
+
+    call("create_repo", api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision and not create_pr:
+        call(f"create_branch {revision!r}", api.create_branch, repo_id, branch=revision, repo_type="model",
+             exist_ok=True)
+    # what the commit builds on: the branch, or a pull request's base (main by default)
+    remote = list(call("list_repo_files", api.list_repo_files, repo_id, revision=revision, repo_type="model"))
+    operations, stale = _operations(ckpt, card, remote, diffusers)
+    info = call("upload", api.create_commit, repo_id=repo_id, operations=operations, commit_message=message,
+                repo_type="model", revision=revision, create_pr=create_pr)
+    return info, stale
+
+
 def push_checkpoint(
     ckpt_dir: str | os.PathLike,
     repo_id: str,
@@ -255,6 +327,7 @@ def push_checkpoint(
     dry_run: bool = False,
     token: Optional[str] = None,
     api: Any = None,
+    with_diffusers: bool = False,
 ) -> dict:
     """Upload a converted checkpoint folder and a generated model card to the Hub model repo ``repo_id``.
 
@@ -263,61 +336,25 @@ def push_checkpoint(
     ``"deleted"`` (the previous checkpoint's files that the commit removed). ``revision``
     is the branch to commit to (created if missing, unless ``create_pr``, where it is the PR's
     base). ``api``: an ``HfApi``-like object (default ``HfApi(token=token)``); without one, a
-    token is required (``token`` or ``huggingface_hub.get_token()``).
+    token is required (``token`` or ``huggingface_hub.get_token()``). ``with_diffusers``: also
+    upload the weights in diffusers' format (``diffusion_pytorch_model.safetensors``, exported
+    bit for bit), so ``AutoencoderKLCogVideoX.from_pretrained(repo_id)`` loads the same model.
+    Without it, diffusers weights a previous push left at the repo's root are deleted.
     """
     from .hub import looks_like_repo_id
 
     if not looks_like_repo_id(repo_id):
         raise PushError(f"{repo_id!r}: not a Hub repo id (expected 'org/name')")
     ckpt = Path(ckpt_dir)
-    files, card = plan_upload(ckpt, repo_id)
-    result: dict[str, Any] = {"repo_id": repo_id, "files": files, "dry_run": dry_run, "model_card": card}
-    if dry_run:
-        return result
-
-    if api is None:
-        from huggingface_hub import HfApi, get_token
-
-        if token is None and get_token() is None:
-            raise PushError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
-        api = HfApi(token=token)
-
-    source_id = _source_of(_read_json(ckpt / "provenance.json"))[0]
-    message = "Upload CogVideoX VAE converted by cogvae" + (f" from {source_id}" if source_id else "")
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    except Exception as e:  # noqa: BLE001 - Hub failures become one PushError line
-        if isinstance(e, AssertionError):
-            raise
-        raise _push_error(e, repo_id, "create_repo") from e
-    if revision and not create_pr:
-        try:
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        except Exception as e:  # noqa: BLE001
-            if isinstance(e, AssertionError):
-                raise
-            raise _push_error(e, repo_id, f"create_branch {revision!r}") from e
-    try:  # what the commit builds on: the branch, or a pull request's base (main by default)
-        remote = list(api.list_repo_files(repo_id, revision=revision, repo_type="model"))
-    except Exception as e:  # noqa: BLE001
-        if isinstance(e, AssertionError):
-            raise
-        raise _push_error(e, repo_id, "list_repo_files") from e
-    operations, stale = _operations(ckpt, card, remote)
-    try:
-        info = api.create_commit(
-            repo_id=repo_id,
-            operations=operations,
-            commit_message=message,
-            repo_type="model",
-            revision=revision,
-            create_pr=create_pr,
-        )
-    except Exception as e:  # noqa: BLE001
-        if isinstance(e, AssertionError):
-            raise
-        raise _push_error(e, repo_id, "upload") from e
-    result["deleted"] = stale
+    _check_checkpoint(ckpt)
+    with tempfile.TemporaryDirectory(prefix="cogvae-push-") as tmp:
+        diffusers = _export_weights(ckpt, Path(tmp)) if with_diffusers else None
+        files, card = plan_upload(ckpt, repo_id, diffusers=diffusers)
+        result: dict[str, Any] = {"repo_id": repo_id, "files": files, "dry_run": dry_run, "model_card": card}
+        if dry_run:
+            return result
+        info, result["deleted"] = _commit(api, ckpt, repo_id, card, diffusers, private=private, revision=revision,
+                                          create_pr=create_pr, token=token)
     pr_url = getattr(info, "pr_url", None)
     result["url"] = pr_url or getattr(info, "commit_url", None) or (str(info) if info is not None else None)
     result["commit"] = getattr(info, "oid", None)

@@ -143,16 +143,46 @@ def test_a_new_push_replaces_the_previous_checkpoint_in_one_commit(ckpt, tmp_pat
     only = write_checkpoint(tmp_path / "msgpack-only", params, config, formats=("msgpack",),
                             provenance=json.loads((ckpt / "provenance.json").read_text()) | {"formats": ["msgpack"]})
     earlier = ["orbax/_METADATA", "orbax/d/0123abcd", "orbax/ocdbt.process_0/manifest.ocdbt", "params.msgpack",
-               "config.json", "provenance.json", "COMPLETE", "README.md"]
-    theirs = [".gitattributes", "samples/clip.mp4", "orbax-notes.txt"]
+               "config.json", "provenance.json", "COMPLETE", "README.md", "diffusion_pytorch_model.safetensors",
+               "diffusion_pytorch_model.fp16.safetensors"]
+    theirs = [".gitattributes", "samples/clip.mp4", "orbax-notes.txt", "vae/diffusion_pytorch_model.safetensors"]
     api = RecordingApi(tmp_path, remote=tuple(earlier + theirs))
     out = push_checkpoint(only, "me/x", api=api)
     assert [c[0] for c in api.calls].count("create_commit") == 1
-    assert api.deleted == out["deleted"] == ["orbax/_METADATA", "orbax/d/0123abcd", "orbax/ocdbt.process_0/manifest.ocdbt"]
+    # diffusers weights at the root pair with the config.json the push replaces: stale, so deleted
+    assert api.deleted == out["deleted"] == ["diffusion_pytorch_model.fp16.safetensors",
+                                             "diffusion_pytorch_model.safetensors", "orbax/_METADATA",
+                                             "orbax/d/0123abcd", "orbax/ocdbt.process_0/manifest.ocdbt"]
     assert sorted(_files(api.uploaded)) == sorted([*_files(only), "README.md"])
     card = ModelCard.load(api.uploaded / "README.md")
     assert "`params.msgpack` (Flax msgpack)" in card.text and "`orbax/`" not in card.text
     assert "fetches one format (msgpack)" in card.text
+
+
+def test_with_diffusers_the_repo_also_loads_in_diffusers(ckpt, tmp_path):
+    """--with-diffusers: the same commit holds diffusion_pytorch_model.safetensors, byte-identical
+    to `cogvae export-diffusers`, and diffusers' own from_pretrained loads the uploaded files (the
+    shared config.json and those weights) as the model they were converted from.
+    Fake: RecordingApi stands in for the Hub (no network)."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogvae.converter import export_diffusers
+
+    api = RecordingApi(tmp_path, remote=(".gitattributes", "diffusion_pytorch_model.safetensors"))
+    out = push_checkpoint(ckpt, "me/both", api=api, with_diffusers=True)
+    assert out["deleted"] == []  # replaced, not deleted
+    export_diffusers(ckpt, tmp_path / "exported")
+    weights = "diffusion_pytorch_model.safetensors"
+    assert (api.uploaded / weights).read_bytes() == (tmp_path / "exported" / weights).read_bytes()
+    assert {f["path"]: f["size"] for f in out["files"]} == _files(api.uploaded)
+    got = AutoencoderKLCogVideoX.from_pretrained(api.uploaded).state_dict()
+    want = AutoencoderKLCogVideoX.from_pretrained(tmp_path / "exported").state_dict()
+    assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in got)
+    card = ModelCard.load(api.uploaded / "README.md")
+    assert "diffusers" in card.data.tags and 'AutoencoderKLCogVideoX.from_pretrained("me/both")' in card.text
+    dry = push_checkpoint(ckpt, "me/both", dry_run=True, with_diffusers=True)
+    assert dry["files"] == out["files"]
 
 
 @pytest.mark.parametrize("private,revision,create_pr", [(True, None, False), (False, "jax", False), (False, "main", True)])
