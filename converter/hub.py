@@ -157,6 +157,23 @@ def pipeline_vaes(folder: Path) -> list[str]:
     return sorted(k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and "AutoencoderKL" in str(v[1]))
 
 
+def _has_vae_files(vae: Path, variant: Optional[str]) -> bool:
+    """``vae`` holds a config and complete weights of ``variant``: the single file, or an index
+    and every shard it names."""
+    if not (vae / CONFIG_NAME).is_file():
+        return False
+    v = f".{variant}" if variant else ""
+    if (vae / f"{WEIGHTS_NAME}{v}.safetensors").is_file():
+        return True
+    for name in (f"{WEIGHTS_NAME}.safetensors.index{v}.json", f"{WEIGHTS_NAME}{v}.safetensors.index.json"):
+        try:
+            shards = set(json.loads((vae / name).read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        return bool(shards) and all((vae / str(f)).is_file() for f in shards)
+    return False
+
+
 def _check_snapshot(folder: Path, repo_id: str, rev: str, subfolder: str, variant: Optional[str]) -> None:
     """The snapshot must hold the config and the requested weights (offline, snapshot_download
     returns a cached snapshot without checking which files it holds)."""
@@ -305,13 +322,20 @@ def resolve_source(
     commit = snapshot.name if _COMMIT.match(snapshot.name) else None
     # Second request pinned to the commit just resolved, so a push landing in between cannot mix
     # two commits' files.
+    # A commit's files never change: when the probe's snapshot already holds everything needed,
+    # there is nothing to ask the Hub (and no retries to wait for when it cannot be reached).
     pinned = commit or revision
     where = f"{text}@{commit or revision or 'main'}"
     if (snapshot / MANIFEST_NAME).is_file():
         fmt = _checkpoint_format(snapshot, where, format)
-        snapshot = _download(text, pinned, checkpoint_patterns(fmt), cache, token, quiet)
-        manifest = json.loads((snapshot / MANIFEST_NAME).read_text())
-        missing = [rel for rel in [CONFIG_NAME, *_format_files(manifest, fmt)] if not (snapshot / rel).is_file()]
+
+        def missing_files() -> list[str]:
+            manifest = json.loads((snapshot / MANIFEST_NAME).read_text())
+            return [rel for rel in [CONFIG_NAME, *_format_files(manifest, fmt)] if not (snapshot / rel).is_file()]
+
+        if not commit or missing_files():
+            snapshot = _download(text, pinned, checkpoint_patterns(fmt), cache, token, quiet)
+        missing = missing_files()
         if missing:
             raise HubError(f"{where}: the cached snapshot at {snapshot} lacks {len(missing)} file(s) of the "
                            f"checkpoint's {fmt} format (first: {missing[0]}) and the Hub cannot be reached; "
@@ -323,6 +347,7 @@ def resolve_source(
         # A VAE-only repo (its config at the root, no pipeline index): use the root, as a local
         # VAE folder is used whatever ``subfolder`` says (and as diffusers loads a VAE repo).
         sub = ""
-    snapshot = _download(text, pinned, allow_patterns(sub, variant), cache, token, quiet)
+    if not commit or not _has_vae_files(snapshot / sub if sub else snapshot, variant):
+        snapshot = _download(text, pinned, allow_patterns(sub, variant), cache, token, quiet)
     _check_snapshot(snapshot, text, commit or revision or "main", sub, variant)
     return ResolvedSource(folder=snapshot, source_id=text, revision=commit, is_hub=True)

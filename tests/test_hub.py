@@ -235,5 +235,14 @@ def test_no_network_and_nothing_cached_is_a_clear_error(unreachable_hub, tmp_pat
     assert "the Hub cannot be reached (no network?)" in str(e.value)
 
 
-def test_no_network_falls_back_to_the_cache(unreachable_hub, cache):
+def test_no_network_falls_back_to_the_cache(unreachable_hub, cache, monkeypatch):
+    """One request only: the probe falls back to the cached commit, which already holds the VAE's
+    files, so nothing more is asked of the Hub (a second request would wait through
+    huggingface_hub's retries). snapshot_download is wrapped to count calls; the real one runs."""
+    import huggingface_hub
+
+    calls = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw) or real(**kw))
     assert resolve_source(REPO, revision="old", cache_dir=cache, quiet=True).revision == SHA_OLD
+    assert len(calls) == 1

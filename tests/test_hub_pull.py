@@ -96,10 +96,11 @@ def test_a_branch_of_the_repo_by_revision(hub, made):
     _same_params(load(REPO, revision=SHA_FT), ft)
 
 
-def test_only_one_format_is_fetched(hub, made, monkeypatch):
+def test_only_one_format_is_fetched(tmp_path, made, monkeypatch):
     """snapshot_download is wrapped to record what each request asks for (the real one still
-    runs): a probe for the files that tell the repo kinds apart, then one format pinned to the
-    commit the probe resolved."""
+    runs). Only the probe's files are cached: the probe, then one format pinned to the commit the
+    probe resolved (offline, that second request finds nothing and says so). With the format
+    cached too, the probe is the only request: a commit's files never change."""
     import huggingface_hub
 
     asked = []
@@ -110,10 +111,20 @@ def test_only_one_format_is_fetched(hub, made, monkeypatch):
         return real(**kw)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
-    resolve_source(REPO, format="msgpack", quiet=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, {k: v for k, v in made["files"].items() if k in ("COMPLETE", "config.json")},
+                 commit=SHA_MAIN)
+    with pytest.raises(HubError, match=r"lacks 1 file\(s\) of the checkpoint's msgpack format \(first: params.msgpack\)"):
+        resolve_source(REPO, format="msgpack", cache_dir=cache, quiet=True)
     assert asked == [(None, ["COMPLETE", "config.json", "model_index.json", "vae/config.json"]),
                      (SHA_MAIN, ["COMPLETE", "config.json", "provenance.json", "params.msgpack"])]
     assert checkpoint_patterns("orbax")[-1] == "orbax/*"
+
+    asked.clear()
+    add_snapshot(tmp_path / "full", REPO, made["files"], commit=SHA_MAIN)
+    assert resolve_source(REPO, format="msgpack", cache_dir=tmp_path / "full", quiet=True).format == "msgpack"
+    assert len(asked) == 1
 
 
 def test_a_cache_with_one_format_loads_offline(tmp_path, made, monkeypatch):
