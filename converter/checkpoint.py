@@ -36,6 +36,7 @@ import ml_dtypes
 
 from cogvae.model import ConfigError, VAEConfig
 
+from .layout import CONFIG_NAME, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME
 from .st_io import aligned_empty
 
 __all__ = [
@@ -56,11 +57,6 @@ __all__ = [
 ]
 
 FORMATS = ("orbax", "msgpack")
-MANIFEST_NAME = "COMPLETE"
-ORBAX_DIR = "orbax"
-MSGPACK_NAME = "params.msgpack"
-CONFIG_NAME = "config.json"
-PROVENANCE_NAME = "provenance.json"
 CHECKPOINT_KIND = "cogvae-checkpoint"
 CHECKPOINT_VERSION = 1
 _NDARRAY_EXT = 1  # flax.serialization._MsgpackExtType.ndarray

@@ -230,11 +230,9 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
     """Per tensor: its rule, target (or source) key, shape and dtype, for a diffusers folder or a
     checkpoint, local or a Hub repo id (only the VAE's files, or one format, are fetched)."""
     from .checkpoint import looks_like_checkpoint, read_checkpoint
-    from .loading import find_diffusers_vae
+    from .loading import fetch, find_diffusers_vae
     from .mapping import load_mapping
     from .st_io import open_safetensors
-
-    from .loading import fetch
 
     mapping = mapping or load_mapping()
     rows = []

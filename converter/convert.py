@@ -28,7 +28,6 @@ from cogvae.model import VAEConfig
 
 from .checkpoint import (
     FORMATS,
-    MSGPACK_NAME,
     CheckpointError,
     atomic_output_dir,
     finish_into,

@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .layout import CONFIG_NAME, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME, WEIGHTS_NAME, weights_in
+
 __all__ = ["HubError", "ResolvedSource", "resolve_source", "allow_patterns", "checkpoint_patterns", "looks_like_repo_id"]
 
-WEIGHTS_NAME = "diffusion_pytorch_model"
-# A converted checkpoint's files (the names cogvae.converter.checkpoint writes; spelled here so
-# that resolving a source does not import jax).
-MANIFEST_NAME, CONFIG_NAME, PROVENANCE_NAME = "COMPLETE", "config.json", "provenance.json"
-FORMAT_FILES = {"orbax": "orbax/", "msgpack": "params.msgpack"}
+# Where each checkpoint format's parameters lie (a folder's files, or one file).
+FORMAT_FILES = {"orbax": ORBAX_DIR + "/", "msgpack": MSGPACK_NAME}
 
 # Hub repo ids: "namespace/name", letters, digits, '-', '_', '.'; no '--' or '..' (hub rules).
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+\Z")
@@ -160,18 +159,16 @@ def pipeline_vaes(folder: Path) -> list[str]:
 def _has_vae_files(vae: Path, variant: Optional[str]) -> bool:
     """``vae`` holds a config and complete weights of ``variant``: the single file, or an index
     and every shard it names."""
-    if not (vae / CONFIG_NAME).is_file():
+    weights = weights_in(vae, variant)
+    if weights is None or not (vae / CONFIG_NAME).is_file():
         return False
-    v = f".{variant}" if variant else ""
-    if (vae / f"{WEIGHTS_NAME}{v}.safetensors").is_file():
+    if weights.name.endswith(".safetensors"):
         return True
-    for name in (f"{WEIGHTS_NAME}.safetensors.index{v}.json", f"{WEIGHTS_NAME}{v}.safetensors.index.json"):
-        try:
-            shards = set(json.loads((vae / name).read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-        return bool(shards) and all((vae / str(f)).is_file() for f in shards)
-    return False
+    try:
+        shards = set(json.loads(weights.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(shards) and all((vae / str(f)).is_file() for f in shards)
 
 
 def _check_snapshot(folder: Path, repo_id: str, rev: str, subfolder: str, variant: Optional[str]) -> None:
@@ -179,8 +176,8 @@ def _check_snapshot(folder: Path, repo_id: str, rev: str, subfolder: str, varian
     returns a cached snapshot without checking which files it holds)."""
     vae = folder / subfolder if subfolder else folder
     where = f"{repo_id}@{rev}"
-    if not (vae / "config.json").is_file():
-        rel = f"{subfolder}/config.json" if subfolder else "config.json"
+    if not (vae / CONFIG_NAME).is_file():
+        rel = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
         hint = ""
         if subfolder and not vae.is_dir():
             named = pipeline_vaes(folder)
@@ -188,9 +185,7 @@ def _check_snapshot(folder: Path, repo_id: str, rev: str, subfolder: str, varian
                     f"{named[0]})" if named else f" (no '{subfolder}/' folder: pass --subfolder '' for a VAE-only repo?)")
         raise HubError(f"{where}: no {rel} in the snapshot at {folder}{hint}")
     v = f".{variant}" if variant else ""
-    candidates = [f"{WEIGHTS_NAME}{v}.safetensors", f"{WEIGHTS_NAME}.safetensors.index{v}.json",
-                  f"{WEIGHTS_NAME}{v}.safetensors.index.json"]
-    if not any((vae / c).is_file() for c in candidates):
+    if weights_in(vae, variant) is None:
         found = sorted(p.name for p in vae.glob(f"{WEIGHTS_NAME}*"))
         rel = f"{subfolder}/" if subfolder else ""
         raise HubError(
@@ -320,10 +315,10 @@ def resolve_source(
     probe = [MANIFEST_NAME, CONFIG_NAME, "model_index.json"] + ([f"{sub}/{CONFIG_NAME}"] if sub else [])
     snapshot = _download(text, revision, probe, cache, token, quiet)
     commit = snapshot.name if _COMMIT.match(snapshot.name) else None
-    # Second request pinned to the commit just resolved, so a push landing in between cannot mix
-    # two commits' files.
-    # A commit's files never change: when the probe's snapshot already holds everything needed,
-    # there is nothing to ask the Hub (and no retries to wait for when it cannot be reached).
+    # The second request is pinned to the commit just resolved, so a push landing in between
+    # cannot mix two commits' files; and as a commit's files never change, it is skipped when the
+    # probe's snapshot already holds everything needed (no retries to wait for when the Hub
+    # cannot be reached).
     pinned = commit or revision
     where = f"{text}@{commit or revision or 'main'}"
     if (snapshot / MANIFEST_NAME).is_file():

@@ -19,12 +19,12 @@ from flax import nnx
 from cogvae.model import AutoencoderKLCogVideoX, ConfigError, VAEConfig, abstract_model
 
 from .engine import convert_tensors
+from .layout import WEIGHTS_NAME, weights_in
 from .mapping import Mapping, load_mapping
 from .st_io import is_index_file, open_safetensors
 
 __all__ = ["SourceError", "DiffusersSource", "fetch", "find_diffusers_vae", "model_from_tensors", "load_diffusers", "resolve_dtype"]
 
-WEIGHTS_NAME = "diffusion_pytorch_model"
 
 
 class SourceError(FileNotFoundError):
@@ -61,17 +61,6 @@ class DiffusersSource:
         return [self.weights_path]
 
 
-def _weights_in(folder: Path, variant: Optional[str]) -> Optional[Path]:
-    stem = WEIGHTS_NAME + (f".{variant}" if variant else "")
-    names = [f"{stem}.safetensors", f"{stem}.safetensors.index.json"]
-    if variant:  # diffusers' save_pretrained names a sharded variant's index this way
-        names.append(f"{WEIGHTS_NAME}.safetensors.index.{variant}.json")
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
 def find_diffusers_vae(path: str | Path, *, subfolder: str = "vae", variant: Optional[str] = None) -> DiffusersSource:
     """Locate config and weights in a VAE folder or a pipeline folder with ``<subfolder>/``."""
     root = Path(path)
@@ -82,7 +71,7 @@ def find_diffusers_vae(path: str | Path, *, subfolder: str = "vae", variant: Opt
     candidates = [root] + ([root / subfolder] if subfolder else [])
     for folder in candidates:
         if (folder / "config.json").is_file():
-            weights = _weights_in(folder, variant)
+            weights = weights_in(folder, variant)
             if weights is None:
                 found = sorted(p.name for p in folder.glob(f"{WEIGHTS_NAME}*"))
                 hint = f" (found: {', '.join(found)})" if found else ""

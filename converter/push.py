@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from .layout import DIFFUSERS_WEIGHTS, WEIGHTS_NAME
+
 __all__ = ["PushError", "push_checkpoint", "model_card_text", "LICENSES", "TAGS", "plan_upload"]
 
 TAGS = ["jax", "flax", "nnx", "cogvideox", "vae", "video"]
@@ -36,8 +38,6 @@ LICENSES: dict[str, tuple[str, Optional[str], Optional[str]]] = {
 _LICENSE_ORGS = ("thudm", "zai-org")
 
 _REQUIRED = ("config.json", "provenance.json")  # read to build the model card
-DIFFUSERS_STEM = "diffusion_pytorch_model"
-DIFFUSERS_WEIGHTS = DIFFUSERS_STEM + ".safetensors"
 
 
 class PushError(RuntimeError):
@@ -235,7 +235,7 @@ def _is_checkpoint_file(rel: str) -> bool:
 
     return (rel.startswith(ORBAX_DIR + "/") or rel in (MSGPACK_NAME, CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME,
                                                        "README.md")
-            or ("/" not in rel and rel.startswith(DIFFUSERS_STEM) and ".safetensors" in rel))
+            or ("/" not in rel and rel.startswith(WEIGHTS_NAME) and ".safetensors" in rel))
 
 
 def _operations(ckpt: Path, card: str, remote: list[str], diffusers: Optional[Path] = None) -> tuple[list, list[str]]:

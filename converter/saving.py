@@ -36,6 +36,7 @@ from .checkpoint import (
     write_into,
 )
 from .engine import ConversionError, abstract_targets, path_to_str, value_problem
+from .layout import DIFFUSERS_WEIGHTS
 from .mapping import Mapping, load_mapping
 
 __all__ = ["model_params", "save", "export_diffusers"]
@@ -209,10 +210,10 @@ def export_diffusers(
     try:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(config.to_diffusers_config(), indent=2) + "\n")
-            save_safetensors(tensors, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+            save_safetensors(tensors, tmp / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})
     except OSError as e:
         if isinstance(e, OutputError):
             raise
         raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
     return {"ok": True, "out": str(out), "checkpoint": str(source) if fmt else IN_MEMORY, "format": fmt,
-            "num_tensors": len(tensors), "files": ["config.json", "diffusion_pytorch_model.safetensors"]}
+            "num_tensors": len(tensors), "files": [CONFIG_NAME, DIFFUSERS_WEIGHTS]}

@@ -1,0 +1,41 @@
+"""The file names of the two folder layouts cogvae reads and writes, in one place.
+
+A converted cogvae checkpoint (see ``cogvae.converter.checkpoint``) and a diffusers VAE folder
+(``config.json`` plus ``diffusion_pytorch_model[.<variant>].safetensors``, or a sharded index).
+This module imports nothing heavy, so resolving a Hub source does not import jax.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+# a converted checkpoint
+MANIFEST_NAME = "COMPLETE"
+ORBAX_DIR = "orbax"
+MSGPACK_NAME = "params.msgpack"
+CONFIG_NAME = "config.json"
+PROVENANCE_NAME = "provenance.json"
+
+# a diffusers VAE folder
+WEIGHTS_NAME = "diffusion_pytorch_model"
+DIFFUSERS_WEIGHTS = WEIGHTS_NAME + ".safetensors"
+
+
+def weights_names(variant: Optional[str] = None) -> list[str]:
+    """The names diffusers gives a VAE's weights of ``variant``, in the order they are looked for:
+    the single file, then the sharded index (``save_pretrained`` names a sharded variant's index
+    ``diffusion_pytorch_model.safetensors.index.<variant>.json``; the other spelling is read too)."""
+    stem = WEIGHTS_NAME + (f".{variant}" if variant else "")
+    names = [f"{stem}.safetensors", f"{stem}.safetensors.index.json"]
+    if variant:
+        names.append(f"{WEIGHTS_NAME}.safetensors.index.{variant}.json")
+    return names
+
+
+def weights_in(folder: Path, variant: Optional[str] = None) -> Optional[Path]:
+    """The weights file (single or index) of ``variant`` in ``folder``, or None."""
+    for name in weights_names(variant):
+        if (folder / name).is_file():
+            return folder / name
+    return None
