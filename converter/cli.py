@@ -366,5 +366,8 @@ def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, with_diff
     if as_json:
         _emit_json(result)
     else:
+        deleted = result.get("deleted") or []
         click.echo(f"{'would upload' if result.get('dry_run') else 'uploaded'} {len(result.get('files', []))} "
-                   f"file(s) to {result.get('repo_id')}" + (f": {result.get('url')}" if result.get("url") else ""))
+                   f"file(s) to {result.get('repo_id')}"
+                   + (f", removed {len(deleted)} file(s) of the previous checkpoint" if deleted else "")
+                   + (f": {result.get('url')}" if result.get("url") else ""))

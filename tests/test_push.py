@@ -377,3 +377,25 @@ def test_push_revision_needs_push_to_hub(tmp_path):
 
     r = CliRunner().invoke(convert_command, ["--out", str(tmp_path / "o"), "--push-revision", "x"])
     assert r.exit_code == 2 and "--push-revision" in r.output
+
+
+def test_push_command_reports_what_it_removed(ckpt, monkeypatch):
+    """`cogvae push` over an earlier checkpoint says how many of its files the commit removed.
+    Faked, and why: no network, so create_repo / list_repo_files / create_commit are patched on the
+    real huggingface_hub.HfApi class (the repo holds one stale Orbax data file)."""
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    commits = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, repo_id, **kw: [".gitattributes", "orbax/d/0123abcd"])
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, **kw: commits.append(kw) or SimpleNamespace(
+        commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/{'a' * 40}", oid="a" * 40, pr_url=None))
+    r = CliRunner().invoke(cli, ["push", str(ckpt), "me/x", "--token", "hf_not_a_real_token"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith(f"uploaded {len(_files(ckpt)) + 1} file(s) to me/x, removed 1 file(s) of the "
+                               "previous checkpoint: https://huggingface.co/me/x/commit/")
+    assert len(commits) == 1
