@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU machine (its python3 has jax, flax, orbax, torch, but no
-# diffusers). STEPS picks and orders the steps (default: "2b 1.5 autotune sweep best", what bench/RESULTS.md asks of the next GPU run), each bounded
+# diffusers). STEPS picks and orders the steps (default: "2b 1.5 autotune sweep best train", what bench/RESULTS.md asks of the next GPU run), each bounded
 # by what is left of DEADLINE seconds:
 #   2b      2b scale, default lowering: diffusers eager and cogvae (decode, encode, tiled, exact tiles);
 #   1.5     1.5 scale, default lowering: diffusers eager and cogvae (decode, encode);
@@ -17,6 +17,9 @@
 #           with the 2b step's diffusers figures from the same call);
 #   cache   2b decode, cogvae only, once cold and once in a new process with the persistent
 #           compilation cache filled (enable_compilation_cache);
+#   train   one decoder fine-tuning step (decode, MSE, gradient of every parameter), diffusers
+#           autograd (bf16 autocast) against cogvae (nnx.value_and_grad under nnx.jit), 2b
+#           architecture at 5x30x45 latents, gradient checkpointing off and on (bench/bench_train.py);
 #   autotune  the 2b decode kernels' compile-time memory with this card's conv autotuning, and the
 #           autotuning results and this card's target description written to $OUT, so that a
 #           machine without a GPU can compile with them (bench_memory.py --target FILE
@@ -57,7 +60,7 @@ SWEEP=(--variant default
        --variant nounroll:xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_NO_UNROLL
        --variant nocmdbuf:xla_gpu_enable_command_buffer=)
 BM="python3 bench/bench_memory.py --latent 13x60x90"
-for s in ${STEPS:-2b 1.5 autotune sweep best}; do
+for s in ${STEPS:-2b 1.5 autotune sweep best train}; do
   case $s in
     2b) step 2b 240 $BV --scales 2b --json "$OUT/bench_2b.json" ;;
     1.5) step 1.5 170 $BV --scales 1.5 --ops decode,encode --json "$OUT/bench_1.5.json" ;;
@@ -82,6 +85,7 @@ for s in ${STEPS:-2b 1.5 autotune sweep best}; do
         $BM --json "$OUT/memory_2b_autotuned.json"
       cp "$(ls /tmp/xd/*gpu_target_config.pbtxt 2>/dev/null | head -1)" "$OUT/gpu_target_config.pbtxt" 2>/dev/null \
         || echo "no gpu_target_config.pbtxt in the XLA dump" | tee -a "$LOG" ;;
+    train) step train 180 python3 bench/bench_train.py --workdir /tmp/bt --json "$OUT/bench_train_2b.json" ;;
     cache) step cache 120 $BV --scales 2b --ops decode --skip-torch --repeats 1 --compilation-cache /tmp/cc --json "$OUT/bench_2b_cache.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
