@@ -213,8 +213,10 @@ def _hub_error(e: BaseException, repo_id: str, revision: Optional[str], cache: s
         return HubError(f"{where}: gated repo: accept its licence on https://huggingface.co/{repo_id} and log in "
                         "(`hf auth login` or HF_TOKEN)")
     if isinstance(e, RepositoryNotFoundError):
-        return HubError(f"{repo_id}: repository not found on the Hugging Face Hub (or private and not "
-                        "authorised: log in with `hf auth login` or set HF_TOKEN)")
+        # resolve_source only asks the Hub when no local folder has this name: say so, for a
+        # mistyped local path that looks like 'org/name'
+        return HubError(f"{repo_id}: no such local folder, and repository not found on the Hugging Face Hub (or "
+                        "private and not authorised: log in with `hf auth login` or set HF_TOKEN)")
     if isinstance(e, RevisionNotFoundError):
         return HubError(f"{repo_id}: revision {rev!r} not found (no such branch, tag or commit)")
     if isinstance(e, IncompleteSnapshotError):

@@ -203,7 +203,7 @@ def test_repo_not_found_and_gated_messages(monkeypatch, tmp_path):
             raise exc_cls("boom", response=resp)
         return fake
 
-    cases = [(RepositoryNotFoundError, 404, "repository not found on the Hugging Face Hub"),
+    cases = [(RepositoryNotFoundError, 404, "org/x: no such local folder, and repository not found on the Hugging Face Hub"),
              (GatedRepoError, 403, "gated repo: accept its licence"),
              (RevisionNotFoundError, 404, "revision 'nope' not found")]
     for exc_cls, status, msg in cases:
