@@ -283,6 +283,7 @@ def resolve_source(
     quiet: bool = False,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
+    also: tuple[str, ...] | list[str] = (),
 ) -> ResolvedSource:
     """A local folder as is, or a Hub repo id (``org/name``) downloaded into the Hub cache.
 
@@ -291,8 +292,10 @@ def resolve_source(
     for a checkpoint repo only one format (``format``, or see :func:`_checkpoint_format`).
     ``revision`` is a branch, tag or commit; the result's ``revision`` is the resolved commit sha,
     and both requests read that one commit. ``quiet`` hides huggingface_hub's progress bars.
-    ``cache_dir`` defaults to huggingface_hub's (``HF_HUB_CACHE``). Raises :class:`HubError` with
-    one clear line on any failure.
+    ``cache_dir`` defaults to huggingface_hub's (``HF_HUB_CACHE``). ``also``: more files of a
+    checkpoint repo to fetch where the repo has them (``verify`` asks for the diffusers copy a
+    ``push --with-diffusers`` adds); as the cache cannot tell whether the repo has them, the
+    second request is then always made. Raises :class:`HubError` with one clear line on any failure.
     """
     text = os.fspath(source)
     path = Path(text).expanduser()
@@ -330,8 +333,8 @@ def resolve_source(
             manifest = json.loads((snapshot / MANIFEST_NAME).read_text())
             return [rel for rel in [CONFIG_NAME, *_format_files(manifest, fmt)] if not (snapshot / rel).is_file()]
 
-        if not commit or missing_files():
-            snapshot = _download(text, pinned, checkpoint_patterns(fmt), cache, token, quiet)
+        if not commit or missing_files() or also:
+            snapshot = _download(text, pinned, checkpoint_patterns(fmt) + list(also), cache, token, quiet)
         missing = missing_files()
         if missing:
             raise HubError(f"{where}: the cached snapshot at {snapshot} lacks {len(missing)} file(s) of the "

@@ -26,6 +26,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .layout import DIFFUSERS_WEIGHTS
+
 __all__ = ["VerifyReport", "verify_checkpoint", "PARITY_REL_L2", "PARITY_MAX_ABS"]
 
 PARITY_REL_L2 = 1e-5
@@ -56,6 +58,7 @@ class _Loaded:
     params: dict[str, np.ndarray] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     detail: str = ""
+    diffusers_copy: Optional[Path] = None  # a checkpoint's weights also in diffusers' format (push --with-diffusers)
 
 
 @dataclass
@@ -85,6 +88,7 @@ class VerifyReport:
     max_rel_change: Optional[float] = None
     over_tolerance: list[str] = field(default_factory=list)
     parity: dict = field(default_factory=dict)  # {status: passed|failed|skipped, ...}
+    diffusers_copy: dict = field(default_factory=dict)  # {file, status: identical|differs|skipped, ...}
     top: int = 10
 
     # ------------------------------------------------------------------ verdict
@@ -111,6 +115,9 @@ class VerifyReport:
                 for k in self.over_tolerance]
         if self.parity.get("status") == "failed":
             out.append(f"parity with diffusers failed: {self.parity.get('reason', '')}".rstrip(": "))
+        if self.diffusers_copy.get("status") == "differs":
+            out.append(f"the diffusers copy {self.diffusers_copy['file']} is not the checkpoint's weights: "
+                       + self.diffusers_copy["reason"])
         return out
 
     @property
@@ -148,6 +155,7 @@ class VerifyReport:
             [{"key": c["key"], "rel_change": _jf(c["rel_change"]), "max_abs": _jf(c["max_abs"])} for c in self.changes],
             "max_rel_change": self.max_rel_change,
             "parity": {k: _jf(v) if isinstance(v, float) else v for k, v in self.parity.items()},
+            "diffusers_copy": self.diffusers_copy or None,
         }
 
     def format_text(self) -> str:
@@ -219,6 +227,11 @@ class VerifyReport:
                     add(f"    {c['op']} of {what} {tuple(c['input_shape'])}: {c['status'].upper()}: {detail}")
             else:
                 add(f"parity vs diffusers: {p['status'].upper()}: {p.get('reason', '')}")
+        d = self.diffusers_copy
+        if d:
+            add(f"diffusers copy ({Path(d['file']).name}): " + (
+                f"identical to the checkpoint ({d['num_tensors']} tensors, bit for bit)" if d["status"] == "identical"
+                else f"{d['status'].upper()}: {d.get('reason', '')}"))
         add(f"RESULT: {'OK' if self.ok else 'FAILED'}" + ("" if self.ok else f" ({len(self.problems)} problem(s))"))
         return "\n".join(L)
 
@@ -267,7 +280,7 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
             return got
         try:
             r = resolve_source(text, subfolder=subfolder, variant=variant, format=fmt, revision=revision,
-                               token=token, quiet=True)
+                               token=token, quiet=True, also=[DIFFUSERS_WEIGHTS])
         except HubError as e:
             got.problems.append(str(e))
             return got
@@ -283,6 +296,8 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
             got.problems.append(str(e))
             return got
         got.detail = (got.detail + ", " if got.detail else "") + f"{info['format']} format"
+        if (path / DIFFUSERS_WEIGHTS).is_file():
+            got.diffusers_copy = path / DIFFUSERS_WEIGHTS
         return got
 
     from cogvae.model import ConfigError, VAEConfig
@@ -313,6 +328,34 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
         got.problems.extend(p for p in e.problems if _engine_only(p))
         got.params = _lenient_convert(tensors, mapping)
     return got
+
+
+def _compare_diffusers_copy(params: dict[str, np.ndarray], copy: Path, mapping: Any) -> dict:
+    """Is ``copy`` (a checkpoint's weights in diffusers' format) exactly what exporting the
+    checkpoint gives: the same keys, and every tensor's dtype, shape and bytes?"""
+    from .engine import ConversionError, export_tensors
+    from .st_io import SafetensorsError, open_safetensors
+
+    out: dict[str, Any] = {"file": str(copy)}
+    try:
+        ours = export_tensors(params, mapping, source_name="<checkpoint>", lazy=True)
+        theirs = open_safetensors(copy)
+        their_keys = set(theirs.keys())
+    except (ConversionError, SafetensorsError, OSError) as e:
+        return {**out, "status": "differs", "reason": f"cannot compare: {e}"}
+    missing, extra = sorted(set(ours) - their_keys), sorted(their_keys - set(ours))
+    differs = []
+    for k in sorted(set(ours) & their_keys):
+        a, b = ours[k], theirs[k]
+        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+            differs.append(k)
+    out.update(num_tensors=len(their_keys), missing=missing, extra=extra, differs=differs)
+    if not (missing or extra or differs):
+        return {**out, "status": "identical"}
+    parts = ([f"{len(differs)} tensor(s) differ (first: {differs[0]!r})"] if differs else []) \
+        + ([f"{len(missing)} missing (first: {missing[0]!r})"] if missing else []) \
+        + ([f"{len(extra)} extra (first: {extra[0]!r})"] if extra else [])
+    return {**out, "status": "differs", "reason": "; ".join(parts)}
 
 
 def _engine_only(problem: str) -> bool:
@@ -534,12 +577,12 @@ def verify_checkpoint(
                                          if not (c["rel_change"] <= max_rel_change)]
         del ref  # the reference's weights are not needed for the parity run
 
+    fits = (src.config is not None and params and not report.load_problems and not report.model_missing
+            and not report.model_extra and not report.model_shape_mismatch and not report.nonfinite
+            and not report.bad_dtypes)
     if not parity:
         report.parity = {"status": "skipped", "note": "parity check not requested"}
     else:
-        fits = (src.config is not None and params and not report.load_problems and not report.model_missing
-                and not report.model_extra and not report.model_shape_mismatch and not report.nonfinite
-                and not report.bad_dtypes)
         if fits:
             try:
                 report.parity = _parity(src.config, params, mapping)
@@ -549,4 +592,10 @@ def verify_checkpoint(
                 report.parity = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
         else:
             report.parity = {"status": "skipped", "note": "parity check skipped: the parameters do not fit the model"}
+    if src.diffusers_copy is not None:  # e.g. a repo pushed with --with-diffusers: both halves must agree
+        if fits:
+            report.diffusers_copy = _compare_diffusers_copy(params, src.diffusers_copy, mapping)
+        else:
+            report.diffusers_copy = {"file": str(src.diffusers_copy), "status": "skipped",
+                                     "reason": "the parameters do not fit the model"}
     return report

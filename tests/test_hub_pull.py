@@ -24,6 +24,7 @@ from cogvae.converter import load
 from cogvae.converter.checkpoint import read_checkpoint, write_checkpoint
 from cogvae.converter.cli import cli, convert_command
 from cogvae.converter.hub import HubError, checkpoint_patterns, resolve_source
+from cogvae.converter.layout import DIFFUSERS_WEIGHTS
 from cogvae.converter.push import plan_upload
 from cogvae.converter.saving import model_params
 
@@ -49,14 +50,19 @@ def made(tmp_path_factory):
     tuned = dict(params, **{key: params[key] + np.float32(0.5)})
     ft = write_checkpoint(base / "ft", tuned, config, provenance=json.loads((ckpt / "provenance.json").read_text()))
 
-    def repo_files(folder: Path) -> dict[str, Path]:
-        files, card = plan_upload(folder, REPO)
+    def repo_files(folder: Path, diffusers: Path | None = None) -> dict[str, Path]:
+        files, card = plan_upload(folder, REPO, diffusers=diffusers)
         (folder.parent / f"{folder.name}_README.md").write_text(card)
-        return {f["path"]: (folder.parent / f"{folder.name}_README.md" if f["path"] == "README.md"
-                            else folder / f["path"]) for f in files}
+        where = {"README.md": folder.parent / f"{folder.name}_README.md", DIFFUSERS_WEIGHTS: diffusers}
+        return {f["path"]: where.get(f["path"]) or folder / f["path"] for f in files}
 
+    from cogvae.converter import export_diffusers
+
+    export_diffusers(ckpt, base / "ckpt-diffusers")
+    export_diffusers(ft, base / "ft-diffusers")
     return dict(base=base, vae_dir=vae_dir, ckpt=ckpt, ft=ft, files=repo_files(ckpt), ft_files=repo_files(ft),
-                changed=key)
+                changed=key, both_files=repo_files(ckpt, base / "ckpt-diffusers" / DIFFUSERS_WEIGHTS),
+                ft_weights=base / "ft-diffusers" / DIFFUSERS_WEIGHTS)
 
 
 @pytest.fixture
@@ -204,3 +210,27 @@ def test_converting_a_checkpoint_repo_is_a_clear_error(hub, tmp_path):
     assert r.exit_code == 3
     assert f"{REPO}@{SHA_MAIN}: a converted cogvae checkpoint, not a diffusers VAE" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_verify_checks_the_diffusers_copy_of_a_repo_pushed_with_it(tmp_path, made, monkeypatch):
+    """A repo pushed with --with-diffusers holds the weights twice. verify fetches the diffusers
+    copy too and requires it to be exactly the checkpoint's export; a copy replaced by other
+    weights (here the fine-tune's, as a later upload through another tool would leave it) fails,
+    naming the tensor."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, made["both_files"], commit=SHA_MAIN, refs=("main",))
+    add_snapshot(cache, REPO, dict(made["both_files"], **{DIFFUSERS_WEIGHTS: made["ft_weights"]}), commit=SHA_FT,
+                 refs=("mixed",))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    r = CliRunner().invoke(cli, ["verify", REPO, "--no-parity"])
+    assert r.exit_code == 0, r.output
+    assert f"diffusers copy ({DIFFUSERS_WEIGHTS}): identical to the checkpoint (" in r.stdout
+    r = CliRunner().invoke(cli, ["verify", REPO, "--revision", "mixed", "--no-parity", "--json"])
+    assert r.exit_code == 1, r.output
+    report = json.loads(r.stdout)
+    assert report["diffusers_copy"]["status"] == "differs" and report["diffusers_copy"]["differs"] == [made["changed"]]
+    assert any(f"1 tensor(s) differ (first: '{made['changed']}')" in p for p in report["problems"])
+    _same_params(load(REPO, revision="mixed"), load(made["ckpt"]))  # load reads the cogvae format only
