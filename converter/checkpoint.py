@@ -36,7 +36,7 @@ import ml_dtypes
 
 from cogvae.model import ConfigError, VAEConfig
 
-from .layout import CONFIG_NAME, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME
+from .layout import CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME
 from .st_io import aligned_empty
 
 __all__ = [
@@ -762,7 +762,7 @@ def read_checkpoint(
         raise CheckpointError(f"{folder}: unknown format {format!r}; use 'orbax' or 'msgpack'")
     if format not in formats:
         raise CheckpointError(f"{folder}: holds no {format} parameters (formats: {', '.join(formats) or 'none'})")
-    want = (CONFIG_NAME, ORBAX_DIR + "/" if format == "orbax" else MSGPACK_NAME)
+    want = (CONFIG_NAME, FORMAT_PREFIX[format])
     _verify_files(folder, manifest, want, hashes=verify, only=True)
     try:
         config = VAEConfig.from_json_file(folder / CONFIG_NAME)

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .layout import CONFIG_NAME, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME, WEIGHTS_NAME, weights_in
+from .layout import CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME, weights_in
 
 __all__ = ["HubError", "ResolvedSource", "resolve_source", "allow_patterns", "checkpoint_patterns", "looks_like_repo_id"]
 
-# Where each checkpoint format's parameters lie (a folder's files, or one file).
-FORMAT_FILES = {"orbax": ORBAX_DIR + "/", "msgpack": MSGPACK_NAME}
 
 # Hub repo ids: "namespace/name", letters, digits, '-', '_', '.'; no '--' or '..' (hub rules).
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+\Z")
@@ -98,40 +96,40 @@ def allow_patterns(subfolder: str = "vae", variant: Optional[str] = None) -> lis
 
 def checkpoint_patterns(format: str) -> list[str]:
     """The files of a converted checkpoint to fetch for one format ('orbax' or 'msgpack')."""
-    if format not in FORMAT_FILES:
+    if format not in FORMAT_PREFIX:
         raise ValueError(f"unknown format {format!r}; use 'orbax' or 'msgpack'")
-    target = FORMAT_FILES[format]
+    target = FORMAT_PREFIX[format]
     return [MANIFEST_NAME, CONFIG_NAME, PROVENANCE_NAME, target + "*" if target.endswith("/") else target]
 
 
 def _format_files(manifest: dict, format: str) -> list[str]:
-    target = FORMAT_FILES[format]
-    return [rel for rel in manifest.get("files", {}) if (rel.startswith(target) if target.endswith("/") else rel == target)]
+    """The manifest's paths of one format (as ``read_checkpoint`` selects them)."""
+    return [rel for rel in manifest.get("files", {}) if rel.startswith(FORMAT_PREFIX[format])]
 
 
-def _checkpoint_format(snapshot: Path, where: str, format: Optional[str]) -> str:
+def _checkpoint_format(snapshot: Path, where: str, format: Optional[str]) -> tuple[str, list[str]]:
     """The format to fetch from a checkpoint repo, from its manifest: ``format`` when given (it must
     be there); else one whose files are all in the cached snapshot already, else Orbax when the
-    checkpoint has it (as ``load`` of a local folder), else msgpack."""
+    checkpoint has it (as ``load`` of a local folder), else msgpack. Also the files reading it
+    needs (the config and that format's files)."""
     try:
         manifest = json.loads((snapshot / MANIFEST_NAME).read_text())
-        formats = [f for f in manifest.get("formats") or [] if f in FORMAT_FILES]
+        formats = [f for f in manifest.get("formats") or [] if f in FORMAT_PREFIX]
         if not isinstance(manifest.get("files"), dict):
             raise ValueError("no file list")
     except (OSError, ValueError, AttributeError) as e:
         raise HubError(f"{where}: corrupt {MANIFEST_NAME} manifest in the snapshot at {snapshot} ({e})") from None
     if format is not None:
-        if format not in FORMAT_FILES:
+        if format not in FORMAT_PREFIX:
             raise HubError(f"{where}: unknown format {format!r}; use 'orbax' or 'msgpack'")
         if format not in formats:
             raise HubError(f"{where}: the checkpoint holds no {format} parameters (formats: {', '.join(formats) or 'none'})")
-        return format
-    if not formats:
+    elif not formats:
         raise HubError(f"{where}: the checkpoint's {MANIFEST_NAME} manifest lists no parameter format")
-    for f in formats:
-        if all((snapshot / rel).is_file() for rel in _format_files(manifest, f)):
-            return f
-    return "orbax" if "orbax" in formats else formats[0]
+    else:
+        cached = [f for f in formats if all((snapshot / rel).is_file() for rel in _format_files(manifest, f))]
+        format = cached[0] if cached else "orbax" if "orbax" in formats else formats[0]
+    return format, [CONFIG_NAME, *_format_files(manifest, format)]
 
 
 def _silent_tqdm():
@@ -327,14 +325,15 @@ def resolve_source(
     pinned = commit or revision
     where = f"{text}@{commit or revision or 'main'}"
     if (snapshot / MANIFEST_NAME).is_file():
-        fmt = _checkpoint_format(snapshot, where, format)
+        fmt, needed = _checkpoint_format(snapshot, where, format)
 
         def missing_files() -> list[str]:
-            manifest = json.loads((snapshot / MANIFEST_NAME).read_text())
-            return [rel for rel in [CONFIG_NAME, *_format_files(manifest, fmt)] if not (snapshot / rel).is_file()]
+            return [rel for rel in needed if not (snapshot / rel).is_file()]
 
         if not commit or missing_files() or also:
             snapshot = _download(text, pinned, checkpoint_patterns(fmt) + list(also), cache, token, quiet)
+            if not commit:  # not pinned: the manifest fetched now is the one to follow
+                fmt, needed = _checkpoint_format(snapshot, where, fmt)
         missing = missing_files()
         if missing:
             raise HubError(f"{where}: the cached snapshot at {snapshot} lacks {len(missing)} file(s) of the "

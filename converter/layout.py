@@ -16,6 +16,9 @@ ORBAX_DIR = "orbax"
 MSGPACK_NAME = "params.msgpack"
 CONFIG_NAME = "config.json"
 PROVENANCE_NAME = "provenance.json"
+# Where each format's parameters lie: the manifest's paths of that format start with this (the
+# Orbax folder's files, or the one msgpack file).
+FORMAT_PREFIX = {"orbax": ORBAX_DIR + "/", "msgpack": MSGPACK_NAME}
 
 # a diffusers VAE folder
 WEIGHTS_NAME = "diffusion_pytorch_model"

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from .layout import DIFFUSERS_WEIGHTS, WEIGHTS_NAME
+from .layout import CONFIG_NAME, DIFFUSERS_WEIGHTS, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 
 __all__ = ["PushError", "push_checkpoint", "model_card_text", "LICENSES", "TAGS", "plan_upload"]
 
@@ -231,10 +231,8 @@ def _is_checkpoint_file(rel: str) -> bool:
     """A path that a pushed checkpoint writes (and a later push may therefore replace or delete).
     Diffusers weights at the root count: they pair with the ``config.json`` a push replaces, so
     left behind they would be another model's weights under this one's config."""
-    from .checkpoint import CONFIG_NAME, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME
-
-    return (rel.startswith(ORBAX_DIR + "/") or rel in (MSGPACK_NAME, CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME,
-                                                       "README.md")
+    return (rel.startswith(tuple(FORMAT_PREFIX.values()))
+            or rel in (CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME, "README.md")
             or ("/" not in rel and rel.startswith(WEIGHTS_NAME) and ".safetensors" in rel))
 
 
