@@ -485,6 +485,15 @@ def _verify_files(folder: Path, manifest: dict, prefixes: Iterable[str], hashes:
         raise CheckpointError(f"{folder}: corrupt checkpoint: " + "; ".join(problems))
 
 
+def check_files(path: str | os.PathLike, *, hashes: bool = True) -> None:
+    """Raise :class:`CheckpointError` naming every problem unless ``path`` is a complete converted
+    checkpoint: a valid manifest, and every file it lists present with its size and (``hashes``)
+    its sha256. ``push`` checks this before uploading, so a repo never gets a file that every
+    reader (``load``, ``verify``, ``export-diffusers``) would refuse."""
+    folder = Path(path)
+    _verify_files(folder, _read_manifest(folder), ("",), hashes=hashes)
+
+
 def is_converted_checkpoint(path: str | os.PathLike) -> bool:
     """A complete converted checkpoint: valid manifest, every listed file present with its size."""
     try:
@@ -863,7 +872,7 @@ def params_to_model(
 
     from cogvae.model import abstract_model
 
-    from .engine import path_to_str
+    from .engine import narrows, overflow_problem, path_to_str
     from .loading import resolve_dtype
 
     cast = resolve_dtype(dtype)
@@ -885,11 +894,20 @@ def params_to_model(
                               + "\n".join(f"  - {p}" for p in problems))
     pairs = []
     for path, var in flat_state:
-        a = params.pop(path_to_str(path))
+        k = path_to_str(path)
+        a = params.pop(k)
         if cast is not None and a.dtype != np.dtype(cast):
             x = jnp.asarray(a).astype(cast)
+            if narrows(a.dtype, cast):  # dtype="float16" of a float32 weight beyond 65504 gives Inf
+                bad = int(x.size - jnp.count_nonzero(jnp.isfinite(x)))
+                problem = overflow_problem(cast, bad, x.size, float(np.max(np.abs(a.astype(np.float32)))) if bad else 0.0)
+                if problem:
+                    problems.append(f"{source_name}: parameter {k!r}: {problem}")
         else:
             x = adopt_array(a) if adopt else jnp.asarray(a)
         del a
         pairs.append((path, var.replace(x)))
+    if problems:
+        raise CheckpointError(f"{source_name}: cannot load as {np.dtype(cast).name}: {len(problems)} problem(s):\n"
+                              + "\n".join(f"  - {p}" for p in problems))
     return nnx.merge(graphdef, nnx.from_flat_state(pairs))

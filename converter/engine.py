@@ -125,6 +125,40 @@ def _nonfinite_problem(arr: np.ndarray) -> str | None:
     return f"contains non-finite values: {n_nan} NaN, {n_inf} Inf (of {arr.size})"
 
 
+def _finfo(dtype: Any):
+    import ml_dtypes  # numpy's finfo does not know bfloat16
+
+    return ml_dtypes.finfo(dtype)
+
+
+def narrows(src: Any, dst: Any) -> bool:
+    """Whether casting floats of dtype ``src`` to ``dst`` can overflow (``dst`` holds smaller
+    magnitudes: float32 -> float16, and float32 -> bfloat16 at the very top of the range)."""
+    return float(_finfo(_np_dtype(dst)).max) < float(_finfo(_np_dtype(src)).max)
+
+
+def overflow_problem(dtype: Any, n_overflow: int, size: int, largest: float) -> str | None:
+    """The problem of a cast that turned ``n_overflow`` finite values of a tensor into +-Inf."""
+    if not n_overflow:
+        return None
+    d = _np_dtype(dtype)
+    return (f"does not fit {d.name}: {n_overflow} of {size} finite values overflow to Inf when cast "
+            f"(largest magnitude {largest:.6g}; {d.name} holds up to {float(_finfo(d).max):.6g})")
+
+
+def cast_checked(arr: np.ndarray, dtype: Any) -> tuple[np.ndarray, str | None]:
+    """``arr`` (finite: checked before) cast to ``dtype``, and the problem if a value overflowed
+    (a finite float32 weight of 1e5 is Inf in float16). None when the cast is exact or rounds."""
+    d = _np_dtype(dtype)
+    with np.errstate(over="ignore"):  # reported below, with the tensor's name
+        y = arr.astype(d)
+    if not y.size or not narrows(arr.dtype, d):
+        return y, None
+    bad = int(y.size - np.count_nonzero(np.isfinite(y)))
+    largest = float(np.max(np.abs(arr.astype(np.float32)))) if bad else 0.0
+    return y, overflow_problem(d, bad, y.size, largest)
+
+
 def value_problem(arr: np.ndarray, allowed: frozenset[str] = ALLOWED_DTYPES) -> str | None:
     """What no converted, saved or exported tensor may have: a dtype outside ``allowed``, else a
     non-finite value. None when the tensor is fine."""
@@ -267,7 +301,9 @@ def convert_flat(
         y = rule.transform(arr)
         del arr
         if cast is not None and y.dtype != cast:
-            y = y.astype(cast)
+            y, problem = cast_checked(y, cast)
+            if problem:
+                return [problem], None
         return [], y
 
     out: dict[tuple, np.ndarray] = {}

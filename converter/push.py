@@ -49,16 +49,23 @@ class PushError(RuntimeError):
 # ----------------------------------------------------------------------------------------
 
 
-def _check_checkpoint(ckpt: Path) -> None:
+def _check_checkpoint(ckpt: Path, *, hashes: bool = False) -> None:
+    """A complete converted checkpoint, or one PushError naming what is wrong; ``hashes``: every
+    file must also have the sha256 its manifest records (what a push checks before uploading)."""
     if not ckpt.exists():
         raise PushError(f"{ckpt}: no such folder")
     if not ckpt.is_dir():
         raise PushError(f"{ckpt}: not a folder (expected a converted checkpoint folder)")
-    from .checkpoint import MANIFEST_NAME, is_converted_checkpoint
+    from .checkpoint import MANIFEST_NAME, CheckpointError, check_files, is_converted_checkpoint
 
     if is_converted_checkpoint(ckpt):
         missing = [n for n in _REQUIRED if not (ckpt / n).is_file()]
         if not missing:
+            if hashes:
+                try:
+                    check_files(ckpt)
+                except CheckpointError as e:  # every reader of the repo would refuse such a file
+                    raise PushError(f"{e}; not pushed (load, verify and export-diffusers would refuse it)") from None
             return
     else:
         missing = [n for n in (*_REQUIRED, MANIFEST_NAME) if not (ckpt / n).is_file()]
@@ -344,7 +351,7 @@ def push_checkpoint(
     if not looks_like_repo_id(repo_id):
         raise PushError(f"{repo_id!r}: not a Hub repo id (expected 'org/name')")
     ckpt = Path(ckpt_dir)
-    _check_checkpoint(ckpt)
+    _check_checkpoint(ckpt, hashes=True)
     with tempfile.TemporaryDirectory(prefix="cogvae-push-") as tmp:
         diffusers = _export_weights(ckpt, Path(tmp)) if with_diffusers else None
         files, card = plan_upload(ckpt, repo_id, diffusers=diffusers)

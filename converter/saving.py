@@ -35,7 +35,7 @@ from .checkpoint import (
     read_checkpoint,
     write_into,
 )
-from .engine import ConversionError, abstract_targets, path_to_str, value_problem
+from .engine import ConversionError, abstract_targets, cast_checked, path_to_str, value_problem
 from .layout import DIFFUSERS_WEIGHTS
 from .mapping import Mapping, load_mapping
 
@@ -84,10 +84,12 @@ def model_params(vae, *, dtype: Any = None, source_name: str = IN_MEMORY) -> dic
                             f"architecture has {target.shape}")
             continue
         problem = value_problem(arr)
+        if not problem and cast is not None and arr.dtype != cast:
+            arr, problem = cast_checked(arr, cast)  # a finite value can overflow the narrower dtype
         if problem:
             problems.append(f"{source_name}: parameter {key!r}: {problem}")
             continue
-        params[key] = np.ascontiguousarray(arr if cast is None else arr.astype(cast))
+        params[key] = np.ascontiguousarray(arr)
     problems += [f"{source_name}: parameter {k!r} {t.shape}: missing" for k, t in targets.items()]
     if problems:
         raise ConversionError(problems, header=f"cannot save {source_name}")

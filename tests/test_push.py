@@ -287,6 +287,26 @@ def test_incomplete_checkpoint_is_refused(ckpt, tmp_path, missing):
         push_checkpoint(broken, "me/x", dry_run=True)
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("victim", ["params.msgpack", "orbax"])
+def test_a_file_that_fails_its_sha256_is_not_pushed(ckpt, tmp_path, victim, dry_run):
+    """A byte flipped in a parameter file, its size unchanged: ``load`` refuses such a checkpoint,
+    so push must not upload it (nor list it in a dry run). Fake: RecordingApi (no network)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    target = broken / victim
+    if target.is_dir():  # the largest Orbax data file
+        target = max((p for p in target.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    rel = target.relative_to(broken).as_posix()
+    api = RecordingApi(tmp_path)
+    with pytest.raises(PushError, match=rf"{rel}: sha256 differs from the manifest .*not pushed"):
+        push_checkpoint(broken, "me/x", dry_run=dry_run, api=api)
+    assert api.calls == []
+
+
 def test_not_a_folder(tmp_path):
     with pytest.raises(PushError, match="no such folder"):
         push_checkpoint(tmp_path / "nope", "me/x", dry_run=True)
