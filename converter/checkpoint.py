@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import queue
 import shutil
 import socket
@@ -36,7 +37,7 @@ import ml_dtypes
 
 from cogvae.model import ConfigError, VAEConfig
 
-from .layout import CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME
+from .layout import CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME, WEIGHTS_NAME
 from .st_io import aligned_empty
 
 __all__ = [
@@ -50,6 +51,8 @@ __all__ = [
     "is_converted_checkpoint",
     "looks_like_checkpoint",
     "atomic_output_dir",
+    "check_files",
+    "check_not_source",
     "params_to_model",
     "tensor_digest",
     "nest",
@@ -140,12 +143,45 @@ def _write_json(path: Path, data: Any) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def _preflight(out: Path, overwrite: bool) -> None:
+def _is_diffusers_export(folder: Path) -> bool:
+    """A folder holding nothing but a diffusers model's files (config.json, diffusion_pytorch_model*),
+    what ``export-diffusers`` writes."""
+    names = [p.name for p in folder.iterdir()]
+    return "config.json" in names and all(n == "config.json" or n.startswith(WEIGHTS_NAME) for n in names)
+
+
+#: What ``overwrite`` may replace, by kind of output: an empty folder, or one of the same kind.
+_REPLACEABLE = {"checkpoint": ("a cogvae checkpoint", lambda p: looks_like_checkpoint(p)),
+                "diffusers": ("a diffusers model folder (config.json and diffusion_pytorch_model files only)",
+                              _is_diffusers_export)}
+
+
+def _preflight(out: Path, overwrite: bool, replaces: str = "checkpoint") -> None:
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise OutputError(f"{out}: output already exists (pass --overwrite / overwrite=True to replace it)")
         if not out.is_dir():
             raise OutputError(f"{out}: output exists and is not a folder; refusing to replace it")
+        # --overwrite deletes the old folder: only ever one this kind of output wrote, so that a
+        # mistyped --out (the source pipeline, a project folder, ~) is never wiped.
+        what, ok = _REPLACEABLE[replaces]
+        try:
+            entries = sorted(p.name for p in out.iterdir())
+        except OSError as e:
+            raise OutputError(f"{out}: cannot read the existing output folder: {e.strerror or e}") from None
+        if entries and not ok(out):
+            shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+            raise OutputError(f"{out}: exists and is not {what} (it holds {shown}); --overwrite only replaces "
+                              f"{what} or an empty folder: remove it yourself or pick another output folder")
+
+
+def check_not_source(out: str | os.PathLike, source: str | os.PathLike) -> None:
+    """Refuse an output folder that is the source folder or holds it: writing it would replace
+    (with --overwrite, delete) the files being read."""
+    o, s = Path(out).resolve(), Path(source).resolve()
+    if o == s or o in s.parents:
+        raise OutputError(f"{out}: the output folder {'is' if o == s else 'contains'} the source {source}; "
+                          "pick another output folder")
 
 
 OWNER_FILE = ".cogvae-owner"
@@ -182,16 +218,28 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+def _remove_tree(path: Path) -> None:
+    """Remove a failed output's temporary folder; again while something still writes into it (a
+    failed Orbax save's tensorstore threads can create files for a moment after it returned)."""
+    for delay in (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0):
+        time.sleep(delay)
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(0.05 if delay else 0.0)
+        if not path.exists():
+            return
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replaces: str = "checkpoint") -> Iterator[Path]:
     """Yield a fresh temporary sibling folder; on success rename it to ``out``.
 
     An existing ``out`` is refused unless ``overwrite`` (then: old renamed aside, new renamed in,
-    old deleted). On any exception the temporary folder is removed and ``out`` is untouched.
-    Failures to create or rename raise :class:`OutputError` naming the path.
+    old deleted), and even then unless it is empty or an output of the same kind (``replaces``:
+    'checkpoint' or 'diffusers'). On any exception the temporary folder is removed and ``out``
+    is untouched. Failures to create or rename raise :class:`OutputError` naming the path.
     """
     out = Path(out).absolute()
-    _preflight(out, overwrite)
+    _preflight(out, overwrite, replaces)
     for anc in out.parents:
         if anc.exists() or anc.is_symlink():
             if not anc.is_dir():
@@ -210,7 +258,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
     try:
         yield tmp
         _fsync_path(tmp, directory=True)
-        _preflight(out, overwrite)  # it may have appeared meanwhile
+        _preflight(out, overwrite, replaces)  # it may have appeared meanwhile
         old = None
         try:
             (tmp / OWNER_FILE).unlink()
@@ -227,7 +275,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
         raise
 
 
@@ -256,8 +304,32 @@ def _write_orbax(path: Path, params: dict[str, np.ndarray]) -> None:
 
     tree = nest({k: np.ascontiguousarray(v) for k, v in params.items()})
     ckptr = _orbax_checkpointer()
-    ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
-    ckptr.close()
+    before = set(threading.enumerate())
+    try:
+        ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
+    except BaseException:
+        # A failed save returns while Orbax's writer threads may still be creating files in the
+        # folder; let them end first, so that removing the temporary folder removes everything.
+        deadline = time.monotonic() + 30
+        for t in set(threading.enumerate()) - before:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        raise
+    finally:
+        ckptr.close()
+
+
+def _orbax_save(path: Path, params: dict[str, np.ndarray]) -> None:
+    """``_write_orbax``, its write failures as OSError."""
+    try:
+        _write_orbax(path, params)
+    except (ValueError, RuntimeError) as e:
+        # tensorstore reports a failed write (disk full, file too large, permissions) as a
+        # ValueError carrying the OS error code: an OSError for the callers, who name the output.
+        m = re.search(r"os_error_code='?(\d+)", str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code)) from e
 
 
 def _ndarray_ext_parts(packer, a: np.ndarray) -> list:
@@ -361,6 +433,21 @@ def normalize_formats(formats: Iterable[str] | str) -> tuple[str, ...]:
     return out
 
 
+def _check_free_space(folder: Path, need: int) -> None:
+    """Fail before writing when the file system cannot hold ``need`` bytes: a disk filling up
+    in the middle of an Orbax save makes its writer threads print a traceback for every chunk
+    still in flight (hundreds of lines around the one error that matters)."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need:
+        import errno
+
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the checkpoint needs {need / 1e9:.2f} GB, "
+                                    f"{free / 1e9:.2f} GB free at {folder.parent}")
+
+
 def write_into(
     folder: Path,
     params: dict[str, np.ndarray],
@@ -373,6 +460,7 @@ def write_into(
     formats = normalize_formats(formats)
     known: dict[str, str] = {}
     note = progress or (lambda _msg: None)
+    _check_free_space(folder, sum(a.nbytes for a in params.values()) * len(formats))
     _write_json(folder / CONFIG_NAME, config.to_diffusers_config())
     orbax_job = None
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -380,7 +468,7 @@ def write_into(
             _slow_write_hook()
             # Orbax writes from its own threads while this one streams the msgpack file: the two
             # formats are written at the same time from the same arrays (read-only, never copied).
-            orbax_job = pool.submit(_write_orbax, folder / ORBAX_DIR, params)
+            orbax_job = pool.submit(_orbax_save, folder / ORBAX_DIR, params)
         if "msgpack" in formats:
             _slow_write_hook()
             known[MSGPACK_NAME] = _write_msgpack(folder / MSGPACK_NAME, params)

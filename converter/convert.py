@@ -30,6 +30,7 @@ from .checkpoint import (
     FORMATS,
     CheckpointError,
     atomic_output_dir,
+    check_not_source,
     finish_into,
     keep_heap_lean,
     normalize_formats,
@@ -367,6 +368,7 @@ def convert(
         t0 = time.perf_counter()
         folder, source_id, resolved_rev, is_hub = _resolve(
             None if source is None else str(source), subfolder, revision, variant, quiet, token)
+        check_not_source(out, folder)  # --out = the pipeline folder would replace what is read
         src = find_diffusers_vae(folder, subfolder=subfolder, variant=variant)
         config = VAEConfig.from_json_file(src.config_path)
         timings["resolve"] = time.perf_counter() - t0
@@ -401,7 +403,10 @@ def convert(
 
             t0 = time.perf_counter()
             with ui.bar(len(formats), "writing") as bar:
-                known = write_into(tmp, params, config, formats=formats, progress=lambda _f: bar.update(1))
+                try:
+                    known = write_into(tmp, params, config, formats=formats, progress=lambda _f: bar.update(1))
+                except OSError as e:  # disk full, file too large, ...: an output problem (exit 4)
+                    raise OutputError(f"{out}: cannot write checkpoint: {e.strerror or e}") from None
             del params
             release_free_memory()
             timings["write"] = time.perf_counter() - t0
@@ -445,7 +450,10 @@ def convert(
             "validation": validation,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        manifest = finish_into(tmp, formats, provenance, known)
+        try:
+            manifest = finish_into(tmp, formats, provenance, known)
+        except OSError as e:
+            raise OutputError(f"{out}: cannot write checkpoint: {e.strerror or e}") from None
 
     timings["total"] = time.perf_counter() - t_start
     summary: dict[str, Any] = {

@@ -2,7 +2,9 @@
 
 The allowlist below names every key of diffusers' ``AutoencoderKLCogVideoX`` config. Keys the model
 uses are *handled*; bookkeeping keys that diffusers writes are *ignored*. Any other key is an error,
-because a key we do not know about may change what the network computes.
+because a key we do not know about may change what the network computes. Every handled field's
+type and range is checked when a ``VAEConfig`` is made (``_FIELD_CHECKS``), and all the problems
+of a config are reported together, one per line, in one ``ConfigError``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -54,6 +57,136 @@ IGNORED_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", 
 _ACTIVATIONS = ("silu", "swish")
 
 
+_DOWN_BLOCK = "CogVideoXDownBlock3D"
+_UP_BLOCK = "CogVideoXUpBlock3D"
+
+
+def _config_error(problems: list[str], source: str | None = None) -> ConfigError:
+    """One ConfigError: a single problem on one line, several one per line; ``.problems`` lists them."""
+    head = f"{source}: " if source else ""
+    if len(problems) == 1:
+        msg = f"{head}invalid CogVideoX VAE config: {problems[0]}"
+    else:
+        msg = f"{head}invalid CogVideoX VAE config, {len(problems)} problems:\n" + "\n".join(
+            f"  - {p}" for p in problems
+        )
+    err = ConfigError(msg)
+    err.problems = list(problems)
+    return err
+
+
+def _show(value: Any) -> str:
+    """A value as config.json spells it (``true``, ``null``, ``"4"``, ``16.0``), else its repr."""
+    try:
+        return json.dumps(list(value) if isinstance(value, tuple) else value, allow_nan=True)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _is_int(v: Any) -> bool:  # a JSON integer: not a bool, not a float such as 16.0
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:  # a finite JSON number (an int is a valid float)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return False
+    return isinstance(v, numbers.Integral) or math.isfinite(v)  # (a huge int overflows isfinite)
+
+
+def _as_number(v: Any) -> Any:  # keep int/float as given (4 stays 4 in the exported config)
+    return v if type(v) in (int, float) else (int(v) if isinstance(v, numbers.Integral) else float(v))
+
+
+# Each check returns (normalized value, None) or (value, "what was expected").
+def _positive_int(v):
+    return (int(v), None) if _is_int(v) and v >= 1 else (v, "must be an integer >= 1")
+
+
+def _positive_number(v):
+    return (_as_number(v), None) if _is_number(v) and v > 0 else (v, "must be a finite number > 0")
+
+
+def _optional_number(v):
+    if v is None:
+        return v, None
+    return (_as_number(v), None) if _is_number(v) else (v, "must be null or a finite number")
+
+
+def _optional_numbers(v):
+    if v is None:
+        return v, None
+    if isinstance(v, (list, tuple)) and all(_is_number(x) for x in v):
+        return tuple(_as_number(x) for x in v), None
+    return v, "must be null or a list of finite numbers"
+
+
+def _bool(v):
+    return (v, None) if isinstance(v, bool) else (v, "must be true or false")
+
+
+def _channels(v):
+    if isinstance(v, (list, tuple)) and len(v) >= 1 and all(_is_int(x) and x >= 1 for x in v):
+        return tuple(int(x) for x in v), None
+    return v, "must be a non-empty list of integers >= 1"
+
+
+def _block_types(known: str):
+    def check(v):
+        if isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v):
+            others = sorted({x for x in v if x != known})
+            if not others:
+                return tuple(v), None
+            names = ", ".join(repr(x) for x in others)
+            return v, f"unsupported block{'s' if len(others) > 1 else ''} {names} (only {known!r})"
+        return v, f"must be a list of block type names ({known!r})"
+
+    return check
+
+
+def _act_fn(v):
+    if isinstance(v, str) and v in _ACTIVATIONS:
+        return v, None
+    if isinstance(v, str):
+        return v, f"unsupported activation {v!r} (only 'silu'/'swish')"
+    return v, "must be the name of an activation ('silu'/'swish')"
+
+
+def _temporal_ratio(v):
+    # diffusers uses int(log2(ratio)) temporal (de)compression levels; only a power of two means that
+    if _is_number(v) and v > 0:
+        level = math.log2(v)
+        if level >= 0 and level == int(level):
+            return _as_number(v), None
+        return v, "must be a power of two (1, 2, 4, 8, ...)"
+    return v, "must be a number that is a power of two (1, 2, 4, 8, ...)"
+
+
+_FIELD_CHECKS = {
+    "in_channels": _positive_int,
+    "out_channels": _positive_int,
+    "down_block_types": _block_types(_DOWN_BLOCK),
+    "up_block_types": _block_types(_UP_BLOCK),
+    "block_out_channels": _channels,
+    "latent_channels": _positive_int,
+    "layers_per_block": _positive_int,
+    "act_fn": _act_fn,
+    "norm_eps": _positive_number,
+    "norm_num_groups": _positive_int,
+    "temporal_compression_ratio": _temporal_ratio,
+    "sample_height": _positive_int,
+    "sample_width": _positive_int,
+    "scaling_factor": _positive_number,
+    "shift_factor": _optional_number,
+    "latents_mean": _optional_numbers,
+    "latents_std": _optional_numbers,
+    "force_upcast": _bool,
+    "use_quant_conv": _bool,
+    "use_post_quant_conv": _bool,
+    "invert_scale_latents": _bool,
+}
+assert set(_FIELD_CHECKS) == HANDLED_KEYS
+
+
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
     """Architecture and latent-scaling settings of ``AutoencoderKLCogVideoX`` (diffusers defaults)."""
@@ -81,40 +214,50 @@ class VAEConfig:
     invert_scale_latents: bool = False
 
     def __post_init__(self) -> None:
-        problems = []
-        n = len(self.block_out_channels)
-        if n < 1:
-            problems.append("block_out_channels must not be empty")
-        if len(self.down_block_types) != n or len(self.up_block_types) != n:
-            problems.append(
-                f"down_block_types ({len(self.down_block_types)}) and up_block_types ({len(self.up_block_types)}) "
-                f"must have one entry per block_out_channels ({n})"
-            )
-        for t in self.down_block_types:
-            if t != "CogVideoXDownBlock3D":
-                problems.append(f"down_block_types: unsupported block {t!r} (only 'CogVideoXDownBlock3D')")
-        for t in self.up_block_types:
-            if t != "CogVideoXUpBlock3D":
-                problems.append(f"up_block_types: unsupported block {t!r} (only 'CogVideoXUpBlock3D')")
-        if self.act_fn not in _ACTIVATIONS:
-            problems.append(f"act_fn: unsupported activation {self.act_fn!r} (only 'silu'/'swish')")
-        for c in self.block_out_channels:
-            if c % self.norm_num_groups:
-                problems.append(f"block_out_channels: {c} is not divisible by norm_num_groups={self.norm_num_groups}")
-        level = math.log2(self.temporal_compression_ratio) if self.temporal_compression_ratio > 0 else -1
-        if level < 0 or level != int(level):
-            problems.append(f"temporal_compression_ratio must be a power of two, got {self.temporal_compression_ratio}")
+        """Check every field's type and range, then how the fields fit together; raise one
+        ConfigError listing every problem. Lists become tuples (the config is hashable)."""
+        problems: list[str] = []
+        bad: set[str] = set()  # fields with a wrong type or range: the cross-field checks skip them
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            normalized, problem = _FIELD_CHECKS[f.name](value)
+            if problem is not None:
+                problems.append(f"{f.name}: {problem}, got {_show(value)}")
+                bad.add(f.name)
+            elif normalized is not value:
+                object.__setattr__(self, f.name, normalized)
+
+        n = None if "block_out_channels" in bad else len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types"):
+            types = getattr(self, name)  # (a list naming an unsupported block still has a length)
+            if n is not None and isinstance(types, (list, tuple)) and len(types) != n:
+                problems.append(
+                    f"{name}: has {len(types)} entries, but block_out_channels has {n} "
+                    "(one block type per entry of block_out_channels)"
+                )
+        if not {"block_out_channels", "norm_num_groups"} & bad:
+            odd = sorted({c for c in self.block_out_channels if c % self.norm_num_groups})
+            if odd:
+                problems.append(
+                    f"block_out_channels: {', '.join(map(str, odd))} {'is' if len(odd) == 1 else 'are'} not "
+                    f"divisible by norm_num_groups={self.norm_num_groups} (GroupNorm needs channels divisible "
+                    "by groups)"
+                )
         # diffusers builds quant_conv as Conv3d(2*out_channels, 2*out_channels) and post_quant_conv as
         # Conv3d(out_channels, out_channels), yet applies them to 2*latent_channels / latent_channels
         # tensors. Those shapes only work when the two counts are equal; anything else cannot run there.
-        if (self.use_quant_conv or self.use_post_quant_conv) and self.latent_channels != self.out_channels:
+        if (
+            not {"use_quant_conv", "use_post_quant_conv", "latent_channels", "out_channels"} & bad
+            and (self.use_quant_conv or self.use_post_quant_conv)
+            and self.latent_channels != self.out_channels
+        ):
             problems.append(
                 "use_quant_conv/use_post_quant_conv need latent_channels == out_channels "
                 f"(diffusers sizes them by out_channels; got latent_channels={self.latent_channels}, "
                 f"out_channels={self.out_channels})"
             )
         if problems:
-            raise ConfigError("invalid CogVideoX VAE config:\n  " + "\n  ".join(problems))
+            raise _config_error(problems)
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -129,28 +272,26 @@ class VAEConfig:
     # ------------------------------------------------------------------ diffusers interop
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any], *, source: str = "config") -> "VAEConfig":
-        """Build from a diffusers config dict; unknown keys or another ``_class_name`` raise ConfigError."""
+        """Build from a diffusers config dict. Another ``_class_name``, unknown keys and fields of a
+        wrong type or out of range raise one ConfigError that names ``source`` and lists them all."""
         problems = []
         cls_name = config.get("_class_name")
         if cls_name is not None and cls_name != DIFFUSERS_CLASS_NAME:
             problems.append(f"_class_name is {cls_name!r}, not {DIFFUSERS_CLASS_NAME!r}: not a CogVideoX VAE")
-        unknown = sorted(k for k in config if k not in HANDLED_KEYS and k not in IGNORED_KEYS)
+        unknown = sorted((k for k in config if k not in HANDLED_KEYS and k not in IGNORED_KEYS), key=str)
         for k in unknown:
             problems.append(f"unknown config key {k!r}")
-        if problems:
-            raise ConfigError(f"{source}: " + "; ".join(problems))
-        kwargs = {}
-        for k in HANDLED_KEYS:
-            if k not in config:
-                continue
-            v = config[k]
-            if isinstance(v, list):
-                v = tuple(v)
-            kwargs[k] = v
+        if problems and cls_name is not None and cls_name != DIFFUSERS_CLASS_NAME:
+            # another model's config: its field values would only add noise
+            raise _config_error(problems, source)
+        kwargs = {k: config[k] for k in HANDLED_KEYS if k in config}
         try:
-            return cls(**kwargs)
+            result = cls(**kwargs)
         except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+            raise _config_error(problems + list(getattr(e, "problems", None) or [str(e)]), source) from None
+        if problems:
+            raise _config_error(problems, source)
+        return result
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "VAEConfig":

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
@@ -336,6 +337,76 @@ def test_overwrite_replaces_atomically(tiny, tmp_path):
     assert code == 0, stderr
     assert (out / "orbax").is_dir() and not (out / "params.msgpack").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("case", ["vae_folder", "pipeline_root", "project_folder"])
+def test_overwrite_never_replaces_a_folder_that_is_not_a_checkpoint(tiny, tmp_path, case):
+    """--overwrite deletes the old output: it must only ever delete a checkpoint (or an empty
+    folder), never the source being converted, its pipeline, or any other folder of the user's."""
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny, pipe / "vae")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
+    (pipe / "transformer").mkdir()
+    (pipe / "transformer" / "weights.bin").write_bytes(b"x")
+    src, out = {"vae_folder": (pipe / "vae", pipe / "vae"), "pipeline_root": (pipe, pipe),
+                "project_folder": (pipe / "vae", pipe / "transformer")}[case]
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, _, stderr = _run([str(src), "--out", str(out), "--no-validate", "-q", "--overwrite"])
+    assert code == 4
+    assert "is not a cogvae checkpoint" in stderr and "--overwrite only replaces" in stderr
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_output_folder_that_is_the_source_is_refused(tiny, tmp_path):
+    """An empty --out that a folder source lies in (here: a pipeline whose VAE is found in it)
+    would replace what is being read; refused before anything is written."""
+    from cogvae.converter.checkpoint import OutputError, check_not_source
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny, pipe / "vae")
+    with pytest.raises(OutputError, match="contains the source"):
+        check_not_source(pipe, pipe / "vae")
+    with pytest.raises(OutputError, match="is the source"):
+        check_not_source(pipe / "vae", pipe / "vae")
+    check_not_source(pipe / "vae" / "ckpt", pipe / "vae")  # an output inside the source is fine
+
+
+def test_overwrite_replaces_an_empty_folder(tiny, tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    code, _, stderr = _run([str(tiny), "--out", str(out), "--no-validate", "-q", "--format", "msgpack", "--overwrite"])
+    assert code == 0, stderr
+    assert is_converted_checkpoint(out)
+
+
+def test_too_little_disk_space_is_an_output_error_before_writing(tiny, tmp_path, monkeypatch):
+    """Faked, and why: a full disk cannot be made here, so shutil.disk_usage reports 1 KB free."""
+    import cogvae.converter.checkpoint as ck
+
+    monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: SimpleNamespace(total=10**6, used=10**6, free=1000))
+    out = tmp_path / "ckpt"
+    code, _, stderr = _run([str(tiny), "--out", str(out), "--no-validate", "-q"])
+    assert code == 4
+    assert stderr.strip().startswith(f"Error: {out}: cannot write checkpoint: No space left on device: the checkpoint needs ")
+    assert "0.00 GB free" in stderr and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
+def test_a_failed_write_is_an_output_error(tmp_path, fmt):
+    """The disk filling up while the checkpoint is written (here: a 300 KiB file-size limit on the
+    process, RLIMIT_FSIZE, which makes writes fail with EFBIG as ENOSPC would; Python ignores the
+    SIGXFSZ it also raises): exit 4 with one Error line, and nothing left at --out. (Orbax's writer
+    threads also print tracebacks of their own, before or after that line: tensorstore callbacks
+    that still arrive after Orbax closed its event loop; they come from orbax, not from cogvae.)"""
+    out = tmp_path / "ckpt"
+    p = subprocess.run(["bash", "-c", 'ulimit -f 300 && exec "$@"', "limit", CONVERT_EXE, "--out", str(out), "-q",
+                        "--no-validate", "--format", fmt], capture_output=True, text=True, env=_env(), timeout=300)
+    assert p.returncode == 4, p.stderr
+    # (their lines can interleave with cogvae's, so the message is found, not parsed line by line)
+    assert p.stderr.count(f"Error: {out}: cannot write checkpoint: File too large\n") == 1
+    if fmt == "msgpack":
+        assert p.stderr == f"Error: {out}: cannot write checkpoint: File too large\n"
+    assert sorted(q.name for q in tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------------
