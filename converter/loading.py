@@ -8,7 +8,6 @@ by the mapping engine with every check applied, and only then merged: nothing is
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping as TMapping, Optional
@@ -55,9 +54,11 @@ class DiffusersSource:
 
     @property
     def weight_files(self) -> list[Path]:
+        """The weights file, or the index and every shard it names (a bad index raises SafetensorsError)."""
         if is_index_file(self.weights_path):
-            index = json.loads(self.weights_path.read_text())
-            return [self.weights_path] + sorted({self.folder / f for f in index.get("weight_map", {}).values()})
+            from .st_io import read_index
+
+            return [self.weights_path] + sorted(set(read_index(self.weights_path).values()))
         return [self.weights_path]
 
 

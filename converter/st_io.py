@@ -2,17 +2,21 @@
 
 The reader parses the safetensors header itself and memory-maps the data, so tensors are read one
 at a time and a converter's peak memory stays near one copy of the weights. It validates the header
-(JSON, dtypes, shapes, offsets inside the file) and reports a truncated file or a garbage header
-as one clear :class:`SafetensorsError` that names the file.
+at least as strictly as the ``safetensors`` library (hence diffusers) does -- JSON, dtypes, shapes,
+``__metadata__``, and offsets that tile the data area exactly (no overlap, gap, truncation or
+trailing bytes) -- and a sharded index and its shards (no shard outside the index's folder, no
+tensor in two shards). Every problem found is reported in one :class:`SafetensorsError`, one per
+line, naming the file and the tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import ml_dtypes
 import numpy as np
@@ -23,6 +27,7 @@ __all__ = [
     "ShardedSafetensors",
     "aligned_empty",
     "open_safetensors",
+    "read_index",
     "save_safetensors",
 ]
 
@@ -39,7 +44,7 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000  # the safetensors library's limit
 
 
 #: XLA's CPU client adopts a host buffer without copying when it is 64-byte aligned; numpy's
@@ -58,11 +63,83 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 class SafetensorsError(ValueError):
-    """A safetensors file that cannot be read: names the file and what is wrong."""
+    """A safetensors file (or sharded set) that cannot be read: names the file and what is wrong.
+
+    ``problems``: every problem found, one per item, each naming its file (and tensor). A message
+    with several problems lists them one per line.
+    """
+
+    def __init__(self, message: str, problems: Iterable[str] = ()):
+        super().__init__(message)
+        self.problems = list(problems) or [message]
+
+
+def _error(where: Path, what: str, problems: list[str]) -> SafetensorsError:
+    """One error for all ``problems`` of ``where``: a single line, or a header line and one line each."""
+    if len(problems) == 1:
+        msg = f"{where}: {what}: {problems[0]}"
+    else:
+        msg = f"{where}: {what}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+    return SafetensorsError(msg, [f"{where}: {p}" for p in problems])
+
+
+def _strict_json(text: str, duplicates: list[str]) -> Any:
+    """``json.loads`` as strict as the safetensors library's parser (serde_json): no NaN/Infinity;
+    keys given twice in one object are appended to ``duplicates`` (Python would keep the last)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict:
+        out: dict = {}
+        for k, v in items:
+            if k in out:
+                duplicates.append(k)
+            out[k] = v
+        return out
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    return "an array" if isinstance(v, list) else "an object"
+
+
+def _show(v: Any, limit: int = 80) -> str:
+    """A header value as JSON text, cut short."""
+    text = json.dumps(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _names(keys: list[str], limit: int = 3) -> str:
+    """``'a', 'b', 'c' and 7 more``."""
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _is_uint(v: Any) -> bool:
+    """A JSON non-negative integer (what safetensors reads as usize); not a bool, float or string."""
+    return type(v) is int and 0 <= v < 2**64
 
 
 class SafetensorsFile(Mapping[str, np.ndarray]):
-    """Read-only, lazily loaded view of one ``.safetensors`` file: ``key -> np.ndarray`` (memmap)."""
+    """Read-only, lazily loaded view of one ``.safetensors`` file: ``key -> np.ndarray`` (memmap).
+
+    The header is checked as strictly as the ``safetensors`` library (hence diffusers) checks it,
+    and every problem found is reported at once: a JSON object of tensor entries, each with a
+    supported ``dtype``, a ``shape`` of non-negative integers and ``data_offsets`` (a pair of
+    non-negative integers) spanning exactly ``prod(shape) * itemsize`` bytes; ``__metadata__`` an
+    object of string to string; and the tensors' byte ranges, sorted, tile the data area exactly:
+    no overlap, no gap, no byte past the end of the file or left over after the last tensor.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -81,36 +158,106 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 raw = f.read(n)
         except OSError as e:
             raise SafetensorsError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        duplicates: list[str] = []
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = _strict_json(raw.decode("utf-8"), duplicates)
             if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        except (UnicodeDecodeError, ValueError) as e:
+                raise ValueError(f"header is {_json_type(header)}, not a JSON object")
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise SafetensorsError(f"{self.path}: garbage safetensors header ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + n
         data_size = size - self._data_start
+        problems = [f"key {k!r} appears more than once in the header" for k in dict.fromkeys(duplicates)]
+        self.metadata = self._check_metadata(header.pop("__metadata__", None), problems)
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
-        problems = []
+        spans: list[tuple[int, int, str]] = []  # (start, end, key) of every entry with usable offsets
+        all_spans = True
         for key, info in header.items():
-            try:
-                dt = _DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                start, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as e:
-                problems.append(f"tensor {key!r}: malformed header entry ({e!r})")
-                continue
-            expected = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-            if end - start != expected or start < 0:
-                problems.append(f"tensor {key!r}: offsets {start}..{end} do not fit shape {shape} {info['dtype']}")
-            elif end > data_size:
-                problems.append(
-                    f"tensor {key!r}: data ends at byte {end} but the file holds {data_size} data bytes (truncated file)"
-                )
-            self._entries[key] = (dt, shape, start, end)
+            span = self._check_entry(key, info, problems)
+            if span is None:
+                all_spans = False
+            else:
+                spans.append(span)
+        self._check_coverage(spans, data_size, all_spans, problems)
         if problems:
-            raise SafetensorsError(f"{self.path}: " + "; ".join(problems))
+            raise _error(self.path, "bad safetensors file", problems)
         self._mm = None
+
+    @staticmethod
+    def _check_metadata(meta: Any, problems: list[str]) -> dict[str, str]:
+        if meta is None:
+            return {}
+        if not isinstance(meta, dict):
+            problems.append(f"__metadata__ is {_json_type(meta)}, not an object of string to string")
+            return {}
+        bad = [k for k, v in meta.items() if not isinstance(v, str)]
+        problems.extend(f"__metadata__ entry {k!r} is {_json_type(meta[k])}, not a string" for k in bad)
+        return {} if bad else meta
+
+    def _check_entry(self, key: str, info: Any, problems: list[str]) -> Optional[tuple[int, int, str]]:
+        """Check one tensor's header entry; record it if sound. Returns its byte span when the
+        offsets are usable (for the coverage check), else None."""
+        where = f"tensor {key!r}"
+        if not isinstance(info, dict):
+            problems.append(f"{where}: header entry is {_json_type(info)}, not an object")
+            return None
+        lacking = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+        if lacking:
+            problems.append(f"{where}: header entry lacks {', '.join(lacking)}")
+        dt = shape = span = None
+        if "dtype" in info:
+            name = info["dtype"]
+            if isinstance(name, str) and name in _DTYPES:
+                dt = _DTYPES[name]
+            else:
+                problems.append(f"{where}: unsupported dtype {name!r} (supported: {', '.join(_DTYPES)})")
+        if "shape" in info:
+            s = info["shape"]
+            if isinstance(s, list) and all(_is_uint(d) for d in s):
+                shape = tuple(s)
+            else:
+                problems.append(f"{where}: shape {_show(s)} is not an array of non-negative integers")
+        if "data_offsets" in info:
+            o = info["data_offsets"]
+            if not (isinstance(o, list) and len(o) == 2 and all(_is_uint(x) for x in o)):
+                problems.append(f"{where}: data_offsets {_show(o)} is not a pair of non-negative integers")
+            elif o[1] < o[0]:
+                problems.append(f"{where}: data_offsets {o[0]}..{o[1]} end before they start")
+            else:
+                span = (o[0], o[1], key)
+        if dt is not None and shape is not None and span is not None:
+            start, end = span[0], span[1]
+            expected = math.prod(shape) * dt.itemsize
+            if end - start != expected:
+                problems.append(f"{where}: data_offsets {start}..{end} hold {end - start} bytes, but shape "
+                                f"{list(shape)} {info['dtype']} needs {expected}")
+            elif not lacking:
+                self._entries[key] = (dt, shape, start, end)
+        return span
+
+    @staticmethod
+    def _check_coverage(spans: list[tuple[int, int, str]], data_size: int, all_spans: bool,
+                        problems: list[str]) -> None:
+        """The safetensors rule: sorted by offsets, the tensors' bytes follow one another from byte
+        0 of the data area to its last byte: no overlap, no gap, nothing past the end or after."""
+        pos, last = 0, None  # last: the span that reaches furthest so far
+        for start, end, key in sorted(spans):
+            if start < pos:
+                problems.append(f"tensor {key!r} (data bytes {start}..{end}) overlaps tensor {last[2]!r} "
+                                f"(data bytes {last[0]}..{last[1]})")
+            elif start > pos and all_spans:
+                after = f"after tensor {last[2]!r}" if last else "at the start of the data"
+                problems.append(f"data bytes {pos}..{start} belong to no tensor (a gap {after}, before "
+                                f"tensor {key!r}): file not fully covered")
+            if last is None or end > pos:
+                pos, last = end, (start, end, key)
+        if pos > data_size:
+            past = [key for start, end, key in sorted(spans) if end > data_size]
+            problems.append(f"truncated file: its tensors need {pos} data bytes, the file holds {data_size}; "
+                            f"{len(past)} tensor(s) lie past its end: {_names(past)}")
+        elif pos < data_size and all_spans:
+            after = f"after the last tensor ({last[2]!r} ends at data byte {pos})" if last else "and no tensor"
+            problems.append(f"{data_size - pos} trailing data byte(s) {after}: file not fully covered")
 
     def _map(self) -> np.memmap:
         if self._mm is None:
@@ -163,34 +310,111 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         return sum(e[3] - e[2] for e in self._entries.values())
 
 
+def _bad_shard_name(name: str) -> Optional[str]:
+    """Why ``name`` (a ``weight_map`` value) is not a plain file name in the index's folder, or None."""
+    if not name:
+        return "is empty"
+    if "\x00" in name:
+        return "holds a NUL character"
+    if "/" in name or "\\" in name or name in (".", ".."):
+        return "is not a plain file name in the index's folder (a path out of the folder is refused)"
+    return None
+
+
+def read_index(index_path: str | os.PathLike) -> dict[str, Path]:
+    """The ``weight_map`` of a ``*.safetensors.index.json``: tensor key -> shard file path.
+
+    Raises :class:`SafetensorsError` listing every problem, one per line, when the index is not
+    JSON, has no ``weight_map`` object, a key is given twice, or a shard name is not a string
+    naming a file in the index's own folder (``../x.safetensors``, ``/abs/x``, ``sub/x`` are refused).
+    """
+    path = Path(index_path)
+    duplicates: list[str] = []
+    try:
+        index = _strict_json(path.read_text(encoding="utf-8"), duplicates)
+    except OSError as e:
+        raise SafetensorsError(f"{path}: cannot read safetensors index: {e.strerror or e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{path}: unreadable safetensors index (not JSON: {e})") from None
+    if not isinstance(index, dict):
+        raise SafetensorsError(f"{path}: unreadable safetensors index (it is {_json_type(index)}, not an object)")
+    if "weight_map" not in index:
+        raise SafetensorsError(f"{path}: unreadable safetensors index (no 'weight_map')")
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise SafetensorsError(f"{path}: unreadable safetensors index ('weight_map' is {_json_type(weight_map)}, "
+                               "not an object of tensor name to shard file name)")
+    problems = [f"key {k!r} appears more than once in the index" for k in dict.fromkeys(duplicates)]
+    if not weight_map:
+        problems.append("its 'weight_map' lists no tensors")
+    out: dict[str, Path] = {}
+    bad: dict[str, tuple[str, list[str]]] = {}  # one problem per bad shard name: its reason and tensors
+    for key, name in weight_map.items():
+        why = f"is {_json_type(name)}, not a string" if not isinstance(name, str) else _bad_shard_name(name)
+        if why:
+            bad.setdefault(_show(name), (why, []))[1].append(key)
+        else:
+            out[key] = path.parent / name
+    problems += [f"shard file name {name} {why}; the index names it for {len(keys)} tensor(s): {_names(keys)}"
+                 for name, (why, keys) in bad.items()]
+    if problems:
+        raise _error(path, "bad safetensors index", problems)
+    return out
+
+
 class ShardedSafetensors(Mapping[str, np.ndarray]):
-    """Several safetensors shards behind one ``*.safetensors.index.json`` ``weight_map``."""
+    """Several safetensors shards behind one ``*.safetensors.index.json`` ``weight_map``.
+
+    Every shard the index names is opened and checked, and all problems are reported together:
+    a bad index (see :func:`read_index`), missing or broken shards, a tensor listed for a shard
+    that lacks it, a tensor in a shard but not in the index, and a tensor stored in more than one
+    shard (diffusers would silently load whichever shard comes last; cogvae refuses to guess).
+    """
 
     def __init__(self, index_path: str | os.PathLike):
         self.path = Path(index_path)
-        try:
-            index = json.loads(self.path.read_text())
-            weight_map = index["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise SafetensorsError(f"{self.path}: unreadable safetensors index ({e})") from None
-        self.shard_paths = sorted({self.path.parent / f for f in weight_map.values()})
-        missing = [str(p) for p in self.shard_paths if not p.exists()]
-        if missing:
-            raise SafetensorsError(f"{self.path}: missing shard file(s): {', '.join(missing)}")
-        shards = {p.name: SafetensorsFile(p) for p in self.shard_paths}
+        weight_map = read_index(self.path)
+        self.shard_paths = sorted(set(weight_map.values()))
+        problems: list[str] = []  # each names its file: a shard's path, or a shard's name for the index
+        self._shards: dict[Path, SafetensorsFile] = {}
+        for p in self.shard_paths:
+            try:
+                missing = not p.exists()
+            except OSError:  # e.g. a name too long: SafetensorsFile reports it
+                missing = False
+            if missing:
+                problems.append(f"{p}: missing shard file (named in the index)")
+                continue
+            try:
+                self._shards[p] = SafetensorsFile(p)
+            except SafetensorsError as e:
+                problems.extend(e.problems)
+        holders: dict[str, list[Path]] = {}
+        for p, shard in self._shards.items():
+            for key in shard:
+                holders.setdefault(key, []).append(p)
+        for key, where in holders.items():
+            if len(where) > 1:
+                named = f" (the index names {weight_map[key].name})" if key in weight_map else ""
+                problems.append(f"tensor {key!r} is stored in {len(where)} shards: "
+                                f"{', '.join(str(p) for p in where)}{named}")
         self._where: dict[str, SafetensorsFile] = {}
-        problems = []
-        for key, fname in weight_map.items():
-            shard = shards[Path(fname).name]
+        for key, p in weight_map.items():
+            shard = self._shards.get(p)
+            if shard is None:
+                continue  # missing or broken: reported above
             if key not in shard:
-                problems.append(f"tensor {key!r} listed for {fname} is not in that shard")
+                elsewhere = [q.name for q in holders.get(key, [])]
+                problems.append(f"tensor {key!r} listed for {p.name} is not in that shard"
+                                + (f" (it is in {', '.join(elsewhere)})" if elsewhere else ""))
+                continue
             self._where[key] = shard
-        for name, shard in shards.items():
+        for p, shard in self._shards.items():
             for key in shard:
                 if key not in weight_map:
-                    problems.append(f"tensor {key!r} in {name} is not listed in the index")
+                    problems.append(f"tensor {key!r} in {p.name} is not listed in the index")
         if problems:
-            raise SafetensorsError(f"{self.path}: " + "; ".join(problems))
+            raise _error(self.path, "bad sharded safetensors", problems)
 
     def __getitem__(self, key: str) -> np.ndarray:
         return self._where[key][key]
@@ -209,7 +433,7 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
 
     @property
     def nbytes(self) -> int:
-        return sum(SafetensorsFile(p).nbytes for p in self.shard_paths)
+        return sum(shard.nbytes for shard in self._shards.values())
 
 
 def is_index_file(path: str | os.PathLike) -> bool:
