@@ -501,9 +501,20 @@ def write_checkpoint(
     provenance: Optional[dict] = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a converted checkpoint atomically (see the module docstring); returns its path."""
+    """Write a converted checkpoint atomically (see the module docstring); returns its path.
+
+    ``params`` must fit ``config``'s architecture (every parameter, with its shape, nothing extra),
+    with dtypes cogvae stores and finite values: what ``load`` requires, checked before writing."""
     formats = normalize_formats(formats)
     out = Path(out_dir)
+    from flax import nnx
+
+    from cogvae.model import abstract_model
+
+    problems = param_problems(params, list(nnx.to_flat_state(nnx.split(abstract_model(config))[1])), str(out))
+    if problems:
+        raise CheckpointError(f"{out}: parameters do not fit the config: {len(problems)} problem(s):\n"
+                              + "\n".join(f"  - {p}" for p in problems))
     try:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             known = write_into(tmp, params, config, formats=formats)
@@ -549,7 +560,45 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{mpath}: corrupt manifest ({e})") from None
     if manifest.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"{mpath}: unsupported checkpoint version {manifest.get('version')!r}")
+    problems = _manifest_problems(manifest)
+    if problems:
+        raise CheckpointError(_listed(f"{mpath}: corrupt manifest", problems))
     return manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _listed(header: str, problems: list[str]) -> str:
+    """One problem on the header's line; several one per line below it."""
+    if len(problems) == 1:
+        return f"{header}: {problems[0]}"
+    return f"{header}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems)
+
+
+def _manifest_problems(manifest: dict) -> list[str]:
+    """What a manifest must hold for every reader to trust it: each entry a plain relative path
+    inside the folder with an integer size and a sha256; each declared format with its files
+    listed (a manifest missing them would leave that format's files unchecked), and the config."""
+    problems = []
+    files = manifest["files"]
+    for rel, meta in files.items():
+        parts = rel.split("/")
+        if not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+            problems.append(f"{rel!r}: not a relative path inside the checkpoint folder")
+        elif not (isinstance(meta, dict) and type(meta.get("size")) is int and meta["size"] >= 0
+                  and isinstance(meta.get("sha256"), str) and _SHA256.fullmatch(meta["sha256"])):
+            problems.append(f"{rel}: entry {json.dumps(meta)[:80]} is not {{\"size\": <bytes>, \"sha256\": <hex>}}")
+    formats = manifest.get("formats")
+    if not isinstance(formats, list) or not formats or any(f not in FORMATS for f in formats):
+        problems.append(f"formats {json.dumps(formats)[:80]}: expected a non-empty list of {', '.join(FORMATS)}")
+    else:
+        for f in formats:
+            if not any(rel.startswith(FORMAT_PREFIX[f]) for rel in files):
+                problems.append(f"lists no {f} files, though its formats include {f}")
+    if CONFIG_NAME not in files:
+        problems.append(f"does not list {CONFIG_NAME}")
+    return problems
 
 
 def _verify_files(folder: Path, manifest: dict, prefixes: Iterable[str], hashes: bool, only: bool = False) -> None:
@@ -570,7 +619,7 @@ def _verify_files(folder: Path, manifest: dict, prefixes: Iterable[str], hashes:
         if hashes and rel.startswith(prefixes) and _sha256(p) != meta.get("sha256"):
             problems.append(f"{rel}: sha256 differs from the manifest (corrupt file)")
     if problems:
-        raise CheckpointError(f"{folder}: corrupt checkpoint: " + "; ".join(problems))
+        raise CheckpointError(_listed(f"{folder}: corrupt checkpoint", problems))
 
 
 def check_files(path: str | os.PathLike, *, hashes: bool = True) -> None:
@@ -861,10 +910,25 @@ def read_checkpoint(
         raise CheckpointError(f"{folder}: holds no {format} parameters (formats: {', '.join(formats) or 'none'})")
     want = (CONFIG_NAME, FORMAT_PREFIX[format])
     _verify_files(folder, manifest, want, hashes=verify, only=True)
+    prefix = FORMAT_PREFIX[format]
+    if prefix.endswith("/"):  # Orbax reads whatever its folder holds: all of it must be what was checked
+        unlisted = sorted(rel for rel in (p.relative_to(folder).as_posix() for p in (folder / prefix).rglob("*")
+                                          if p.is_file()) if rel not in manifest["files"])
+        if unlisted:
+            raise CheckpointError(_listed(f"{folder}: corrupt checkpoint",
+                                          [f"{rel}: not in the {MANIFEST_NAME} manifest" for rel in unlisted]))
     try:
         config = VAEConfig.from_json_file(folder / CONFIG_NAME)
     except ConfigError as e:
         raise CheckpointError(f"{folder}: bad config: {e}") from None
+    if as_jax:  # jax would turn a stored float64 into float32 unseen: check the stored dtypes first
+        from .engine import ALLOWED_DTYPES, value_problem
+
+        bad = [f"{folder}: parameter {k!r}: {value_problem(np.zeros(0, dt))}"
+               for k, (_shape, dt) in sorted(format_meta(folder, format).items()) if np.dtype(dt).name not in ALLOWED_DTYPES]
+        if bad:
+            raise CheckpointError(f"{folder}: parameters do not fit the config: {len(bad)} problem(s):\n"
+                                  + "\n".join(f"  - {p}" for p in bad))
     params = read_format(folder, format, as_jax=as_jax)
     try:
         provenance = json.loads((folder / PROVENANCE_NAME).read_text())
@@ -939,6 +1003,43 @@ def adopt_array(a: np.ndarray):
     return jax.device_put(a)
 
 
+def param_problems(params: dict[str, Any], flat_state: list, source_name: str) -> list[str]:
+    """Every way ``params`` ({dotted path: numpy or jax array}) fails the model whose abstract
+    state is ``flat_state``: extra or missing parameters, shapes, dtypes cogvae does not store,
+    non-finite values (checked where the array lives: a device array is not copied to the host)."""
+    import jax
+    import jax.numpy as jnp
+
+    from .engine import ALLOWED_DTYPES, path_to_str, value_problem
+
+    problems = []
+    names = {path_to_str(p) for p, _ in flat_state}
+    for k in sorted(set(params) - names):
+        problems.append(f"{source_name}: extra parameter {k!r} (not in the model for this config)")
+    for path, var in flat_state:
+        k = path_to_str(path)
+        want = tuple(var.get_value().shape)
+        if k not in params:
+            problems.append(f"{source_name}: missing parameter {k!r} (shape {want})")
+            continue
+        a = params[k]
+        if tuple(a.shape) != want:
+            problems.append(f"{source_name}: parameter {k!r} has shape {tuple(a.shape)}, model expects {want}")
+            continue
+        if isinstance(a, jax.Array):
+            if np.dtype(a.dtype).name not in ALLOWED_DTYPES:
+                problem = value_problem(np.zeros(0, a.dtype))  # the dtype message
+            else:
+                n_nan, n_inf = (int(jnp.count_nonzero(f(a))) for f in (jnp.isnan, jnp.isinf)) if a.size else (0, 0)
+                problem = (f"contains non-finite values: {n_nan} NaN, {n_inf} Inf (of {a.size})"
+                           if n_nan or n_inf else None)
+        else:
+            problem = value_problem(np.asarray(a))
+        if problem:
+            problems.append(f"{source_name}: parameter {k!r}: {problem}")
+    return problems
+
+
 def params_to_model(
     config: VAEConfig,
     params: dict[str, np.ndarray],
@@ -966,17 +1067,7 @@ def params_to_model(
     cast = resolve_dtype(dtype)
     graphdef, abstract_state = nnx.split(abstract_model(config, dtype=resolve_dtype(compute_dtype)))
     flat_state = list(nnx.to_flat_state(abstract_state))
-    problems = []
-    names = {path_to_str(p) for p, _ in flat_state}
-    for k in sorted(set(params) - names):
-        problems.append(f"{source_name}: extra parameter {k!r} (not in the model for this config)")
-    for path, var in flat_state:
-        k = path_to_str(path)
-        want = tuple(var.get_value().shape)
-        if k not in params:
-            problems.append(f"{source_name}: missing parameter {k!r} (shape {want})")
-        elif tuple(params[k].shape) != want:
-            problems.append(f"{source_name}: parameter {k!r} has shape {tuple(params[k].shape)}, model expects {want}")
+    problems = param_problems(params, flat_state, source_name)
     if problems:
         raise CheckpointError(f"{source_name}: parameters do not fit the config: {len(problems)} problem(s):\n"
                               + "\n".join(f"  - {p}" for p in problems))

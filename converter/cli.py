@@ -7,6 +7,7 @@ adds one line per problem) with a documented exit code.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -233,6 +234,7 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
     from .loading import fetch, find_diffusers_vae
     from .mapping import load_mapping
     from .st_io import open_safetensors
+    from .transforms import TransformError
 
     mapping = mapping or load_mapping()
     rows = []
@@ -258,9 +260,14 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
             a = tensors[key]
             m = mapping.match_forward(key)
             rule = m[0][1] if len(m) == 1 else None
-            rows.append({"key": key, "rule": rule.label if rule else None, "target": m[0][0] if rule else None,
-                         "shape": list(a.shape), "target_shape": list(rule.transform.shape(a.shape)) if rule else None,
-                         "dtype": a.dtype.name})
+            row = {"key": key, "rule": rule.label if rule else None, "target": m[0][0] if rule else None,
+                   "shape": list(a.shape), "target_shape": None, "dtype": a.dtype.name}
+            if rule:
+                try:
+                    row["target_shape"] = list(rule.transform.shape(a.shape))
+                except TransformError as e:  # listed, not fatal: inspect shows what the file holds
+                    row["problem"] = str(e)
+            rows.append(row)
         kind, where = "diffusers", str(src.weights_path)
     return {"kind": kind, "path": where, "config": config.to_diffusers_config(), "num_tensors": len(rows),
             "tensors": rows}
@@ -290,7 +297,8 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
     click.echo(f"{data['kind']}: {data['path']} ({data['num_tensors']} tensors)")
     for r in data["tensors"]:
         other = r.get("target") or r.get("diffusers_key") or "-"
-        click.echo(f"{r['key']}  ->  {other}  [{r['rule'] or 'NO RULE'}]  {tuple(r['shape'])} {r['dtype']}")
+        problem = f"  PROBLEM: {r['problem']}" if r.get("problem") else ""
+        click.echo(f"{r['key']}  ->  {other}  [{r['rule'] or 'NO RULE'}]  {tuple(r['shape'])} {r['dtype']}{problem}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -303,7 +311,9 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
 @click.option("--reference", default=None, help="Diffusers source to compare against (folder or Hub repo id).")
 @click.option("--no-parity", is_flag=True, help="Skip the numerical parity check against the reference.")
 @click.option("--max-rel-change", type=float, default=None, metavar="X",
-              help="Fail when a tensor's relative change against --reference exceeds X (default: report only).")
+              help="Fail when a tensor's relative change (L2 of the change / L2 of the reference tensor) "
+                   "against --reference exceeds X (default: report only). A tensor that is all zeros in the "
+                   "reference counts as infinitely changed once it moves.")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Changed tensors listed in the text report (--json lists all).")
 @click.option("--format", "fmt", type=click.Choice(["orbax", "msgpack"]), default=None,
@@ -328,6 +338,12 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
     """
     from .verify import verify_checkpoint
 
+    if max_rel_change is not None:
+        if reference is None:
+            raise click.UsageError("--max-rel-change needs --reference (the gate compares each tensor with it)")
+        if not math.isfinite(max_rel_change) or max_rel_change < 0:
+            raise click.BadParameter(f"must be a finite number >= 0, got {max_rel_change!r}",
+                                     param_hint="'--max-rel-change'")
     report = _run(verify_checkpoint, source, reference, parity=not no_parity, revision=revision, token=token,
                   max_rel_change=max_rel_change, top=top, format=fmt, subfolder=subfolder, variant=variant)
     if as_json:

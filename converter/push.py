@@ -89,30 +89,113 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _source_of(provenance: dict) -> tuple[Optional[str], Optional[str], bool]:
-    """(source id, revision, is_hub) from provenance.json, tolerant of flat or nested layouts."""
-    src: Any = provenance.get("source")
+#: What ``save`` records as the source of a model that has no base (not a model id or path).
+_NO_SOURCE = "<in-memory model>"
+
+
+def _origin_record(src: Any, provenance: dict) -> dict:
+    """{"id", "revision", "is_hub", "kind"} of one source entry of provenance.json: a string
+    (the flat layout, its revision and is_hub beside it in ``provenance``) or a dict."""
     rev = provenance.get("revision")
     is_hub = provenance.get("is_hub")
+    kind = None
     if isinstance(src, dict):
         rev = src.get("revision", rev)
         is_hub = src.get("is_hub", is_hub)
+        kind = src.get("kind") if src.get("kind") in ("diffusers", "checkpoint") else None
         src = src.get("source_id") or src.get("repo_id") or src.get("id") or src.get("path")
     src = src or provenance.get("source_id") or provenance.get("repo_id")
     if src is not None and not isinstance(src, str):
         src = str(src)
-    if is_hub is None and src is not None:
+    if src == _NO_SOURCE:
+        src = None
+    if not src:
+        return {"id": None, "revision": None, "is_hub": False, "kind": None}
+    if is_hub is None:
         from .hub import looks_like_repo_id
 
         is_hub = looks_like_repo_id(src) and not Path(src).exists()
-    return src, rev if isinstance(rev, str) else None, bool(is_hub)
+    return {"id": src, "revision": rev if isinstance(rev, str) else None, "is_hub": bool(is_hub), "kind": kind}
+
+
+def provenance_origin(provenance: dict) -> dict:
+    """Where a checkpoint's weights came from, read from its provenance.json: the one parser of
+    the layouts cogvae writes or accepts (``push``'s model card, ``save(..., base=)``).
+
+    Layouts: flat (``{"source": "org/name", "revision": ..., "is_hub": ...}``), nested (``"source":
+    {"id" | "source_id" | "repo_id" | "path", "revision", "is_hub"}``, what ``cogvae-convert``
+    writes), and ``save``'s (the nested one plus ``"saved_from"`` and ``"origin"``).
+    Returns ``{"id", "revision", "is_hub", "kind", "saved", "root"}``: ``id`` is what the model
+    card names as its base (a conversion's source; for a save, the nearest Hub repo among its
+    ancestors, else its local base; None when unknown), ``kind`` 'diffusers', 'checkpoint' or None,
+    ``saved`` whether ``save`` wrote it, ``root`` the ``{"id", "revision", "is_hub"}`` the weights
+    first came from (the converted diffusers model, whose licence they keep).
+    """
+    src: Any = provenance.get("source")
+    out = _origin_record(src, provenance)
+    saved = isinstance(src, dict) and bool(src.get("saved_from"))
+    if out["kind"] is None and out["id"] and not saved:
+        out["kind"] = "diffusers"  # cogvae-convert converts diffusers files only
+    root = _origin_record(src.get("origin"), {}) if isinstance(src, dict) and isinstance(src.get("origin"), dict) \
+        else None
+    if root is None or not root["id"]:
+        root = out
+    out["root"] = {k: root[k] for k in ("id", "revision", "is_hub")}
+    out["saved"] = saved
+    return out
+
+
+def _source_of(provenance: dict) -> tuple[Optional[str], Optional[str], bool]:
+    """(source id, revision, is_hub) from provenance.json (see :func:`provenance_origin`)."""
+    o = provenance_origin(provenance)
+    return o["id"], o["revision"], o["is_hub"]
 
 
 def _license_for(source_id: Optional[str]) -> Optional[tuple[str, Optional[str], Optional[str]]]:
-    if not source_id or "/" not in source_id:
+    """The licence of a published CogVideoX VAE repo (``LICENSES``), None for any other id."""
+    if not source_id or not isinstance(source_id, str) or "/" not in source_id:
         return None
     org, name = source_id.lower().split("/", 1)
     return LICENSES.get(name) if org in _LICENSE_ORGS else None
+
+
+def _licence_of(origin: dict) -> Optional[tuple[str, tuple[str, Optional[str], Optional[str]]]]:
+    """(the Hub repo whose licence the weights keep, that licence): the root source's (a fine-tune
+    of a fine-tune keeps the licence of the model first converted), else the card's base model's."""
+    for o in (origin["root"], origin):
+        lic = _license_for(o["id"]) if o["is_hub"] else None
+        if lic:
+            return o["id"], lic
+    return None
+
+
+def _describe(o: dict, *, kind: Optional[str] = None) -> str:
+    """A source for the card: a link to its Hub repo (and commit), or the local folder's kind and path."""
+    if o["is_hub"]:
+        return f"[`{o['id']}`](https://huggingface.co/{o['id']})" + (f" at commit `{o['revision']}`"
+                                                                     if o["revision"] else "")
+    what = {"diffusers": "a local diffusers folder", "checkpoint": "a local cogvae checkpoint"}
+    return f"{what.get(kind, 'a local folder')} (`{o['id']}`)"
+
+
+def _origin_text(origin: dict) -> str:
+    """Where the weights come from, as the card's first sentence ends ("... from <this>")."""
+    if not origin["saved"]:
+        return _describe(origin, kind=origin["kind"]) if origin["id"] else "a diffusers checkpoint"
+    text = "a model saved from JAX (`cogvae.converter.save`)"
+    if origin["id"]:
+        text += f", based on {_describe(origin, kind=origin['kind'])}"
+        root = origin["root"]
+        if root["id"] and root["is_hub"] and root["id"] != origin["id"]:
+            text += f" (whose weights were first converted from {_describe(root)})"
+    return text
+
+
+def _commit_message(provenance: dict) -> str:
+    o = provenance_origin(provenance)
+    if o["saved"]:
+        return "Upload CogVideoX VAE saved from JAX by cogvae" + (f", based on {o['id']}" if o["id"] else "")
+    return "Upload CogVideoX VAE converted by cogvae" + (f" from {o['id']}" if o["id"] else "")
 
 
 # ----------------------------------------------------------------------------------------
@@ -125,8 +208,10 @@ def model_card_text(repo_id: str, config: dict, provenance: dict, *, diffusers: 
     ``diffusers``: the push also holds the weights in diffusers' format."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    source_id, revision, is_hub = _source_of(provenance)
-    lic = _license_for(source_id) if is_hub else None
+    origin = provenance_origin(provenance)
+    source_id, is_hub = origin["id"], origin["is_hub"]
+    licensed = _licence_of(origin)
+    lic = licensed[1] if licensed else None
     data = ModelCardData(
         library_name=LIBRARY_NAME,
         tags=list(TAGS) + (["diffusers"] if diffusers else []),
@@ -135,18 +220,12 @@ def model_card_text(repo_id: str, config: dict, provenance: dict, *, diffusers: 
         license_name=lic[1] if lic else None,
         license_link=lic[2] if lic else None,
     )
-    if is_hub:
-        origin = f"[`{source_id}`](https://huggingface.co/{source_id})" + (f" at commit `{revision}`" if revision else "")
-    else:
-        origin = f"a local diffusers folder (`{source_id}`)" if source_id else "a diffusers checkpoint"
-    src = provenance.get("source")
-    if isinstance(src, dict) and src.get("saved_from"):  # written by cogvae.converter.save (a JAX fine-tune)
-        origin = "a model saved from JAX (`cogvae.converter.save`)" + (
-            f", based on {origin}" if provenance.get("base") and source_id else "")
+    origin_text = _origin_text(origin)
     formats = [f for f in (provenance.get("formats") or ["orbax", "msgpack"]) if f in ("orbax", "msgpack")]
     described = {"orbax": "`orbax/` (Orbax checkpoint)", "msgpack": "`params.msgpack` (Flax msgpack)"}
     files = "".join(described[f] + ", " for f in formats)
     first = "Orbax" if "orbax" in formats else "msgpack"
+    channels = int(config.get("latent_channels") or 16)
     ref = f" --reference {source_id}" if is_hub and source_id else ""
     arch = ", ".join(f"{k}={config[k]}" for k in ("block_out_channels", "latent_channels", "layers_per_block",
                                                   "scaling_factor") if k in config)
@@ -165,13 +244,14 @@ vae = AutoencoderKLCogVideoX.from_pretrained("{repo_id}")
 """
     lic_line = ""
     if lic:
-        lic_line = (f"\n## Licence\n\nThe weights keep the licence of the source model: `{lic[0]}`"
+        lic_line = (f"\n## Licence\n\nThe weights keep the licence of the source model, "
+                    f"[`{licensed[0]}`](https://huggingface.co/{licensed[0]}): `{lic[0]}`"
                     + (f" ({lic[1]}, see {lic[2]})" if lic[1] else "") + ".\n")
     body = f"""
 # {repo_id.split('/')[-1]}
 
 The CogVideoX video VAE (diffusers `AutoencoderKLCogVideoX`) converted to JAX / Flax NNX by
-[cogvae](https://pypi.org/project/cogvae/), from {origin}.
+[cogvae](https://pypi.org/project/cogvae/), from {origin_text}.
 
 - Architecture: {arch or 'see config.json'}
 - Layout: `(B, T, H, W, C)` (diffusers uses `(B, C, T, H, W)`)
@@ -181,12 +261,17 @@ The CogVideoX video VAE (diffusers `AutoencoderKLCogVideoX`) converted to JAX / 
 ## Usage
 
 ```python
+import jax
 from cogvae.converter import load
 
 REPO_ID = "{repo_id}"
 vae = load(REPO_ID)                          # fetches one format ({first}), checks it against COMPLETE
-mean, logvar = vae.encode(video)             # video: (B, T, H, W, 3) in [-1, 1]
-video = vae.decode(vae.unscale_latents(z))   # z: (B, t, h, w, {config.get('latent_channels', 16)}) scaled latents
+
+# scaled latents (B, t, h, w, {channels}), as a CogVideoX pipeline makes them
+z = jax.random.normal(jax.random.key(0), (1, 2, 8, 8, {channels}))
+video = vae.decode(vae.unscale_latents(z))   # (B, T, H, W, 3), values in [-1, 1]
+mean, logvar = vae.encode(video)             # each (B, t, h, w, {channels})
+z = vae.scale_latents(mean)                  # back to the pipeline's scaled latents
 ```
 
 ```bash
@@ -299,8 +384,7 @@ def _commit(api: Any, ckpt: Path, repo_id: str, card: str, diffusers: Optional[P
             raise PushError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
         api = HfApi(token=token)
 
-    source_id = _source_of(_read_json(ckpt / "provenance.json"))[0]
-    message = "Upload CogVideoX VAE converted by cogvae" + (f" from {source_id}" if source_id else "")
+    message = _commit_message(_read_json(ckpt / "provenance.json"))
 
     def call(step: str, fn, *args, **kwargs):
         try:

@@ -29,7 +29,6 @@ from .checkpoint import (
     OutputError,
     atomic_output_dir,
     finish_into,
-    is_converted_checkpoint,
     keep_heap_lean,
     normalize_formats,
     read_checkpoint,
@@ -97,18 +96,99 @@ def model_params(vae, *, dtype: Any = None, source_name: str = IN_MEMORY) -> dic
 
 
 def _base_source(base: Optional[str | os.PathLike]) -> Optional[dict]:
-    """What ``base`` (the checkpoint or model a fine-tune started from) says of its origin."""
+    """What ``base`` (the checkpoint or model a fine-tune started from) is, and where its weights
+    came from: the ``base`` record of the fine-tune's provenance.json; None for no base.
+
+    ``{"id": base as given, "revision": its Hub commit (None for a local folder), "is_hub",
+    "kind": "checkpoint" | "diffusers", "source": what the base's own model card names as its
+    base (a checkpoint's provenance.json), "origin": the Hub repo or folder its weights were first
+    converted from (whose licence they keep)}``; a local checkpoint also has ``"checkpoint"``.
+
+    Checked before any work, so a wrong ``base`` costs nothing: a local path must exist and be a
+    complete converted checkpoint or a diffusers VAE or pipeline folder. Anything else that looks
+    like a Hub repo id (``org/name``) is looked up on the Hub through the Hub cache, reading only
+    its small files (``COMPLETE``, ``config.json``, ``provenance.json``, ``model_index.json``,
+    ``vae/config.json``; never weights) at its main branch, whose commit is recorded; a checkpoint
+    repo's provenance.json gives its origin. Errors (:class:`~cogvae.converter.hub.HubError`,
+    :class:`~cogvae.converter.checkpoint.CheckpointError`,
+    :class:`~cogvae.converter.loading.SourceError`) name ``base`` and what was wrong: a path that
+    is neither a local folder nor a repo on the Hub; a repo that is neither a checkpoint nor a
+    diffusers model; and, when the Hub cannot be reached (no network, ``HF_HUB_OFFLINE=1``) and
+    the repo is not in the Hub cache, that (a base that cannot be checked is not recorded
+    unchecked: pass the local checkpoint folder the model was loaded from, or no base).
+    """
     if base is None:
         return None
-    if is_converted_checkpoint(base):
-        prov = json.loads((Path(base) / PROVENANCE_NAME).read_text())
-        src = prov.get("source") if isinstance(prov.get("source"), dict) else {}
-        return {"id": src.get("id"), "revision": src.get("revision"), "is_hub": src.get("is_hub"),
-                "checkpoint": str(base)}
-    from .hub import looks_like_repo_id
+    from .checkpoint import CheckpointError, check_files, looks_like_checkpoint
+    from .hub import HubError, _looks_local, looks_like_repo_id
+    from .layout import MANIFEST_NAME
+    from .loading import SourceError, find_diffusers_vae
+    from .push import provenance_origin
 
-    base = str(base)
-    return {"id": base, "revision": None, "is_hub": looks_like_repo_id(base) and not Path(base).exists()}
+    text = os.fspath(base)
+    path = Path(text).expanduser()
+    keep = ("id", "revision", "is_hub")
+
+    def origin_of(prov_path: Path, where: str) -> tuple[dict, dict]:
+        """(what the checkpoint's card names as its base, its root source) from its provenance.json."""
+        try:
+            prov = json.loads(prov_path.read_text())
+            if not isinstance(prov, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"base {where}: cannot read its {PROVENANCE_NAME}: {e}") from None
+        o = provenance_origin(prov)
+        return {k: o[k] for k in keep}, o["root"]
+
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"base {text}: not a folder (expected a converted cogvae checkpoint, or a diffusers "
+                              "VAE or pipeline folder)")
+        if looks_like_checkpoint(path):
+            try:
+                check_files(path, hashes=False)  # a valid manifest, every file it lists there with its size
+            except CheckpointError as e:
+                raise CheckpointError(f"base {text}: not a complete converted checkpoint: {e}") from None
+            source, root = origin_of(path / PROVENANCE_NAME, text)
+            return {"id": text, "revision": None, "is_hub": False, "kind": "checkpoint", "checkpoint": text,
+                    "source": source, "origin": root}
+        try:
+            find_diffusers_vae(path)
+        except SourceError as e:
+            raise SourceError(f"base {text}: neither a converted cogvae checkpoint nor a diffusers VAE: {e}") from None
+        return {"id": text, "revision": None, "is_hub": False, "kind": "diffusers",
+                "origin": {"id": text, "revision": None, "is_hub": False}}
+    if _looks_local(text) or not looks_like_repo_id(text):
+        raise HubError(f"base {text}: no such folder" + ("" if _looks_local(text) else
+                                                        " (and not a Hub repo id 'org/name')"))
+
+    from huggingface_hub import constants
+
+    from .hub import _COMMIT, _download, pipeline_vaes
+
+    small = [MANIFEST_NAME, CONFIG_NAME, PROVENANCE_NAME, "model_index.json", f"vae/{CONFIG_NAME}"]
+    try:
+        snap = _download(text, None, small, constants.HF_HUB_CACHE, None, True)
+    except HubError as e:
+        msg = str(e)
+        if "no such local folder" not in msg:  # the Hub (or its cache) could not answer
+            msg = f"{text}: no such local folder, so it was looked up on the Hugging Face Hub: {msg}"
+        raise HubError(f"base {msg}; to record it without the Hub, pass base= the local checkpoint folder "
+                       "the model was loaded from (or no base)") from e
+    commit = snap.name if _COMMIT.match(snap.name) else None
+    where = f"{text}@{commit or 'main'}"
+    if (snap / MANIFEST_NAME).is_file():
+        if not (snap / PROVENANCE_NAME).is_file():
+            raise HubError(f"base {where}: a cogvae checkpoint repo without {PROVENANCE_NAME} in the snapshot at "
+                           f"{snap} (a cache the Hub could not complete, or an incomplete repo)")
+        source, root = origin_of(snap / PROVENANCE_NAME, where)
+        return {"id": text, "revision": commit, "is_hub": True, "kind": "checkpoint", "source": source,
+                "origin": root}
+    if (snap / "vae" / CONFIG_NAME).is_file() or (snap / CONFIG_NAME).is_file() or pipeline_vaes(snap):
+        return {"id": text, "revision": commit, "is_hub": True, "kind": "diffusers",
+                "origin": {"id": text, "revision": commit, "is_hub": True}}
+    raise HubError(f"base {where}: neither a converted cogvae checkpoint ({MANIFEST_NAME}) nor a diffusers VAE or "
+                   f"pipeline repo ({CONFIG_NAME}, vae/{CONFIG_NAME} or model_index.json)")
 
 
 def save(
@@ -123,9 +203,15 @@ def save(
 ) -> dict[str, Any]:
     """Write ``vae`` as a cogvae checkpoint folder at ``out``; returns a summary dict.
 
-    ``base``: where the model came from (the converted checkpoint it was loaded from, or a Hub id
-    such as ``THUDM/CogVideoX-2b``), recorded in ``provenance.json``; ``cogvae push`` then names it
-    as the card's ``base_model`` and keeps its licence. ``dtype``: cast the stored parameters
+    ``base``: where the model came from, recorded in ``provenance.json``: the converted checkpoint
+    folder it was loaded from, a diffusers VAE or pipeline folder, or a Hub repo id (a diffusers
+    repo such as ``THUDM/CogVideoX-2b``, or a checkpoint pushed by ``cogvae push``, whose commit
+    is recorded). It is checked before any work (see :func:`_base_source`: a local path must be a
+    complete checkpoint or a diffusers folder, a repo id must be found on the Hub or in its cache;
+    when the Hub cannot be reached and the repo is not cached, that is an error: pass the local
+    checkpoint instead). ``cogvae push`` then names the nearest Hub repo among the model's
+    ancestors (the base itself when it is one) as the card's ``base_model``, and keeps the licence
+    of the model its weights were first converted from. ``dtype``: cast the stored parameters
     (default: keep the model's). ``formats``, ``validate`` and ``overwrite`` as for
     ``cogvae-convert``: each written format is loaded back and must give the saved parameters
     bit for bit and decode a small latent to finite values.
@@ -152,8 +238,19 @@ def save(
         validation = validate_checkpoint_dir(tmp, config, formats, expected) if validate else {"skipped": True}
         if validate and not validation["ok"]:
             raise ValidationError(f"{out}: validation failed: " + "; ".join(validation["problems"]), validation)
+        # "source": what the card names as the fine-tune's base: the nearest Hub repo among its
+        # ancestors (the base itself, or what a local base checkpoint names), else the local base;
+        # "origin": the model its weights were first converted from (its licence is kept).
+        if origin is None:
+            source = {"id": IN_MEMORY, "revision": None, "is_hub": False}
+        elif origin["is_hub"] or not (origin.get("source") or {}).get("is_hub"):
+            source = {k: origin[k] for k in ("id", "revision", "is_hub", "kind")}
+        else:  # a local checkpoint of a Hub model: its card's base model
+            source = dict(origin["source"])
+        if origin is not None:
+            source["origin"] = origin["origin"]
         provenance = {
-            "source": {"id": IN_MEMORY, "revision": None, "is_hub": False, **(origin or {}), "saved_from": IN_MEMORY},
+            "source": {**source, "saved_from": IN_MEMORY},
             "base": origin,
             "mapping": {"path": str(mapping.path), "sha256": mapping.sha256},
             "versions": _versions(),
@@ -187,7 +284,10 @@ def export_diffusers(
     (pushed by ``cogvae push``; ``revision``, ``token``, ``cache_dir`` as for ``load``). ``format``
     picks 'orbax' or 'msgpack' (default Orbax when present; from the Hub, one already cached). The tensors are bit-identical to the ones
     converted (a round trip diffusers -> cogvae -> diffusers gives diffusers' bytes back), and
-    diffusers' ``AutoencoderKLCogVideoX.from_pretrained`` loads the folder.
+    diffusers' ``AutoencoderKLCogVideoX.from_pretrained`` loads the folder. A checkpoint is
+    checked as ``load`` checks it, a model as ``save`` does: every parameter of its config's
+    architecture present with its shape, nothing extra, allowed dtypes, finite values; every
+    problem is named in one :class:`ConversionError` and nothing is written.
     """
     from .engine import export_tensors
     from .st_io import save_safetensors
@@ -205,12 +305,39 @@ def export_diffusers(
         folder = hub.folder if hub is not None else source
         config, params, info = read_checkpoint(folder, format=hub.format if hub is not None else format)
         name, fmt = f"{source} ({info['format']})", info["format"]
+    problems: list[str] = []
+    if fmt is not None:
+        # A checkpoint is checked as ``load`` checks it (a model in memory was, by model_params):
+        # every parameter of its config's architecture present with its shape, nothing extra;
+        # export_tensors then checks dtypes and values. All problems are raised together.
+        from flax import nnx
+
+        from cogvae.model import abstract_model
+
+        targets = abstract_targets(nnx.split(abstract_model(config))[1])
+        for key in sorted(params):
+            shape, target = tuple(params[key].shape), targets.pop(key, None)
+            if target is None:
+                problems.append(f"{name}: parameter {key!r} {shape}: not part of the CogVideoX VAE architecture "
+                                "of its config (extra)")
+            elif shape != target.shape:
+                problems.append(f"{name}: parameter {key!r}: shape {shape}, the config's architecture has "
+                                f"{target.shape}")
+            else:
+                continue
+            del params[key]
+        problems += [f"{name}: parameter {k!r} {t.shape}: missing" for k, t in targets.items()]
     # lazy: every check passes first, then each tensor is transformed as the writer reaches it and
     # its source array is released, so memory stays near one copy of the weights.
-    tensors = export_tensors(params, mapping, source_name=name, lazy=True)
-    del params
     try:
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        tensors = export_tensors(params, mapping, source_name=name, lazy=True)
+    except ConversionError as e:
+        problems += e.problems
+    del params
+    if problems:
+        raise ConversionError(problems, header=f"cannot export {name}")
+    try:
+        with atomic_output_dir(out, overwrite=overwrite, replaces="diffusers") as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(config.to_diffusers_config(), indent=2) + "\n")
             save_safetensors(tensors, tmp / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})
     except OSError as e:

@@ -153,7 +153,7 @@ class VerifyReport:
             "nonfinite": self.nonfinite,
             "changes": None if self.reference is None else
             [{"key": c["key"], "rel_change": _jf(c["rel_change"]), "max_abs": _jf(c["max_abs"])} for c in self.changes],
-            "max_rel_change": self.max_rel_change,
+            "max_rel_change": _jf(self.max_rel_change),
             "parity": {k: _jf(v) if isinstance(v, float) else v for k, v in self.parity.items()},
             "diffusers_copy": self.diffusers_copy or None,
         }
@@ -164,7 +164,7 @@ class VerifyReport:
 
         def listing(items: list[str]) -> None:
             for s in items[:_LIST_LIMIT]:
-                add(f"    {s}")
+                add("    " + s.replace("\n", "\n    "))  # a multi-line problem stays indented
             if len(items) > _LIST_LIMIT:
                 add(f"    ... and {len(items) - _LIST_LIMIT} more (see --json)")
 
@@ -267,7 +267,7 @@ def _lenient_convert(tensors: Any, mapping: Any) -> dict[str, np.ndarray]:
 
 def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, variant: Optional[str],
           mapping: Any, revision: Optional[str] = None, token: Optional[str] = None) -> _Loaded:
-    from .checkpoint import CheckpointError, looks_like_checkpoint, read_checkpoint
+    from .checkpoint import CheckpointError, check_files, looks_like_checkpoint, read_checkpoint
 
     text = os.fspath(source)
     got = _Loaded(path=text)
@@ -292,6 +292,9 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
         got.kind = "converted checkpoint"
         try:
             got.config, got.params, info = read_checkpoint(path, format=fmt)
+            if not got.detail:  # a local folder holds every format: all its files must be sound,
+                # not only the ones read (a Hub download fetches one format, checked as it is read)
+                check_files(path)
         except CheckpointError as e:
             got.problems.append(str(e))
             return got
@@ -531,6 +534,11 @@ def verify_checkpoint(
     from .checkpoint import keep_heap_lean
     from .mapping import load_mapping
 
+    if max_rel_change is not None:
+        if reference is None:  # a gate with nothing to compare with would always pass
+            raise ValueError("max_rel_change needs a reference to compare with")
+        if isinstance(max_rel_change, bool) or not math.isfinite(max_rel_change) or max_rel_change < 0:
+            raise ValueError(f"max_rel_change must be a finite number >= 0, got {max_rel_change!r}")
     keep_heap_lean()  # freed tensors go back to the OS between phases (see keep_heap_lean)
     mapping = mapping or load_mapping()
     src = _load(source, fmt=format, subfolder=subfolder, variant=variant, mapping=mapping, revision=revision,

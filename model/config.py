@@ -102,6 +102,18 @@ def _positive_int(v):
     return (int(v), None) if _is_int(v) and v >= 1 else (v, "must be an integer >= 1")
 
 
+def _nonnegative_int(v):
+    return (int(v), None) if _is_int(v) and v >= 0 else (v, "must be an integer >= 0")
+
+
+def _nonnegative_number(v):
+    return (_as_number(v), None) if _is_number(v) and v >= 0 else (v, "must be a finite number >= 0")
+
+
+def _flag(v):  # diffusers types force_upcast as a float (its default is True): a bool or a number
+    return (v, None) if isinstance(v, bool) or _is_number(v) else (v, "must be true, false or a number")
+
+
 def _positive_number(v):
     return (_as_number(v), None) if _is_number(v) and v > 0 else (v, "must be a finite number > 0")
 
@@ -168,9 +180,9 @@ _FIELD_CHECKS = {
     "up_block_types": _block_types(_UP_BLOCK),
     "block_out_channels": _channels,
     "latent_channels": _positive_int,
-    "layers_per_block": _positive_int,
+    "layers_per_block": _nonnegative_int,  # 0: blocks without resnets, which diffusers builds and runs
     "act_fn": _act_fn,
-    "norm_eps": _positive_number,
+    "norm_eps": _nonnegative_number,  # as diffusers: 0 is allowed
     "norm_num_groups": _positive_int,
     "temporal_compression_ratio": _temporal_ratio,
     "sample_height": _positive_int,
@@ -179,7 +191,7 @@ _FIELD_CHECKS = {
     "shift_factor": _optional_number,
     "latents_mean": _optional_numbers,
     "latents_std": _optional_numbers,
-    "force_upcast": _bool,
+    "force_upcast": _flag,
     "use_quant_conv": _bool,
     "use_post_quant_conv": _bool,
     "invert_scale_latents": _bool,

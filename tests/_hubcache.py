@@ -121,14 +121,30 @@ def diffusers_params(vae_folder: Path):
     return config, {path_to_str(k): v for k, v in flat.items()}
 
 
+def write_unchecked(out: Path, params: dict, config, *, formats=("orbax", "msgpack"), provenance: dict | None = None
+                    ) -> Path:
+    """A checkpoint folder with a valid manifest whatever ``params`` hold: what another tool (or an
+    older cogvae) could leave. ``write_checkpoint`` refuses parameters that do not fit the config,
+    so this uses the writer's parts directly; readers must catch what it lets through."""
+    from cogvae.converter.checkpoint import atomic_output_dir, finish_into, write_into
+
+    with atomic_output_dir(out) as tmp:
+        known = write_into(tmp, params, config, formats=formats)
+        finish_into(tmp, formats, dict(provenance or {}), known)
+    return out
+
+
 def make_checkpoint(out: Path, vae_folder: Path, *, provenance: dict | None = None, formats=("orbax", "msgpack"),
                     params_hook=None) -> Path:
     """A real converted checkpoint (cogvae.converter.checkpoint.write_checkpoint) of a diffusers VAE
-    folder; ``params_hook(params)`` may alter the parameters first (to build corrupt checkpoints)."""
+    folder; ``params_hook(params)`` may alter the parameters first, to build corrupt checkpoints
+    (written by :func:`write_unchecked`, as write_checkpoint refuses them)."""
     from cogvae.converter.checkpoint import write_checkpoint
 
     config, params = diffusers_params(vae_folder)
     params = {k: np.array(v) for k, v in params.items()}
+    provenance = provenance or {"source": str(vae_folder)}
     if params_hook is not None:
         params_hook(params)
-    return write_checkpoint(out, params, config, formats=formats, provenance=provenance or {"source": str(vae_folder)})
+        return write_unchecked(out, params, config, formats=formats, provenance=provenance)
+    return write_checkpoint(out, params, config, formats=formats, provenance=provenance)

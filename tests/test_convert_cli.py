@@ -607,6 +607,11 @@ def test_export_diffusers_roundtrip(tiny, tiny_tensors, tmp_path, dtype):
         assert back[k].tobytes() == want.tobytes(), k
     r = CliRunner().invoke(cli, ["export-diffusers", str(out), "--out", str(exp)])
     assert r.exit_code == 4
+    # --overwrite replaces an earlier export, never a folder holding anything else (the checkpoint)
+    r = CliRunner().invoke(cli, ["export-diffusers", str(out), "--out", str(exp), "--overwrite"])
+    assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(cli, ["export-diffusers", str(out), "--out", str(out), "--overwrite"])
+    assert r.exit_code == 4 and "is not a diffusers model folder" in r.stderr and is_converted_checkpoint(out)
     if dtype is None:
         import torch
         from diffusers import AutoencoderKLCogVideoX
@@ -615,6 +620,16 @@ def test_export_diffusers_roundtrip(tiny, tiny_tensors, tmp_path, dtype):
         sd = model.state_dict()
         for k, v in tiny_tensors.items():
             assert torch.equal(sd[k], torch.from_numpy(v)), k
+
+
+def test_inspect_lists_a_tensor_of_the_wrong_rank_with_its_problem(tiny, tiny_tensors, tmp_path):
+    src = _copy_with(tmp_path, tiny, tensors={**tiny_tensors, "decoder.conv_in.conv.weight": np.zeros((16, 16, 3, 3), np.float32)})
+    r = CliRunner().invoke(cli, ["inspect", str(src), "--json"])
+    assert r.exit_code == 0, r.stderr
+    row = next(x for x in json.loads(r.stdout)["tensors"] if x["key"] == "decoder.conv_in.conv.weight")
+    assert row["target_shape"] is None and "rank" in row["problem"]
+    r = CliRunner().invoke(cli, ["inspect", str(src)])
+    assert "decoder.conv_in.conv.weight  ->  decoder.conv_in.conv.kernel" in r.stdout and "PROBLEM: " in r.stdout
 
 
 def test_inspect(tiny, tmp_path):

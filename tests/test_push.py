@@ -419,3 +419,195 @@ def test_push_command_reports_what_it_removed(ckpt, monkeypatch):
     assert r.stdout.startswith(f"uploaded {len(_files(ckpt)) + 1} file(s) to me/x, removed 1 file(s) of the "
                                "previous checkpoint: https://huggingface.co/me/x/commit/")
     assert len(commits) == 1
+
+
+# ----------------------------------------------------------------------------------------
+# fine-tunes: what the card of save(..., base=) names, and the card's code
+# ----------------------------------------------------------------------------------------
+
+SHA_JAX = "b" * 40
+JAX_REPO = "me/vae-jax"
+#: the only files save(..., base=<repo id>) may fetch: never weights
+SMALL_FILES = {"COMPLETE", "config.json", "provenance.json", "model_index.json", "vae/config.json"}
+
+
+def _offline(monkeypatch, cache: Path) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+
+
+def _uploaded_files(folder: Path) -> dict[str, Path]:
+    return {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def hub_repos(ckpt, tmp_path_factory):
+    """A Hub cache holding the diffusers repo SOURCE (from the ``ckpt`` fixture) and JAX_REPO, the
+    ``ckpt`` checkpoint as ``push_checkpoint`` uploads it (README.md included) at commit SHA_JAX;
+    plus local bases: a copy of ``ckpt`` whose provenance.json has the flat layout, and a fine-tune
+    saved with ``base=JAX_REPO``.
+
+    Faked, and why: no network. The push goes to RecordingApi, and the files it would upload are
+    put into a real Hub cache (huggingface_hub's layout, see ``_hubcache``) under JAX_REPO, as a
+    download of the pushed repo would leave them; huggingface_hub's HF_HUB_OFFLINE / HF_HUB_CACHE
+    constants point at that cache while it is read (they are read at import time)."""
+    from cogvae.converter import load, save
+    from cogvae.converter.checkpoint import read_checkpoint, write_checkpoint
+
+    base = tmp_path_factory.mktemp("fine-tunes")
+    cache = base / "hub"
+    shutil.copytree(ckpt.parent / "hub", cache, symlinks=True)
+    api = RecordingApi(base / "push")
+    push_checkpoint(ckpt, JAX_REPO, api=api)
+    add_snapshot(cache, JAX_REPO, _uploaded_files(api.uploaded), commit=SHA_JAX)
+    config, params, _ = read_checkpoint(ckpt, format="msgpack")
+    flat = write_checkpoint(base / "flat", params, config, formats=("msgpack",),
+                            provenance={"source": SOURCE, "revision": SHA, "is_hub": True})
+    model = load(ckpt)
+    with pytest.MonkeyPatch.context() as mp:
+        _offline(mp, cache)
+        save(model, base / "ft-of-jax-repo", base=JAX_REPO, validate=False, formats="msgpack")
+    return dict(cache=cache, model=model, flat=flat, ft_of_jax_repo=base / "ft-of-jax-repo")
+
+
+def _push_card(folder: Path, tmp: Path, repo_id: str = "me/ft") -> tuple[ModelCard, str]:
+    """The card and commit message a push of ``folder`` makes (RecordingApi: no network)."""
+    api = RecordingApi(tmp)
+    push_checkpoint(folder, repo_id, api=api)
+    return ModelCard.load(api.uploaded / "README.md"), api.calls[-1][2]["commit_message"]
+
+
+@pytest.mark.parametrize("kind,base_model,base_revision", [
+    ("hub-checkpoint", JAX_REPO, SHA_JAX),    # a checkpoint pushed by cogvae push, by repo id
+    ("hub-diffusers", SOURCE, SHA),           # the diffusers repo, by repo id
+    ("local-checkpoint", SOURCE, None),       # the converted checkpoint folder
+    ("flat-provenance", SOURCE, None),        # a checkpoint whose provenance.json is flat
+    ("local-of-hub-checkpoint", JAX_REPO, None),  # a local fine-tune of JAX_REPO
+])
+def test_a_fine_tune_names_its_base_and_keeps_the_root_licence(ckpt, hub_repos, tmp_path, monkeypatch, kind,
+                                                               base_model, base_revision):
+    """``save(model, out, base=...)`` then push: the card's base_model is the nearest Hub repo among
+    the model's ancestors (JAX_REPO itself when the base is that repo), a Hub base's commit is
+    recorded, and the licence is the one of SOURCE, the model its weights were first converted
+    from, whatever the chain. A Hub base is read from the Hub cache, small files only.
+    Faked: the Hub is the offline cache of ``hub_repos`` (no network); snapshot_download is wrapped
+    to record what each request asks for (the real one runs); the push goes to RecordingApi."""
+    import huggingface_hub
+
+    from cogvae.converter import save
+
+    _offline(monkeypatch, hub_repos["cache"])
+    asked = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: asked.append(kw) or real(**kw))
+    base = {"hub-checkpoint": JAX_REPO, "hub-diffusers": SOURCE, "local-checkpoint": ckpt,
+            "flat-provenance": hub_repos["flat"], "local-of-hub-checkpoint": hub_repos["ft_of_jax_repo"]}[kind]
+    save(hub_repos["model"], tmp_path / "ft", base=base, validate=False, formats="msgpack")
+    prov = json.loads((tmp_path / "ft" / "provenance.json").read_text())
+    assert prov["base"]["id"] == str(base) and prov["base"]["revision"] == base_revision
+    assert prov["source"]["origin"] == {"id": SOURCE, "revision": SHA, "is_hub": True}
+    assert all(set(kw["allow_patterns"]) <= SMALL_FILES for kw in asked), asked  # never the weights
+    assert bool(asked) == kind.startswith("hub-")
+
+    card, message = _push_card(tmp_path / "ft", tmp_path / "push")
+    assert card.data.base_model == base_model
+    assert (card.data.license, card.data.get("license_name")) == ("other", "cogvideox-license")
+    assert f"[`{base_model}`](https://huggingface.co/{base_model})" in card.text
+    assert f"The weights keep the licence of the source model, [`{SOURCE}`]" in card.text
+    if base_model == JAX_REPO:
+        assert f"first converted from [`{SOURCE}`](https://huggingface.co/{SOURCE}) at commit `{SHA}`" in card.text
+    if base_revision:
+        assert f"at commit `{base_revision}`" in card.text
+    assert message == f"Upload CogVideoX VAE saved from JAX by cogvae, based on {base_model}"
+
+
+@pytest.mark.parametrize("kind", ["no-base", "saved-checkpoint", "diffusers-folder"])
+def test_a_fine_tune_without_a_hub_origin_is_described_truly(tmp_path, kind):
+    """A save with no base, with a base saved without one (a chain of local fine-tunes), or with
+    a local diffusers folder as base: the card and the commit message say what it is, never
+    "a local diffusers folder (`<in-memory model>`)". No Hub: pushed to RecordingApi."""
+    from cogvae.converter import load, save
+    from cogvae.converter.convert import default_source
+
+    vae = load(default_source())
+    base = None
+    if kind == "saved-checkpoint":
+        base = tmp_path / "ft0"
+        save(vae, base, validate=False, formats="msgpack")
+    elif kind == "diffusers-folder":
+        base = default_source()
+    save(vae, tmp_path / "ft", base=base, validate=False, formats="msgpack")
+    card, message = _push_card(tmp_path / "ft", tmp_path / "push")
+    saved = "from a model saved from JAX (`cogvae.converter.save`)"
+    expected = {"no-base": f"{saved}.",
+                "saved-checkpoint": f"{saved}, based on a local cogvae checkpoint (`{base}`).",
+                "diffusers-folder": f"{saved}, based on a local diffusers folder (`{base}`)."}[kind]
+    assert expected in " ".join(card.text.split())
+    assert "<in-memory model>" not in card.text and "<in-memory model>" not in message
+    assert card.data.base_model is None and card.data.license is None
+    assert message == "Upload CogVideoX VAE saved from JAX by cogvae" + (f", based on {base}" if base else "")
+
+
+@pytest.mark.parametrize("which,with_diffusers", [("converted", True), ("fine-tune", False)])
+def test_every_code_block_of_the_card_runs(ckpt, hub_repos, tmp_path, monkeypatch, which, with_diffusers):
+    """Every code block of the pushed card runs as written: the Python blocks exec'd (their
+    imports only), the shell lines run through the real `cogvae` command group (exit 0).
+    Faked, and why: no network, so the pushed files (RecordingApi) are put into a copy of the
+    ``hub_repos`` Hub cache under the card's repo id, offline (huggingface_hub's constants patched;
+    diffusers reads its own offline switch at import time, so it is patched too), and the card's
+    `load(REPO_ID)` / `from_pretrained(...)` / `cogvae verify REPO_ID` resolve from there."""
+    import shlex
+
+    import diffusers.utils.constants
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    cache = tmp_path / "hub"
+    shutil.copytree(hub_repos["cache"], cache, symlinks=True)
+    folder = ckpt if which == "converted" else hub_repos["ft_of_jax_repo"]
+    api = RecordingApi(tmp_path / "push")
+    card = push_checkpoint(folder, "me/card", api=api, with_diffusers=with_diffusers)["model_card"]
+    add_snapshot(cache, "me/card", _uploaded_files(api.uploaded), commit="e" * 40)
+    _offline(monkeypatch, cache)
+    monkeypatch.setattr(diffusers.utils.constants, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    import re
+
+    python = re.findall(r"```python\n(.*?)```", card, re.S)
+    shell = re.findall(r"```bash\n(.*?)```", card, re.S)
+    assert len(python) == 1 + with_diffusers and len(shell) == 1
+    for block in python:
+        exec(compile(block, "<model card>", "exec"), {})  # noqa: S102 - the card's own code
+    for line in shell[0].splitlines():
+        args = shlex.split(line, comments=True)
+        assert args[0] == "cogvae", line
+        r = CliRunner().invoke(cli, args[1:])
+        assert r.exit_code == 0, (line, r.output)
+
+
+@pytest.mark.parametrize("provenance,expected", [
+    # flat, as push's card has always accepted it
+    ({"source": SOURCE, "revision": SHA, "is_hub": True}, (SOURCE, SHA, True, SOURCE)),
+    # nested, as cogvae-convert writes it
+    ({"source": {"id": SOURCE, "revision": SHA, "is_hub": True, "files": []}}, (SOURCE, SHA, True, SOURCE)),
+    ({"source": {"source_id": "/data/vae", "is_hub": False}}, ("/data/vae", None, False, "/data/vae")),
+    # save's, with the model first converted from
+    ({"source": {"id": JAX_REPO, "revision": SHA_JAX, "is_hub": True, "saved_from": "<in-memory model>",
+                 "origin": {"id": SOURCE, "revision": SHA, "is_hub": True}}}, (JAX_REPO, SHA_JAX, True, SOURCE)),
+    # save's without a base (and what save wrote before base ids were resolved)
+    ({"source": {"id": "<in-memory model>", "is_hub": False, "saved_from": "<in-memory model>"}},
+     (None, None, False, None)),
+    ({"source": {"id": None, "is_hub": None, "checkpoint": "/x", "saved_from": "<in-memory model>"}},
+     (None, None, False, None)),
+    ({}, (None, None, False, None)),
+])
+def test_one_provenance_parser_for_every_layout(provenance, expected):
+    from cogvae.converter.push import _source_of, provenance_origin
+
+    o = provenance_origin(provenance)
+    assert (o["id"], o["revision"], o["is_hub"], o["root"]["id"]) == expected
+    assert _source_of(provenance) == expected[:3]

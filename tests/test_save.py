@@ -4,8 +4,10 @@ The model is the tiny diffusers-format VAE shipped with the package, loaded with
 fine-tuned for real: one SGD step on a reconstruction loss through the compiled encode and decode
 (``nnx.grad``). Its checkpoint is written by the real Orbax and msgpack writers, loaded back by
 ``load``, and its diffusers export is loaded by diffusers' own ``from_pretrained``, whose decode
-must match the fine-tuned model's within the parity contract. The Hub is not involved: the push of
-a saved checkpoint is covered by tests/test_push.py with its recording HfApi.
+must match the fine-tuned model's within the parity contract. The Hub is not involved, except where
+``save(..., base=<repo id>)`` looks a base up (an offline Hub cache, or a Hub that cannot be
+reached: each such test's docstring says what is faked); the push of a saved checkpoint is covered
+by tests/test_push.py with its recording HfApi.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from flax import nnx
 
 from _ref import assert_parity, to_bthwc
 from cogvae.converter import ConversionError, export_diffusers, load, model_params, save
-from cogvae.converter.checkpoint import read_checkpoint, write_checkpoint
+from cogvae.converter.checkpoint import read_checkpoint
 from cogvae.converter.cli import cli
 from cogvae.converter.convert import convert, default_source
 
@@ -120,16 +122,235 @@ def test_a_diverged_or_altered_model_is_refused_whole(tmp_path):
         assert not out.exists() and not list(tmp_path.glob(".*"))
 
 
+def unchecked_checkpoint(out, params, config, formats=("msgpack",)):
+    """A checkpoint folder with ``params`` as given, written by the same file writers as
+    ``write_checkpoint`` (``write_into`` + ``finish_into``: files, then the COMPLETE manifest) but
+    without its checks, as a third-party trainer or an older cogvae may have written one."""
+    from cogvae.converter.checkpoint import finish_into, write_into
+
+    out.mkdir()
+    finish_into(out, formats, {}, write_into(out, params, config, formats=formats))
+    return out
+
+
 def test_export_diffusers_refuses_a_checkpoint_with_non_finite_values(tmp_path):
-    """A checkpoint written without save's checks (write_checkpoint directly, as a third-party
-    trainer might) is refused by the command: exit 3, the tensor named, nothing at --out."""
+    """A checkpoint written without save's checks (see ``unchecked_checkpoint``) is refused by the
+    command: exit 3, the tensor named, nothing at --out."""
     vae = load(default_source(), compute_dtype=jnp.float32)
     params = model_params(vae)
     params["decoder.conv_out.conv.bias"] = params["decoder.conv_out.conv.bias"].copy()
     params["decoder.conv_out.conv.bias"][1] = np.nan
-    write_checkpoint(tmp_path / "bad", params, vae.config, formats=("msgpack",))
+    unchecked_checkpoint(tmp_path / "bad", params, vae.config)
     r = CliRunner().invoke(cli, ["export-diffusers", str(tmp_path / "bad"), "--out", str(tmp_path / "exp")])
     assert r.exit_code == 3
     assert "'decoder.conv_out.conv.bias': contains non-finite values: 1 NaN" in r.stderr
     assert not (tmp_path / "exp").exists()
 
+
+
+# ----------------------------------------------------------------------------------------
+# save(..., base=): the base is checked before any work
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty Hub cache, offline. Faked, and why: there is no network here, so
+    huggingface_hub's HF_HUB_CACHE / HF_HUB_OFFLINE constants (read at import time) are patched
+    to point at a real, empty cache in offline mode; the real snapshot_download answers."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """save's first piece of work (reading the model's parameters) replaced by a failure, to prove
+    that a bad base is refused before it."""
+    import cogvae.converter.saving as saving
+
+    def boom(*a, **k):
+        raise AssertionError("the base must be checked before any work")
+
+    monkeypatch.setattr(saving, "model_params", boom)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return load(default_source(), compute_dtype=jnp.float32)
+
+
+def _bad_base(kind, root, cache):
+    """A base of each wrong kind (a path, relative to ``root`` where relative)."""
+    from _hubcache import add_snapshot
+
+    if kind == "missing-repo-like":  # a local path typed from another working directory
+        return "checkpoints/cogvideox-2b"
+    if kind == "missing-local":
+        return "./checkpoints/cogvideox-2b"
+    if kind in ("no-manifest", "file-missing"):
+        ckpt = root / "half"
+        convert(None, ckpt, quiet=True, validate=False, formats=("msgpack",))
+        (ckpt / ("COMPLETE" if kind == "no-manifest" else "params.msgpack")).unlink()
+        return "half"
+    if kind == "neither":
+        (root / "notes").mkdir()
+        (root / "notes" / "README.md").write_text("hello")
+        return "notes"
+    if kind == "file":
+        (root / "ckpt.msgpack").write_bytes(b"\0")
+        return "ckpt.msgpack"
+    if kind == "hub-neither":  # a Hub repo (cached) that is no model
+        (root / "readme").write_text("# a dataset card")
+        add_snapshot(cache, "me/not-a-model", {"README.md": root / "readme"}, commit="9" * 40)
+        return "me/not-a-model"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind,error,message", [
+    ("missing-repo-like", "HubError",
+     r"base checkpoints/cogvideox-2b: no such local folder, so it was looked up on the Hugging Face Hub: "
+     r"checkpoints/cogvideox-2b is not in the Hub cache .* offline mode is on .*pass base= the local checkpoint"),
+    ("missing-local", "HubError", r"base \./checkpoints/cogvideox-2b: no such folder$"),
+    ("no-manifest", "CheckpointError", r"base half: not a complete converted checkpoint: .*no COMPLETE manifest"),
+    ("file-missing", "CheckpointError", r"base half: not a complete converted checkpoint: .*params.msgpack: missing"),
+    ("neither", "SourceError", r"base notes: neither a converted cogvae checkpoint nor a diffusers VAE: "),
+    ("file", "SourceError", r"base ckpt.msgpack: not a folder"),
+    ("hub-neither", "HubError", rf"base me/not-a-model@{'9' * 40}: neither a converted cogvae checkpoint"),
+])
+def test_a_wrong_base_is_refused_before_any_work(tiny_model, tmp_path, monkeypatch, offline_cache, kind, error,
+                                                message, no_work):
+    """A base that is not a local checkpoint or diffusers folder, nor a model on the Hub, is an
+    error naming it (it used to be recorded as a Hub repo, or silently accepted when incomplete),
+    raised before the model is read; nothing is written. Faked: the Hub is an empty (or, for
+    'hub-neither', a one-repo) offline cache, see ``offline_cache``."""
+    monkeypatch.chdir(tmp_path)
+    base = _bad_base(kind, tmp_path, offline_cache)
+    with pytest.raises(Exception) as e:
+        save(tiny_model, tmp_path / "ft", base=base)
+    assert type(e.value).__name__ == error
+    import re
+
+    assert re.search(message, str(e.value)), str(e.value)
+    assert not (tmp_path / "ft").exists() and not list(tmp_path.glob(".ft*"))
+
+
+def test_a_repo_id_base_not_on_the_hub_says_where_it_looked(tiny_model, tmp_path, monkeypatch, no_work):
+    """Online, a repo id that is neither a local folder nor on the Hub. Faked, and why: no network,
+    so snapshot_download is replaced by a function raising huggingface_hub's real
+    RepositoryNotFoundError (on a real httpx2 404 response), as the Hub answers an unknown repo."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from cogvae.converter.hub import HubError
+
+    def not_found(**kwargs):
+        resp = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
+        raise RepositoryNotFoundError("404 Client Error", response=resp)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(HubError, match=r"^base checkpoints/cogvideox-2b: no such local folder, and repository not "
+                                       r"found on the Hugging Face Hub"):
+        save(tiny_model, tmp_path / "ft", base="checkpoints/cogvideox-2b")
+    assert not (tmp_path / "ft").exists()
+
+
+def test_an_unreachable_hub_with_nothing_cached_is_an_error(tiny_model, tmp_path, monkeypatch, no_work):
+    """Online mode, but the Hub cannot be reached: the base cannot be checked, so it is an error
+    with the advice to pass the local checkpoint. Faked, and why: no network; the Hub endpoint is
+    pointed at a closed local port (real connection errors, nothing leaves the machine) and the
+    cache is an empty folder."""
+    import socket
+
+    import huggingface_hub.constants
+
+    from cogvae.converter.hub import HubError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    with pytest.raises(HubError) as e:
+        save(tiny_model, tmp_path / "ft", base="me/vae-jax")
+    msg = str(e.value)
+    assert msg.startswith("base me/vae-jax: no such local folder, so it was looked up on the Hugging Face Hub: ")
+    assert "the Hub cannot be reached" in msg and "pass base= the local checkpoint folder" in msg
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "diffusers", "pipeline"])
+def test_a_local_base_is_recorded_as_what_it_is(tiny_model, tmp_path, kind):
+    """A complete checkpoint, a diffusers VAE folder and a pipeline folder (with vae/) are accepted
+    and recorded with their kind; none is taken for a Hub repo. No Hub involved."""
+    import shutil
+
+    if kind == "checkpoint":
+        base = tmp_path / "ckpt"
+        convert(None, base, quiet=True, validate=False, formats=("msgpack",))
+    elif kind == "diffusers":
+        base = default_source()
+    else:
+        base = tmp_path / "pipe"
+        shutil.copytree(default_source(), base / "vae")
+        (base / "model_index.json").write_text(json.dumps({"vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+    summary = save(tiny_model, tmp_path / "ft", base=base, validate=False, formats="msgpack")
+    prov = json.loads((tmp_path / "ft" / "provenance.json").read_text())
+    assert prov["base"] == summary["base"]
+    assert prov["base"]["id"] == str(base) and prov["base"]["is_hub"] is False
+    assert prov["base"]["kind"] == ("checkpoint" if kind == "checkpoint" else "diffusers")
+    assert prov["source"]["is_hub"] is False and prov["source"]["saved_from"] == "<in-memory model>"
+
+
+# ----------------------------------------------------------------------------------------
+# export_diffusers checks a checkpoint's architecture as load does
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("problems", [
+    ("missing",), ("shape",), ("extra",), ("missing", "shape", "extra", "nan"),
+])
+def test_export_refuses_a_checkpoint_that_does_not_fit_its_config(tiny_model, tmp_path, problems):
+    """A checkpoint whose tensors are missing, mis-shaped or extra (written without checks, see
+    ``unchecked_checkpoint``; write_checkpoint used to accept such parameters too):
+    export-diffusers used to write it (diffusers' from_pretrained then failed), while load refuses
+    it. Now every problem is named in one error (with a non-finite value elsewhere too), exit 3,
+    nothing at --out."""
+    params = dict(model_params(tiny_model))
+    want = []
+    if "missing" in problems:
+        shape = params.pop("decoder.conv_out.conv.bias").shape
+        want.append(f"parameter 'decoder.conv_out.conv.bias' {shape}: missing")
+    if "shape" in problems:
+        good = params["decoder.conv_in.conv.bias"].shape
+        params["decoder.conv_in.conv.bias"] = np.zeros(7, np.float32)
+        k = params["encoder.conv_in.conv.kernel"]
+        params["encoder.conv_in.conv.kernel"] = np.zeros(k.shape[:3] + (5,) + k.shape[4:], np.float32)
+        want += [f"parameter 'decoder.conv_in.conv.bias': shape (7,), the config's architecture has {good}",
+                 f"parameter 'encoder.conv_in.conv.kernel': shape {k.shape[:3] + (5,) + k.shape[4:]}, the config's "
+                 f"architecture has {k.shape}"]
+    if "extra" in problems:
+        params["decoder.adapter"] = np.zeros((4, 4), np.float32)
+        want.append("parameter 'decoder.adapter' (4, 4): not part of the CogVideoX VAE architecture of its config")
+    if "nan" in problems:
+        params["encoder.conv_in.conv.bias"] = params["encoder.conv_in.conv.bias"].copy()
+        params["encoder.conv_in.conv.bias"][0] = np.nan
+        want.append("parameter 'encoder.conv_in.conv.bias': contains non-finite values: 1 NaN")
+    ckpt = unchecked_checkpoint(tmp_path / "bad", params, tiny_model.config, formats=("orbax", "msgpack"))
+    for fmt in ("orbax", "msgpack"):
+        with pytest.raises(ConversionError) as e:
+            export_diffusers(ckpt, tmp_path / "exp", format=fmt)
+        assert len(e.value.problems) == len(want), str(e.value)
+        for w in want:
+            assert w in str(e.value)
+    r = CliRunner().invoke(cli, ["export-diffusers", str(ckpt), "--out", str(tmp_path / "exp")])
+    assert r.exit_code == 3 and f"{len(want)} problem(s)" in r.stderr
+    assert not (tmp_path / "exp").exists() and not list(tmp_path.glob(".exp*"))

@@ -218,3 +218,49 @@ def test_unreadable_sources_are_reported(base, good, tmp_path):
     assert not r.ok and "no COMPLETE manifest" in r.problems[0]
     assert not r.reference_missing  # nothing compared when the source could not be read
     assert _strict_json(r)["ok"] is False
+
+
+def test_every_file_of_a_local_checkpoint_is_hashed(good, tmp_path):
+    """verify reads one format, but a local checkpoint holds both: a corrupt file of the other
+    one (and the config) must fail the report too, each problem on its own indented line."""
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(good, d)
+    data = bytearray((d / "params.msgpack").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (d / "params.msgpack").write_bytes(bytes(data))
+    (d / "provenance.json").write_text((d / "provenance.json").read_text() + " ")
+    r = verify_checkpoint(d, parity=False)  # reads orbax
+    assert not r.ok
+    assert r.problems == [f"{d}: corrupt checkpoint: 2 problems:\n"
+                          f"  - params.msgpack: sha256 differs from the manifest (corrupt file)\n"
+                          f"  - provenance.json: size {(d / 'provenance.json').stat().st_size}, manifest says "
+                          f"{(d / 'provenance.json').stat().st_size - 1}"]
+    text = r.format_text()
+    assert "\n      - params.msgpack: sha256 differs" in text and "\n      - provenance.json: size" in text
+
+
+@pytest.mark.parametrize("value, reference, message", [
+    (0.05, None, "needs a reference"),
+    (-1.0, "good", "finite number >= 0"),
+    (float("nan"), "good", "finite number >= 0"),
+    (float("inf"), "good", "finite number >= 0"),
+])
+def test_a_gate_that_cannot_gate_is_refused(good, value, reference, message):
+    """--max-rel-change without --reference would always pass; nan, inf or a negative bound would
+    pass or fail every tensor whatever it holds."""
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    with pytest.raises(ValueError, match=message):
+        verify_checkpoint(good, good if reference else None, max_rel_change=value, parity=False)
+    args = ["verify", str(good), "--no-parity", "--max-rel-change", str(value)] + (["--reference", str(good)] if reference else [])
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2 and ("--max-rel-change" in r.stderr) and ("needs --reference" in r.stderr or message in r.stderr)
+
+
+def test_a_zero_gate_passes_an_identical_checkpoint_with_strict_json(good):
+    r = verify_checkpoint(good, good, max_rel_change=0.0, parity=False)
+    assert r.ok and _strict_json(r)["max_rel_change"] == 0.0

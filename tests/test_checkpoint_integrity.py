@@ -1,0 +1,222 @@
+"""A converted checkpoint is trusted only as far as its COMPLETE manifest vouches for it: every
+reader refuses a manifest that leaves files unchecked, files it does not list, parameters that
+do not fit the config, and casts that overflow. Each case is a real checkpoint written by
+``convert`` and then damaged on disk, as a bad copy, an edit or another tool would leave it."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cogvae.converter import load, save
+from cogvae.converter.checkpoint import (
+    CheckpointError,
+    _manifest,
+    _read_msgpack,
+    _write_msgpack,
+    is_converted_checkpoint,
+    read_checkpoint,
+    write_checkpoint,
+)
+from cogvae.converter.cli import cli
+from cogvae.converter.convert import convert, default_source
+from cogvae.converter.engine import ConversionError
+from cogvae.converter.st_io import open_safetensors, save_safetensors
+from cogvae.model import VAEConfig
+
+BIAS = "encoder.conv_in.conv.bias"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("integrity") / "ckpt"
+    convert(None, out, quiet=True, validate=False)
+    return out
+
+
+def _copy(ckpt: Path, tmp_path: Path) -> Path:
+    d = tmp_path / "ckpt"
+    shutil.copytree(ckpt, d)
+    return d
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    m = json.loads((folder / "COMPLETE").read_text())
+    edit(m)
+    (folder / "COMPLETE").write_text(json.dumps(m))
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _largest_file(folder: Path) -> Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
+def test_a_manifest_that_omits_a_formats_files_is_refused(ckpt, tmp_path, fmt):
+    """Without their entries the format's files would go unchecked: a corrupted file loaded."""
+    d = _copy(ckpt, tmp_path)
+    prefix = "orbax/" if fmt == "orbax" else "params.msgpack"
+    _edit_manifest(d, lambda m: m.__setitem__("files", {k: v for k, v in m["files"].items()
+                                                        if not k.startswith(prefix)}))
+    _flip_a_byte(_largest_file(d / "orbax") if fmt == "orbax" else d / "params.msgpack")
+    with pytest.raises(CheckpointError, match=f"corrupt manifest: lists no {fmt} files, though its formats include"):
+        load(d, format=fmt)
+    assert not is_converted_checkpoint(d)
+
+
+def test_a_file_in_the_orbax_folder_that_the_manifest_does_not_list_is_refused(ckpt, tmp_path):
+    """Orbax reads what its folder holds, so an unlisted file there could change what loads."""
+    d = _copy(ckpt, tmp_path)
+    data = _largest_file(d / "orbax")
+    _edit_manifest(d, lambda m: m["files"].pop(data.relative_to(d).as_posix()))
+    with pytest.raises(CheckpointError, match=rf"{data.relative_to(d).as_posix()}: not in the COMPLETE manifest"):
+        read_checkpoint(d, format="orbax")
+    read_checkpoint(d, format="msgpack")  # the other format is still sound
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("abc", r'config.json: entry "abc" is not'),
+    ({"size": 10}, r"config.json: entry .* is not"),
+    ({"size": -1, "sha256": "0" * 64}, r"config.json: entry .* is not"),
+    ({"size": True, "sha256": "0" * 64}, r"config.json: entry .* is not"),
+    ({"size": 10, "sha256": "xyz"}, r"config.json: entry .* is not"),
+])
+def test_a_malformed_manifest_entry_is_a_clear_error(ckpt, tmp_path, entry, message):
+    d = _copy(ckpt, tmp_path)
+    _edit_manifest(d, lambda m: m["files"].__setitem__("config.json", entry))
+    with pytest.raises(CheckpointError, match="COMPLETE: corrupt manifest: " + message):
+        read_checkpoint(d)
+    assert not is_converted_checkpoint(d)
+    r = CliRunner().invoke(cli, ["inspect", str(d)])
+    assert r.exit_code == 3 and r.stderr.startswith("Error: ") and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("rel", ["../outside", "/etc/hostname", "orbax/../config.json", "a//b"])
+def test_a_manifest_path_outside_the_folder_is_refused(ckpt, tmp_path, rel):
+    d = _copy(ckpt, tmp_path)
+    _edit_manifest(d, lambda m: m["files"].__setitem__(rel, {"size": 1, "sha256": "0" * 64}))
+    with pytest.raises(CheckpointError, match="not a relative path inside the checkpoint folder"):
+        read_checkpoint(d)
+
+
+def test_several_corrupt_files_are_listed_one_per_line(ckpt, tmp_path):
+    d = _copy(ckpt, tmp_path)
+    (d / "config.json").write_text((d / "config.json").read_text() + " ")
+    _flip_a_byte(d / "params.msgpack")
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(d, format="msgpack")
+    assert str(e.value).splitlines() == [
+        f"{d}: corrupt checkpoint: 2 problems:",
+        f"  - config.json: size {(d / 'config.json').stat().st_size}, manifest says "
+        f"{(d / 'config.json').stat().st_size - 1}",
+        "  - params.msgpack: sha256 differs from the manifest (corrupt file)"]
+
+
+def _rewrite_params(folder: Path, change) -> None:
+    """Replace params.msgpack and re-sign the manifest: a checkpoint whose hashes are all right but
+    whose parameters another tool wrote."""
+    params = _read_msgpack(folder / "params.msgpack")
+    change(params)
+    _write_msgpack(folder / "params.msgpack", params)
+    manifest = _manifest(folder, ["msgpack"], {})
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("orbax/")}
+    shutil.rmtree(folder / "orbax")
+    (folder / "COMPLETE").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p: p.__setitem__(BIAS, np.full_like(p[BIAS], np.nan)), "contains non-finite values: 8 NaN, 0 Inf"),
+    (lambda p: p.__setitem__(BIAS, p[BIAS].astype(np.int32)), "dtype int32 is not floating point"),
+    (lambda p: p.__setitem__(BIAS, p[BIAS].astype(np.float64)), "dtype float64 not allowed"),
+])
+def test_load_refuses_parameters_a_checkpoint_may_not_hold(ckpt, tmp_path, change, message):
+    d = _copy(ckpt, tmp_path)
+    _rewrite_params(d, change)
+    assert is_converted_checkpoint(d)  # the files are what the manifest says
+    with pytest.raises(CheckpointError, match=rf"parameter '{BIAS}': {message}"):
+        load(d)
+
+
+def test_write_checkpoint_refuses_every_bad_parameter_together(ckpt, tmp_path):
+    config, params, _ = read_checkpoint(ckpt, format="msgpack")
+    params[BIAS] = np.full_like(params[BIAS], np.inf)
+    params["decoder.conv_out.conv.bias"] = params["decoder.conv_out.conv.bias"].astype(np.int32)
+    del params["decoder.conv_in.conv.bias"]
+    params["decoder.extra"] = np.zeros(3, np.float32)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError) as e:
+        write_checkpoint(out, params, config)
+    lines = str(e.value).splitlines()
+    assert lines[0] == f"{out}: parameters do not fit the config: 4 problem(s):"
+    assert any("'decoder.extra'" in ln and "extra" in ln for ln in lines)
+    assert any("'decoder.conv_in.conv.bias'" in ln and "missing" in ln for ln in lines)
+    assert any("int32" in ln for ln in lines) and any("0 NaN, 8 Inf" in ln for ln in lines)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------
+# casts that overflow: a finite float32 weight beyond float16's 65504
+# ----------------------------------------------------------------------------------------
+
+
+def _source_with_a_large_weight(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    shutil.copytree(default_source(), src)
+    weights = src / "diffusion_pytorch_model.safetensors"
+    f = open_safetensors(weights)
+    tensors = {k: np.array(f[k]) for k in f}
+    tensors[BIAS] = tensors[BIAS].copy()
+    tensors[BIAS][3] = 1e5
+    save_safetensors(tensors, weights, metadata={"format": "pt"})
+    return src
+
+
+OVERFLOW = r"does not fit float16: 1 of 8 finite values overflow to Inf when cast \(largest magnitude 100000"
+
+
+def test_convert_to_float16_refuses_a_weight_that_overflows(tmp_path):
+    src = _source_with_a_large_weight(tmp_path)
+    out = tmp_path / "ckpt"
+    r = CliRunner().invoke(cli, ["convert", str(src), "--out", str(out), "--dtype", "float16", "-q"])
+    assert r.exit_code == 3, r.output
+    assert r.stderr.startswith("Error: ") and re.search(rf"{BIAS}.*{OVERFLOW}", r.stderr)
+    assert not out.exists()
+    r = CliRunner().invoke(cli, ["convert", str(src), "--out", str(out), "--dtype", "bfloat16", "-q", "--no-validate"])
+    assert r.exit_code == 0, r.output  # bfloat16 holds float32's range
+
+
+def test_save_and_load_as_float16_refuse_a_weight_that_overflows(tmp_path):
+    src = _source_with_a_large_weight(tmp_path)
+    vae = load(src)
+    with pytest.raises(ConversionError, match=rf"parameter '{BIAS}': {OVERFLOW}"):
+        save(vae, tmp_path / "ft", dtype="float16", validate=False)
+    assert not (tmp_path / "ft").exists()
+    save(vae, tmp_path / "ft32", validate=False)
+    with pytest.raises(CheckpointError, match=rf"parameter '{BIAS}': {OVERFLOW}"):
+        load(tmp_path / "ft32", dtype="float16")
+    assert load(tmp_path / "ft32", dtype="bfloat16").config == VAEConfig.from_json_file(src / "config.json")
+
+
+def test_a_decode_that_overflows_is_reported_as_such_not_as_differing_formats(ckpt, tmp_path):
+    """Finite weights whose decode overflows (a bias of 3e38): both formats decode the same Inf;
+    validation names that, and does not claim the two formats differ."""
+    from cogvae.converter.convert import validate_checkpoint_dir
+
+    config, params, _ = read_checkpoint(ckpt, format="msgpack")
+    params["decoder.conv_out.conv.bias"] = np.full_like(params["decoder.conv_out.conv.bias"], 3e38)
+    params["decoder.conv_out.conv.kernel"] = np.full_like(params["decoder.conv_out.conv.kernel"], 3e38)
+    write_checkpoint(tmp_path / "big", params, config)
+    v = validate_checkpoint_dir(tmp_path / "big", config, ("orbax", "msgpack"), None)
+    assert v["formats_identical"] is True
+    assert v["problems"] == ["orbax: decode output has NaN/Inf", "msgpack: decode output has NaN/Inf"]
