@@ -509,6 +509,20 @@ class AutoencoderKLCogVideoX(nnx.Module):
     def _split(self):
         return nnx.split(self)
 
+    def _check_encodable(self, height: int, width: int, what: str = "video") -> None:
+        """diffusers' Downsample3D pads a side of n pixels to n + 1 and runs a 3x3 conv of stride 2,
+        which torch refuses for n < 2 ("Kernel size can't be greater than actual input size"); so
+        does this model, instead of returning an empty latent."""
+        for name, n in (("height", height), ("width", width)):
+            size = n
+            for _ in range(len(self.config.block_out_channels) - 1):
+                if size < 2:
+                    raise ValueError(
+                        f"{what} {name} {n} is too small for the encoder: each of its "
+                        f"{len(self.config.block_out_channels) - 1} downsamplings needs at least 2 pixels "
+                        f"(it halves them), so the smallest {name} is {2 ** (len(self.config.block_out_channels) - 1)}")
+                size //= 2
+
     def _encode(self, x: Array, compiled: bool) -> Array:
         t = self.tiling
         if self.use_tiling and (x.shape[3] > t.tile_sample_min_width or x.shape[2] > t.tile_sample_min_height):
@@ -539,6 +553,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
 
     def _encode_frames(self, x: Array, compiled: bool, valid=None) -> Array:
         """x: (B, T, H, W, C) -> h: (B, t, h, w, 2*latent), in diffusers' frame batches."""
+        if valid is None:  # (a padded tile is checked at its valid size by _tiled)
+            self._check_encodable(x.shape[2], x.shape[3])
         return self._run_batches("encode", x, SAMPLE_FRAMES_BATCH, compiled, valid)
 
     def encode_moments(self, x: Array, *, compiled: bool = True) -> Array:
@@ -609,7 +625,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
         mixed = (a_tail * w_a + b_head * w_b).astype(b.dtype)
         return jax.lax.dynamic_update_slice_in_dim(b, mixed, 0, axis=axis)
 
-    def _tiled(self, x: Array, tile_in: tuple[int, int], tile_out: tuple[int, int], factors, run_tile, out_size) -> Array:
+    def _tiled(self, x: Array, tile_in: tuple[int, int], tile_out: tuple[int, int], factors, run_tile, out_size,
+               check=None) -> Array:
         """diffusers' tiled_encode / tiled_decode loop over (B, T, H, W, C) input tiles.
 
         With ``pad_tiles`` every tile is zero-padded to one shape and run with its valid size
@@ -632,6 +649,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
             for j in range(0, width, overlap_w):
                 tile = x[:, :, i : i + tile_in[0], j : j + tile_in[1]]
                 vh, vw = tile.shape[2], tile.shape[3]
+                if check is not None:
+                    check(vh, vw, f"tile at row {i}, column {j}:")
                 if not self.tiling.pad_tiles:
                     row.append(run_tile(tile, None))
                     continue
@@ -671,6 +690,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
             (t.tile_overlap_factor_height, t.tile_overlap_factor_width),
             lambda tile, valid: self._encode_frames(tile, compiled, valid),
             self._encoded_size,
+            check=self._check_encodable,
         )
 
     def tiled_decode(self, z: Array, *, compiled: bool = True) -> Array:

@@ -152,6 +152,39 @@ def test_tiled_decode_matches_diffusers(name, latents):
         ours.disable_tiling()
 
 
+@pytest.mark.parametrize("case", ["untiled", "tiled", "tiled-exact"])
+def test_a_video_too_small_to_encode_is_refused_as_diffusers_refuses_it(case):
+    """diffusers' Downsample3D (pad to n + 1, 3x3 conv of stride 2) cannot run on fewer than 2
+    pixels: torch raises. This model must raise too, not return an empty latent. l1-g4-z4 halves
+    twice, so 3 rows fail; with 16-row tiles every 12 rows over 27 rows the last tile is 3 rows high."""
+    ref, ours = pair("l1-g4-z4")
+    x = torch.randn(1, 3, 1, 3 if case == "untiled" else 27, 16)
+    if case != "untiled":
+        ref.enable_tiling(**TILE)
+        ours.enable_tiling(**TILE, pad_tiles=case == "tiled")
+    try:
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater than actual input size"), torch.no_grad():
+            ref.encode(x)
+        with pytest.raises(ValueError, match="height 3 is too small for the encoder: each of its 2 downsamplings "
+                                             "needs at least 2 pixels .* the smallest height is 4"):
+            ours.encode(to_bthwc(x))
+    finally:
+        ref.disable_tiling()
+        ours.disable_tiling()
+
+
+def test_blocks_without_resnets_match_diffusers():
+    """layers_per_block=0, which diffusers builds and runs (its config check allows it)."""
+    ref = diffusers_vae(seed=7, block_out_channels=(8, 8, 8), layers_per_block=0, norm_num_groups=4, latent_channels=4)
+    ours = to_nnx(ref)
+    torch.manual_seed(13)
+    x, z = torch.randn(1, 3, 17, 16, 16), torch.randn(1, 4, 5, 4, 4)
+    with torch.no_grad():
+        mean, video = ref.encode(x).latent_dist.mean, ref.decode(z).sample
+    assert_parity(ours.encode(to_bthwc(x))[0], mean, "layers_per_block=0 encode T=17")
+    assert_parity(ours.decode(to_bthwc(z)), video, "layers_per_block=0 decode t=5")
+
+
 def test_slicing_matches_diffusers():
     ref, ours = pair("l1-g4-z4")
     ref.enable_slicing()
