@@ -72,7 +72,12 @@ def main() -> int:
         from jax.experimental import topologies
 
         path = Path(a.target) if Path(a.target).is_file() else TARGETS / f"{a.target}.txtpb"
-        topo = topologies.get_topology_desc(platform="cuda", target_config=path.read_text(), topology="1x1x1")
+        try:
+            topo = topologies.get_topology_desc(platform="cuda", target_config=path.read_text(), topology="1x1x1")
+        except Exception as e:  # noqa: BLE001 - no CUDA plugin: say what to install, as bench_memory.py does
+            raise SystemExit(f"--target {a.target}: jax cannot compile for CUDA here ({str(e).splitlines()[0]}); "
+                             f"install the CUDA plugin matching jax {jax.__version__}: "
+                             f"pip install 'jax[cuda12]=={jax.__version__}'") from None
         dev = list(topo.devices)[0]
         backend, sharding = "gpu", jax.sharding.SingleDeviceSharding(dev)
         device = f"{dev.device_kind} (deviceless compile, jax {jax.__version__})"

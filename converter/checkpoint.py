@@ -218,13 +218,33 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
-def _remove_tree(path: Path) -> None:
-    """Remove a failed output's temporary folder; again while something still writes into it (a
-    failed Orbax save's tensorstore threads can create files for a moment after it returned)."""
-    for delay in (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0):
-        time.sleep(delay)
+def _tree_state(path: Path) -> list:
+    out = []
+    for p in path.rglob("*"):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out.append((str(p), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
+def _remove_tree(path: Path, *, settle: float = 0.5, timeout: float = 15.0) -> None:
+    """Remove a failed output's temporary folder once nothing writes into it any more: a failed
+    Orbax save returns while tensorstore still completes writes it had started (recreating the
+    folders they go to), so the tree must be still for ``settle`` seconds first."""
+    deadline = time.monotonic() + timeout
+    last, still_since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        state = _tree_state(path)
+        if state != last:
+            last, still_since = state, time.monotonic()
+        elif time.monotonic() - still_since >= settle:
+            break
+        time.sleep(0.05)
+    for _ in range(5):
         shutil.rmtree(path, ignore_errors=True)
-        time.sleep(0.05 if delay else 0.0)
+        time.sleep(0.1)
         if not path.exists():
             return
 

@@ -346,6 +346,10 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
                                      param_hint="'--max-rel-change'")
     report = _run(verify_checkpoint, source, reference, parity=not no_parity, revision=revision, token=token,
                   max_rel_change=max_rel_change, top=top, format=fmt, subfolder=subfolder, variant=variant)
+    if report.input_errors:  # nothing to verify: not found (exit 3) or not fetched (exit 5), as the other commands
+        for e in report.input_errors[1:]:
+            click.echo(f"Error: {str(e).strip()}", err=True)
+        _fail(report.input_errors[0])
     if as_json:
         _emit_json(report.to_dict())
     else:

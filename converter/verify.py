@@ -59,6 +59,7 @@ class _Loaded:
     problems: list[str] = field(default_factory=list)
     detail: str = ""
     diffusers_copy: Optional[Path] = None  # a checkpoint's weights also in diffusers' format (push --with-diffusers)
+    unreachable: Optional[Exception] = None  # not found / not fetched: the CLI's exit 3 or 5, not a failed check
 
 
 @dataclass
@@ -90,6 +91,11 @@ class VerifyReport:
     parity: dict = field(default_factory=dict)  # {status: passed|failed|skipped, ...}
     diffusers_copy: dict = field(default_factory=dict)  # {file, status: identical|differs|skipped, ...}
     top: int = 10
+    source_loaded: bool = True
+    reference_loaded: bool = True
+    #: the source or reference could not be found or fetched (SourceError / HubError): for the
+    #: command line an input or network error (exit 3 or 5), not a failed verification
+    input_errors: list = field(default_factory=list, repr=False)
 
     # ------------------------------------------------------------------ verdict
     @property
@@ -143,7 +149,7 @@ class VerifyReport:
                 "extra": self.model_extra,
                 "shape_mismatch": self.model_shape_mismatch,
             },
-            "reference_architecture": None if self.reference is None else {
+            "reference_architecture": None if self.reference is None or not (self.source_loaded and self.reference_loaded) else {
                 "missing": self.reference_missing,
                 "extra": self.reference_extra,
                 "shape_mismatch": self.reference_shape_mismatch,
@@ -186,7 +192,10 @@ class VerifyReport:
                     + [f"extra: {m['key']} {tuple(m['shape'])}" for m in self.model_extra]
                     + [f"shape: {m['key']} {tuple(m['shape'])}, expected {tuple(m['expected'])}"
                        for m in self.model_shape_mismatch])
-        if self.reference is not None:
+        if self.reference is not None and not (self.source_loaded and self.reference_loaded):
+            add("vs reference: not compared ("
+                + ("the reference" if self.source_loaded else "the source") + " could not be loaded)")
+        elif self.reference is not None:
             ref = (len(self.reference_missing) + len(self.reference_extra) + len(self.reference_shape_mismatch)
                    + len(self.config_differences))
             add(f"vs reference: {'FAILED' if ref else 'ok'}"
@@ -268,6 +277,7 @@ def _lenient_convert(tensors: Any, mapping: Any) -> dict[str, np.ndarray]:
 def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, variant: Optional[str],
           mapping: Any, revision: Optional[str] = None, token: Optional[str] = None) -> _Loaded:
     from .checkpoint import CheckpointError, check_files, looks_like_checkpoint, read_checkpoint
+    from .loading import SourceError
 
     text = os.fspath(source)
     got = _Loaded(path=text)
@@ -277,12 +287,14 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
 
         if not path.exists() and not looks_like_repo_id(text):
             got.problems.append(f"{text}: no such file or folder")
+            got.unreachable = SourceError(got.problems[-1])
             return got
         try:
             r = resolve_source(text, subfolder=subfolder, variant=variant, format=fmt, revision=revision,
                                token=token, quiet=True, also=[DIFFUSERS_WEIGHTS])
         except HubError as e:
             got.problems.append(str(e))
+            got.unreachable = SourceError(str(e)) if path.exists() else e  # as cogvae-convert: 3 or 5
             return got
         path = Path(r.folder)
         fmt = r.format or fmt
@@ -544,7 +556,10 @@ def verify_checkpoint(
     src = _load(source, fmt=format, subfolder=subfolder, variant=variant, mapping=mapping, revision=revision,
                 token=token)
     report = VerifyReport(source=src.path, source_kind=src.kind, source_detail=src.detail, top=top,
-                          max_rel_change=max_rel_change, load_problems=list(src.problems))
+                          max_rel_change=max_rel_change, load_problems=list(src.problems),
+                          source_loaded=src.config is not None and bool(src.params))
+    if src.unreachable is not None:
+        report.input_errors.append(src.unreachable)
     params = src.params
     report.num_tensors = len(params)
     report.num_parameters = int(sum(int(np.prod(a.shape, dtype=np.int64)) for a in params.values()))
@@ -568,6 +583,9 @@ def verify_checkpoint(
         ref = _load(reference, fmt=None, subfolder=subfolder, variant=variant, mapping=mapping, token=token)
         report.reference, report.reference_kind, report.reference_detail = ref.path, ref.kind, ref.detail
         report.load_problems += [f"reference: {p}" for p in ref.problems]
+        report.reference_loaded = ref.config is not None and bool(ref.params)
+        if ref.unreachable is not None:
+            report.input_errors.append(type(ref.unreachable)(f"reference: {ref.unreachable}"))
         if ref.config is not None and src.config is not None:
             a_cfg, b_cfg = src.config.to_diffusers_config(), ref.config.to_diffusers_config()
             report.config_differences = [{"key": k, "source": a_cfg.get(k), "reference": b_cfg.get(k)}
@@ -585,7 +603,7 @@ def verify_checkpoint(
                                          if not (c["rel_change"] <= max_rel_change)]
         del ref  # the reference's weights are not needed for the parity run
 
-    fits = (src.config is not None and params and not report.load_problems and not report.model_missing
+    fits = (src.config is not None and params and not src.problems and not report.model_missing
             and not report.model_extra and not report.model_shape_mismatch and not report.nonfinite
             and not report.bad_dtypes)
     if not parity:
@@ -598,6 +616,8 @@ def verify_checkpoint(
                 if isinstance(e, AssertionError):
                     raise
                 report.parity = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+        elif not report.source_loaded:
+            report.parity = {"status": "skipped", "note": "parity check skipped: the source could not be loaded"}
         else:
             report.parity = {"status": "skipped", "note": "parity check skipped: the parameters do not fit the model"}
     if src.diffusers_copy is not None:  # e.g. a repo pushed with --with-diffusers: both halves must agree

@@ -264,3 +264,41 @@ def test_a_gate_that_cannot_gate_is_refused(good, value, reference, message):
 def test_a_zero_gate_passes_an_identical_checkpoint_with_strict_json(good):
     r = verify_checkpoint(good, good, max_rel_change=0.0, parity=False)
     assert r.ok and _strict_json(r)["max_rel_change"] == 0.0
+
+
+def test_a_missing_source_or_reference_is_an_input_error_not_a_failed_check(good, tmp_path):
+    """Nothing to verify is exit 3 with an Error line (as every other command), not a report whose
+    other sections claim a comparison that never happened."""
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    r = verify_checkpoint(good, tmp_path / "nope", parity=True)
+    assert not r.ok and not r.reference_loaded and r.parity["status"] == "passed"
+    assert "vs reference: not compared (the reference could not be loaded)" in r.format_text()
+    assert _strict_json(r)["reference_architecture"] is None
+    r = verify_checkpoint(tmp_path / "nope")
+    assert r.parity == {"status": "skipped", "note": "parity check skipped: the source could not be loaded"}
+    for args, lines in [([str(tmp_path / "nope")], [f"Error: {tmp_path / 'nope'}: no such file or folder"]),
+                        ([str(good), "--reference", str(tmp_path / "nope"), "--no-parity"],
+                         [f"Error: reference: {tmp_path / 'nope'}: no such file or folder"]),
+                        ([str(tmp_path / "a"), "--reference", str(tmp_path / "b")],
+                         [f"Error: reference: {tmp_path / 'b'}: no such file or folder",
+                          f"Error: {tmp_path / 'a'}: no such file or folder"])]:
+        res = CliRunner().invoke(cli, ["verify", *args])
+        assert res.exit_code == 3 and res.stdout == "" and res.stderr.splitlines() == lines
+
+
+def test_a_repo_neither_local_nor_cached_offline_is_a_hub_error(tmp_path, monkeypatch):
+    """Faked, and why: no network; huggingface_hub is put offline over an empty Hub cache."""
+    import huggingface_hub.constants
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, ["verify", "me/not-cached"])
+    assert res.exit_code == 5 and res.stdout == ""
+    assert res.stderr.startswith("Error: me/not-cached is not in the Hub cache") and "offline mode is on" in res.stderr
