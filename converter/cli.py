@@ -52,8 +52,10 @@ def _exit_code(e: BaseException) -> Optional[int]:
     except ImportError:
         pass
     try:
-        from .push import PushError
+        from .push import PushError, PushUsageError
 
+        if isinstance(e, PushUsageError):  # a malformed repo id: the caller's argument, refused before any work
+            return EXIT_USAGE
         if isinstance(e, PushError):
             return EXIT_NETWORK
     except ImportError:
@@ -79,6 +81,37 @@ def _run(fn, *args: Any, **kwargs: Any) -> Any:
 
 def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _human_size(n: int) -> str:
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{n} B"
+
+
+def _push_lines(result: dict, *, revision: Optional[str] = None, create_pr: bool = False) -> list[str]:
+    """What a push did (or, a dry run, would do), as text: a dry run lists every file with its size
+    and the total; a real push gives the commit (or pull request) URL and what it removed."""
+    files = result.get("files") or []
+    total = sum(int(f.get("size") or 0) for f in files)
+    target = str(result.get("repo_id"))
+    if create_pr:
+        target += f" as a pull request (base: {revision or 'main'})"
+    elif revision:
+        target += f" (branch {revision})"
+    if result.get("dry_run"):
+        width = len(f"{total:,}")  # the widest number
+        lines = [f"would upload {len(files)} file(s), {_human_size(total)}, to {target}:"]
+        lines += [f"  {int(f.get('size') or 0):>{width},}  {f.get('path')}" for f in files]
+        lines.append(f"  {total:>{width},}  bytes in all")
+        lines.append("dry run: nothing uploaded (the repo was not read, so the files of a previous checkpoint "
+                     "that a push would remove are not listed)")
+        return lines
+    deleted = result.get("deleted") or []
+    return [f"uploaded {len(files)} file(s) to {target}"
+            + (f", removed {len(deleted)} file(s) of the previous checkpoint" if deleted else "")
+            + (f": {result.get('url')}" if result.get("url") else "")]
 
 
 # ----------------------------------------------------------------------------------------
@@ -142,7 +175,9 @@ def _do_convert(source, out, subfolder, revision, variant, dtype, fmt, no_valida
                 private, push_revision, create_pr, dry_run, token, quiet, as_json):
     from .convert import convert
 
-    if not push_to_hub and (private or create_pr or dry_run or push_revision):
+    if source is None and revision is not None:  # checked here: the embedded default has no revisions
+        raise click.UsageError("--revision needs a Hub SOURCE (the embedded default VAE has no revisions)")
+    if push_to_hub is None and (private or create_pr or dry_run or push_revision):
         raise click.UsageError("--private, --push-revision, --create-pr and --dry-run need --push-to-hub")
     summary = _run(
         convert, source, out, subfolder=subfolder, revision=revision, variant=variant, dtype=dtype,
@@ -152,8 +187,12 @@ def _do_convert(source, out, subfolder, revision, variant, dtype, fmt, no_valida
     )
     if as_json:
         _emit_json(summary)
-    elif not quiet:
+        return
+    if not quiet:
         click.echo(str(out))
+    if summary.get("push"):  # a result, not progress: shown with --quiet too
+        for line in _push_lines(summary["push"], revision=push_revision, create_pr=create_pr):
+            click.echo(line)
 
 
 @click.command("cogvae-convert", help=CONVERT_HELP, epilog=EXIT_EPILOG,
@@ -386,8 +425,5 @@ def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, with_diff
     if as_json:
         _emit_json(result)
     else:
-        deleted = result.get("deleted") or []
-        click.echo(f"{'would upload' if result.get('dry_run') else 'uploaded'} {len(result.get('files', []))} "
-                   f"file(s) to {result.get('repo_id')}"
-                   + (f", removed {len(deleted)} file(s) of the previous checkpoint" if deleted else "")
-                   + (f": {result.get('url')}" if result.get("url") else ""))
+        for line in _push_lines(result, revision=revision, create_pr=create_pr):
+            click.echo(line)

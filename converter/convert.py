@@ -355,7 +355,15 @@ def convert(
     ``--json`` prints). Raises SourceError / SafetensorsError / ConfigError / ConversionError for
     bad input, OutputError for output problems, HubError for Hub problems and ValidationError when
     the written checkpoint fails validation; in every failure case nothing is left at ``out``.
+    ``push_to_hub``: a repo id to push the finished checkpoint to (``push_checkpoint``; its result is
+    the summary's ``"push"``); a malformed one (PushUsageError), or for a real push no token or
+    offline mode (PushError), is refused before anything is read or written. A push that fails
+    later leaves the written checkpoint at ``out``.
     """
+    if push_to_hub is not None:  # a push that cannot succeed is refused before any work
+        from .push import check_push_target
+
+        check_push_target(push_to_hub, dry_run=dry_run, token=token)
     t_start = time.perf_counter()
     keep_heap_lean()  # peak memory near one copy of the weights (see keep_heap_lean)
     timings: dict[str, float] = {}
@@ -473,7 +481,7 @@ def convert(
     ui.log(f"wrote {out} ({', '.join(formats)}; {len(keys)} tensors, {nbytes / 1e6:.1f} MB, "
            f"{', '.join(stored)}) in {timings['total']:.1f}s")
 
-    if push_to_hub:
+    if push_to_hub is not None:
         from .push import push_checkpoint
 
         summary["push"] = push_checkpoint(out, push_to_hub, private=private, revision=push_revision,

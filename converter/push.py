@@ -8,6 +8,11 @@ data files have new names on every save; an msgpack-only push replaces an Orbax 
 means a revision of the repo never holds half of a checkpoint, or the manifest of one with the
 files of another. Files in the repo that a checkpoint never writes are left alone.
 ``dry_run=True`` lists what would be uploaded, with sizes, and calls no API.
+
+``check_push_target`` refuses, before any work, what a push would only fail on at the end: a
+malformed repo id (:class:`PushUsageError`), and for a real push through huggingface_hub's own
+``HfApi``, offline mode or no token (:class:`PushError`). ``push_checkpoint`` and
+``convert(..., push_to_hub=...)`` call it first.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any, Optional
 
 from .layout import CONFIG_NAME, DIFFUSERS_WEIGHTS, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 
-__all__ = ["PushError", "push_checkpoint", "model_card_text", "LICENSES", "TAGS", "plan_upload"]
+__all__ = ["PushError", "PushUsageError", "check_push_target", "push_checkpoint", "model_card_text", "LICENSES",
+           "TAGS", "plan_upload"]
 
 TAGS = ["jax", "flax", "nnx", "cogvideox", "vae", "video"]
 LIBRARY_NAME = "cogvae"
@@ -42,6 +48,32 @@ _REQUIRED = ("config.json", "provenance.json")  # read to build the model card
 
 class PushError(RuntimeError):
     """A checkpoint that cannot be pushed, or a Hub failure; one clear message."""
+
+
+class PushUsageError(PushError):
+    """A push asked for with a bad argument (a malformed repo id): the caller's mistake, found
+    before any work (the command line's usage error, exit 2)."""
+
+
+def check_push_target(repo_id: Any, *, dry_run: bool = False, token: Optional[str] = None, api: Any = None) -> None:
+    """Refuse, before any work, a push that cannot succeed: a malformed ``repo_id``
+    (:class:`PushUsageError`); for a real push through huggingface_hub's ``HfApi`` (``api`` is
+    None, not ``dry_run``), no token (neither ``token`` nor ``huggingface_hub.get_token()``) or
+    offline mode (``HF_HUB_OFFLINE=1``) (:class:`PushError`). A dry run calls no API, so it needs neither;
+    an injected ``api`` is the caller's, which decides itself."""
+    from .hub import looks_like_repo_id
+
+    if not isinstance(repo_id, str) or not looks_like_repo_id(repo_id):
+        raise PushUsageError(f"{repo_id!r}: not a Hub repo id (expected 'org/name')")
+    if dry_run or api is not None:
+        return
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if token is None and huggingface_hub.get_token() is None:
+        raise PushError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
+    if constants.is_offline_mode():
+        raise PushError(f"{repo_id}: cannot push in offline mode (HF_HUB_OFFLINE=1 is set)")
 
 
 # ----------------------------------------------------------------------------------------
@@ -425,15 +457,14 @@ def push_checkpoint(
     ``"deleted"`` (the previous checkpoint's files that the commit removed). ``revision``
     is the branch to commit to (created if missing, unless ``create_pr``, where it is the PR's
     base). ``api``: an ``HfApi``-like object (default ``HfApi(token=token)``); without one, a
-    token is required (``token`` or ``huggingface_hub.get_token()``). ``with_diffusers``: also
+    token is required (``token`` or ``huggingface_hub.get_token()``) and offline mode must be off.
+    A malformed ``repo_id`` raises :class:`PushUsageError`; these are checked before the folder
+    is hashed (:func:`check_push_target`). ``with_diffusers``: also
     upload the weights in diffusers' format (``diffusion_pytorch_model.safetensors``, exported
     bit for bit), so ``AutoencoderKLCogVideoX.from_pretrained(repo_id)`` loads the same model.
     Without it, diffusers weights a previous push left at the repo's root are deleted.
     """
-    from .hub import looks_like_repo_id
-
-    if not looks_like_repo_id(repo_id):
-        raise PushError(f"{repo_id!r}: not a Hub repo id (expected 'org/name')")
+    check_push_target(repo_id, dry_run=dry_run, token=token, api=api)  # before hashing and exporting
     ckpt = Path(ckpt_dir)
     _check_checkpoint(ckpt, hashes=True)
     with tempfile.TemporaryDirectory(prefix="cogvae-push-") as tmp:

@@ -699,3 +699,18 @@ def test_full_size_default_config(tmp_path):
     assert config.block_out_channels == (128, 256, 256, 512)
     w = open_safetensors(src / WEIGHTS)["decoder.conv_out.conv.weight"]
     np.testing.assert_array_equal(params["decoder.conv_out.conv.kernel"], np.asarray(w).transpose(2, 3, 4, 1, 0))
+
+
+@pytest.mark.parametrize("revision", ["main", ""])
+def test_revision_without_source_is_a_usage_error(tmp_path, monkeypatch, revision):
+    """`cogvae-convert --revision R` with no SOURCE (the embedded VAE has no revisions) is a usage
+    error (exit 2) found before any work, not a bad source (exit 3).
+    Faked, and why: convert's output step is replaced by a function that fails the test, to prove
+    the combination is refused before it (nothing touches the network: there is no Hub source)."""
+    import cogvae.converter.convert as convert_mod
+
+    monkeypatch.setattr(convert_mod, "atomic_output_dir", lambda *a, **k: pytest.fail("convert was called"))
+    r = CliRunner().invoke(convert_command, ["--revision", revision, "--out", str(tmp_path / "o"), "-q"])
+    assert r.exit_code == 2, r.output
+    assert r.stdout == "" and "Error: --revision needs a Hub SOURCE" in r.stderr
+    assert not (tmp_path / "o").exists()

@@ -13,7 +13,7 @@ instead patches those methods on the real ``huggingface_hub.HfApi`` class, so th
 from __future__ import annotations
 
 import json
-
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -225,6 +225,9 @@ def test_real_hfapi_class_with_patched_methods(ckpt, tmp_path, monkeypatch):
     class (recording, no network: an empty new repo), so push_checkpoint's own HfApi(token=...)
     path runs."""
     import huggingface_hub
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # faked online, whatever the env
 
     seen = []
 
@@ -363,9 +366,12 @@ def test_convert_push_to_hub_passes_push_revision_and_token(tmp_path, monkeypatc
     (recording). The source is the embedded tiny VAE, converted for real; --revision stays the
     *source* revision option."""
     import huggingface_hub
+    import huggingface_hub.constants
     from click.testing import CliRunner
 
     from cogvae.converter.cli import convert_command
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # faked online, whatever the env
 
     seen = []
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
@@ -404,9 +410,12 @@ def test_push_command_reports_what_it_removed(ckpt, monkeypatch):
     Faked, and why: no network, so create_repo / list_repo_files / create_commit are patched on the
     real huggingface_hub.HfApi class (the repo holds one stale Orbax data file)."""
     import huggingface_hub
+    import huggingface_hub.constants
     from click.testing import CliRunner
 
     from cogvae.converter.cli import cli
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # faked online, whatever the env
 
     commits = []
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
@@ -611,3 +620,210 @@ def test_one_provenance_parser_for_every_layout(provenance, expected):
     o = provenance_origin(provenance)
     assert (o["id"], o["revision"], o["is_hub"], o["root"]["id"]) == expected
     assert _source_of(provenance) == expected[:3]
+
+
+# ----------------------------------------------------------------------------------------
+# a push that cannot succeed is refused before any work; what a push prints
+# ----------------------------------------------------------------------------------------
+
+
+def _fake_hfapi_class(monkeypatch, *, remote=(), pr: bool = False) -> list[dict]:
+    """Patch the network methods of the real ``huggingface_hub.HfApi`` class with recorders (no
+    network, never the real Hub); a commit answers like the Hub (a PR URL for ``create_pr``).
+    Offline mode is pinned off (a real push refuses it) and no token needs to be logged in.
+    Returns the list the commits are recorded in."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    commits: list[dict] = []
+
+    def create_commit(self, **kw):
+        commits.append(kw)
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/{'a' * 40}", oid="a" * 40,
+                               pr_url=f"https://huggingface.co/{kw['repo_id']}/discussions/7" if pr else None)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **kw: list(remote))
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
+    return commits
+
+
+def _no_work(monkeypatch):
+    """Make any conversion or checkpoint check fail loudly, to prove a refusal comes first."""
+    import cogvae.converter.convert as convert_mod
+    import cogvae.converter.push as push_mod
+
+    def boom(*a, **k):
+        raise AssertionError("work was done before the push was refused")
+
+    monkeypatch.setattr(convert_mod, "atomic_output_dir", boom)
+    monkeypatch.setattr(convert_mod, "_resolve", boom)
+    monkeypatch.setattr(push_mod, "_check_checkpoint", boom)
+
+
+@pytest.mark.parametrize("repo_id", ["badid", "a/b/c", "", "./me/x"])
+def test_a_malformed_repo_id_is_a_usage_error_before_any_work(ckpt, tmp_path, monkeypatch, repo_id):
+    """`cogvae push CKPT badid` and `cogvae-convert --push-to-hub badid` (dry run or not, --json or
+    not): exit 2 (a usage error, not a Hub error), one `Error:` line, nothing on stdout, nothing
+    converted or hashed; the Python API raises PushUsageError, a PushError.
+    Faked, and why: convert's output/resolve steps and push's checkpoint check are replaced by
+    functions that fail the test, to prove the id is refused before them; no Hub is needed, as
+    nothing may reach it."""
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli, convert_command
+    from cogvae.converter.convert import convert
+    from cogvae.converter.push import PushUsageError
+
+    assert issubclass(PushUsageError, PushError)
+    _no_work(monkeypatch)
+    for dry_run in (True, False):
+        with pytest.raises(PushUsageError, match="not a Hub repo id"):
+            push_checkpoint(ckpt, repo_id, dry_run=dry_run)
+        with pytest.raises(PushUsageError, match="not a Hub repo id"):
+            convert(None, tmp_path / "o", push_to_hub=repo_id, dry_run=dry_run, quiet=True)
+        for extra in ([], ["--json"]):
+            flags = (["--dry-run"] if dry_run else []) + extra
+            r = CliRunner().invoke(cli, ["push", str(ckpt), repo_id, *flags])
+            assert (r.exit_code, r.stdout) == (2, ""), r.output
+            assert r.stderr == f"Error: {repo_id!r}: not a Hub repo id (expected 'org/name')\n"
+            r = CliRunner().invoke(convert_command, ["--out", str(tmp_path / "o"), "--no-validate",
+                                                     "--push-to-hub", repo_id, *flags])
+            assert (r.exit_code, r.stdout) == (2, ""), r.output
+            assert r.stderr == f"Error: {repo_id!r}: not a Hub repo id (expected 'org/name')\n"
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["no-token", "offline"])
+def test_a_real_push_without_token_or_in_offline_mode_is_refused_before_any_work(ckpt, tmp_path, monkeypatch, case):
+    """A real push with no token (none passed, none logged in) or in offline mode is refused first:
+    `cogvae-convert --push-to-hub` converts nothing, `cogvae push` hashes nothing (exit 5, one
+    `Error:` line); a dry run needs neither (it calls no API).
+    Faked, and why: huggingface_hub.get_token returns None (no login on this machine) or its
+    HF_HUB_OFFLINE constant is set (read at import time); convert's and push's first steps are
+    replaced by functions that fail the test, to prove the refusal comes before them. Nothing can
+    reach the Hub: the real HfApi refuses in offline mode, and the token check comes before it."""
+    import huggingface_hub
+    import huggingface_hub.constants
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli, convert_command
+    from cogvae.converter.convert import convert
+
+    if case == "no-token":
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        tok, message = None, "no Hugging Face token: run `hf auth login` or set HF_TOKEN"
+    else:
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        tok, message = "hf_not_a_real_token", "me/x: cannot push in offline mode (HF_HUB_OFFLINE=1 is set)"
+    token = ["--token", tok] if tok else []
+    with monkeypatch.context() as mp:
+        _no_work(mp)
+        with pytest.raises(PushError, match=re.escape(message)):
+            convert(None, tmp_path / "o", push_to_hub="me/x", token=tok, quiet=True)
+        with pytest.raises(PushError, match=re.escape(message)):
+            push_checkpoint(ckpt, "me/x", token=tok)
+        for argv in (["push", str(ckpt), "me/x", *token], ["push", str(ckpt), "me/x", "--json", *token]):
+            r = CliRunner().invoke(cli, argv)
+            assert (r.exit_code, r.stdout, r.stderr) == (5, "", f"Error: {message}\n"), r.output
+        for extra in ([], ["--json"], ["--create-pr"]):
+            r = CliRunner().invoke(convert_command, ["--out", str(tmp_path / "o"), "--no-validate",
+                                                     "--push-to-hub", "me/x", *token, *extra])
+            assert (r.exit_code, r.stdout, r.stderr) == (5, "", f"Error: {message}\n"), r.output
+    assert not (tmp_path / "o").exists()
+    assert push_checkpoint(ckpt, "me/x", dry_run=True)["dry_run"] is True  # a dry run needs neither
+
+
+def _dry_run_listing(stdout: str, files: dict[str, int], repo_id: str) -> None:
+    """A dry run's text lists every file with its size (and the total), the card included."""
+    total = sum(files.values())
+    lines = stdout.splitlines()
+    head = [i for i, line in enumerate(lines) if line.startswith(f"would upload {len(files)} file(s), ")]
+    assert len(head) == 1 and lines[head[0]].endswith(f" to {repo_id}:"), stdout
+    listed = {}
+    for line in lines[head[0] + 1:head[0] + 1 + len(files)]:
+        size, path = line.split()
+        listed[path] = int(size.replace(",", ""))
+    assert listed == files
+    assert lines[head[0] + 1 + len(files)].split() == [f"{total:,}", "bytes", "in", "all"]
+    assert lines[-1].startswith("dry run: nothing uploaded")
+
+
+def test_push_dry_run_text_lists_every_file_with_its_size(ckpt, monkeypatch):
+    """`cogvae push CKPT me/x --dry-run` lists what would be uploaded: every file with its size, and
+    the total (not just a count); --json stays one JSON document on stdout.
+    Faked, and why: huggingface_hub.HfApi is replaced by a function that fails the test and
+    get_token returns None: a dry run must neither build an API nor need a token (no network)."""
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *a, **k: pytest.fail("a dry run built an HfApi"))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    r = CliRunner().invoke(cli, ["push", str(ckpt), "me/x", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    card = push_checkpoint(ckpt, "me/x", dry_run=True)["model_card"]
+    _dry_run_listing(r.stdout, {**_files(ckpt), "README.md": len(card.encode())}, "me/x")
+    r = CliRunner().invoke(cli, ["push", str(ckpt), "me/x", "--dry-run", "--json"])
+    assert r.exit_code == 0 and r.stderr == ""
+    assert {f["path"] for f in json.loads(r.stdout)["files"]} == {*_files(ckpt), "README.md"}
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_convert_push_dry_run_text_lists_every_file(tmp_path, monkeypatch, quiet):
+    """`cogvae-convert --out X --push-to-hub me/x --dry-run` lists, after the output folder, every
+    file that would be uploaded with its size and the total (also with --quiet: it is the result,
+    not progress); with --json stdout is one JSON document holding the same list.
+    Faked, and why: huggingface_hub.HfApi is replaced by a function that fails the test and
+    get_token returns None (a dry run calls no API and needs no token; no network). The source is
+    the embedded tiny VAE, converted for real without validation (fast)."""
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import convert_command
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *a, **k: pytest.fail("a dry run built an HfApi"))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    out = tmp_path / "ckpt"
+    r = CliRunner().invoke(convert_command, ["--out", str(out), "--no-validate", "--push-to-hub", "me/x",
+                                             "--dry-run", *(["-q"] if quiet else [])])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("would upload" if quiet else f"{out}\nwould upload")
+    card = push_checkpoint(out, "me/x", dry_run=True)["model_card"]
+    _dry_run_listing(r.stdout, {**_files(out), "README.md": len(card.encode())}, "me/x")
+    r = CliRunner().invoke(convert_command, ["--out", str(tmp_path / "j"), "--no-validate", "-q", "--json",
+                                             "--push-to-hub", "me/x", "--dry-run"])
+    assert r.exit_code == 0 and r.stderr == ""
+    push = json.loads(r.stdout)["push"]
+    assert push["dry_run"] is True and {f["path"] for f in push["files"]} == {*_files(tmp_path / "j"), "README.md"}
+
+
+@pytest.mark.parametrize("create_pr", [False, True])
+def test_convert_push_prints_the_commit_or_pull_request_url(tmp_path, monkeypatch, create_pr):
+    """`cogvae-convert --push-to-hub me/x` (and `--create-pr`) says where the push went: the commit
+    URL (the pull request's URL for --create-pr) and how many files of the previous checkpoint it
+    removed; `cogvae push --create-pr` names the pull request too.
+    Faked, and why: the network methods of the real huggingface_hub.HfApi class are patched with
+    recorders (no network, never the real Hub); the repo holds one stale Orbax data file."""
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli, convert_command
+
+    commits = _fake_hfapi_class(monkeypatch, remote=[".gitattributes", "orbax/d/0123abcd"], pr=create_pr)
+    out = tmp_path / "ckpt"
+    pr = ["--create-pr"] if create_pr else []
+    r = CliRunner().invoke(convert_command, ["--out", str(out), "--no-validate", "-q", "--push-to-hub", "me/x",
+                                             "--token", "hf_not_a_real_token", *pr])
+    assert r.exit_code == 0, r.output
+    n = len(_files(out)) + 1
+    url = "https://huggingface.co/me/x/" + ("discussions/7" if create_pr else f"commit/{'a' * 40}")
+    where = "me/x as a pull request (base: main)" if create_pr else "me/x"
+    expected = f"uploaded {n} file(s) to {where}, removed 1 file(s) of the previous checkpoint: {url}\n"
+    assert r.stdout == expected
+    assert len(commits) == 1 and commits[0]["create_pr"] is create_pr
+    r = CliRunner().invoke(cli, ["push", str(out), "me/x", "--token", "hf_not_a_real_token", *pr])
+    assert (r.exit_code, r.stdout) == (0, expected), r.output
