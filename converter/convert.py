@@ -315,7 +315,7 @@ def _resolve(source: Optional[str], subfolder: str, revision: Optional[str], var
 
     try:
         r = hub.resolve_source(str(source), subfolder=subfolder, revision=revision, variant=variant, quiet=quiet,
-                               token=token)
+                               token=token, kind="diffusers")  # a checkpoint repo: refused before its weights
     except hub.HubError as e:
         if Path(str(source)).exists() or not hub.looks_like_repo_id(str(source)):
             raise SourceError(str(e)) from None  # a local path problem: bad input, not network

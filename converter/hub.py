@@ -9,7 +9,9 @@ what is needed: for diffusers the VAE's config and safetensors weights of the re
 (single file or sharded), so a pipeline repo's multi-GB transformer is never downloaded; for a
 checkpoint one format (``orbax/`` or ``params.msgpack``), not both. ``HF_HUB_OFFLINE=1`` with a
 populated Hub cache works without a network; every Hub failure becomes one :class:`HubError`
-line naming the repo and revision.
+line naming the repo and revision. A ``revision`` that is a full commit sha whose snapshot in the
+cache already holds every needed file is used without asking the Hub (a commit's files never
+change).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .layout import CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME, weights_in
+from .layout import CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME, weights_in, weights_names
 
-__all__ = ["HubError", "ResolvedSource", "resolve_source", "allow_patterns", "checkpoint_patterns", "looks_like_repo_id"]
+__all__ = ["HubError", "SourceError", "HubSourceError", "WrongKindError", "ResolvedSource", "resolve_source",
+           "allow_patterns", "checkpoint_patterns", "looks_like_repo_id"]
 
 
 # Hub repo ids: "namespace/name", letters, digits, '-', '_', '.'; no '--' or '..' (hub rules).
@@ -33,6 +36,47 @@ _COMMIT = re.compile(r"[0-9a-f]{40}\Z")
 
 class HubError(RuntimeError):
     """A source that cannot be resolved (missing folder, Hub / cache failure); one clear message."""
+
+
+class SourceError(FileNotFoundError):
+    """A source that is not a readable diffusers CogVideoX VAE; the message names the path.
+
+    (Defined here so that resolving a source imports nothing heavy; ``cogvae.converter.loading``
+    exports the same class.)"""
+
+
+class HubSourceError(SourceError, HubError):
+    """A bad source rather than a Hub failure: a local path problem, an empty ``revision``, a repo of
+    the other kind, a checkpoint repo without files its manifest lists. A :class:`HubError`
+    (every failure of :func:`resolve_source` is one) and a :class:`SourceError` (bad input: the
+    CLI's exit 3, where Hub failures are exit 5)."""
+
+
+class WrongKindError(HubSourceError):
+    """The source is a converted checkpoint where a diffusers VAE was asked for, or the reverse
+    (``found``: its kind, ``wanted``: the kind asked for)."""
+
+    def __init__(self, message: str, found: Optional[str] = None, wanted: Optional[str] = None,
+                 where: Optional[str] = None):
+        super().__init__(message)
+        self.found, self.wanted, self.where = found, wanted, where
+
+
+KINDS = ("checkpoint", "diffusers")
+
+
+def _check_kind(found: str, wanted: Optional[str], where: str, *, local: bool = False) -> None:
+    """Refuse a source of the other kind (before any weights are fetched)."""
+    if wanted is None or found == wanted:
+        return
+    if found == "checkpoint":
+        msg = (f"{where}: a converted cogvae checkpoint, not a diffusers VAE: load it with cogvae.converter.load, or "
+               "turn it back into diffusers files with `cogvae export-diffusers`")
+    elif local:
+        msg = f"{where}: not a converted cogvae checkpoint (no {MANIFEST_NAME} manifest)"
+    else:
+        msg = f"{where}: a diffusers VAE repo, not a converted cogvae checkpoint"
+    raise WrongKindError(msg, found=found, wanted=wanted, where=where)
 
 
 @dataclass
@@ -73,6 +117,12 @@ def _looks_local(source: str) -> bool:
     )
 
 
+def strip_subfolder(subfolder: Optional[str]) -> str:
+    """``subfolder`` as the folder path it names: without leading or trailing slashes ('' or None:
+    the root). Every use of a subfolder (Hub patterns, local folders) goes through this."""
+    return subfolder.strip("/") if subfolder else ""
+
+
 def allow_patterns(subfolder: str = "vae", variant: Optional[str] = None) -> list[str]:
     """The files of one diffusers VAE (in ``subfolder``, or the repo root when empty) to fetch.
 
@@ -81,7 +131,8 @@ def allow_patterns(subfolder: str = "vae", variant: Optional[str] = None) -> lis
     ``diffusion_pytorch_model[.<variant>]-00001-of-0000N.safetensors``; the index spelling
     ``diffusion_pytorch_model[.<variant>].safetensors.index.json`` is fetched too.
     """
-    prefix = f"{subfolder.strip('/')}/" if subfolder and subfolder.strip("/") else ""
+    sub = strip_subfolder(subfolder)
+    prefix = f"{sub}/" if sub else ""
     v = f".{variant}" if variant else ""
     pats = [
         f"{prefix}config.json",
@@ -154,6 +205,15 @@ def pipeline_vaes(folder: Path) -> list[str]:
     return sorted(k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and "AutoencoderKL" in str(v[1]))
 
 
+def _shards(index: Path) -> Optional[list[str]]:
+    """The shard files a sharded index names (None when it cannot be read or names none)."""
+    try:
+        shards = sorted({str(f) for f in json.loads(index.read_text())["weight_map"].values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return shards or None
+
+
 def _has_vae_files(vae: Path, variant: Optional[str]) -> bool:
     """``vae`` holds a config and complete weights of ``variant``: the single file, or an index
     and every shard it names."""
@@ -162,35 +222,125 @@ def _has_vae_files(vae: Path, variant: Optional[str]) -> bool:
         return False
     if weights.name.endswith(".safetensors"):
         return True
+    shards = _shards(weights)
+    return shards is not None and all((vae / f).is_file() for f in shards)
+
+
+OFFLINE = "offline mode is on (HF_HUB_OFFLINE=1)"
+NOT_REACHED = "the Hub could not be reached"
+
+
+def _cached_listing(repo_id: str, commit: Optional[str], cache: str) -> Optional[set[str]]:
+    """The paths of the cached tree listing of ``commit`` (huggingface_hub records it whenever the
+    Hub answers a ``snapshot_download`` of that commit), or None when none is cached."""
+    if not commit or not _COMMIT.match(commit):
+        return None
     try:
-        shards = set(json.loads(weights.read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    return bool(shards) and all((vae / str(f)).is_file() for f in shards)
+        from huggingface_hub import get_cached_repo_tree
+
+        return {f.path for f in get_cached_repo_tree(repo_id, revision=commit, cache_dir=cache)}
+    except Exception:  # noqa: BLE001 - not cached, unreadable, or an older huggingface_hub
+        return None
 
 
-def _check_snapshot(folder: Path, repo_id: str, rev: str, subfolder: str, variant: Optional[str]) -> None:
-    """The snapshot must hold the config and the requested weights (offline, snapshot_download
-    returns a cached snapshot without checking which files it holds)."""
+def _not_asked(listing: Optional[set[str]]) -> Optional[str]:
+    """Why the Hub was not asked for a commit's files, where it cannot have been: offline mode, or
+    no cached listing of the commit (an answered request records one). None where it may have been
+    (or this huggingface_hub keeps no listings, so the cache cannot tell)."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return OFFLINE
+    try:
+        from huggingface_hub import get_cached_repo_tree  # noqa: F401 - listings are recorded
+    except ImportError:  # pragma: no cover - older huggingface_hub
+        return None
+    return NOT_REACHED if listing is None else None
+
+
+def _check_snapshot(folder: Path, repo_id: str, rev: str, subfolder: str, variant: Optional[str],
+                    cache: str) -> None:
+    """The snapshot must hold the config and the complete requested weights: the single file, or an
+    index and every shard it names. When the Hub cannot be asked, snapshot_download returns a
+    cached snapshot without checking which files it holds (unless the commit's tree listing is
+    cached): a file missing then is reported as an incomplete cache, with why the Hub was not asked;
+    a file the Hub was asked for and the repo lacks, as missing from the repo."""
     vae = folder / subfolder if subfolder else folder
+    rel = f"{subfolder}/" if subfolder else ""
     where = f"{repo_id}@{rev}"
+    listing = _cached_listing(repo_id, folder.name, cache)
+    why = _not_asked(listing)
+
+    def incomplete(path: str) -> Optional[str]:
+        """Why the Hub was not asked for ``path`` where the repo has it (its cached listing names
+        it) or may have it (no listing); None where the Hub was asked and the repo lacks it."""
+        if listing is not None and path in listing:
+            return why or NOT_REACHED
+        return why if listing is None else None
+
     if not (vae / CONFIG_NAME).is_file():
-        rel = f"{subfolder}/{CONFIG_NAME}" if subfolder else CONFIG_NAME
+        cfg = f"{rel}{CONFIG_NAME}"
+        named = pipeline_vaes(folder) if subfolder else []
+        reason = incomplete(cfg)
+        if reason and (listing is not None or subfolder in named):
+            # the repo has it (its listing, or its model_index.json, names it): the cache lacks it
+            raise HubError(f"{where}: no {cfg} in the snapshot at {folder}: the cached snapshot is incomplete and "
+                           f"{reason}; re-run with network access")
         hint = ""
         if subfolder and not vae.is_dir():
-            named = pipeline_vaes(folder)
             hint = (f" (its model_index.json names the VAE {', '.join(repr(n) for n in named)}: pass --subfolder "
                     f"{named[0]})" if named else f" (no '{subfolder}/' folder: pass --subfolder '' for a VAE-only repo?)")
-        raise HubError(f"{where}: no {rel} in the snapshot at {folder}{hint}")
+        raise HubError(f"{where}: no {cfg} in the snapshot at {folder}{hint}")
     v = f".{variant}" if variant else ""
-    if weights_in(vae, variant) is None:
+    weights = weights_in(vae, variant)
+    if weights is None:
         found = sorted(p.name for p in vae.glob(f"{WEIGHTS_NAME}*"))
-        rel = f"{subfolder}/" if subfolder else ""
-        raise HubError(
-            f"{where}: no {rel}{WEIGHTS_NAME}{v}.safetensors (nor a sharded index) in the snapshot at {folder}"
-            + (f" (found: {', '.join(found)})" if found else "")
-            + ("" if variant else "; pass --variant (e.g. fp16) if the repo only has variant weights")
-        )
+        names = [f"{rel}{n}" for n in weights_names(variant)]
+        reason = next((incomplete(n) for n in names if n in listing), None) if listing is not None else why
+        msg = (f"{where}: no {rel}{WEIGHTS_NAME}{v}.safetensors (nor a sharded index) in the snapshot at {folder}"
+               + (f" (found: {', '.join(found)})" if found else ""))
+        variant_hint = "" if variant else "pass --variant (e.g. fp16) if the repo only has variant weights"
+        if reason:
+            raise HubError(f"{msg}: the cached snapshot is incomplete and {reason}; re-run with network access"
+                           + (f" (or {variant_hint})" if variant_hint and listing is None else ""))
+        raise HubError(msg + (f"; {variant_hint}" if variant_hint else ""))
+    if not weights.name.endswith(".safetensors"):
+        shards = _shards(weights)
+        missing = [f for f in shards or () if not (vae / f).is_file()]
+        reason = incomplete(f"{rel}{missing[0]}") if missing else None
+        if reason:
+            raise HubError(f"{where}: {len(missing)} of the {len(shards)} shard(s) named in {rel}{weights.name} are "
+                           f"not in the snapshot at {folder} (first: {rel}{missing[0]}): the cached snapshot is "
+                           f"incomplete and {reason}; re-run with network access")
+        # an unreadable index, or shards the repo itself lacks: the reader names the problem
+
+
+def _error_chain(e: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    while e is not None and e not in chain and len(chain) < 16:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _why_unanswered(e: BaseException) -> tuple[str, str]:
+    """Why a request fell back to the cache (offline mode, the HTTP status the Hub answered, or no
+    connection), and what to do about it."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    chain = _error_chain(e)
+    if constants.is_offline_mode() or any(isinstance(c, OfflineModeIsEnabled) for c in chain):
+        return OFFLINE, "re-run with network access"
+    for c in chain:
+        status = getattr(getattr(c, "response", None), "status_code", None) if isinstance(c, HfHubHTTPError) else None
+        if isinstance(status, int):
+            if status in (401, 403):
+                return (f"the Hub answered HTTP {status} (not authorised)",
+                        "log in with `hf auth login` or set HF_TOKEN")
+            what = " (rate limited)" if status == 429 else " (a Hub server error)" if status >= 500 else ""
+            return f"the Hub answered HTTP {status}{what}", "try again later"
+    return "the Hub cannot be reached (no network?)", "re-run with network access"
 
 
 def _hub_error(e: BaseException, repo_id: str, revision: Optional[str], cache: str) -> HubError:
@@ -200,7 +350,6 @@ def _hub_error(e: BaseException, repo_id: str, revision: Optional[str], cache: s
         HfHubHTTPError,
         IncompleteSnapshotError,
         LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -218,24 +367,22 @@ def _hub_error(e: BaseException, repo_id: str, revision: Optional[str], cache: s
     if isinstance(e, RevisionNotFoundError):
         return HubError(f"{repo_id}: revision {rev!r} not found (no such branch, tag or commit)")
     if isinstance(e, IncompleteSnapshotError):
-        return HubError(f"{where}: the cached snapshot in {cache} is incomplete and the Hub cannot be reached; "
-                        "re-run with network access")
+        why, todo = _why_unanswered(e)
+        return HubError(f"{where}: the cached snapshot in {cache} is incomplete and {why}; {todo}")
     if isinstance(e, LocalEntryNotFoundError):
-        from huggingface_hub import constants
         from huggingface_hub.file_download import repo_folder_name
 
-        offline = constants.is_offline_mode() or isinstance(e.__cause__, OfflineModeIsEnabled)
-        why = "offline mode is on (HF_HUB_OFFLINE=1)" if offline else "the Hub cannot be reached (no network?)"
+        why, todo = _why_unanswered(e)
         repo_dir = Path(cache) / repo_folder_name(repo_id=repo_id, repo_type="model")
         repo_cached = repo_dir.is_dir()
         if revision and _COMMIT.match(revision) and (repo_dir / "snapshots" / revision).is_dir():
             # The commit is cached, but not every file asked for (hf_hub_download's error, as
             # snapshot_download reports a commit given by its sha).
-            return HubError(f"{where}: the cached snapshot in {cache} is incomplete and {why}; "
-                            "re-run with network access")
+            return HubError(f"{where}: the cached snapshot in {cache} is incomplete and {why}; {todo}")
         what = (f"revision {rev!r} of {repo_id} is not in the Hub cache {cache}" if repo_cached
                 else f"{repo_id} is not in the Hub cache {cache}")
-        return HubError(f"{what} and {why}; download it once with network access, or pass a local folder")
+        todo = "download it once with network access" if todo == "re-run with network access" else todo
+        return HubError(f"{what} and {why}; {todo}, or pass a local folder")
     if isinstance(e, HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
@@ -271,6 +418,56 @@ def _download(repo_id: str, revision: Optional[str], patterns: list[str], cache:
         raise _hub_error(e, repo_id, revision, cache) from e
 
 
+def _vae_root(snapshot: Path, sub: str) -> str:
+    """The subfolder to read: ``sub``, or the root of a VAE-only repo (its config at the root, no
+    pipeline index), as a local VAE folder is used whatever ``subfolder`` says (and as diffusers
+    loads a VAE repo)."""
+    if sub and not (snapshot / sub / CONFIG_NAME).is_file() and (snapshot / CONFIG_NAME).is_file() \
+            and not (snapshot / "model_index.json").is_file():
+        return ""
+    return sub
+
+
+def _from_cached_commit(repo_id: str, commit: str, cache: str, sub: str, variant: Optional[str],
+                        format: Optional[str], also: list[str], kind: Optional[str]) -> Optional[ResolvedSource]:
+    """A commit (a full sha) already in the cache with every file needed, without asking the Hub: a
+    commit's files never change. None when something needed is not cached (then the Hub is asked).
+
+    A snapshot with the ``COMPLETE`` manifest is a checkpoint (one format's files needed; ``also``
+    files the cached tree listing names are needed too, as the Hub would fetch them; without a
+    listing the cache cannot tell whether the commit has them, and they are optional). Otherwise a
+    diffusers VAE with its config and complete weights of ``variant`` (unless the cached listing
+    names a manifest that is not cached: a checkpoint, to be asked for; and without a listing, a
+    diffusers snapshot is not refused as the other kind here, the Hub is asked).
+    """
+    from huggingface_hub.file_download import repo_folder_name
+
+    # the folder snapshot_download would return (it resolves the cache folder)
+    repo_dir = Path(cache).expanduser().resolve() / repo_folder_name(repo_id=repo_id, repo_type="model")
+    snapshot = repo_dir / "snapshots" / commit
+    if not snapshot.is_dir():
+        return None
+    where = f"{repo_id}@{commit}"
+    listing = _cached_listing(repo_id, commit, cache)
+    if (snapshot / MANIFEST_NAME).is_file():
+        _check_kind("checkpoint", kind, where)
+        fmt, needed = _checkpoint_format(snapshot, where, format)
+        needed += [rel for rel in also if listing is not None and rel in listing]
+        if any(not (snapshot / rel).is_file() for rel in needed):
+            return None
+        return ResolvedSource(folder=snapshot, source_id=repo_id, revision=commit, is_hub=True, kind="checkpoint",
+                              format=fmt)
+    if listing is not None and MANIFEST_NAME in listing:
+        return None
+    if listing is None and kind == "checkpoint":
+        return None  # without a listing the cache cannot tell that no manifest exists: the Hub says
+    sub = _vae_root(snapshot, sub)
+    if not _has_vae_files(snapshot / sub if sub else snapshot, variant):
+        return None
+    _check_kind("diffusers", kind, where)
+    return ResolvedSource(folder=snapshot, source_id=repo_id, revision=commit, is_hub=True)
+
+
 def resolve_source(
     source: str | os.PathLike,
     *,
@@ -282,41 +479,71 @@ def resolve_source(
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
     also: tuple[str, ...] | list[str] = (),
+    kind: Optional[str] = None,
 ) -> ResolvedSource:
     """A local folder as is, or a Hub repo id (``org/name``) downloaded into the Hub cache.
 
     The result's ``kind`` says whether it is a diffusers VAE (or pipeline) or a converted cogvae
-    checkpoint. For a diffusers repo only the VAE files are fetched (see :func:`allow_patterns`);
-    for a checkpoint repo only one format (``format``, or see :func:`_checkpoint_format`).
-    ``revision`` is a branch, tag or commit; the result's ``revision`` is the resolved commit sha,
-    and both requests read that one commit. ``quiet`` hides huggingface_hub's progress bars.
-    ``cache_dir`` defaults to huggingface_hub's (``HF_HUB_CACHE``). ``also``: more files of a
-    checkpoint repo to fetch where the repo has them (``verify`` asks for the diffusers copy a
-    ``push --with-diffusers`` adds); as the cache cannot tell whether the repo has them, the
-    second request is then always made. Raises :class:`HubError` with one clear line on any failure.
+    checkpoint; ``kind`` ('checkpoint' or 'diffusers'; None: either) refuses a source of the other
+    kind (:class:`WrongKindError`), for a Hub repo right after the first request, before any
+    weights are fetched. For a diffusers repo only the VAE files are fetched (see
+    :func:`allow_patterns`); for a checkpoint repo only one format (``format``, or see
+    :func:`_checkpoint_format`). ``revision`` is a branch, tag or commit; the result's ``revision``
+    is the resolved commit sha, and both requests read that one commit; a commit sha already
+    cached with every needed file is used without asking the Hub. ``quiet`` hides huggingface_hub's
+    progress bars. ``cache_dir`` defaults to huggingface_hub's (``HF_HUB_CACHE``). ``also``: more
+    files of a checkpoint repo to fetch where the repo has them (``verify`` asks for the diffusers
+    copy a ``push --with-diffusers`` adds); they are asked for in the first request (nothing is
+    fetched for a file the repo lacks, so no second request is needed for them; a diffusers repo
+    holding a file at such a path gets it fetched too). Raises :class:`HubError` with one clear
+    line on any failure; a bad source rather than a Hub failure (a local path problem, an empty
+    ``revision``, the other kind) is a :class:`HubSourceError`, also a :class:`SourceError`.
     """
+    if kind not in (None, *KINDS):
+        raise ValueError(f"unknown kind {kind!r}; use 'checkpoint' or 'diffusers'")
     text = os.fspath(source)
+    if revision is not None and not str(revision).strip():
+        raise HubSourceError(f"{text}: the revision is empty (--revision ''): give a branch, tag or commit sha, "
+                             "or leave it out")
     path = Path(text).expanduser()
     if path.exists():
         if revision is not None:
-            raise HubError(f"{text}: --revision applies to Hub repo ids only, not to a local folder")
+            raise HubSourceError(f"{text}: --revision applies to Hub repo ids only, not to a local folder")
         if not path.is_dir():
-            raise HubError(f"{text}: not a folder (expected a diffusers VAE or pipeline folder)")
+            raise HubSourceError(f"{text}: not a folder (expected a diffusers VAE or pipeline folder)")
         from .checkpoint import looks_like_checkpoint
 
-        kind = "checkpoint" if looks_like_checkpoint(path) else "diffusers"
-        return ResolvedSource(folder=path, source_id=text, revision=None, is_hub=False, kind=kind)
+        found = "checkpoint" if looks_like_checkpoint(path) else "diffusers"
+        _check_kind(found, kind, text, local=True)
+        return ResolvedSource(folder=path, source_id=text, revision=None, is_hub=False, kind=found)
     if _looks_local(text) or not looks_like_repo_id(text):
         hint = "" if _looks_local(text) else " and not a Hub repo id ('org/name')"
-        raise HubError(f"{text}: no such folder{hint}")
+        raise HubSourceError(f"{text}: no such folder{hint}")
 
     from huggingface_hub import constants
 
     cache = os.fspath(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
-    sub = subfolder.strip("/") if subfolder else ""
-    # First request: the few small files that tell a checkpoint repo from a diffusers one.
+    sub = strip_subfolder(subfolder)
+    also = list(also) if kind != "diffusers" else []  # files of a checkpoint repo
+    if revision is not None and _COMMIT.match(revision):
+        cached = _from_cached_commit(text, revision, cache, sub, variant, format, also, kind)
+        if cached is not None:
+            return cached
+    # First request: the few small files that tell a checkpoint repo from a diffusers one, and the
+    # ``also`` files (for a repo without them, asking costs nothing).
     probe = [MANIFEST_NAME, CONFIG_NAME, "model_index.json"] + ([f"{sub}/{CONFIG_NAME}"] if sub else [])
-    snapshot = _download(text, revision, probe, cache, token, quiet)
+    also_missing: Optional[HubError] = None
+    try:
+        snapshot = _download(text, revision, probe + [f for f in also if f not in probe], cache, token, quiet)
+    except HubError as e:
+        from huggingface_hub.errors import IncompleteSnapshotError
+
+        if not also or not isinstance(e.__cause__, IncompleteSnapshotError):
+            raise
+        # The Hub cannot be asked, and the cached listing names files not cached: perhaps only
+        # ``also`` files, which a diffusers repo does not need (a checkpoint repo does, below).
+        snapshot = _download(text, revision, probe, cache, token, quiet)
+        also_missing = e
     commit = snapshot.name if _COMMIT.match(snapshot.name) else None
     # The second request is pinned to the commit just resolved, so a push landing in between
     # cannot mix two commits' files; and as a commit's files never change, it is skipped when the
@@ -324,29 +551,33 @@ def resolve_source(
     # cannot be reached).
     pinned = commit or revision
     where = f"{text}@{commit or revision or 'main'}"
-    if (snapshot / MANIFEST_NAME).is_file():
+    found = "checkpoint" if (snapshot / MANIFEST_NAME).is_file() else "diffusers"
+    _check_kind(found, kind, where)  # before any weights are fetched
+    if found == "checkpoint":
+        if also_missing is not None:
+            raise also_missing
         fmt, needed = _checkpoint_format(snapshot, where, format)
 
         def missing_files() -> list[str]:
             return [rel for rel in needed if not (snapshot / rel).is_file()]
 
-        if not commit or missing_files() or also:
-            snapshot = _download(text, pinned, checkpoint_patterns(fmt) + list(also), cache, token, quiet)
+        if not commit or missing_files():
+            snapshot = _download(text, pinned, checkpoint_patterns(fmt) + also, cache, token, quiet)
             if not commit:  # not pinned: the manifest fetched now is the one to follow
                 fmt, needed = _checkpoint_format(snapshot, where, fmt)
         missing = missing_files()
         if missing:
+            listing = _cached_listing(text, commit, cache)
+            if listing is not None and missing[0] not in listing:
+                raise HubSourceError(f"{where}: the repo lacks {len(missing)} file(s) its {MANIFEST_NAME} manifest "
+                                     f"lists for the {fmt} format (first: {missing[0]}): an incomplete upload?")
             raise HubError(f"{where}: the cached snapshot at {snapshot} lacks {len(missing)} file(s) of the "
-                           f"checkpoint's {fmt} format (first: {missing[0]}) and the Hub cannot be reached; "
+                           f"checkpoint's {fmt} format (first: {missing[0]}) and {_not_asked(listing) or NOT_REACHED}; "
                            "re-run with network access")
         return ResolvedSource(folder=snapshot, source_id=text, revision=commit, is_hub=True, kind="checkpoint",
                               format=fmt)
-    if sub and not (snapshot / sub / CONFIG_NAME).is_file() and (snapshot / CONFIG_NAME).is_file() \
-            and not (snapshot / "model_index.json").is_file():
-        # A VAE-only repo (its config at the root, no pipeline index): use the root, as a local
-        # VAE folder is used whatever ``subfolder`` says (and as diffusers loads a VAE repo).
-        sub = ""
+    sub = _vae_root(snapshot, sub)
     if not commit or not _has_vae_files(snapshot / sub if sub else snapshot, variant):
         snapshot = _download(text, pinned, allow_patterns(sub, variant), cache, token, quiet)
-    _check_snapshot(snapshot, text, commit or revision or "main", sub, variant)
+    _check_snapshot(snapshot, text, commit or revision or "main", sub, variant, cache)
     return ResolvedSource(folder=snapshot, source_id=text, revision=commit, is_hub=True)

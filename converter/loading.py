@@ -18,16 +18,12 @@ from flax import nnx
 from cogvae.model import AutoencoderKLCogVideoX, ConfigError, VAEConfig, abstract_model
 
 from .engine import convert_tensors
+from .hub import SourceError, strip_subfolder  # SourceError lives with the source resolver (no jax there)
 from .layout import WEIGHTS_NAME, weights_in
 from .mapping import Mapping, load_mapping
 from .st_io import is_index_file, open_safetensors
 
 __all__ = ["SourceError", "DiffusersSource", "fetch", "find_diffusers_vae", "model_from_tensors", "load_diffusers", "resolve_dtype"]
-
-
-
-class SourceError(FileNotFoundError):
-    """A source that is not a readable diffusers CogVideoX VAE; the message names the path."""
 
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -65,6 +61,7 @@ class DiffusersSource:
 def find_diffusers_vae(path: str | Path, *, subfolder: str = "vae", variant: Optional[str] = None) -> DiffusersSource:
     """Locate config and weights in a VAE folder or a pipeline folder with ``<subfolder>/``."""
     root = Path(path)
+    subfolder = strip_subfolder(subfolder)  # '/vae', 'vae/' name the folder 'vae', as for a Hub repo
     if not root.exists():
         raise SourceError(f"{root}: no such file or folder")
     if not root.is_dir():
@@ -143,20 +140,31 @@ def fetch(source: str | Path, *, kind: Optional[str] = None, **kwargs: Any):
     ``source`` resolved into the Hub cache: a :class:`cogvae.converter.hub.ResolvedSource` (its
     ``folder``, ``kind`` and ``format``). ``kwargs`` go to ``hub.resolve_source`` (``revision``,
     ``subfolder``, ``variant``, ``format``, ``token``, ``cache_dir``, ``quiet``); a ``revision``
-    makes ``source`` a repo id. ``kind``: 'checkpoint' or 'diffusers', required of a Hub repo
-    (:class:`SourceError` otherwise). Hub failures raise ``hub.HubError``.
+    makes ``source`` a repo id. ``kind``: 'checkpoint' or 'diffusers', required of a Hub repo: one of
+    the other kind is refused (``hub.WrongKindError``, a :class:`SourceError`) after the first,
+    small request, before any weights are fetched. Hub failures raise ``hub.HubError``.
     """
     from .hub import looks_like_repo_id, resolve_source
 
     text = str(source)
     if kwargs.get("revision") is None and (Path(text).expanduser().exists() or not looks_like_repo_id(text)):
         return None
-    r = resolve_source(text, **kwargs)
-    if kind is not None and r.kind != kind:
-        what = {"checkpoint": "a converted cogvae checkpoint", "diffusers": "a diffusers VAE"}
-        raise SourceError(f"{text}@{r.revision or kwargs.get('revision') or 'main'}: {what[r.kind]} repo, "
-                          f"not {what[kind]}")
-    return r
+    return resolve_source(text, kind=kind, **kwargs)
+
+
+def _diffusers_only(kwargs: dict) -> list[str]:
+    """The keywords given to ``load`` that apply to diffusers weights only, not to a converted
+    checkpoint (the default ``subfolder``, or the root, is no such choice)."""
+    given = [f"{k}=" for k in ("variant", "mapping") if kwargs.get(k) is not None]
+    if kwargs.get("subfolder") is not None and strip_subfolder(kwargs["subfolder"]) not in ("", "vae"):
+        given.insert(0, "subfolder=")
+    return given
+
+
+def _not_for_checkpoint(where: Any, given: list[str]) -> ValueError:
+    verb = "applies" if len(given) == 1 else "apply"
+    return ValueError(f"{where}: a converted cogvae checkpoint: {', '.join(given)} {verb} to diffusers weights only "
+                      "(a checkpoint holds one set of parameters; dtype= casts them)")
 
 
 def load(
@@ -184,16 +192,29 @@ def load(
     never randomly initialised.
     """
     from .checkpoint import looks_like_checkpoint
+    from .hub import WrongKindError
 
-    hub = fetch(path, subfolder=kwargs.get("subfolder", "vae"), revision=revision, variant=kwargs.get("variant"),
-                format=kwargs.get("format"), cache_dir=cache_dir, token=token)
+    # variant= (or mapping=, a subfolder) asks for diffusers weights: a checkpoint repo is refused
+    # after the first, small request, before its parameters are fetched
+    diffusers_only = _diffusers_only(kwargs)
+    try:
+        hub = fetch(path, kind="diffusers" if diffusers_only else None, subfolder=kwargs.get("subfolder", "vae"),
+                    revision=revision, variant=kwargs.get("variant"), format=kwargs.get("format"),
+                    cache_dir=cache_dir, token=token)
+    except WrongKindError as e:
+        if e.found == "checkpoint":
+            raise _not_for_checkpoint(e.where, diffusers_only) from None
+        raise
     if hub is not None:
-        if hub.kind == "checkpoint":
-            kwargs.pop("subfolder", None)  # it only locates the VAE of a pipeline repo
-            kwargs["format"] = hub.format
-            return load_checkpoint(hub.folder, dtype=dtype, **kwargs)
         path = hub.folder
-    if looks_like_checkpoint(path):
+        if hub.kind == "checkpoint":
+            kwargs["format"] = hub.format
+    is_checkpoint = hub.kind == "checkpoint" if hub is not None else looks_like_checkpoint(path)
+    if is_checkpoint:
+        if diffusers_only:
+            raise _not_for_checkpoint(path, diffusers_only)
+        for k in ("subfolder", "variant", "mapping"):  # the default subfolder, None: not choices for a checkpoint
+            kwargs.pop(k, None)
         return load_checkpoint(path, dtype=dtype, **kwargs)
     if "format" in kwargs:
         raise SourceError(f"{path}: not a converted cogvae checkpoint (format= applies to those only)")

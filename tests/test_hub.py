@@ -246,3 +246,253 @@ def test_no_network_falls_back_to_the_cache(unreachable_hub, cache, monkeypatch)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw) or real(**kw))
     assert resolve_source(REPO, revision="old", cache_dir=cache, quiet=True).revision == SHA_OLD
     assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# kind, incomplete caches, cached commits, revision / subfolder checks, HTTP errors
+# ---------------------------------------------------------------------------------------------
+
+
+def _record_requests(monkeypatch, *, refuse: bool = False) -> list:
+    """Wrap huggingface_hub.snapshot_download to record each request's (revision, allow_patterns);
+    the real one still runs. ``refuse``: fail at once on any request instead (a test that must not
+    ask the Hub; AssertionError passes through resolve_source unchanged)."""
+    import huggingface_hub
+
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def recording(**kw):
+        asked.append((kw["revision"], kw["allow_patterns"]))
+        if refuse:
+            raise AssertionError(f"asked the Hub: {kw['revision']} {kw['allow_patterns']}")
+        return real(**kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+    return asked
+
+
+def test_a_diffusers_repo_asked_as_a_checkpoint_is_refused_after_the_probe(tmp_path, vae_dir, monkeypatch):
+    """kind='checkpoint': only the probe's files of the pipeline repo are cached (what the first
+    request fetches); the refusal comes after that one request, before the VAE's weights are asked
+    for (offline, a second request would otherwise fail on the missing weights instead)."""
+    from cogvae.converter.hub import HubSourceError, SourceError, WrongKindError
+
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, {k: v for k, v in pipeline_files(vae_dir).items() if k.endswith(".json")},
+                 commit=SHA_MAIN)
+    asked = _record_requests(monkeypatch)
+    with pytest.raises(WrongKindError, match=rf"^{REPO}@{SHA_MAIN}: a diffusers VAE repo, not a converted cogvae "
+                                             r"checkpoint$") as e:
+        resolve_source(REPO, kind="checkpoint", cache_dir=cache, quiet=True)
+    assert isinstance(e.value, SourceError) and isinstance(e.value, HubError) and isinstance(e.value, HubSourceError)
+    assert (e.value.found, e.value.wanted) == ("diffusers", "checkpoint")
+    assert asked == [(None, ["COMPLETE", "config.json", "model_index.json", "vae/config.json"])]
+    with pytest.raises(ValueError, match="unknown kind"):
+        resolve_source(REPO, kind="vae", cache_dir=cache, quiet=True)
+
+
+def test_a_local_folder_of_the_other_kind_is_refused(vae_dir):
+    """kind applies to a local folder too (the same message as convert gives for a checkpoint)."""
+    from cogvae.converter.hub import WrongKindError
+
+    with pytest.raises(WrongKindError, match=r"not a converted cogvae checkpoint \(no COMPLETE manifest\)"):
+        resolve_source(str(vae_dir), kind="checkpoint")
+    assert resolve_source(str(vae_dir), kind="diffusers").kind == "diffusers"
+
+
+def _sharded_vae(folder):
+    """The tiny VAE saved sharded by diffusers' own save_pretrained (several real shards)."""
+    from _hubcache import tiny_diffusers_vae
+
+    tiny_diffusers_vae(0).save_pretrained(folder, safe_serialization=True, max_shard_size="20KB")
+    shards = sorted(p.name for p in folder.iterdir() if "-of-" in p.name)
+    assert len(shards) > 2
+    return shards
+
+
+def test_a_shard_missing_from_the_cache_is_an_incomplete_snapshot(tmp_path, vae_dir):
+    """A cache filled file by file (no cached tree listing, as hf_hub_download leaves it) lacks one
+    shard the index names; offline, that is an incomplete snapshot (HubError, exit 5), not a bad
+    sharded file of the repo. The same with the listing cached (snapshot_download's own check)."""
+    sharded = tmp_path / "sharded" / "vae"
+    shards = _sharded_vae(sharded)
+    files = {k: v for k, v in pipeline_files(sharded).items() if shards[2] not in k}
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, files, commit=SHA_MAIN)
+    with pytest.raises(HubError) as e:
+        resolve_source(REPO, cache_dir=cache, quiet=True)
+    msg = str(e.value)
+    assert msg.startswith(f"{REPO}@{SHA_MAIN}: 1 of the {len(shards)} shard(s) named in "
+                          "vae/diffusion_pytorch_model.safetensors.index.json are not in the snapshot at ")
+    assert f"(first: vae/{shards[2]}): the cached snapshot is incomplete and offline mode is on (HF_HUB_OFFLINE=1); " \
+           "re-run with network access" in msg
+    from cogvae.converter.hub import SourceError
+
+    assert not isinstance(e.value, SourceError)  # the Hub's, not bad input: exit 5
+
+    cache2 = tmp_path / "hub2"
+    add_snapshot(cache2, REPO, files, commit=SHA_MAIN, tree_only={f"vae/{shards[2]}": 9})
+    with pytest.raises(HubError, match="incomplete and offline mode is on"):
+        resolve_source(REPO, cache_dir=cache2, quiet=True)
+    # complete: resolves
+    add_snapshot(tmp_path / "hub3", REPO, pipeline_files(sharded), commit=SHA_MAIN)
+    assert resolve_source(REPO, cache_dir=tmp_path / "hub3", quiet=True).revision == SHA_MAIN
+
+
+def test_weights_missing_from_the_cache_say_the_snapshot_is_incomplete(tmp_path, vae_dir):
+    """The config is cached, not the weights (no cached listing): offline, the error says the cached
+    snapshot is incomplete and offline mode is on (the --variant hint stays, as a second possibility).
+    With a cached listing that shows the repo has no such weights, it is the repo that lacks them."""
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, {k: v for k, v in pipeline_files(vae_dir).items() if "safetensors" not in k},
+                 commit=SHA_MAIN)
+    with pytest.raises(HubError) as e:
+        resolve_source(REPO, cache_dir=cache, quiet=True)
+    assert str(e.value).startswith(f"{REPO}@{SHA_MAIN}: no vae/diffusion_pytorch_model.safetensors (nor a sharded "
+                                   "index) in the snapshot at ")
+    assert str(e.value).endswith(": the cached snapshot is incomplete and offline mode is on (HF_HUB_OFFLINE=1); "
+                                 "re-run with network access (or pass --variant (e.g. fp16) if the repo only has "
+                                 "variant weights)")
+
+    cache2 = tmp_path / "hub2"
+    files = {k: v for k, v in pipeline_files(vae_dir).items() if k.endswith(".json") or "fp16" in k}
+    add_snapshot(cache2, REPO, files, commit=SHA_MAIN, tree_only={})  # the listing: exactly these files
+    with pytest.raises(HubError) as e:
+        resolve_source(REPO, cache_dir=cache2, quiet=True)
+    assert "incomplete" not in str(e.value)
+    assert str(e.value).endswith("(found: diffusion_pytorch_model.fp16.safetensors); pass --variant (e.g. fp16) if "
+                                 "the repo only has variant weights")
+
+
+def test_the_vae_config_missing_from_the_cache_of_a_pipeline(tmp_path, vae_dir):
+    """Only model_index.json is cached (it names the VAE 'vae'): the cache is incomplete, rather
+    than the hint to pass --subfolder vae that was already given."""
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, {k: v for k, v in pipeline_files(vae_dir).items() if k == "model_index.json"},
+                 commit=SHA_MAIN)
+    with pytest.raises(HubError, match=r"no vae/config\.json in the snapshot at .*: the cached snapshot is "
+                                       r"incomplete and offline mode is on") as e:
+        resolve_source(REPO, cache_dir=cache, quiet=True)
+    assert "--subfolder" not in str(e.value)
+
+
+def test_a_cached_commit_is_used_without_asking_the_hub(unreachable_hub, cache, tmp_path, vae_dir, monkeypatch,
+                                                        capsys):
+    """--revision <full sha> whose snapshot holds every needed file: no request at all (a commit's
+    files never change), so no retries to wait for when the Hub cannot be reached. The Hub is an
+    unreachable local port, and snapshot_download is wrapped to fail at once if called. A commit
+    whose snapshot lacks a needed file is still asked for, and so is the kind 'checkpoint' of a
+    diffusers snapshot when no cached tree listing shows the commit has no COMPLETE manifest."""
+    from cogvae.converter.hub import WrongKindError
+
+    asked = _record_requests(monkeypatch, refuse=True)
+    r = resolve_source(REPO, revision=SHA_OLD, cache_dir=cache)
+    assert (r.revision, r.kind, r.is_hub) == (SHA_OLD, "diffusers", True)
+    assert r.folder == cache / "models--org--tiny-cogvideox" / "snapshots" / SHA_OLD
+    assert resolve_source(REPO, revision=SHA_MAIN, variant="fp16", cache_dir=cache).revision == SHA_MAIN
+    assert resolve_source(REPO, revision=SHA_OLD, kind="diffusers", cache_dir=cache).revision == SHA_OLD
+    listed = tmp_path / "listed"
+    add_snapshot(listed, REPO, pipeline_files(vae_dir), commit=SHA_MAIN, tree_only={})
+    with pytest.raises(WrongKindError, match=rf"{REPO}@{SHA_MAIN}: a diffusers VAE repo, not a converted"):
+        resolve_source(REPO, revision=SHA_MAIN, kind="checkpoint", cache_dir=listed)
+    assert asked == [] and capsys.readouterr().err == ""
+    with pytest.raises(AssertionError, match="asked the Hub"):  # no bf16 weights cached: the Hub is asked
+        resolve_source(REPO, revision=SHA_OLD, variant="bf16", cache_dir=cache)
+    with pytest.raises(AssertionError, match="asked the Hub"):  # no listing: is there a manifest?
+        resolve_source(REPO, revision=SHA_OLD, kind="checkpoint", cache_dir=cache)
+    assert [rev for rev, _ in asked] == [SHA_OLD, SHA_OLD]
+
+
+def test_a_cached_commit_without_the_variant_offline(cache):
+    """A full sha cached without the asked-for variant goes to the Hub as before (offline: one
+    clear error; the cache is incomplete as far as it can tell)."""
+    with pytest.raises(HubError, match=rf"{REPO}@{SHA_OLD}: no vae/diffusion_pytorch_model\.bf16\.safetensors .* "
+                                       "the cached snapshot is incomplete and offline mode is on"):
+        resolve_source(REPO, revision=SHA_OLD, variant="bf16", cache_dir=cache, quiet=True)
+
+
+@pytest.mark.parametrize("revision", ["", "  "])
+def test_an_empty_revision_is_refused_before_any_request(cache, monkeypatch, revision):
+    from cogvae.converter.hub import HubSourceError
+
+    asked = _record_requests(monkeypatch, refuse=True)
+    with pytest.raises(HubSourceError, match=rf"^{REPO}: the revision is empty"):
+        resolve_source(REPO, revision=revision, cache_dir=cache, quiet=True)
+    assert asked == []
+
+
+def test_revision_on_a_local_folder_is_a_bad_source(vae_dir):
+    """A SourceError (exit 3 in every command) as well as a HubError, raised in one place."""
+    from cogvae.converter.hub import SourceError
+    from cogvae.converter.loading import SourceError as LoadingSourceError
+
+    assert SourceError is LoadingSourceError
+    with pytest.raises(SourceError, match="Hub repo ids only") as e:
+        resolve_source(str(vae_dir), revision="main")
+    assert isinstance(e.value, HubError)
+    with pytest.raises(SourceError, match="no such folder"):
+        resolve_source("./no/such/folder")
+
+
+@pytest.mark.parametrize("sub", ["/vae", "vae/", "/vae/"])
+def test_a_subfolder_with_slashes(cache, sub, tmp_path, vae_dir):
+    """Leading / trailing slashes are stripped wherever the subfolder is used: the Hub patterns and
+    find_diffusers_vae on the snapshot (and on a local pipeline folder) agree."""
+    r = resolve_source(REPO, subfolder=sub, cache_dir=cache, quiet=True)
+    src = find_diffusers_vae(r.folder, subfolder=sub)
+    assert src.folder == r.folder / "vae" and src.weights_path.name == "diffusion_pytorch_model.safetensors"
+    assert allow_patterns(sub) == allow_patterns("vae")
+    assert find_diffusers_vae(vae_dir.parent, subfolder=sub).folder == vae_dir
+
+
+@pytest.fixture
+def hub_answering(monkeypatch):
+    """A local HTTP server standing in for the Hub that answers every request with one HTTP status
+    (the real huggingface_hub client talks to it; nothing leaves the machine). Set
+    ``state['status']``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import huggingface_hub.constants
+
+    state = {"status": 500, "requests": 0}
+
+    class Answer(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self):
+            state["requests"] += 1
+            body = b'{"error": "nope"}'
+            self.send_response(state["status"])
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = _answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status,what", [(500, "a Hub server error"), (429, "rate limited")])
+def test_an_http_error_status_is_reported_as_such(hub_answering, tmp_path, status, what):
+    """HTTP 500 / 429 from the Hub (nothing cached): the status is named, not 'cannot be reached'."""
+    hub_answering["status"] = status
+    with pytest.raises(HubError) as e:
+        resolve_source("org/down", cache_dir=tmp_path / "empty", quiet=True)
+    msg = str(e.value)
+    assert msg == (f"org/down is not in the Hub cache {tmp_path / 'empty'} and the Hub answered HTTP {status} ({what}); "
+                   "try again later, or pass a local folder")
+    assert hub_answering["requests"] >= 1

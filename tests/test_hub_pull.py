@@ -234,3 +234,241 @@ def test_verify_checks_the_diffusers_copy_of_a_repo_pushed_with_it(tmp_path, mad
     assert report["diffusers_copy"]["status"] == "differs" and report["diffusers_copy"]["differs"] == [made["changed"]]
     assert any(f"1 tensor(s) differ (first: '{made['changed']}')" in p for p in report["problems"])
     _same_params(load(REPO, revision="mixed"), load(made["ckpt"]))  # load reads the cogvae format only
+
+
+# ---------------------------------------------------------------------------------------------
+# the other kind refused after the first request; verify's diffusers copy; cached commits;
+# bad sources (an empty revision, --revision on a local folder) are exit 3 in every command
+# ---------------------------------------------------------------------------------------------
+
+
+def _record_requests(monkeypatch, *, refuse: bool = False) -> list:
+    """Wrap huggingface_hub.snapshot_download to record each request's (revision, allow_patterns);
+    the real one still runs. ``refuse``: fail at once on any request instead (AssertionError passes
+    through resolve_source unchanged)."""
+    import huggingface_hub
+
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def recording(**kw):
+        asked.append((kw["revision"], kw["allow_patterns"]))
+        if refuse:
+            raise AssertionError(f"asked the Hub: {kw['revision']} {kw['allow_patterns']}")
+        return real(**kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+    return asked
+
+
+PROBE = ["COMPLETE", "config.json", "model_index.json", "vae/config.json"]
+
+
+@pytest.fixture
+def probed(tmp_path, made, monkeypatch):
+    """A Hub cache holding only what the first (probe) request fetches: the checkpoint repo's
+    COMPLETE and config.json, the pipeline repo's model_index.json and vae/config.json. Offline:
+    any request for the weights would fail (so a test passing shows none was needed)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, {k: v for k, v in made["files"].items() if k in ("COMPLETE", "config.json")},
+                 commit=SHA_MAIN)
+    add_snapshot(cache, PIPELINE, {k: v for k, v in pipeline_files(made["vae_dir"]).items() if k.endswith(".json")},
+                 commit=SHA_PIPE)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_a_repo_of_the_other_kind_is_refused_after_the_first_request(probed, monkeypatch, tmp_path):
+    """resolve_source(kind=), fetch(kind=) and export-diffusers refuse a repo of the other kind
+    right after the probe: one request, no weights asked for (the weights are not cached, and
+    offline a second request would fail with a Hub error, exit 5, instead of exit 3)."""
+    from cogvae.converter.hub import WrongKindError
+    from cogvae.converter.loading import SourceError, fetch
+
+    asked = _record_requests(monkeypatch)
+    with pytest.raises(WrongKindError, match=rf"^{REPO}@{SHA_MAIN}: a converted cogvae checkpoint, not a diffusers "
+                                             r"VAE: load it with cogvae.converter.load"):
+        resolve_source(REPO, kind="diffusers", quiet=True)
+    assert asked == [(None, PROBE)]
+    asked.clear()
+    with pytest.raises(SourceError, match=rf"^{PIPELINE}@{SHA_PIPE}: a diffusers VAE repo, not a converted cogvae "
+                                          "checkpoint$"):
+        fetch(PIPELINE, kind="checkpoint")
+    assert asked == [(None, PROBE)]
+    asked.clear()
+    r = CliRunner().invoke(cli, ["export-diffusers", PIPELINE, "--out", str(tmp_path / "x")])
+    assert r.exit_code == 3, r.output
+    assert f"{PIPELINE}@{SHA_PIPE}: a diffusers VAE repo, not a converted cogvae checkpoint" in r.output
+    assert asked == [(None, PROBE)] and not (tmp_path / "x").exists()
+
+
+def test_converting_a_checkpoint_repo_is_refused_after_the_first_request(probed, monkeypatch, tmp_path):
+    """cogvae-convert of a converted checkpoint repo: exit 3 after the probe, without fetching the
+    checkpoint's parameters (not cached here: offline, a second request would be exit 5)."""
+    from cogvae.converter.cli import convert_command
+
+    asked = _record_requests(monkeypatch)
+    r = CliRunner().invoke(convert_command, [REPO, "--out", str(tmp_path / "ckpt"), "-q"])
+    assert r.exit_code == 3, r.output
+    assert f"{REPO}@{SHA_MAIN}: a converted cogvae checkpoint, not a diffusers VAE" in r.stderr
+    assert asked == [(None, PROBE)] and not (tmp_path / "ckpt").exists()
+
+
+def test_load_with_a_variant_of_a_checkpoint_is_a_clear_error(probed, monkeypatch):
+    """variant= (and a subfolder other than the default) apply to diffusers weights: a checkpoint
+    repo is refused with a ValueError after the probe, before its parameters are fetched (only the
+    probe's files are cached, offline)."""
+    asked = _record_requests(monkeypatch)
+    with pytest.raises(ValueError, match=rf"^{REPO}@{SHA_MAIN}: a converted cogvae checkpoint: variant= applies to "
+                                         "diffusers weights only"):
+        load(REPO, variant="fp16")
+    with pytest.raises(ValueError, match=r"subfolder=, variant= apply to diffusers weights only"):
+        load(REPO, subfolder="autoencoder", variant="fp16")
+    assert asked == [(None, PROBE), (None, ["COMPLETE", "config.json", "model_index.json", "autoencoder/config.json"])]
+
+
+def test_load_a_checkpoint_repo_with_the_default_subfolder(hub, made):
+    """The default subfolder (with or without slashes) and variant=None are no choice for a
+    checkpoint: ignored, as before."""
+    for kw in ({"subfolder": "vae"}, {"subfolder": "/vae/"}, {"variant": None, "mapping": None}):
+        _same_params(load(REPO, **kw), load(made["ckpt"]))
+
+
+@pytest.fixture
+def unreachable(monkeypatch):
+    """Online mode against a Hub that refuses connections: the endpoint is pointed at a closed
+    local port (real connection errors, no traffic leaves the machine)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+
+
+def test_verify_of_a_cached_checkpoint_asks_the_hub_once(tmp_path, made, monkeypatch, unreachable):
+    """verify asks for the diffusers copy (also=) in the first request: a fully cached checkpoint
+    (pushed without the copy, no cached listing) resolves with that one request when the Hub cannot
+    be reached; a second request, pinned to the commit, would wait through huggingface_hub's
+    retries. snapshot_download is wrapped to record requests, failing at once on a second one."""
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, made["files"], commit=SHA_MAIN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def once(**kw):
+        asked.append((kw["revision"], kw["allow_patterns"]))
+        assert len(asked) == 1, f"a second request: {kw['allow_patterns']}"
+        return real(**kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", once)
+    r = resolve_source(REPO, quiet=True, also=[DIFFUSERS_WEIGHTS])
+    assert (r.kind, r.revision, r.format) == ("checkpoint", SHA_MAIN, "orbax")
+    assert asked == [(None, PROBE + [DIFFUSERS_WEIGHTS])]
+    asked.clear()
+    res = CliRunner().invoke(cli, ["verify", REPO, "--no-parity", "--json"])
+    assert res.exit_code == 0, res.output
+    assert len(asked) == 1
+
+
+def test_the_diffusers_copy_comes_with_the_first_request(tmp_path, made, monkeypatch):
+    """A repo pushed with --with-diffusers, fully cached: verify's also= file is found by the probe
+    (one request); load asks for no diffusers copy (offline, requests recorded)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, made["both_files"], commit=SHA_MAIN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    asked = _record_requests(monkeypatch)
+    r = resolve_source(REPO, cache_dir=cache, quiet=True, also=[DIFFUSERS_WEIGHTS])
+    assert (r.folder / DIFFUSERS_WEIGHTS).is_file() and len(asked) == 1
+    asked.clear()
+    _same_params(load(REPO, cache_dir=cache), load(made["ckpt"]))
+    assert all(DIFFUSERS_WEIGHTS not in pats for _, pats in asked)
+
+
+def test_a_listed_diffusers_copy_missing_from_the_cache_offline(tmp_path, made, monkeypatch):
+    """The cached listing (trees/<commit>.json) shows the repo has a diffusers copy the cache lacks:
+    offline, verify's resolve says the snapshot is incomplete (it cannot check the copy), while
+    load, which never reads the copy, resolves."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    size = made["both_files"][DIFFUSERS_WEIGHTS].stat().st_size
+    add_snapshot(cache, REPO, made["files"], commit=SHA_MAIN, tree_only={DIFFUSERS_WEIGHTS: size})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="incomplete and offline mode is on"):
+        resolve_source(REPO, cache_dir=cache, quiet=True, also=[DIFFUSERS_WEIGHTS])
+    assert resolve_source(REPO, cache_dir=cache, quiet=True).kind == "checkpoint"
+
+
+def test_a_cached_checkpoint_commit_is_used_without_asking_the_hub(tmp_path, made, monkeypatch, unreachable):
+    """--revision <full sha> of a checkpoint whose format is cached: no request (load, verify's
+    also= without a cached listing to say the commit has the file, kind refusal); with a cached
+    listing naming an also= file that is not cached, the Hub is asked. snapshot_download fails at
+    once if called."""
+    import huggingface_hub.constants
+
+    from cogvae.converter.hub import WrongKindError
+
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, made["ft_files"], commit=SHA_FT, refs=("ft",))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    asked = _record_requests(monkeypatch, refuse=True)
+    _same_params(load(REPO, revision=SHA_FT), load(made["ft"]))
+    r = resolve_source(REPO, revision=SHA_FT, also=[DIFFUSERS_WEIGHTS], format="msgpack")
+    assert (r.kind, r.format, r.revision) == ("checkpoint", "msgpack", SHA_FT)
+    with pytest.raises(WrongKindError, match=rf"{REPO}@{SHA_FT}: a converted cogvae checkpoint, not a diffusers VAE"):
+        resolve_source(REPO, revision=SHA_FT, kind="diffusers")
+    assert asked == []
+
+    listed = tmp_path / "listed"
+    size = made["both_files"][DIFFUSERS_WEIGHTS].stat().st_size
+    add_snapshot(listed, REPO, made["ft_files"], commit=SHA_FT, tree_only={DIFFUSERS_WEIGHTS: size})
+    assert resolve_source(REPO, revision=SHA_FT, cache_dir=listed).kind == "checkpoint"  # load: no also=
+    with pytest.raises(AssertionError, match="asked the Hub"):
+        resolve_source(REPO, revision=SHA_FT, cache_dir=listed, also=[DIFFUSERS_WEIGHTS])
+
+
+@pytest.fixture
+def local_repo_name(tmp_path, made, monkeypatch):
+    """A local folder named like the pipeline repo id (org/tiny-cogvideox, a diffusers VAE) in the
+    working directory."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(made["vae_dir"], tmp_path / PIPELINE)
+    return PIPELINE
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["export-diffusers", "--out", "o"], ["verify", "--no-parity"],
+                                     ["convert", "--out", "o", "--no-validate"]])
+def test_revision_on_a_local_folder_is_exit_3_everywhere(hub, local_repo_name, command):
+    name, *rest = command
+    args = [name, local_repo_name, *rest, "--revision", "main"]
+    r = CliRunner().invoke(cli, args) if name != "convert" else CliRunner().invoke(convert_command, args[1:])
+    assert r.exit_code == 3, r.output
+    assert f"{local_repo_name}: --revision applies to Hub repo ids only, not to a local folder" in r.output
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["export-diffusers", "--out", "o"], ["verify", "--no-parity"],
+                                     ["convert", "--out", "o", "--no-validate"]])
+def test_an_empty_revision_is_exit_3_everywhere(hub, monkeypatch, tmp_path, command):
+    """--revision '' is refused before any request (snapshot_download fails at once if called)."""
+    monkeypatch.chdir(tmp_path)
+    asked = _record_requests(monkeypatch, refuse=True)
+    name, *rest = command
+    args = [name, REPO, *rest, "--revision", ""]
+    r = CliRunner().invoke(cli, args) if name != "convert" else CliRunner().invoke(convert_command, args[1:])
+    assert r.exit_code == 3, r.output
+    assert f"{REPO}: the revision is empty" in r.output and asked == []

@@ -49,3 +49,40 @@ def test_a_local_pipeline_whose_vae_has_another_name(tmp_path):
                                           r"'vae_2': pass --subfolder vae_2\)"):
         load(tmp_path)
     load(tmp_path, subfolder="vae_2")
+
+
+def test_diffusers_options_on_a_local_checkpoint(tmp_path):
+    """variant= / mapping= / a non-default subfolder on a converted checkpoint folder: a clear
+    ValueError (they apply to diffusers weights), not a TypeError from load_checkpoint; the default
+    subfolder (with or without slashes) is ignored. The checkpoint is a real one, converted from
+    the tiny VAE shipped with cogvae."""
+    import pytest
+
+    from cogvae.converter.convert import convert
+    from cogvae.converter.mapping import load_mapping
+
+    ckpt = tmp_path / "ckpt"
+    convert(None, ckpt, quiet=True, validate=False, formats="msgpack")
+    base = state_to_flat_dict(nnx.state(load(ckpt), nnx.Param))
+    for kw in ({"subfolder": "vae"}, {"subfolder": "/vae/"}, {"subfolder": ""}, {"variant": None}):
+        flat = state_to_flat_dict(nnx.state(load(ckpt, **kw), nnx.Param))
+        assert all(np.array_equal(flat[k], base[k]) for k in base)
+    with pytest.raises(ValueError, match=r"a converted cogvae checkpoint: variant= applies to diffusers weights only"):
+        load(ckpt, variant="fp16")
+    with pytest.raises(ValueError, match=r"subfolder= applies to diffusers weights only"):
+        load(ckpt, subfolder="autoencoder")
+    with pytest.raises(ValueError, match=r"mapping= applies to diffusers weights only"):
+        load(ckpt, mapping=load_mapping())
+
+
+def test_a_subfolder_with_slashes_on_a_local_pipeline(tmp_path):
+    """'/vae', 'vae/' name the folder vae/ of a local pipeline folder, as for a Hub repo."""
+    import shutil
+
+    from cogvae.converter.convert import default_source
+    from cogvae.converter.loading import find_diffusers_vae
+
+    shutil.copytree(default_source(), tmp_path / "vae")
+    for sub in ("/vae", "vae/", "/vae/"):
+        assert find_diffusers_vae(tmp_path, subfolder=sub).folder == tmp_path / "vae"
+    load(tmp_path, subfolder="/vae")
