@@ -148,3 +148,22 @@ def make_checkpoint(out: Path, vae_folder: Path, *, provenance: dict | None = No
         params_hook(params)
         return write_unchecked(out, params, config, formats=formats, provenance=provenance)
     return write_checkpoint(out, params, config, formats=formats, provenance=provenance)
+
+
+def record_requests(monkeypatch, *, refuse: bool = False) -> list:
+    """Wrap huggingface_hub.snapshot_download to record each request's (revision, allow_patterns);
+    the real one still runs. ``refuse``: fail at once on any request instead (a test that must not
+    ask the Hub; AssertionError passes through resolve_source unchanged)."""
+    import huggingface_hub
+
+    asked = []
+    real = huggingface_hub.snapshot_download
+
+    def recording(**kw):
+        asked.append((kw["revision"], kw["allow_patterns"]))
+        if refuse:
+            raise AssertionError(f"asked the Hub: {kw['revision']} {kw['allow_patterns']}")
+        return real(**kw)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
+    return asked

@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from _hubcache import add_snapshot, pipeline_files, save_tiny_vae
+from _hubcache import add_snapshot, pipeline_files, record_requests, save_tiny_vae
 from cogvae.converter.hub import HubError, ResolvedSource, allow_patterns, looks_like_repo_id, resolve_source
 from cogvae.converter.loading import find_diffusers_vae
 
@@ -212,22 +212,6 @@ def test_repo_not_found_and_gated_messages(monkeypatch, tmp_path):
             resolve_source("org/x", revision="nope", cache_dir=tmp_path, quiet=True)
 
 
-@pytest.fixture
-def unreachable_hub(monkeypatch):
-    """Online mode against a Hub that refuses connections: the endpoint is pointed at a closed
-    local port (real connection errors, no traffic leaves the machine)."""
-    import socket
-
-    import huggingface_hub.constants
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
-
-
 def test_no_network_and_nothing_cached_is_a_clear_error(unreachable_hub, tmp_path):
     with pytest.raises(HubError) as e:
         resolve_source("org/not-cached", cache_dir=tmp_path / "empty", quiet=True)
@@ -252,26 +236,6 @@ def test_no_network_falls_back_to_the_cache(unreachable_hub, cache, monkeypatch)
 # kind, incomplete caches, cached commits, revision / subfolder checks, HTTP errors
 # ---------------------------------------------------------------------------------------------
 
-
-def _record_requests(monkeypatch, *, refuse: bool = False) -> list:
-    """Wrap huggingface_hub.snapshot_download to record each request's (revision, allow_patterns);
-    the real one still runs. ``refuse``: fail at once on any request instead (a test that must not
-    ask the Hub; AssertionError passes through resolve_source unchanged)."""
-    import huggingface_hub
-
-    asked = []
-    real = huggingface_hub.snapshot_download
-
-    def recording(**kw):
-        asked.append((kw["revision"], kw["allow_patterns"]))
-        if refuse:
-            raise AssertionError(f"asked the Hub: {kw['revision']} {kw['allow_patterns']}")
-        return real(**kw)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
-    return asked
-
-
 def test_a_diffusers_repo_asked_as_a_checkpoint_is_refused_after_the_probe(tmp_path, vae_dir, monkeypatch):
     """kind='checkpoint': only the probe's files of the pipeline repo are cached (what the first
     request fetches); the refusal comes after that one request, before the VAE's weights are asked
@@ -281,7 +245,7 @@ def test_a_diffusers_repo_asked_as_a_checkpoint_is_refused_after_the_probe(tmp_p
     cache = tmp_path / "hub"
     add_snapshot(cache, REPO, {k: v for k, v in pipeline_files(vae_dir).items() if k.endswith(".json")},
                  commit=SHA_MAIN)
-    asked = _record_requests(monkeypatch)
+    asked = record_requests(monkeypatch)
     with pytest.raises(WrongKindError, match=rf"^{REPO}@{SHA_MAIN}: a diffusers VAE repo, not a converted cogvae "
                                              r"checkpoint$") as e:
         resolve_source(REPO, kind="checkpoint", cache_dir=cache, quiet=True)
@@ -386,7 +350,7 @@ def test_a_cached_commit_is_used_without_asking_the_hub(unreachable_hub, cache, 
     diffusers snapshot when no cached tree listing shows the commit has no COMPLETE manifest."""
     from cogvae.converter.hub import WrongKindError
 
-    asked = _record_requests(monkeypatch, refuse=True)
+    asked = record_requests(monkeypatch, refuse=True)
     r = resolve_source(REPO, revision=SHA_OLD, cache_dir=cache)
     assert (r.revision, r.kind, r.is_hub) == (SHA_OLD, "diffusers", True)
     assert r.folder == cache / "models--org--tiny-cogvideox" / "snapshots" / SHA_OLD
@@ -416,7 +380,7 @@ def test_a_cached_commit_without_the_variant_offline(cache):
 def test_an_empty_revision_is_refused_before_any_request(cache, monkeypatch, revision):
     from cogvae.converter.hub import HubSourceError
 
-    asked = _record_requests(monkeypatch, refuse=True)
+    asked = record_requests(monkeypatch, refuse=True)
     with pytest.raises(HubSourceError, match=rf"^{REPO}: the revision is empty"):
         resolve_source(REPO, revision=revision, cache_dir=cache, quiet=True)
     assert asked == []

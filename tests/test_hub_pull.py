@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from _hubcache import add_snapshot, pipeline_files, save_tiny_vae
+from _hubcache import add_snapshot, pipeline_files, record_requests, save_tiny_vae
 from cogvae.converter import load
 from cogvae.converter.checkpoint import read_checkpoint, write_checkpoint
 from cogvae.converter.cli import cli, convert_command
@@ -242,25 +242,6 @@ def test_verify_checks_the_diffusers_copy_of_a_repo_pushed_with_it(tmp_path, mad
 # ---------------------------------------------------------------------------------------------
 
 
-def _record_requests(monkeypatch, *, refuse: bool = False) -> list:
-    """Wrap huggingface_hub.snapshot_download to record each request's (revision, allow_patterns);
-    the real one still runs. ``refuse``: fail at once on any request instead (AssertionError passes
-    through resolve_source unchanged)."""
-    import huggingface_hub
-
-    asked = []
-    real = huggingface_hub.snapshot_download
-
-    def recording(**kw):
-        asked.append((kw["revision"], kw["allow_patterns"]))
-        if refuse:
-            raise AssertionError(f"asked the Hub: {kw['revision']} {kw['allow_patterns']}")
-        return real(**kw)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
-    return asked
-
-
 PROBE = ["COMPLETE", "config.json", "model_index.json", "vae/config.json"]
 
 
@@ -288,7 +269,7 @@ def test_a_repo_of_the_other_kind_is_refused_after_the_first_request(probed, mon
     from cogvae.converter.hub import WrongKindError
     from cogvae.converter.loading import SourceError, fetch
 
-    asked = _record_requests(monkeypatch)
+    asked = record_requests(monkeypatch)
     with pytest.raises(WrongKindError, match=rf"^{REPO}@{SHA_MAIN}: a converted cogvae checkpoint, not a diffusers "
                                              r"VAE: load it with cogvae.converter.load"):
         resolve_source(REPO, kind="diffusers", quiet=True)
@@ -310,7 +291,7 @@ def test_converting_a_checkpoint_repo_is_refused_after_the_first_request(probed,
     checkpoint's parameters (not cached here: offline, a second request would be exit 5)."""
     from cogvae.converter.cli import convert_command
 
-    asked = _record_requests(monkeypatch)
+    asked = record_requests(monkeypatch)
     r = CliRunner().invoke(convert_command, [REPO, "--out", str(tmp_path / "ckpt"), "-q"])
     assert r.exit_code == 3, r.output
     assert f"{REPO}@{SHA_MAIN}: a converted cogvae checkpoint, not a diffusers VAE" in r.stderr
@@ -321,7 +302,7 @@ def test_load_with_a_variant_of_a_checkpoint_is_a_clear_error(probed, monkeypatc
     """variant= (and a subfolder other than the default) apply to diffusers weights: a checkpoint
     repo is refused with a ValueError after the probe, before its parameters are fetched (only the
     probe's files are cached, offline)."""
-    asked = _record_requests(monkeypatch)
+    asked = record_requests(monkeypatch)
     with pytest.raises(ValueError, match=rf"^{REPO}@{SHA_MAIN}: a converted cogvae checkpoint: variant= applies to "
                                          "diffusers weights only"):
         load(REPO, variant="fp16")
@@ -337,23 +318,7 @@ def test_load_a_checkpoint_repo_with_the_default_subfolder(hub, made):
         _same_params(load(REPO, **kw), load(made["ckpt"]))
 
 
-@pytest.fixture
-def unreachable(monkeypatch):
-    """Online mode against a Hub that refuses connections: the endpoint is pointed at a closed
-    local port (real connection errors, no traffic leaves the machine)."""
-    import socket
-
-    import huggingface_hub.constants
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
-
-
-def test_verify_of_a_cached_checkpoint_asks_the_hub_once(tmp_path, made, monkeypatch, unreachable):
+def test_verify_of_a_cached_checkpoint_asks_the_hub_once(tmp_path, made, monkeypatch, unreachable_hub):
     """verify asks for the diffusers copy (also=) in the first request: a fully cached checkpoint
     (pushed without the copy, no cached listing) resolves with that one request when the Hub cannot
     be reached; a second request, pinned to the commit, would wait through huggingface_hub's
@@ -389,7 +354,7 @@ def test_the_diffusers_copy_comes_with_the_first_request(tmp_path, made, monkeyp
     cache = tmp_path / "hub"
     add_snapshot(cache, REPO, made["both_files"], commit=SHA_MAIN)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    asked = _record_requests(monkeypatch)
+    asked = record_requests(monkeypatch)
     r = resolve_source(REPO, cache_dir=cache, quiet=True, also=[DIFFUSERS_WEIGHTS])
     assert (r.folder / DIFFUSERS_WEIGHTS).is_file() and len(asked) == 1
     asked.clear()
@@ -412,7 +377,7 @@ def test_a_listed_diffusers_copy_missing_from_the_cache_offline(tmp_path, made, 
     assert resolve_source(REPO, cache_dir=cache, quiet=True).kind == "checkpoint"
 
 
-def test_a_cached_checkpoint_commit_is_used_without_asking_the_hub(tmp_path, made, monkeypatch, unreachable):
+def test_a_cached_checkpoint_commit_is_used_without_asking_the_hub(tmp_path, made, monkeypatch, unreachable_hub):
     """--revision <full sha> of a checkpoint whose format is cached: no request (load, verify's
     also= without a cached listing to say the commit has the file, kind refusal); with a cached
     listing naming an also= file that is not cached, the Hub is asked. snapshot_download fails at
@@ -424,7 +389,7 @@ def test_a_cached_checkpoint_commit_is_used_without_asking_the_hub(tmp_path, mad
     cache = tmp_path / "hub"
     add_snapshot(cache, REPO, made["ft_files"], commit=SHA_FT, refs=("ft",))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
-    asked = _record_requests(monkeypatch, refuse=True)
+    asked = record_requests(monkeypatch, refuse=True)
     _same_params(load(REPO, revision=SHA_FT), load(made["ft"]))
     r = resolve_source(REPO, revision=SHA_FT, also=[DIFFUSERS_WEIGHTS], format="msgpack")
     assert (r.kind, r.format, r.revision) == ("checkpoint", "msgpack", SHA_FT)
@@ -466,7 +431,7 @@ def test_revision_on_a_local_folder_is_exit_3_everywhere(hub, local_repo_name, c
 def test_an_empty_revision_is_exit_3_everywhere(hub, monkeypatch, tmp_path, command):
     """--revision '' is refused before any request (snapshot_download fails at once if called)."""
     monkeypatch.chdir(tmp_path)
-    asked = _record_requests(monkeypatch, refuse=True)
+    asked = record_requests(monkeypatch, refuse=True)
     name, *rest = command
     args = [name, REPO, *rest, "--revision", ""]
     r = CliRunner().invoke(cli, args) if name != "convert" else CliRunner().invoke(convert_command, args[1:])
