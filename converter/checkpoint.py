@@ -324,16 +324,8 @@ def _write_orbax(path: Path, params: dict[str, np.ndarray]) -> None:
 
     tree = nest({k: np.ascontiguousarray(v) for k, v in params.items()})
     ckptr = _orbax_checkpointer()
-    before = set(threading.enumerate())
-    try:
+    try:  # (a failed save may still be writing: atomic_output_dir waits for that before removing)
         ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
-    except BaseException:
-        # A failed save returns while Orbax's writer threads may still be creating files in the
-        # folder; let them end first, so that removing the temporary folder removes everything.
-        deadline = time.monotonic() + 30
-        for t in set(threading.enumerate()) - before:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
-        raise
     finally:
         ckptr.close()
 
@@ -533,8 +525,7 @@ def write_checkpoint(
 
     problems = param_problems(params, list(nnx.to_flat_state(nnx.split(abstract_model(config))[1])), str(out))
     if problems:
-        raise CheckpointError(f"{out}: parameters do not fit the config: {len(problems)} problem(s):\n"
-                              + "\n".join(f"  - {p}" for p in problems))
+        raise _unfit(out, problems)
     try:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             known = write_into(tmp, params, config, formats=formats)
@@ -947,8 +938,7 @@ def read_checkpoint(
         bad = [f"{folder}: parameter {k!r}: {value_problem(np.zeros(0, dt))}"
                for k, (_shape, dt) in sorted(format_meta(folder, format).items()) if np.dtype(dt).name not in ALLOWED_DTYPES]
         if bad:
-            raise CheckpointError(f"{folder}: parameters do not fit the config: {len(bad)} problem(s):\n"
-                                  + "\n".join(f"  - {p}" for p in bad))
+            raise _unfit(folder, bad)
     params = read_format(folder, format, as_jax=as_jax)
     try:
         provenance = json.loads((folder / PROVENANCE_NAME).read_text())
@@ -1023,6 +1013,12 @@ def adopt_array(a: np.ndarray):
     return jax.device_put(a)
 
 
+def _unfit(name: Any, problems: list[str]) -> CheckpointError:
+    """The one error for parameters that do not fit their config, a problem per line."""
+    return CheckpointError(f"{name}: parameters do not fit the config: {len(problems)} problem(s):\n"
+                           + "\n".join(f"  - {p}" for p in problems))
+
+
 def param_problems(params: dict[str, Any], flat_state: list, source_name: str) -> list[str]:
     """Every way ``params`` ({dotted path: numpy or jax array}) fails the model whose abstract
     state is ``flat_state``: extra or missing parameters, shapes, dtypes cogvae does not store,
@@ -1030,7 +1026,7 @@ def param_problems(params: dict[str, Any], flat_state: list, source_name: str) -
     arrays are not copied to the host for it)."""
     import jax
 
-    from .engine import ALLOWED_DTYPES, path_to_str, value_problem
+    from .engine import path_to_str, value_problem
 
     problems = []
     names = {path_to_str(p) for p, _ in flat_state}
@@ -1095,8 +1091,7 @@ def params_to_model(
     flat_state = list(nnx.to_flat_state(abstract_state))
     problems = param_problems(params, flat_state, source_name)
     if problems:
-        raise CheckpointError(f"{source_name}: parameters do not fit the config: {len(problems)} problem(s):\n"
-                              + "\n".join(f"  - {p}" for p in problems))
+        raise _unfit(source_name, problems)
     pairs = []
     for path, var in flat_state:
         k = path_to_str(path)

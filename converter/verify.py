@@ -303,10 +303,11 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
     if looks_like_checkpoint(path):
         got.kind = "converted checkpoint"
         try:
-            got.config, got.params, info = read_checkpoint(path, format=fmt)
-            if not got.detail:  # a local folder holds every format: all its files must be sound,
-                # not only the ones read (a Hub download fetches one format, checked as it is read)
+            local = not got.detail
+            if local:  # a local folder holds every format: all its files must be sound, not only the
+                # ones read (a Hub download fetches one format, checked as it is read); hashed once
                 check_files(path)
+            got.config, got.params, info = read_checkpoint(path, format=fmt, verify=not local)
         except CheckpointError as e:
             got.problems.append(str(e))
             return got
