@@ -27,7 +27,7 @@ from cogvae.model import vae as V  # noqa: E402
 from cogvae.model.layers import lowering  # noqa: E402
 
 
-CONFIG = "l2-g2-z6"
+CONFIG = "l1-g4-z4"
 
 
 def spec(x):

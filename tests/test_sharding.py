@@ -24,7 +24,7 @@ from _ref import TINY, assert_parity, diffusers_vae
 from cogvae.model import video_sharding
 
 WORKER = Path(__file__).with_name("_sharded_worker.py")
-CONFIG = "l2-g2-z6"  # the worker's
+CONFIG = "l1-g4-z4"  # the worker's
 # Data parallel over 2 devices, and height and width each split over 2 (a 2 x 2 mesh: every
 # conv exchanges halos in both directions); a 4-way height split is in the memory test.
 CASES = {"batch": ["b", None, None, None, None], "height_width": [None, None, "h", "w", None]}
