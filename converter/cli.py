@@ -268,7 +268,12 @@ def export_diffusers_command(ckpt, out, fmt, revision, token, overwrite, as_json
 def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optional[str] = None, mapping=None,
                    revision: Optional[str] = None, token: Optional[str] = None) -> dict:
     """Per tensor: its rule, target (or source) key, shape and dtype, for a diffusers folder or a
-    checkpoint, local or a Hub repo id (only the VAE's files, or one format, are fetched)."""
+    checkpoint, local or a Hub repo id (only the VAE's files, or one format, are fetched).
+
+    ``problems``: for a diffusers source, every reason ``cogvae-convert`` would refuse its tensors
+    without reading their values (a key no rule matches, a tensor of the wrong rank or of another
+    shape than the config's architecture, one the architecture lacks, one it needs that the file
+    lacks). A checkpoint with such problems is refused by ``read_checkpoint`` before listing."""
     from .checkpoint import looks_like_checkpoint, read_checkpoint
     from .loading import fetch, find_diffusers_vae
     from .mapping import load_mapping
@@ -276,7 +281,7 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
     from .transforms import TransformError
 
     mapping = mapping or load_mapping()
-    rows = []
+    rows, problems = [], []
     hub = fetch(source, subfolder=subfolder, variant=variant, revision=revision, token=token, quiet=True)
     if hub is not None:
         source = hub.folder
@@ -293,23 +298,43 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
         src = find_diffusers_vae(source, subfolder=subfolder, variant=variant)
         from cogvae.model import VAEConfig
 
+        from .engine import expected_shapes
+
         config = VAEConfig.from_json_file(src.config_path)
         tensors = open_safetensors(src.weights_path)
+        # What the config's architecture needs (shapes only, no weights): a listed tensor of
+        # another shape, and a needed tensor the file lacks, are problems as cogvae-convert sees them.
+        needed = expected_shapes(config)
+        seen = set()
         for key in sorted(tensors.keys()):
             a = tensors[key]
             m = mapping.match_forward(key)
             rule = m[0][1] if len(m) == 1 else None
             row = {"key": key, "rule": rule.label if rule else None, "target": m[0][0] if rule else None,
                    "shape": list(a.shape), "target_shape": None, "dtype": a.dtype.name}
-            if rule:
+            if rule is None:
+                row["problem"] = ("no mapping rule matches this key" if not m else
+                                  f"{len(m)} mapping rules match this key")
+            else:
+                seen.add(row["target"])
                 try:
                     row["target_shape"] = list(rule.transform.shape(a.shape))
                 except TransformError as e:  # listed, not fatal: inspect shows what the file holds
                     row["problem"] = str(e)
+                else:
+                    want = needed.get(row["target"])
+                    if want is None:
+                        row["problem"] = "not a parameter of the config's architecture"
+                    elif tuple(row["target_shape"]) != tuple(want):
+                        row["problem"] = f"the config's architecture needs shape {tuple(want)}"
+            if "problem" in row:
+                problems.append(f"{key}: {row['problem']}")
             rows.append(row)
+        missing = sorted(set(needed) - seen)
+        problems.extend(f"missing: no tensor maps to {k} {tuple(needed[k])}" for k in missing)
         kind, where = "diffusers", str(src.weights_path)
     return {"kind": kind, "path": where, "config": config.to_diffusers_config(), "num_tensors": len(rows),
-            "tensors": rows}
+            "tensors": rows, "problems": problems}
 
 
 @cli.command("inspect", epilog=EXIT_EPILOG)
@@ -321,7 +346,9 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
 def inspect_command(source, subfolder, variant, revision, token, as_json):
     """List every tensor of a diffusers VAE or a converted checkpoint (a folder or a Hub repo id):
-    the mapping rule that handles it, where it goes (or comes from), shape and dtype.
+    the mapping rule that handles it, where it goes (or comes from), shape and dtype. Exit code 3,
+    after the whole listing, when cogvae-convert would refuse the tensors (no rule, wrong rank or
+    shape, not in the config's architecture, or missing), each named on stderr.
 
     \b
     Examples:
@@ -332,12 +359,18 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
     data = _run(inspect_source, source, subfolder=subfolder, variant=variant, revision=revision, token=token)
     if as_json:
         _emit_json(data)
-        return
-    click.echo(f"{data['kind']}: {data['path']} ({data['num_tensors']} tensors)")
-    for r in data["tensors"]:
-        other = r.get("target") or r.get("diffusers_key") or "-"
-        problem = f"  PROBLEM: {r['problem']}" if r.get("problem") else ""
-        click.echo(f"{r['key']}  ->  {other}  [{r['rule'] or 'NO RULE'}]  {tuple(r['shape'])} {r['dtype']}{problem}")
+    else:
+        click.echo(f"{data['kind']}: {data['path']} ({data['num_tensors']} tensors)")
+        for r in data["tensors"]:
+            other = r.get("target") or r.get("diffusers_key") or "-"
+            problem = f"  PROBLEM: {r['problem']}" if r.get("problem") else ""
+            click.echo(f"{r['key']}  ->  {other}  [{r['rule'] or 'NO RULE'}]  {tuple(r['shape'])} {r['dtype']}{problem}")
+    if data["problems"]:  # the listing is complete; the exit code says cogvae-convert would refuse this source
+        n = len(data["problems"])
+        click.echo(f"Error: {data['path']}: {n} problem(s) that cogvae-convert would refuse:", err=True)
+        for p in data["problems"]:
+            click.echo(f"  - {p}", err=True)
+        sys.exit(EXIT_INPUT)
 
 
 # ----------------------------------------------------------------------------------------

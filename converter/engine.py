@@ -208,6 +208,16 @@ def abstract_targets(abstract_state: Any) -> dict[str, Target]:
     return out
 
 
+def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Dotted path -> shape of every parameter ``config``'s architecture has (shapes only: built
+    with ``abstract_model``, no weights allocated)."""
+    from flax import nnx
+
+    from cogvae.model import abstract_model
+
+    return {k: t.shape for k, t in abstract_targets(nnx.split(abstract_model(config))[1]).items()}
+
+
 # ----------------------------------------------------------------------------------------
 # diffusers -> NNX
 # ----------------------------------------------------------------------------------------

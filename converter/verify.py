@@ -385,16 +385,6 @@ def _engine_only(problem: str) -> bool:
 # ----------------------------------------------------------------------------------------
 
 
-def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    from cogvae.model import abstract_model
-    from flax import nnx
-
-    from .engine import abstract_targets
-
-    _, state = nnx.split(abstract_model(config))
-    return {k: t.shape for k, t in abstract_targets(state).items()}
-
-
 def _compare_keys(params: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]]):
     missing = [{"key": k, "shape": list(s)} for k, s in sorted(expected.items()) if k not in params]
     extra = [{"key": k, "shape": list(params[k].shape)} for k in sorted(params) if k not in expected]
@@ -566,7 +556,9 @@ def verify_checkpoint(
     report.num_parameters = int(sum(int(np.prod(a.shape, dtype=np.int64)) for a in params.values()))
 
     if src.config is not None:
-        expected = _expected_shapes(src.config)
+        from .engine import expected_shapes
+
+        expected = expected_shapes(src.config)
         report.model_missing, report.model_extra, report.model_shape_mismatch = _compare_keys(params, expected)
 
     from .engine import ALLOWED_DTYPES

@@ -622,21 +622,41 @@ def test_export_diffusers_roundtrip(tiny, tiny_tensors, tmp_path, dtype):
             assert torch.equal(sd[k], torch.from_numpy(v)), k
 
 
-def test_inspect_lists_a_tensor_of_the_wrong_rank_with_its_problem(tiny, tiny_tensors, tmp_path):
-    src = _copy_with(tmp_path, tiny, tensors={**tiny_tensors, "decoder.conv_in.conv.weight": np.zeros((16, 16, 3, 3), np.float32)})
+def test_inspect_lists_every_tensor_then_exits_3_naming_what_convert_would_refuse(tiny, tiny_tensors, tmp_path):
+    """A tensor of the wrong rank, one of the wrong shape, a key no rule matches and a needed
+    tensor the file lacks: all listed (the listing is complete), each named on stderr, exit 3 as
+    cogvae-convert would exit for this source."""
+    tensors = {**tiny_tensors, "decoder.conv_in.conv.weight": np.zeros((16, 16, 3, 3), np.float32),
+               "encoder.conv_in.conv.bias": np.zeros(7, np.float32), "foo.bar": np.zeros(3, np.float32)}
+    del tensors["decoder.conv_out.conv.bias"]
+    src = _copy_with(tmp_path, tiny, tensors=tensors)
     r = CliRunner().invoke(cli, ["inspect", str(src), "--json"])
-    assert r.exit_code == 0, r.stderr
-    row = next(x for x in json.loads(r.stdout)["tensors"] if x["key"] == "decoder.conv_in.conv.weight")
+    assert r.exit_code == 3, r.stderr
+    data = json.loads(r.stdout)
+    assert data["num_tensors"] == len(tensors) == len(data["tensors"])
+    row = next(x for x in data["tensors"] if x["key"] == "decoder.conv_in.conv.weight")
     assert row["target_shape"] is None and "rank" in row["problem"]
+    assert data["problems"] == [
+        f"decoder.conv_in.conv.weight: {row['problem']}",
+        "encoder.conv_in.conv.bias: the config's architecture needs shape (8,)",
+        "foo.bar: no mapping rule matches this key",
+        "missing: no tensor maps to decoder.conv_out.conv.bias (3,)",
+    ]
     r = CliRunner().invoke(cli, ["inspect", str(src)])
+    assert r.exit_code == 3
     assert "decoder.conv_in.conv.weight  ->  decoder.conv_in.conv.kernel" in r.stdout and "PROBLEM: " in r.stdout
+    assert "foo.bar  ->  -  [NO RULE]" in r.stdout
+    lines = r.stderr.strip().splitlines()
+    assert lines[0] == f"Error: {src / 'diffusion_pytorch_model.safetensors'}: 4 problem(s) that cogvae-convert would refuse:"
+    assert lines[1:] == [f"  - {p}" for p in data["problems"]]
+    assert _run([str(src), "--out", str(tmp_path / "ckpt"), "-q"])[0] == 3  # and convert does refuse it
 
 
 def test_inspect(tiny, tmp_path):
     r = CliRunner().invoke(cli, ["inspect", str(tiny), "--json"])
     assert r.exit_code == 0, r.stderr
     data = json.loads(r.stdout)
-    assert data["kind"] == "diffusers" and data["num_tensors"] == 240
+    assert data["kind"] == "diffusers" and data["num_tensors"] == 240 and data["problems"] == []
     row = next(x for x in data["tensors"] if x["key"] == "decoder.conv_in.conv.weight")
     assert row["target"] == "decoder.conv_in.conv.kernel" and row["rule"]
     assert row["shape"] == [16, 16, 3, 3, 3] and row["target_shape"] == [3, 3, 3, 16, 16] and row["dtype"] == "float32"
