@@ -95,7 +95,7 @@ def model_params(vae, *, dtype: Any = None, source_name: str = IN_MEMORY) -> dic
     return params
 
 
-def _base_source(base: Optional[str | os.PathLike]) -> Optional[dict]:
+def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = None, token: Any = None) -> Optional[dict]:
     """What ``base`` (the checkpoint or model a fine-tune started from) is, and where its weights
     came from: the ``base`` record of the fine-tune's provenance.json; None for no base.
 
@@ -108,7 +108,8 @@ def _base_source(base: Optional[str | os.PathLike]) -> Optional[dict]:
     complete converted checkpoint or a diffusers VAE or pipeline folder. Anything else that looks
     like a Hub repo id (``org/name``) is looked up on the Hub through the Hub cache, reading only
     its small files (``COMPLETE``, ``config.json``, ``provenance.json``, ``model_index.json``,
-    ``vae/config.json``; never weights) at its main branch, whose commit is recorded; a checkpoint
+    ``vae/config.json``; never weights) at ``revision`` (a branch, tag or commit; default its main
+    branch), whose commit is recorded (``token`` for a private or gated repo); a checkpoint
     repo's provenance.json gives its origin. Errors (:class:`~cogvae.converter.hub.HubError`,
     :class:`~cogvae.converter.checkpoint.CheckpointError`,
     :class:`~cogvae.converter.loading.SourceError`) name ``base`` and what was wrong: a path that
@@ -117,7 +118,11 @@ def _base_source(base: Optional[str | os.PathLike]) -> Optional[dict]:
     the repo is not in the Hub cache, that (a base that cannot be checked is not recorded
     unchecked: pass the local checkpoint folder the model was loaded from, or no base).
     """
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise ValueError(f"base_revision must be a non-empty branch, tag or commit, got {revision!r}")
     if base is None:
+        if revision is not None:
+            raise ValueError("base_revision names a revision of a Hub base: pass base= too")
         return None
     from .checkpoint import CheckpointError, check_files, looks_like_checkpoint
     from .hub import HubError, _looks_local, looks_like_repo_id
@@ -140,6 +145,9 @@ def _base_source(base: Optional[str | os.PathLike]) -> Optional[dict]:
         o = provenance_origin(prov)
         return {k: o[k] for k in keep}, o["root"]
 
+    if path.exists() and revision is not None:
+        raise ValueError(f"base_revision={revision!r} is for a Hub repo id, but base {text} is a local folder "
+                         "(a local folder has no revisions)")
     if path.exists():
         if not path.is_dir():
             raise SourceError(f"base {text}: not a folder (expected a converted cogvae checkpoint, or a diffusers "
@@ -168,7 +176,7 @@ def _base_source(base: Optional[str | os.PathLike]) -> Optional[dict]:
 
     small = [MANIFEST_NAME, CONFIG_NAME, PROVENANCE_NAME, "model_index.json", f"vae/{CONFIG_NAME}"]
     try:
-        snap = _download(text, None, small, constants.HF_HUB_CACHE, None, True)
+        snap = _download(text, revision, small, constants.HF_HUB_CACHE, token, True)
     except HubError as e:
         msg = str(e)
         if "no such local folder" not in msg:  # the Hub (or its cache) could not answer
@@ -176,7 +184,7 @@ def _base_source(base: Optional[str | os.PathLike]) -> Optional[dict]:
         raise HubError(f"base {msg}; to record it without the Hub, pass base= the local checkpoint folder "
                        "the model was loaded from (or no base)") from e
     commit = snap.name if _COMMIT.match(snap.name) else None
-    where = f"{text}@{commit or 'main'}"
+    where = f"{text}@{commit or revision or 'main'}"
     if (snap / MANIFEST_NAME).is_file():
         if not (snap / PROVENANCE_NAME).is_file():
             raise HubError(f"base {where}: a cogvae checkpoint repo without {PROVENANCE_NAME} in the snapshot at "
@@ -196,6 +204,8 @@ def save(
     out: str | os.PathLike,
     *,
     base: Optional[str | os.PathLike] = None,
+    base_revision: Optional[str] = None,
+    token: Any = None,
     dtype: Any = None,
     formats: Iterable[str] | str = FORMATS,
     validate: bool = True,
@@ -206,7 +216,8 @@ def save(
     ``base``: where the model came from, recorded in ``provenance.json``: the converted checkpoint
     folder it was loaded from, a diffusers VAE or pipeline folder, or a Hub repo id (a diffusers
     repo such as ``THUDM/CogVideoX-2b``, or a checkpoint pushed by ``cogvae push``, whose commit
-    is recorded). It is checked before any work (see :func:`_base_source`: a local path must be a
+    is recorded; ``base_revision``: the branch, tag or commit of a Hub base, default its main
+    branch; ``token``: for a private or gated Hub base). It is checked before any work (see :func:`_base_source`: a local path must be a
     complete checkpoint or a diffusers folder, a repo id must be found on the Hub or in its cache;
     when the Hub cannot be reached and the repo is not cached, that is an error: pass the local
     checkpoint instead). ``cogvae push`` then names the nearest Hub repo among the model's
@@ -222,7 +233,7 @@ def save(
     formats = normalize_formats(formats)
     out = Path(out)
     mapping = load_mapping()
-    origin = _base_source(base)  # before any work: an unreadable base fails at once
+    origin = _base_source(base, base_revision, token)  # before any work: an unreadable base fails at once
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         params = model_params(vae, dtype=dtype)
         config = vae.config

@@ -532,6 +532,49 @@ def test_a_fine_tune_names_its_base_and_keeps_the_root_licence(ckpt, hub_repos, 
     assert message == f"Upload CogVideoX VAE saved from JAX by cogvae, based on {base_model}"
 
 
+def test_a_hub_base_at_a_branch_records_that_branchs_commit(hub_repos, tmp_path, monkeypatch):
+    """``save(..., base=JAX_REPO, base_revision="ft-v2")`` reads the base's small files at that
+    branch and records its commit, which the card then names; main is not asked for.
+    Faked: the Hub is an offline copy of ``hub_repos``' cache with a second commit of JAX_REPO on
+    branch ft-v2 (no network); the push goes to RecordingApi."""
+    import huggingface_hub
+
+    from cogvae.converter import save
+
+    cache = tmp_path / "hub"
+    shutil.copytree(hub_repos["cache"], cache, symlinks=True)
+    snap = cache / ("models--" + JAX_REPO.replace("/", "--")) / "snapshots" / SHA_JAX
+    branch = "c" * 40
+    add_snapshot(cache, JAX_REPO, {rel: snap / rel for rel in ("COMPLETE", "config.json", "provenance.json")},
+                 commit=branch, refs=("ft-v2",))
+    _offline(monkeypatch, cache)
+    asked = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: asked.append(kw) or real(**kw))
+    save(hub_repos["model"], tmp_path / "ft", base=JAX_REPO, base_revision="ft-v2", validate=False,
+         formats="msgpack")
+    assert [kw["revision"] for kw in asked] == ["ft-v2"]
+    prov = json.loads((tmp_path / "ft" / "provenance.json").read_text())
+    assert prov["base"]["id"] == JAX_REPO and prov["base"]["revision"] == branch
+    card, _ = _push_card(tmp_path / "ft", tmp_path / "push")
+    assert card.data.base_model == JAX_REPO and f"at commit `{branch}`" in card.text
+
+
+@pytest.mark.parametrize("base,revision,message", [
+    ("local", "ft-v2", r"base_revision='ft-v2' is for a Hub repo id, but base .* is a local folder"),
+    (None, "ft-v2", r"base_revision names a revision of a Hub base: pass base= too"),
+    (JAX_REPO, "", r"base_revision must be a non-empty branch, tag or commit, got ''"),
+])
+def test_a_base_revision_without_a_hub_base_is_refused(ckpt, tmp_path, base, revision, message):
+    """A revision only means something for a Hub base: refused before any work, nothing written.
+    No Hub involved."""
+    from cogvae.converter import load, save
+
+    with pytest.raises(ValueError, match=message):
+        save(load(ckpt), tmp_path / "ft", base=ckpt if base == "local" else base, base_revision=revision)
+    assert not (tmp_path / "ft").exists()
+
+
 @pytest.mark.parametrize("kind", ["no-base", "saved-checkpoint", "diffusers-folder"])
 def test_a_fine_tune_without_a_hub_origin_is_described_truly(tmp_path, kind):
     """A save with no base, with a base saved without one (a chain of local fine-tunes), or with
