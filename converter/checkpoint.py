@@ -1026,22 +1026,14 @@ def param_problems(params: dict[str, Any], flat_state: list, source_name: str) -
     arrays are not copied to the host for it)."""
     import jax
 
-    from .engine import path_to_str, value_problem
+    from .engine import architecture_problems, path_to_str, value_problem
 
-    problems = []
-    names = {path_to_str(p) for p, _ in flat_state}
-    for k in sorted(set(params) - names):
-        problems.append(f"{source_name}: extra parameter {k!r} (not in the model for this config)")
-    for path, var in flat_state:
-        k = path_to_str(path)
-        want = tuple(var.get_value().shape)
-        if k not in params:
-            problems.append(f"{source_name}: missing parameter {k!r} (shape {want})")
-            continue
-        a = params[k]
-        if tuple(a.shape) != want:
-            problems.append(f"{source_name}: parameter {k!r} has shape {tuple(a.shape)}, model expects {want}")
-            continue
+    expected = {path_to_str(p): tuple(v.get_value().shape) for p, v in flat_state}
+    problems = architecture_problems({k: tuple(a.shape) for k, a in params.items()}, expected, source_name)
+    for k, want in expected.items():
+        a = params.get(k)
+        if a is None or tuple(a.shape) != want:
+            continue  # named above
         if isinstance(a, jax.Array) and not _on_host(a):
             # On an accelerator only the dtype: counting non-finite values would compile a kernel
             # per tensor shape (seconds per load). The writers check values, and the manifest's

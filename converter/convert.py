@@ -138,7 +138,7 @@ def _fill_pairs(pairs: list, items: Iterable[tuple[str, Any]], source_name: str,
     raises :class:`CheckpointError` listing every problem.
     """
     from .checkpoint import adopt_array
-    from .engine import path_to_str
+    from .engine import extra_problem, missing_problem, path_to_str
 
     where = {path_to_str(p): i for i, (p, _v) in enumerate(pairs)}
     seen: dict[str, str] = {}
@@ -146,7 +146,7 @@ def _fill_pairs(pairs: list, items: Iterable[tuple[str, Any]], source_name: str,
     for name, a in items:
         i = where.get(name)
         if i is None:
-            problems.append(f"{source_name}: extra parameter {name!r} (not in the model for this config)")
+            problems.append(extra_problem(source_name, name, a.shape))
             continue
         if name in seen:
             problems.append(f"{source_name}: parameter {name!r} appears twice")
@@ -161,7 +161,8 @@ def _fill_pairs(pairs: list, items: Iterable[tuple[str, Any]], source_name: str,
         del old
         pairs[i] = (path, var.replace(adopt_array(a)))
         del a, var
-    problems += [f"{source_name}: missing parameter {n!r}" for n in where if n not in seen]
+    problems += [missing_problem(source_name, path_to_str(p), v.get_value().shape)
+                 for p, v in (pairs[i] for n, i in where.items() if n not in seen)]
     if problems:
         raise CheckpointError(f"{source_name}: parameters do not fit the model: {len(problems)} problem(s):\n"
                               + "\n".join(f"  - {p}" for p in problems))

@@ -208,6 +208,36 @@ def abstract_targets(abstract_state: Any) -> dict[str, Target]:
     return out
 
 
+# One wording for a parameter set that does not fit its config's architecture, wherever it is
+# checked (conversion, load, save, export, validation).
+def extra_problem(source_name: str, key: str, shape: tuple) -> str:
+    return (f"{source_name}: parameter {key!r} {tuple(shape)}: not part of the CogVideoX VAE architecture of its "
+            "config (extra)")
+
+
+def shape_problem(source_name: str, key: str, shape: tuple, want: tuple) -> str:
+    return f"{source_name}: parameter {key!r}: shape {tuple(shape)}, the config's architecture has {tuple(want)}"
+
+
+def missing_problem(source_name: str, key: str, want: tuple) -> str:
+    return f"{source_name}: parameter {key!r} {tuple(want)}: missing"
+
+
+def architecture_problems(shapes: TMapping[str, tuple], expected: TMapping[str, tuple], source_name: str) -> list[str]:
+    """Every way the parameter shapes ``shapes`` ({dotted path: shape}) fail the architecture
+    ``expected`` ({dotted path: shape}, see :func:`expected_shapes`): extra, of another shape,
+    missing; one line each, extra and misshapen in key order, then the missing ones."""
+    problems = []
+    for key in sorted(shapes):
+        want = expected.get(key)
+        if want is None:
+            problems.append(extra_problem(source_name, key, shapes[key]))
+        elif tuple(shapes[key]) != tuple(want):
+            problems.append(shape_problem(source_name, key, shapes[key], want))
+    problems += [missing_problem(source_name, k, w) for k, w in expected.items() if k not in shapes]
+    return problems
+
+
 def expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
     """Dotted path -> shape of every parameter ``config``'s architecture has (shapes only: built
     with ``abstract_model``, no weights allocated)."""

@@ -34,7 +34,7 @@ from .checkpoint import (
     read_checkpoint,
     write_into,
 )
-from .engine import ConversionError, abstract_targets, cast_checked, path_to_str, value_problem
+from .engine import ConversionError, architecture_problems, cast_checked, expected_shapes, path_to_str, value_problem
 from .layout import DIFFUSERS_WEIGHTS
 from .mapping import Mapping, load_mapping
 
@@ -59,29 +59,20 @@ def model_params(vae, *, dtype: Any = None, source_name: str = IN_MEMORY) -> dic
     """
     from flax import nnx
 
-    from cogvae.model import abstract_model
-
     from .loading import resolve_dtype
 
     if not isinstance(vae, _model_class()):
         raise TypeError(f"expected a cogvae AutoencoderKLCogVideoX, got {type(vae).__name__}")
     cast = None if dtype is None else np.dtype(resolve_dtype(dtype))
-    targets = abstract_targets(nnx.split(abstract_model(vae.config))[1])
-    problems: list[str] = []
+    leaves = {path_to_str(path): leaf.get_value() if hasattr(leaf, "get_value") else leaf
+              for path, leaf in nnx.to_flat_state(nnx.state(vae))}
+    expected = expected_shapes(vae.config)
+    problems = architecture_problems({k: tuple(v.shape) for k, v in leaves.items()}, expected, source_name)
     params: dict[str, np.ndarray] = {}
-    for path, leaf in nnx.to_flat_state(nnx.state(vae)):
-        key = path_to_str(path)
-        value = leaf.get_value() if hasattr(leaf, "get_value") else leaf
-        target = targets.pop(key, None)
-        if target is None:
-            problems.append(f"{source_name}: parameter {key!r} {tuple(value.shape)}: not part of the "
-                            f"CogVideoX VAE architecture of its config (extra)")
-            continue
+    for key, value in leaves.items():
+        if tuple(value.shape) != expected.get(key):
+            continue  # extra or misshapen: named above
         arr = np.asarray(value)  # device -> host, one tensor at a time
-        if tuple(arr.shape) != target.shape:
-            problems.append(f"{source_name}: parameter {key!r}: shape {tuple(arr.shape)}, the config's "
-                            f"architecture has {target.shape}")
-            continue
         problem = value_problem(arr)
         if not problem and cast is not None and arr.dtype != cast:
             arr, problem = cast_checked(arr, cast)  # a finite value can overflow the narrower dtype
@@ -89,7 +80,6 @@ def model_params(vae, *, dtype: Any = None, source_name: str = IN_MEMORY) -> dic
             problems.append(f"{source_name}: parameter {key!r}: {problem}")
             continue
         params[key] = np.ascontiguousarray(arr)
-    problems += [f"{source_name}: parameter {k!r} {t.shape}: missing" for k, t in targets.items()]
     if problems:
         raise ConversionError(problems, header=f"cannot save {source_name}")
     return params
@@ -321,23 +311,10 @@ def export_diffusers(
         # A checkpoint is checked as ``load`` checks it (a model in memory was, by model_params):
         # every parameter of its config's architecture present with its shape, nothing extra;
         # export_tensors then checks dtypes and values. All problems are raised together.
-        from flax import nnx
-
-        from cogvae.model import abstract_model
-
-        targets = abstract_targets(nnx.split(abstract_model(config))[1])
-        for key in sorted(params):
-            shape, target = tuple(params[key].shape), targets.pop(key, None)
-            if target is None:
-                problems.append(f"{name}: parameter {key!r} {shape}: not part of the CogVideoX VAE architecture "
-                                "of its config (extra)")
-            elif shape != target.shape:
-                problems.append(f"{name}: parameter {key!r}: shape {shape}, the config's architecture has "
-                                f"{target.shape}")
-            else:
-                continue
-            del params[key]
-        problems += [f"{name}: parameter {k!r} {t.shape}: missing" for k, t in targets.items()]
+        expected = expected_shapes(config)
+        problems = architecture_problems({k: tuple(a.shape) for k, a in params.items()}, expected, name)
+        for key in [k for k, a in params.items() if tuple(a.shape) != expected.get(k)]:
+            del params[key]  # named above; export_tensors checks the rest
     # lazy: every check passes first, then each tensor is transformed as the writer reaches it and
     # its source array is released, so memory stays near one copy of the weights.
     try:

@@ -10,6 +10,8 @@ from .sharding import replicate, video_sharding
 from .vae import (
     AutoencoderKLCogVideoX,
     Decoder3D,
+    DecoderOutput,
+    DiagonalGaussianDistribution,
     Encoder3D,
     TilingConfig,
     compiler_options,
@@ -52,6 +54,8 @@ __all__ = [
     "AutoencoderKLCogVideoX",
     "ConfigError",
     "Decoder3D",
+    "DecoderOutput",
+    "DiagonalGaussianDistribution",
     "Encoder3D",
     "HANDLED_KEYS",
     "IGNORED_KEYS",

@@ -326,6 +326,29 @@ class VAEConfig:
     def replace(self, **changes: Any) -> "VAEConfig":
         return dataclasses.replace(self, **changes)
 
+    # diffusers' ``vae.config`` is a FrozenDict, read as ``config.scaling_factor`` (as here) and as
+    # ``config["scaling_factor"]``, ``config.get(...)``, ``"key" in config``, ``dict(config)``: the
+    # same readings work here, over the config's keys (the fields).
+    def keys(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self))
+
+    def __getitem__(self, key: str) -> Any:
+        if isinstance(key, str) and key in self.keys():
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
 
 # The four published CogVideoX VAEs share one architecture; their configs differ only in the
 # latent scaling (scaling_factor 1.15258426 for 2b, 0.7 otherwise; invert_scale_latents for 1.5).

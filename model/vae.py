@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,8 @@ __all__ = [
     "Encoder3D",
     "Decoder3D",
     "AutoencoderKLCogVideoX",
+    "DecoderOutput",
+    "DiagonalGaussianDistribution",
     "TilingConfig",
     "compile_decode_first_batch",
     "default_compute_dtype",
@@ -183,14 +185,103 @@ class TilingConfig:
     # scale); no padded area is computed, which at 2b scale is 38% less work (tiles covering
     # 70x108 latent rows x columns instead of 90x135), at the price of those extra compiles.
     pad_tiles: bool = True
+    # diffusers keeps the latent tile sizes as attributes of their own: __init__ and enable_tiling
+    # derive them from the sample sizes, but assigning ``vae.tile_sample_min_height`` afterwards
+    # leaves them as they were (and assigning ``vae.tile_latent_min_height`` sets them alone).
+    # None: derived from the sample sizes; an int: such a separately kept value.
+    latent_min_height: Optional[int] = None
+    latent_min_width: Optional[int] = None
 
     @property
     def tile_latent_min_height(self) -> int:
+        if self.latent_min_height is not None:
+            return self.latent_min_height
         return int(self.tile_sample_min_height / self.spatial_compression)
 
     @property
     def tile_latent_min_width(self) -> int:
+        if self.latent_min_width is not None:
+            return self.latent_min_width
         return int(self.tile_sample_min_width / self.spatial_compression)
+
+
+# diffusers' DiagonalGaussianDistribution reduces kl() and nll() over its dims [1, 2, 3]. It was
+# written for images (B, C, H, W); on a video latent (B, C, T, H, W) those are C, T and H, so the
+# result keeps the batch and the *width* axis: shape (B, w). In this layout (B, t, h, w, C) the same
+# axes are 4, 1 and 2, which leave (B, w) in the same order: a KL loss ported from diffusers gives
+# the same numbers.
+DIFFUSERS_REDUCED_AXES = (1, 2, 4)
+
+
+def _key(rng, generator, what: str):
+    """The PRNG key given as ``rng`` or under diffusers' name ``generator`` (exactly one of them)."""
+    if rng is not None and generator is not None:
+        raise TypeError(f"{what}: pass the PRNG key as rng or as generator, not both")
+    key = rng if rng is not None else generator
+    if key is None:
+        # diffusers draws from torch's global RNG when no generator is given; JAX has none.
+        raise ValueError(f"{what} needs rng (a jax.random key; diffusers' generator=)")
+    return key
+
+
+class DiagonalGaussianDistribution(NamedTuple):
+    """What ``encode`` returns: diffusers' ``DiagonalGaussianDistribution`` of the latents.
+
+    It is a ``(mean, logvar)`` tuple (``mean, logvar = vae.encode(x)``; a pytree, so it can be
+    returned from ``jax.jit``), with diffusers' methods: ``sample(rng)``, ``mode()``, ``kl()``,
+    ``nll()``, ``std``, ``var``. ``latent_dist`` is the distribution itself, so diffusers'
+    ``vae.encode(x).latent_dist.sample(...)`` reads the same. logvar is already clamped to
+    [-30, 20], as diffusers clamps it. One difference: ``vae.encode(x)[0]`` is the mean here, not
+    the distribution (use ``vae.encode(x).latent_dist`` or ``encode(x, return_dict=False)[0]``).
+    """
+
+    mean: Array
+    logvar: Array
+
+    @property
+    def latent_dist(self) -> "DiagonalGaussianDistribution":
+        """diffusers' ``AutoencoderKLOutput.latent_dist``: this distribution."""
+        return self
+
+    @property
+    def std(self) -> Array:
+        return jnp.exp(0.5 * self.logvar)
+
+    @property
+    def var(self) -> Array:
+        return jnp.exp(self.logvar)
+
+    def mode(self) -> Array:
+        return self.mean
+
+    def sample(self, rng: Optional[jax.Array] = None, *, generator: Optional[jax.Array] = None) -> Array:
+        """``mean + std * N(0, 1)``, the noise drawn from the jax.random key ``rng`` (diffusers'
+        ``generator``) in the latents' dtype, as diffusers draws it in theirs."""
+        key = _key(rng, generator, "sample()")
+        return self.mean + self.std * jax.random.normal(key, self.mean.shape, self.mean.dtype)
+
+    def kl(self, other: Optional["DiagonalGaussianDistribution"] = None) -> Array:
+        """diffusers' ``kl``: against N(0, 1), or against ``other``; reduced over the axes diffusers
+        reduces (channels, time, height: see ``DIFFUSERS_REDUCED_AXES``), so the result is (B, w)."""
+        if other is None:
+            terms = jnp.square(self.mean) + self.var - 1.0 - self.logvar
+        else:
+            terms = (
+                jnp.square(self.mean - other.mean) / other.var + self.var / other.var - 1.0 - self.logvar + other.logvar
+            )
+        return 0.5 * jnp.sum(terms, axis=DIFFUSERS_REDUCED_AXES)
+
+    def nll(self, sample: Array, axis: Any = DIFFUSERS_REDUCED_AXES) -> Array:
+        """diffusers' ``nll(sample)``; ``axis`` in this layout (the default: the axes diffusers'
+        default ``dims=[1, 2, 3]`` reduces, see ``DIFFUSERS_REDUCED_AXES``)."""
+        terms = np.log(2.0 * np.pi) + self.logvar + jnp.square(sample - self.mean) / self.var
+        return 0.5 * jnp.sum(terms, axis=axis)
+
+
+class DecoderOutput(NamedTuple):
+    """diffusers' ``DecoderOutput``: what ``decode(z, return_dict=True)`` returns (``.sample``)."""
+
+    sample: Array
 
 
 # ----------------------------------------------------------------------------- compiled kernels
@@ -403,6 +494,59 @@ def _stack_batches(x: Array, start: int, size: int) -> Array:
     return jnp.moveaxis(rest.reshape(b, t // size, size, *rest.shape[2:]), 1, 0)
 
 
+def _float_dtype(dtype: Any, name: str):
+    """``dtype`` as a jnp floating dtype (a name such as "bfloat16" works too), else a TypeError."""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name}: {dtype!r} is not a dtype") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(f"{name}: {dt} is not a floating-point dtype")
+    # The jnp scalar type (jnp.bfloat16, ...), as load() and default_compute_dtype() give it: the
+    # compute dtype is part of the static structure the kernels are cached on.
+    return getattr(jnp, dt.name, dt)
+
+
+def _check_input(x, channels: int, method: str, what: str, layout: str) -> None:
+    """Refuse inputs diffusers refuses, with a message that says what to do.
+
+    diffusers raises for a tensor that is not 5-D and for a wrong channel count; without this the
+    JAX model would report a wrong rank or layout as a conv feature mismatch or as a too-small
+    width, or, for an image without its time axis, misread it. An integer or bool tensor (uint8
+    video frames, say) makes diffusers' conv raise ("Input type ... and bias type ... should be the
+    same"); JAX would silently promote it and return garbage, as the model expects values in
+    [-1, 1]. Only shapes and dtypes are read, so this works on tracers too.
+    """
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 5:
+        hint = f" (an image is one frame: {what}[:, None])" if len(shape) == 4 else ""
+        raise ValueError(f"{method}: expected a 5-D {what} {layout}, got shape {shape}{hint}")
+    if shape[-1] != channels:
+        hint = ""
+        if shape[1] == channels:
+            hint = "; this looks like diffusers' (B, C, T, H, W) layout: move axis 1 last (jnp.moveaxis(x, 1, -1))"
+        raise ValueError(
+            f"{method}: expected {channels} channels on the last axis of the {layout} {what}, got shape {shape}{hint}"
+        )
+    try:
+        dt = jnp.dtype(x.dtype)
+    except TypeError:  # a dtype JAX does not know (e.g. a torch tensor's): JAX reports it itself
+        return
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise TypeError(
+            f"{method}: expected a floating-point {what}, got dtype {dt} (diffusers refuses it too); "
+            + ("scale video frames to [-1, 1] first, e.g. x.astype(jnp.float32) / 127.5 - 1"
+               if what == "video" else "cast it to a float dtype")
+        )
+
+
+def _decoder_output(video: Array, return_dict: Optional[bool]):
+    """The array (cogvae's default), diffusers' DecoderOutput (True) or its ``(video,)`` (False)."""
+    if return_dict is None:
+        return video
+    return DecoderOutput(video) if return_dict else (video,)
+
+
 class AutoencoderKLCogVideoX(nnx.Module):
     """diffusers ``AutoencoderKLCogVideoX`` in NNX, with the same module tree and results.
 
@@ -427,11 +571,74 @@ class AutoencoderKLCogVideoX(nnx.Module):
         self.use_slicing = False
         self.use_tiling = False
         self.gradient_checkpointing = False
+        # diffusers' frame batch sizes, attributes a user may set there (diffusers warns that the
+        # VAE was trained with these values only); encode and decode honour them as diffusers does.
+        self.num_latent_frames_batch_size = LATENT_FRAMES_BATCH
+        self.num_sample_frames_batch_size = SAMPLE_FRAMES_BATCH
         self.tiling = TilingConfig(
             tile_sample_min_height=config.sample_height // 2,
             tile_sample_min_width=config.sample_width // 2,
             spatial_compression=config.spatial_compression,
         )
+
+    # ------------------------------------------------------------------ diffusers' tiling attributes
+    # diffusers keeps its tiling settings as plain attributes that users read and assign
+    # (``vae.tile_sample_min_height = 256``). Here they live in ``self.tiling``; these properties
+    # read and assign them there, so such an assignment is honoured rather than silently creating
+    # an attribute nothing reads. Assigning a sample size keeps the latent size, as in diffusers.
+    def _set_tiling(self, **changes) -> None:
+        t = self.tiling
+        changes.setdefault("latent_min_height", t.tile_latent_min_height)
+        changes.setdefault("latent_min_width", t.tile_latent_min_width)
+        self.tiling = dataclasses.replace(t, **changes)
+
+    @property
+    def tile_sample_min_height(self) -> int:
+        return self.tiling.tile_sample_min_height
+
+    @tile_sample_min_height.setter
+    def tile_sample_min_height(self, value: int) -> None:
+        self._set_tiling(tile_sample_min_height=value)
+
+    @property
+    def tile_sample_min_width(self) -> int:
+        return self.tiling.tile_sample_min_width
+
+    @tile_sample_min_width.setter
+    def tile_sample_min_width(self, value: int) -> None:
+        self._set_tiling(tile_sample_min_width=value)
+
+    @property
+    def tile_latent_min_height(self) -> int:
+        return self.tiling.tile_latent_min_height
+
+    @tile_latent_min_height.setter
+    def tile_latent_min_height(self, value: int) -> None:
+        self._set_tiling(latent_min_height=value)
+
+    @property
+    def tile_latent_min_width(self) -> int:
+        return self.tiling.tile_latent_min_width
+
+    @tile_latent_min_width.setter
+    def tile_latent_min_width(self, value: int) -> None:
+        self._set_tiling(latent_min_width=value)
+
+    @property
+    def tile_overlap_factor_height(self) -> float:
+        return self.tiling.tile_overlap_factor_height
+
+    @tile_overlap_factor_height.setter
+    def tile_overlap_factor_height(self, value: float) -> None:
+        self._set_tiling(tile_overlap_factor_height=value)
+
+    @property
+    def tile_overlap_factor_width(self) -> float:
+        return self.tiling.tile_overlap_factor_width
+
+    @tile_overlap_factor_width.setter
+    def tile_overlap_factor_width(self, value: float) -> None:
+        self._set_tiling(tile_overlap_factor_width=value)
 
     # ------------------------------------------------------------------ switches (diffusers API)
     def enable_tiling(
@@ -474,6 +681,11 @@ class AutoencoderKLCogVideoX(nnx.Module):
     def disable_gradient_checkpointing(self) -> None:
         self._set_gradient_checkpointing(False)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """diffusers' ``is_gradient_checkpointing``: whether any block checkpoints."""
+        return any(getattr(m, "gradient_checkpointing", False) for _, m in nnx.iter_modules(self))
+
     def _set_gradient_checkpointing(self, on: bool) -> None:
         for _, module in nnx.iter_modules(self):  # this model and its blocks
             if hasattr(module, "gradient_checkpointing"):
@@ -484,6 +696,24 @@ class AutoencoderKLCogVideoX(nnx.Module):
 
     def disable_slicing(self) -> None:
         self.use_slicing = False
+
+    # ------------------------------------------------------------------ dtype
+    def to(self, dtype: Any = None, *, compute_dtype: Any = None) -> "AutoencoderKLCogVideoX":
+        """diffusers' ``vae.to(dtype)``: cast every parameter to ``dtype`` and compute in it, in
+        place; returns the model. ``compute_dtype`` picks the compute dtype separately (default:
+        ``dtype``), as ``load(..., dtype=, compute_dtype=)`` does. GroupNorm statistics stay fp32.
+        Changing the compute dtype compiles anew (it is part of the model's static structure)."""
+        if dtype is None and compute_dtype is None:
+            raise TypeError("to() needs a dtype (and/or compute_dtype=)")
+        dtype = None if dtype is None else _float_dtype(dtype, "dtype")
+        compute_dtype = dtype if compute_dtype is None else _float_dtype(compute_dtype, "compute_dtype")
+        if dtype is not None:
+            params = nnx.state(self, nnx.Param)
+            nnx.update(self, jax.tree.map(lambda p: p.astype(dtype), params))
+        for _, module in nnx.iter_modules(self):  # every layer reads its compute dtype at call time
+            if hasattr(module, "dtype"):
+                module.dtype = compute_dtype
+        return self
 
     # ------------------------------------------------------------------ latent scaling
     @property
@@ -555,22 +785,27 @@ class AutoencoderKLCogVideoX(nnx.Module):
         """x: (B, T, H, W, C) -> h: (B, t, h, w, 2*latent), in diffusers' frame batches."""
         if valid is None:  # (a padded tile is checked at its valid size by _tiled)
             self._check_encodable(x.shape[2], x.shape[3])
-        return self._run_batches("encode", x, SAMPLE_FRAMES_BATCH, compiled, valid)
+        return self._run_batches("encode", x, self.num_sample_frames_batch_size, compiled, valid)
 
     def encode_moments(self, x: Array, *, compiled: bool = True) -> Array:
         """x: (B, T, H, W, C) -> raw encoder output (B, t, h, w, 2*latent): mean and logvar stacked."""
+        _check_input(x, self.config.in_channels, "encode", "video", "(B, T, H, W, C)")
         if self.use_slicing and x.shape[0] > 1:
             return jnp.concatenate([self._encode(x[i : i + 1], compiled) for i in range(x.shape[0])], axis=0)
         return self._encode(x, compiled)
 
-    def encode(self, x: Array, *, compiled: bool = True) -> tuple[Array, Array]:
-        """x: (B, T, H, W, C) in [-1, 1] -> (mean, logvar), each (B, t, h, w, latent).
+    def encode(self, x: Array, return_dict: bool = True, *, compiled: bool = True):
+        """x: (B, T, H, W, C) in [-1, 1] -> the posterior: a ``DiagonalGaussianDistribution``,
+        which is the tuple ``(mean, logvar)``, each (B, t, h, w, latent), with diffusers' methods.
 
         logvar is clamped to [-30, 20] as diffusers' DiagonalGaussianDistribution does.
+        ``return_dict=False`` gives ``(posterior,)``, as diffusers does; with the default the
+        posterior is also its own ``.latent_dist``, so ``vae.encode(x).latent_dist`` reads as there.
         """
         h = self.encode_moments(x, compiled=compiled)
         mean, logvar = jnp.split(h, 2, axis=-1)
-        return mean, jnp.clip(logvar, -30.0, 20.0)
+        posterior = DiagonalGaussianDistribution(mean, jnp.clip(logvar, -30.0, 20.0))
+        return posterior if return_dict else (posterior,)
 
     # ------------------------------------------------------------------ decode
     def _decode(self, z: Array, compiled: bool) -> Array:
@@ -583,29 +818,41 @@ class AutoencoderKLCogVideoX(nnx.Module):
 
     def _decode_frames(self, z: Array, compiled: bool, valid=None) -> Array:
         """z: (B, t, h, w, latent) -> (B, T, H, W, out), in diffusers' latent batches."""
-        return self._run_batches("decode", z, LATENT_FRAMES_BATCH, compiled, valid)
+        return self._run_batches("decode", z, self.num_latent_frames_batch_size, compiled, valid)
 
-    def decode(self, z: Array, *, compiled: bool = True) -> Array:
+    def decode(self, z: Array, return_dict: Optional[bool] = None, *, compiled: bool = True):
         """z: (B, t, h, w, latent) -> video (B, T, H, W, out_channels).
 
         13 latent frames give 49 video frames, 1 gives 1 (an image), as in diffusers.
+        Returns the array; ``return_dict=True`` gives diffusers' ``DecoderOutput`` (``.sample``),
+        ``return_dict=False`` diffusers' ``(video,)``.
         """
+        _check_input(z, self.config.latent_channels, "decode", "latent", "(B, t, h, w, C)")
         if self.use_slicing and z.shape[0] > 1:
-            return jnp.concatenate([self._decode(z[i : i + 1], compiled) for i in range(z.shape[0])], axis=0)
-        return self._decode(z, compiled)
+            video = jnp.concatenate([self._decode(z[i : i + 1], compiled) for i in range(z.shape[0])], axis=0)
+        else:
+            video = self._decode(z, compiled)
+        return _decoder_output(video, return_dict)
 
     def __call__(
-        self, x: Array, sample_posterior: bool = False, rng: Optional[jax.Array] = None, *, compiled: bool = True
-    ) -> Array:
-        """x: (B, T, H, W, C) -> reconstruction (B, T', H, W, C): encode, mode or sample, decode."""
-        mean, logvar = self.encode(x, compiled=compiled)
+        self,
+        x: Array,
+        sample_posterior: bool = False,
+        rng: Optional[jax.Array] = None,
+        *,
+        return_dict: Optional[bool] = None,
+        generator: Optional[jax.Array] = None,
+        compiled: bool = True,
+    ):
+        """diffusers' ``forward``: x (B, T, H, W, C) -> reconstruction (B, T', H, W, C): encode, take
+        the posterior's mode (or, with ``sample_posterior``, a sample drawn with the jax.random key
+        ``rng``, diffusers' ``generator``), decode. ``return_dict`` as in ``decode``."""
+        posterior = self.encode(x, compiled=compiled)
         if sample_posterior:
-            if rng is None:
-                raise ValueError("sample_posterior=True needs rng")
-            z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+            z = posterior.sample(_key(rng, generator, "sample_posterior=True"))
         else:
-            z = mean
-        return self.decode(z, compiled=compiled)
+            z = posterior.mode()
+        return _decoder_output(self.decode(z, compiled=compiled), return_dict)
 
     # ------------------------------------------------------------------ tiling
     @staticmethod
@@ -682,6 +929,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
 
     def tiled_encode(self, x: Array, *, compiled: bool = True) -> Array:
         """x: (B, T, H, W, C) -> raw moments (B, t, h, w, 2*latent), tile by tile."""
+        _check_input(x, self.config.in_channels, "tiled_encode", "video", "(B, T, H, W, C)")
         t = self.tiling
         return self._tiled(
             x,
@@ -693,10 +941,11 @@ class AutoencoderKLCogVideoX(nnx.Module):
             check=self._check_encodable,
         )
 
-    def tiled_decode(self, z: Array, *, compiled: bool = True) -> Array:
-        """z: (B, t, h, w, latent) -> video (B, T, H, W, out), tile by tile."""
+    def tiled_decode(self, z: Array, return_dict: Optional[bool] = None, *, compiled: bool = True):
+        """z: (B, t, h, w, latent) -> video (B, T, H, W, out), tile by tile; ``return_dict`` as in ``decode``."""
+        _check_input(z, self.config.latent_channels, "tiled_decode", "latent", "(B, t, h, w, C)")
         t = self.tiling
-        return self._tiled(
+        video = self._tiled(
             z,
             (t.tile_latent_min_height, t.tile_latent_min_width),
             (t.tile_sample_min_height, t.tile_sample_min_width),
@@ -704,3 +953,4 @@ class AutoencoderKLCogVideoX(nnx.Module):
             lambda tile, valid: self._decode_frames(tile, compiled, valid),
             lambda n: n * self.config.spatial_compression,
         )
+        return _decoder_output(video, return_dict)

@@ -217,11 +217,12 @@ def _nan(params):
              "orbax and msgpack parameters (or their decodes) differ"]),
     (lambda p: p.pop("encoder.conv_in.conv.bias"),
      ["msgpack: cannot read back or load into the NNX VAE: {d} (msgpack): parameters do not fit the model: "
-      "1 problem(s):\n  - {d} (msgpack): missing parameter 'encoder.conv_in.conv.bias'",
+      "1 problem(s):\n  - {d} (msgpack): parameter 'encoder.conv_in.conv.bias' (8,): missing",
       "orbax and msgpack parameters (or their decodes) differ"]),
     (lambda p: p.update(extra=np.zeros(3, np.float32)),
      ["msgpack: cannot read back or load into the NNX VAE: {d} (msgpack): parameters do not fit the model: "
-      "1 problem(s):\n  - {d} (msgpack): extra parameter 'extra' (not in the model for this config)",
+      "1 problem(s):\n  - {d} (msgpack): parameter 'extra' (3,): not part of the CogVideoX VAE architecture of its "
+      "config (extra)",
       "orbax and msgpack parameters (or their decodes) differ"]),
     (lambda p: p.update({"decoder.conv_out.conv.bias": p["decoder.conv_out.conv.bias"].astype(ml_dtypes.bfloat16)}),
      ["msgpack: cannot read back or load into the NNX VAE: {d} (msgpack): parameters do not fit the model: "
