@@ -157,7 +157,15 @@ _REPLACEABLE = {"checkpoint": ("a cogvae checkpoint", lambda p: looks_like_check
 
 
 def _preflight(out: Path, overwrite: bool, replaces: str = "checkpoint") -> None:
-    if out.exists() or out.is_symlink():
+    cwd = Path.cwd()
+    if out == cwd or out in cwd.parents:
+        # replacing it would pull the folder this process (and the user's shell) stands in away
+        raise OutputError(f"{out}: the output folder {'is' if out == cwd else 'holds'} the current folder; "
+                          "pick another output folder")
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"{out}: a symlink to {os.readlink(out)}, which does not exist; remove the link or "
+                          "pick another output folder")
+    if out.exists():
         if not overwrite:
             raise OutputError(f"{out}: output already exists (pass --overwrite / overwrite=True to replace it)")
         if not out.is_dir():
@@ -197,24 +205,47 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _sibling_prefix(out: Path, kind: str) -> str:
+    """The name prefix of ``out``'s hidden temporary (``kind`` 'tmp') or set-aside ('old') siblings:
+    ``.{name}.{kind}-``, with a long name shortened (plus a hash of it) so that the sibling's name
+    still fits the file system's 255 bytes wherever ``out``'s own name does."""
+    name = out.name
+    if len(name.encode()) > 200:
+        name = name.encode()[:180].decode(errors="ignore") + "~" + hashlib.sha1(out.name.encode()).hexdigest()[:8]
+    return f".{name}.{kind}-"
+
+
+def _owner_stale(d: Path, host: str) -> bool:
+    try:
+        owner_host, pid = (d / OWNER_FILE).read_text().split()
+        return owner_host == host and not _pid_alive(int(pid))
+    except (OSError, ValueError):
+        return False
+
+
 def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete ``.{name}.tmp-*`` / ``.{name}.old-*`` siblings left by a killed conversion.
+    """Clean up after a killed conversion to ``out``: delete its ``.{name}.tmp-*`` siblings, and
+    put back the old output a killed ``--overwrite`` had set aside (``.{name}.old-*``) when ``out``
+    is missing, deleting it only when ``out`` is there.
 
     Only folders whose owner file names this host and a process that no longer exists are
-    removed, so a conversion running concurrently into the same parent is never touched.
+    touched, so a conversion running concurrently into the same parent is never disturbed.
     """
+    import glob
+
     removed = []
     host = socket.gethostname()
-    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
-        for d in out.parent.glob(pattern):
-            try:
-                owner_host, pid = (d / OWNER_FILE).read_text().split()
-                stale = owner_host == host and not _pid_alive(int(pid))
-            except (OSError, ValueError):
+    for kind in ("old", "tmp"):  # set-aside outputs first: one may need to go back to ``out``
+        for d in out.parent.glob(glob.escape(_sibling_prefix(out, kind)) + "*"):
+            if not _owner_stale(d, host):
                 continue
-            if stale:
-                shutil.rmtree(d, ignore_errors=True)
-                removed.append(d)
+            if kind == "old" and (d / "old").is_dir() and not (out.exists() or out.is_symlink()):
+                try:
+                    os.rename(d / "old", out)  # the killed run never put its new output in place
+                except OSError:
+                    continue  # left as it is: nothing is deleted that could not be put back
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
     return removed
 
 
@@ -249,54 +280,107 @@ def _remove_tree(path: Path, *, settle: float = 0.5, timeout: float = 15.0) -> N
             return
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the folders at ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``);
+    False where the C library, kernel or file system cannot, so the caller renames in two steps."""
+    import ctypes
+    import errno
+
+    try:
+        fn = ctypes.CDLL("libc.so.6", use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc, or a glibc before 2.28
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replaces: str = "checkpoint") -> Iterator[Path]:
     """Yield a fresh temporary sibling folder; on success rename it to ``out``.
 
-    An existing ``out`` is refused unless ``overwrite`` (then: old renamed aside, new renamed in,
-    old deleted), and even then unless it is empty or an output of the same kind (``replaces``:
-    'checkpoint' or 'diffusers'). On any exception the temporary folder is removed and ``out``
-    is untouched. Failures to create or rename raise :class:`OutputError` naming the path.
+    An existing ``out`` is refused unless ``overwrite``, and even then unless it is empty or an
+    output of the same kind (``replaces``: 'checkpoint' or 'diffusers'); it is then swapped with
+    the new one in one atomic step where the system can (Linux ``renameat2``), else set aside,
+    replaced and deleted, with a killed run's set-aside output put back by the next run. An ``out``
+    that is a symlink to a folder keeps the link: the folder it points to is replaced. On any
+    exception the temporary folder (and any parent folders created for ``out``) is removed and
+    ``out`` is untouched. Failures to create or rename raise :class:`OutputError` naming the path.
     """
-    out = Path(out).absolute()
+    given = out
+    out = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))  # "a/.." is "." before anything is made
+    if out.is_symlink():  # replace what the link points to; the link stays
+        _preflight(out, overwrite, replaces)
+        out = out.resolve()
+    if out.parent.is_dir():  # first: a killed --overwrite's set-aside output goes back to ``out``
+        remove_stale_temporaries(out)
     _preflight(out, overwrite, replaces)
-    for anc in out.parents:
+    created = []  # parent folders made for ``out``, removed again if nothing is written
+    for anc in [out.parent, *out.parent.parents]:
         if anc.exists() or anc.is_symlink():
             if not anc.is_dir():
-                raise OutputError(f"{out}: cannot create output folder: {anc} is not a folder")
+                raise OutputError(f"{given}: cannot create output folder: {anc} is not a folder")
             break
+        created.append(anc)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "tmp"), dir=out.parent))
         (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
     except OSError as e:
-        raise OutputError(f"{out}: cannot create output folder: {e.strerror or e}") from None
+        _remove_created(created)
+        raise OutputError(f"{given}: cannot create output folder: {e.strerror or e}") from None
+    old = None
     try:
         yield tmp
         _fsync_path(tmp, directory=True)
         _preflight(out, overwrite, replaces)  # it may have appeared meanwhile
-        old = None
         try:
             (tmp / OWNER_FILE).unlink()
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                (old / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-                os.rename(out, old / "old")
-            os.rename(tmp, out)
+            if out.exists() and _exchange(tmp, out):
+                old = tmp  # now holds the previous output
+            else:
+                if out.exists():
+                    old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "old"), dir=out.parent))
+                    (old / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+                    os.rename(out, old / "old")
+                os.rename(tmp, out)
         except OSError as e:
-            if old is not None and (old / "old").exists() and not out.exists():
-                os.rename(old / "old", out)
-            raise OutputError(f"{out}: cannot move the finished output into place: {e.strerror or e}") from None
+            raise OutputError(f"{given}: cannot move the finished output into place: {e.strerror or e}") from None
         _fsync_path(out.parent, directory=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        _remove_tree(tmp)
+        aside = old is not None and old != tmp
+        if aside and (old / "old").exists() and not out.exists():
+            with contextlib.suppress(OSError):  # else left with its owner file: the next run puts it back
+                os.rename(old / "old", out)
+        if tmp.exists():  # the unfinished output or, once swapped in, the previous one
+            _remove_tree(tmp)
+        if aside and old.exists() and not (old / "old").exists():
+            shutil.rmtree(old, ignore_errors=True)
+        _remove_created(created)
         raise
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the parent folders made for an output that was not written, deepest first, as long
+    as they are empty (something else may have been put there meanwhile)."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            break
 
 
 # ----------------------------------------------------------------------------------------
@@ -319,15 +403,57 @@ def _orbax_checkpointer():
     return ocp.Checkpointer(handler)
 
 
+#: Characters Orbax cannot have in a checkpoint's path: it finds its per-process OCDBT parts with
+#: a glob (a "[...]" in any parent folder matches nothing, so the parts are never merged and the
+#: checkpoint does not restore), and tensorstore takes a backslash for a folder separator.
+_ORBAX_UNSAFE = frozenset("[]*?\\")
+
+
+@contextlib.contextmanager
+def _orbax_path(path: str | os.PathLike) -> Iterator[Path]:
+    """``path`` (absolute), or, when it holds a character Orbax mishandles (``_ORBAX_UNSAFE``), the
+    same folder reached through a symlink to its parent from a fresh temporary folder, removed
+    afterwards. Orbax renames inside the real parent, so the result is the same as writing there."""
+    path = Path(path).absolute()
+    if not _ORBAX_UNSAFE & set(str(path)):
+        yield path
+        return
+    link_dir = Path(tempfile.mkdtemp(prefix="cogvae-orbax-"))
+    try:
+        if _ORBAX_UNSAFE & set(str(link_dir)) or _ORBAX_UNSAFE & set(path.name):
+            raise OutputError(f"{path}: Orbax cannot use this path (it holds one of {''.join(sorted(_ORBAX_UNSAFE))}, "
+                              f"and so does the temporary folder {link_dir}); set TMPDIR to a plain folder")
+        os.symlink(path.parent, link_dir / "p", target_is_directory=True)
+        yield link_dir / "p" / path.name
+    finally:
+        shutil.rmtree(link_dir, ignore_errors=True)  # the link only, never what it points to
+
+
 def _write_orbax(path: Path, params: dict[str, np.ndarray]) -> None:
     import orbax.checkpoint as ocp
 
     tree = nest({k: np.ascontiguousarray(v) for k, v in params.items()})
     ckptr = _orbax_checkpointer()
     try:  # (a failed save may still be writing: atomic_output_dir waits for that before removing)
-        ckptr.save(Path(path).absolute(), args=ocp.args.PyTreeSave(tree))
+        with _orbax_path(path) as where:
+            ckptr.save(where, args=ocp.args.PyTreeSave(tree))
+            # What Orbax wrote must read back as this tree (shapes and dtypes, from its metadata: no
+            # tensor bytes), or no manifest is written for it, validation or not.
+            got = {k: (tuple(int(d) for d in m.shape), np.dtype(m.dtype).name)
+                   for k, m in flatten(_orbax_tree_meta(ckptr, where)).items()}
+    except (OutputError, AssertionError):
+        raise
+    except Exception as e:  # noqa: BLE001 -- an OS error code is mapped by _orbax_save
+        if "os_error_code" in str(e):
+            raise
+        raise OutputError(f"{path}: Orbax wrote a checkpoint that does not read back: {type(e).__name__}: {e}") from e
     finally:
         ckptr.close()
+    want = {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in params.items()}
+    if got != want:
+        bad = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        raise OutputError(f"{path}: Orbax wrote a checkpoint whose tree differs from the parameters given "
+                          f"({len(bad)} entries, e.g. {bad[0]!r})")
 
 
 def _orbax_save(path: Path, params: dict[str, np.ndarray]) -> None:
@@ -657,12 +783,12 @@ def _read_orbax(path: Path) -> dict[str, np.ndarray]:
     import jax
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
     ckptr = _orbax_checkpointer()
     try:
-        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                              _orbax_tree_meta(ckptr, path))
-        tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        with _orbax_path(path) as path:
+            restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                                  _orbax_tree_meta(ckptr, path))
+            tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     finally:
         ckptr.close()
     return {k: np.asarray(v) for k, v in flatten(tree).items()}
@@ -809,11 +935,12 @@ def iter_orbax(path: str | os.PathLike, *, chunk_bytes: int = 64 << 20) -> Itera
 
     import dataclasses
 
-    path = Path(path).absolute()
     if "partial_restore" not in {f.name for f in dataclasses.fields(ocp.args.PyTreeRestore)}:
         chunk_bytes = 1 << 62  # an Orbax without partial restores: one group, the whole tree
     ckptr = _orbax_checkpointer()
-    try:
+    with contextlib.ExitStack() as stack:
+        path = stack.enter_context(_orbax_path(path))
+        stack.callback(ckptr.close)
         flat = flatten(_orbax_tree_meta(ckptr, path))
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         groups: list[list[str]] = [[]]
@@ -834,8 +961,6 @@ def iter_orbax(path: str | os.PathLike, *, chunk_bytes: int = 64 << 20) -> Itera
             got = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, **partial))
             yield from flatten(got).items()
             del got
-    finally:
-        ckptr.close()
 
 
 def _format_target(folder: str | os.PathLike, fmt: str) -> Path:
@@ -855,7 +980,8 @@ def format_meta(folder: str | os.PathLike, fmt: str) -> dict[str, tuple[tuple[in
             return dict(iter_msgpack(target, data=False))
         ckptr = _orbax_checkpointer()
         try:
-            flat = flatten(_orbax_tree_meta(ckptr, target.absolute()))
+            with _orbax_path(target) as where:
+                flat = flatten(_orbax_tree_meta(ckptr, where))
         finally:
             ckptr.close()
         return {k: (tuple(int(d) for d in m.shape), np.dtype(m.dtype)) for k, m in flat.items()}

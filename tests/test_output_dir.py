@@ -1,0 +1,185 @@
+"""Where and how an output folder is written (``checkpoint.atomic_output_dir``, Orbax paths):
+awkward paths, ``--overwrite`` swaps, killed runs, symlinks, parents made for ``--out``.
+
+Everything runs the real converter (CliRunner, in-process) on the tiny VAE shipped in the
+package, writing real Orbax and msgpack files on this machine's file system. What is faked is
+said per test: a killed run is reproduced by the state it leaves (a kill cannot be delivered
+in-process), and a file system without ``renameat2(RENAME_EXCHANGE)`` by replacing the swap.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cogvae.converter.checkpoint as ck
+from cogvae.converter import load
+from cogvae.converter.checkpoint import read_checkpoint
+from cogvae.converter.cli import convert_command
+
+
+def _convert(*args: str):
+    r = CliRunner().invoke(convert_command, [*args, "-q"], catch_exceptions=False)
+    return r.exit_code, r.stderr
+
+
+def _hidden(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def own_tmpdir(tmp_path, monkeypatch):
+    """tempfile's folder moved into the test's, so that what cogvae leaves there can be listed."""
+    t = tmp_path / "systmp"
+    t.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(t))
+    return t
+
+
+@pytest.mark.parametrize("name", ["ck[1]", "a\\b", "run[lr=1e-4]/ck", "x" * 250])
+def test_awkward_output_paths_write_loadable_checkpoints(tmp_path, own_tmpdir, name):
+    """Orbax finds its parts with a glob (a "[...]" anywhere in the path matched nothing, so the
+    Orbax part never restored) and tensorstore takes a backslash for a separator (it wrote outside
+    the temporary folder); a 250-byte name, legal, was refused once ".tmp-..." was added. Each
+    now converts without validation (which used to hide nothing: exit 0 and a manifest over a
+    broken orbax/), and both formats load."""
+    out = tmp_path / name
+    out.parent.mkdir(exist_ok=True)
+    code, err = _convert("--out", str(out), "--no-validate")
+    assert code == 0, err
+    for fmt in ("orbax", "msgpack"):
+        _, params, info = read_checkpoint(out, format=fmt)
+        assert info["format"] == fmt and len(params) == 240
+    assert load(out).config == read_checkpoint(out)[0]
+    assert _hidden(out.parent) == [] and sorted(os.listdir(own_tmpdir)) == []  # no temporaries, no links
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({name.split("/")[0], "systmp"})
+
+
+def test_an_orbax_write_that_does_not_read_back_is_an_output_error(tmp_path, monkeypatch):
+    """Whatever Orbax writes is read back (its metadata: no tensor bytes) before a manifest is
+    written for it. Faked: the symlink that keeps glob characters away from Orbax is taken out,
+    so Orbax writes the broken checkpoint it used to write for such a path."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def raw(path):
+        yield Path(path).absolute()
+
+    monkeypatch.setattr(ck, "_orbax_path", raw)
+    out = tmp_path / "ck[1]"
+    code, err = _convert("--out", str(out), "--no-validate")
+    assert code == 4, err
+    assert err.startswith(f"Error: {out}: cannot write checkpoint: ") and "does not read back" in err
+    assert not out.exists() and _hidden(tmp_path) == []
+
+
+def _killed_overwrite(out: Path) -> Path:
+    """The state a SIGKILL leaves between the two renames of an --overwrite where the file system
+    cannot swap folders: the old checkpoint set aside under ``.NAME.old-*`` (owned by a process
+    that no longer exists), nothing at ``out``."""
+    aside = out.parent / f".{out.name}.old-killed"
+    aside.mkdir()
+    dead = 2 ** 22 + 12345  # above the kernel's pid_max default: no such process
+    (aside / ck.OWNER_FILE).write_text(f"{socket.gethostname()} {dead}\n")
+    os.rename(out, aside / "old")
+    return aside
+
+
+def test_a_killed_overwrite_gives_the_old_checkpoint_back(tmp_path):
+    """The next run to the same --out puts the set-aside checkpoint back before anything else (it
+    used to delete it as a stale temporary, even when that run then failed), so the old
+    checkpoint is never lost; that run then sees it and needs --overwrite as usual."""
+    out = tmp_path / "ck"
+    assert _convert("--out", str(out), "--no-validate", "--format", "msgpack")[0] == 0
+    before = (out / "params.msgpack").read_bytes()
+    _killed_overwrite(out)
+    code, err = _convert("--out", str(out), "--no-validate")
+    assert code == 4 and "output already exists" in err, err
+    assert (out / "params.msgpack").read_bytes() == before and _hidden(tmp_path) == []
+    assert read_checkpoint(out)[2]["format"] == "msgpack"
+
+
+def test_overwrite_swaps_the_folders_in_one_step(tmp_path, monkeypatch):
+    """On a file system with renameat2(RENAME_EXCHANGE) (ext4, xfs, btrfs, tmpfs) --overwrite
+    swaps old and new in one atomic step: there is no moment without a checkpoint at --out, so
+    no kill can lose it. Checked by making every plain rename fail."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    assert ck._exchange(a, b), "this file system cannot swap folders atomically"
+    out = tmp_path / "ck"
+    assert _convert("--out", str(out), "--no-validate", "--format", "msgpack")[0] == 0
+
+    def no_rename(*args, **kwargs):
+        raise AssertionError("the swap must not go through rename")
+
+    monkeypatch.setattr(os, "rename", no_rename)  # (msgpack only: Orbax renames its own folders)
+    code, err = _convert("--out", str(out), "--no-validate", "--overwrite", "--format", "msgpack", "--dtype",
+                         "bfloat16")
+    assert code == 0, err
+    monkeypatch.undo()
+    assert {a.dtype.name for a in read_checkpoint(out)[1].values()} == {"bfloat16"} and _hidden(tmp_path) == []
+
+
+def test_overwrite_without_an_atomic_swap_still_replaces(tmp_path, monkeypatch):
+    """Faked: a file system without the swap (``_exchange`` says so); the old checkpoint is set
+    aside, the new one renamed in, the old one deleted."""
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    out = tmp_path / "ck"
+    assert _convert("--out", str(out), "--no-validate", "--format", "msgpack")[0] == 0
+    code, err = _convert("--out", str(out), "--no-validate", "--overwrite", "--format", "orbax")
+    assert code == 0, err
+    assert read_checkpoint(out)[2]["formats"] == ["orbax"] and _hidden(tmp_path) == []
+
+
+def test_an_output_symlink_stays_a_link_to_the_new_checkpoint(tmp_path):
+    """``--out latest --overwrite`` where latest -> run3: run3 is replaced and the link kept (the
+    link itself used to be replaced by a folder, leaving run3 stale)."""
+    real, link = tmp_path / "run3", tmp_path / "latest"
+    assert _convert("--out", str(real), "--no-validate", "--format", "msgpack")[0] == 0
+    link.symlink_to(real.name)
+    code, err = _convert("--out", str(link), "--no-validate", "--overwrite", "--format", "orbax")
+    assert code == 0, err
+    assert link.is_symlink() and os.readlink(link) == real.name
+    assert read_checkpoint(real)[2]["formats"] == ["orbax"] and _hidden(tmp_path) == []
+
+
+def test_a_dangling_output_symlink_is_named_as_such(tmp_path):
+    link = tmp_path / "latest"
+    link.symlink_to("gone")
+    code, err = _convert("--out", str(link), "--no-validate")
+    assert code == 4 and err == f"Error: {link}: a symlink to gone, which does not exist; remove the link or pick " \
+                                "another output folder\n"
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_the_current_folder_is_never_replaced(tmp_path, monkeypatch, out):
+    """``--out . --overwrite`` in an empty folder renamed the shell's current folder away."""
+    here = tmp_path / "empty" / "here"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    code, err = _convert("--out", out, "--no-validate", "--overwrite")
+    assert code == 4 and "the output folder " in err and "the current folder" in err, err
+    assert here.is_dir() and os.listdir(here) == [] and _hidden(here.parent) == []
+
+
+def test_parent_folders_made_for_a_failed_output_are_removed(tmp_path, monkeypatch):
+    """--out a/b/c whose conversion fails (faked: the msgpack writer damages a tensor after writing
+    it, so validation fails) leaves no a/b behind."""
+    real = ck._write_msgpack
+
+    def damaging(path, params):
+        params = dict(params)
+        k = sorted(params)[0]
+        params[k] = params[k] + np.float32(1)
+        return real(path, params)
+
+    monkeypatch.setattr(ck, "_write_msgpack", damaging)
+    code, err = _convert("--out", str(tmp_path / "a" / "b" / "c"))
+    assert code == 1, err
+    assert os.listdir(tmp_path) == []
