@@ -52,6 +52,7 @@ __all__ = [
     "looks_like_checkpoint",
     "atomic_output_dir",
     "check_files",
+    "check_not_inside",
     "check_not_source",
     "params_to_model",
     "tensor_digest",
@@ -190,6 +191,15 @@ def check_not_source(out: str | os.PathLike, source: str | os.PathLike) -> None:
     if o == s or o in s.parents:
         raise OutputError(f"{out}: the output folder {'is' if o == s else 'contains'} the source {source}; "
                           "pick another output folder")
+
+
+def check_not_inside(out: str | os.PathLike, checkpoint: str | os.PathLike) -> None:
+    """Refuse an output folder inside a checkpoint that is read: its files would join the
+    checkpoint's, which then no longer matches its manifest (under ``orbax/`` it is refused)."""
+    o, c = Path(out).expanduser().resolve(), Path(checkpoint).expanduser().resolve()
+    if c in o.parents:
+        raise OutputError(f"{out}: the output folder is inside the checkpoint {checkpoint} it comes from, which "
+                          "it would corrupt; pick a folder outside it")
 
 
 OWNER_FILE = ".cogvae-owner"

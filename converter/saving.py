@@ -28,6 +28,7 @@ from .checkpoint import (
     PROVENANCE_NAME,
     OutputError,
     atomic_output_dir,
+    check_not_inside,
     finish_into,
     keep_heap_lean,
     normalize_formats,
@@ -224,6 +225,8 @@ def save(
     out = Path(out)
     mapping = load_mapping()
     origin = _base_source(base, base_revision, token)  # before any work: an unreadable base fails at once
+    if origin is not None and origin.get("checkpoint"):
+        check_not_inside(out, origin["checkpoint"])  # (``out`` = the base itself is a save in place)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         params = model_params(vae, dtype=dtype)
         config = vae.config
@@ -304,6 +307,7 @@ def export_diffusers(
 
         hub = fetch(source, kind="checkpoint", format=format, revision=revision, token=token, cache_dir=cache_dir)
         folder = hub.folder if hub is not None else source
+        check_not_inside(out, folder)
         config, params, info = read_checkpoint(folder, format=hub.format if hub is not None else format)
         name, fmt = f"{source} ({info['format']})", info["format"]
     problems: list[str] = []

@@ -183,3 +183,22 @@ def test_parent_folders_made_for_a_failed_output_are_removed(tmp_path, monkeypat
     code, err = _convert("--out", str(tmp_path / "a" / "b" / "c"))
     assert code == 1, err
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("inside", ["orbax/diffusers", "diffusers"])
+def test_no_output_goes_inside_the_checkpoint_it_reads(tmp_path, inside):
+    """export-diffusers into the checkpoint it exports (and save into its base checkpoint) wrote
+    files the checkpoint's manifest does not list, which made it unloadable; refused, exit 4, the
+    checkpoint unchanged. (Saving onto the base itself, with overwrite, stays a save in place.)"""
+    from cogvae.converter import save
+    from cogvae.converter.checkpoint import OutputError, check_files
+    from cogvae.converter.cli import cli
+
+    ckpt = tmp_path / "ck"
+    assert _convert("--out", str(ckpt), "--no-validate")[0] == 0
+    r = CliRunner().invoke(cli, ["export-diffusers", str(ckpt), "--out", str(ckpt / inside)])
+    assert r.exit_code == 4 and "is inside the checkpoint" in r.stderr, r.stderr
+    with pytest.raises(OutputError, match="is inside the checkpoint"):
+        save(load(ckpt), ckpt / inside, base=ckpt, validate=False)
+    check_files(ckpt)
+    assert sorted(os.listdir(ckpt)) == ["COMPLETE", "config.json", "orbax", "params.msgpack", "provenance.json"]
