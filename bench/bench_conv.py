@@ -44,7 +44,7 @@ def main():
         ref = y if ref is None else ref
         diff = float(jnp.abs(y.astype(jnp.float32) - ref.astype(jnp.float32)).max())
         tflops = flops / dt / 1e12
-        print(f"{impl:10s} {dt * 1e3:8.2f} ms  {tflops:7.1f} TFLOP/s  first {compile_s:5.1f} s  max|diff vs 3d| {diff:.2e}")
+        print(f"{impl:18s} {dt * 1e3:8.2f} ms  {tflops:7.2f} TFLOP/s  first {compile_s:5.1f} s  max|diff vs 3d| {diff:.2e}")
         if best is None or dt < best[1]:
             best = (impl, dt)
     print(f"device {jax.devices()[0].device_kind}")

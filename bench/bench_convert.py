@@ -41,12 +41,11 @@ RSS_TARGET = 1.5
 
 
 def make_full_size(folder: Path) -> Path:
-    import torch
-    from diffusers import AutoencoderKLCogVideoX
-
-    torch.manual_seed(0)
-    with torch.no_grad():
-        AutoencoderKLCogVideoX().save_pretrained(folder, safe_serialization=True)
+    # In a child process: a converter's ru_maxrss starts from this process's high-water mark (exec
+    # keeps it), which the torch model would otherwise set, for every case alike.
+    code = ("import sys, torch; from diffusers import AutoencoderKLCogVideoX; torch.manual_seed(0)\n"
+            "with torch.no_grad(): AutoencoderKLCogVideoX().save_pretrained(sys.argv[1], safe_serialization=True)")
+    subprocess.run([sys.executable, "-c", code, str(folder)], check=True)
     return folder / "diffusion_pytorch_model.safetensors"
 
 
@@ -70,7 +69,11 @@ def copy_time(src: Path, dst: Path, runs: int, checked: bool = False) -> list[fl
 
 
 def run_convert(src: Path, out: Path, args: list[str]) -> dict:
-    exe = shutil.which("cogvae-convert") or sys.exit("cogvae-convert not installed (pip install -e .)")
+    # The console script of this interpreter's environment first (not another one's on PATH).
+    own = Path(sys.executable).with_name("cogvae-convert")
+    exe = str(own) if own.is_file() else shutil.which("cogvae-convert")
+    if not exe:
+        sys.exit("cogvae-convert not installed (pip install -e .)")
     if out.exists():
         shutil.rmtree(out)
     env = dict(os.environ, HF_HUB_OFFLINE="1")

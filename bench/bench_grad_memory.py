@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-if "--target" in sys.argv:  # before jax loads its plugins: the CUDA plugin is used for its compiler only
+if any(arg == "--target" or arg.startswith("--target=") for arg in sys.argv):  # before jax loads its plugins:
+    # the CUDA plugin is used for its compiler only
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
 

@@ -269,6 +269,16 @@ def main() -> int:
           f" (new caches read: {key[1]})" + (f"  height split over {n_dev} devices: per-device figures" if n_dev > 1 else ""))
     print(f"  parameters {report['params_bytes'] / gib:.2f} GiB, conv caches {report['cache_bytes'] / gib:.2f} GiB;"
           f" XLA options: first {report['first_compiler_options']}, scan {report['scan_compiler_options']}")
+
+    def write():  # after every kernel: a run cut short (a step timeout of bench/gpu_run.sh) keeps what it compiled
+        if "default" in report["variants"]:  # the layout earlier runs wrote (bench/results/*memory*.json)
+            kernels_default = report["variants"]["default"].items()
+            report.update({n: v for n, v in kernels_default if n in ("first", "scan", "fused", "step")})
+        if a.json:
+            tmp = Path(a.json).with_name(f".{Path(a.json).name}.tmp")
+            tmp.write_text(json.dumps(report, indent=2))
+            os.replace(tmp, a.json)
+
     for vname, opts in variants:
         out = report["variants"][vname] = {"xla_options": opts}
         for name, low in lowered.items():
@@ -278,6 +288,7 @@ def main() -> int:
             except Exception as e:  # an option this jaxlib does not know: report it, go on with the next
                 out[name] = {"error": str(e).splitlines()[0][:200]}
                 print(f"  {vname:12s} {name:5s} failed: {out[name]['error']}")
+                write()
                 continue
             r = {"temp_bytes": m.temp_size_in_bytes, "output_bytes": m.output_size_in_bytes,
                  "argument_bytes": m.argument_size_in_bytes, "alias_bytes": m.alias_size_in_bytes,
@@ -288,11 +299,8 @@ def main() -> int:
             print(f"  {vname:12s} {name:5s} temporaries {r['temp_bytes'] / gib:6.2f} GiB  outputs {r['output_bytes'] / gib:6.2f} GiB"
                   f"  arguments {r['argument_bytes'] / gib:6.2f} GiB  aliased {r['alias_bytes'] / gib:5.2f} GiB"
                   f"  total {r['total_bytes'] / gib:6.2f} GiB  (compiled in {r['compile_s']:.1f} s)", flush=True)
-    if "default" in report["variants"]:  # the layout earlier runs wrote (bench/results/*memory*.json)
-        report.update({n: v for n, v in report["variants"]["default"].items() if n in ("first", "scan", "fused", "step")})
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=2)
+            write()
+    write()
     return 0
 
 

@@ -166,7 +166,7 @@ def compare(workdir: Path, mode: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="small config on CPU in fp32")
-    p.add_argument("--modes", default=",".join(MODES), help="gradient checkpointing: off, on, or both")
+    p.add_argument("--modes", default=",".join(MODES), help="gradient checkpointing: off, on, or off,on (the default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 compute (default: bf16, fp32 with --small)")
     p.add_argument("--workdir", type=Path, default=None)
@@ -175,6 +175,9 @@ def main() -> None:
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
     args.dtype = args.dtype or ("float32" if args.small else "bfloat16")
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - set(MODES):
+        p.error(f"--modes {args.modes!r}: a comma list of {', '.join(MODES)}")
     if args.worker:
         print(json.dumps(worker_torch(args) if args.worker == "torch" else worker_jax(args)))
         return
@@ -187,7 +190,7 @@ def main() -> None:
     prepare(args.workdir, args.small, scale)
     t, h, w = SCALES[scale]
     rows = []
-    for mode in args.modes.split(","):
+    for mode in modes:
         ref, ours = run_worker("torch", mode, args), run_worker("jax", mode, args)
         row = dict(scale=scale, latents=f"{t}x{h}x{w}", checkpointing=mode, dtype=args.dtype)
         for name, r in (("diffusers", ref), ("cogvae", ours)):
@@ -202,6 +205,10 @@ def main() -> None:
             row["loss_abs_diff"] = abs(row["diffusers_loss"] - row["cogvae_loss"])
             row.update(compare(args.workdir, mode))
         rows.append(row)
+        # After every mode, so a run cut short (a timeout of bench/gpu_run.sh) keeps the finished ones.
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(dict(rows=rows, repeats=args.repeats), indent=2))
+        os.replace(tmp, args.json)
 
     def f(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else "-"
@@ -220,7 +227,6 @@ def main() -> None:
     if rows:
         print(f"device: {rows[0].get('device')}  latents {rows[0]['latents']}  compute {args.dtype}  "
               f"(peak: {'process RSS' if 'cpu' in str(rows[0].get('device', 'cpu')) else 'device memory'})")
-    args.json.write_text(json.dumps(dict(rows=rows, repeats=args.repeats), indent=2))
     print(f"JSON written to {args.json}")
 
 

@@ -49,12 +49,15 @@ SMALL_CONFIG = dict(
 
 # ------------------------------------------------------------------------------ preparation
 def prepare(workdir: Path, small: bool, scales: list[str]) -> None:
+    """Weights and inputs in ``workdir``; what an earlier run left there is reused (gpu_run.sh's
+    steps share one workdir: a --skip-torch step then imports neither torch nor diffusers)."""
     import numpy as np
-    import torch
-    from diffusers import AutoencoderKLCogVideoX
 
     vae_dir = workdir / "vae"
     if not (vae_dir / "config.json").exists():
+        import torch
+        from diffusers import AutoencoderKLCogVideoX
+
         torch.manual_seed(0)
         model = AutoencoderKLCogVideoX(**(SMALL_CONFIG if small else {}))
         model.save_pretrained(vae_dir, safe_serialization=True)
@@ -62,8 +65,12 @@ def prepare(workdir: Path, small: bool, scales: list[str]) -> None:
     for scale in scales:
         t, h, w = SCALES[scale]["latents"]
         T, H, W = SCALES[scale]["video"]
-        np.save(workdir / f"latents_{scale}.npy", rng.standard_normal((1, 16, t, h, w), dtype=np.float32))
-        np.save(workdir / f"video_{scale}.npy", rng.uniform(-1, 1, (1, 3, T, H, W)).astype(np.float32))
+        for name, make in ((f"latents_{scale}.npy", lambda: rng.standard_normal((1, 16, t, h, w), dtype=np.float32)),
+                           (f"video_{scale}.npy", lambda: rng.uniform(-1, 1, (1, 3, T, H, W)).astype(np.float32))):
+            if not (workdir / name).exists():  # written whole or not at all: a killed run leaves no half file
+                with open(workdir / f".{name}", "wb") as f:
+                    np.save(f, make())
+                os.replace(workdir / f".{name}", workdir / name)
 
 
 # ------------------------------------------------------------------------------ workers
@@ -308,6 +315,7 @@ def main() -> None:
         raw[scale] = {"jax": {}, "torch": {}}
         if not args.skip_torch:
             raw[scale]["torch"] = run_worker("torch", scale, ops, args)
+        write_json(raw, args)
         for op in ops:
             raw[scale]["jax"].update(run_worker("jax", scale, [op], args))
             if args.compilation_cache and "first_s" in raw[scale]["jax"].get(op, {}):
@@ -315,11 +323,18 @@ def main() -> None:
                 # first call is what a user pays after the first run on this machine.
                 again = run_worker("jax", scale, [op], args).get(op, {})
                 raw[scale]["jax"][op]["cached_first_s"] = again.get("first_s")
-        # Report after every scale, so a run cut short still leaves its figures.
-        rows = summarise(raw, args.workdir)
-        print_table(rows)
-        args.json.write_text(json.dumps(dict(rows=rows, raw=raw, dtype=args.dtype, repeats=args.repeats), indent=2))
+            write_json(raw, args)
+        # The table after every scale; the JSON after every worker, so a run cut short (a timeout of
+        # bench/gpu_run.sh) still leaves the figures of the workers that finished.
+        print_table(summarise(raw, args.workdir))
         print(f"JSON written to {args.json}", flush=True)
+
+
+def write_json(raw: dict, args) -> None:
+    rows = summarise(raw, args.workdir)
+    tmp = args.json.with_name(f".{args.json.name}.tmp")
+    tmp.write_text(json.dumps(dict(rows=rows, raw=raw, dtype=args.dtype, repeats=args.repeats), indent=2))
+    os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

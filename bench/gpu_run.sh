@@ -21,21 +21,27 @@
 #           autograd (bf16 autocast) against cogvae (nnx.value_and_grad under nnx.jit), 2b
 #           architecture at 5x30x45 latents, gradient checkpointing off and on (bench/bench_train.py);
 #   autotune  the 2b decode kernels' compile-time memory with this card's conv autotuning, and the
-#           autotuning results and this card's target description written to $OUT, so that a
+#           autotuning results and this card's target description saved with the results, so that a
 #           machine without a GPU can compile with them (bench_memory.py --target FILE
 #           --autotune-results FILE) and see the workspaces the deviceless compile leaves out.
-# Everything lands in $OUT (log.txt and one JSON per step). Example: STEPS=sweep DEADLINE=360 (about 5 minutes).
+# Everything lands in $OUT: log.txt, and results.tgz holding one JSON per step (packed after every step,
+# as the device tool returns at most 8 files from $OUT; `tar xzf results.tgz`).
+# Example: STEPS=sweep DEADLINE=360 (about 5 minutes).
 #
 # Before the call, on this machine (the GPU machine has no network), fetch the reference wheels:
 #   python -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#       diffusers==0.42.1 importlib_metadata zipp
+#       diffusers==0.42.1 importlib_metadata==10.1.0 zipp==4.1.2
+# (pinned: importlib_metadata 10.2 needs lazy-importer, which that machine does not have)
 # and run it with the device tool, carrying .whl:  bash bench/gpu_run.sh   (carry: [".whl"])
-set -u
+set -u -o pipefail  # pipefail: a failed `python3 ... | tee` below stops the script (`|| exit 1`)
 T0=$SECONDS
 DEADLINE=${DEADLINE:-560}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
+RES=/tmp/res  # the steps' files, packed into $OUT/results.tgz
+rm -rf "$RES" && mkdir -p "$RES"
+pack() { tar -czf "$OUT/.results.tgz" -C "$RES" . && mv "$OUT/.results.tgz" "$OUT/results.tgz"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 # The package is used from the tree as `cogvae.*` without installing it (no network for its deps).
@@ -49,12 +55,13 @@ step() {  # step NAME CAP command...: runs with a timeout of min(CAP, time left 
   local t=$(( cap < left ? cap : left ))
   if [ "$t" -lt 20 ]; then echo "== $name: skipped, ${left}s left" | tee -a "$LOG"; return; fi
   echo "== $name (timeout ${t}s, at $((SECONDS - T0))s)" | tee -a "$LOG"
-  timeout "$t" "$@" 2>&1 | tee -a "$LOG"
+  timeout -k 10 "$t" "$@" 2>&1 | tee -a "$LOG"
+  pack
 }
 BV="python3 bench/bench_vae.py --workdir /tmp/bw"
 SWEEP=(--variant default
        --variant lhs:xla_gpu_enable_latency_hiding_scheduler=true
-       --variant ws256:xla_gpu_redzone_scratch_max_megabytes=256
+       --variant noat:xla_gpu_autotune_level=0
        --variant noregion:xla_gpu_copy_insertion_use_region_analysis=false
        --variant slop5:xla_gpu_memory_limit_slop_factor=5
        --variant nounroll:xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_NO_UNROLL
@@ -62,32 +69,33 @@ SWEEP=(--variant default
 BM="python3 bench/bench_memory.py --latent 13x60x90"
 for s in ${STEPS:-2b 1.5 autotune sweep best train}; do
   case $s in
-    2b) step 2b 240 $BV --scales 2b --json "$OUT/bench_2b.json" ;;
-    1.5) step 1.5 170 $BV --scales 1.5 --ops decode,encode --json "$OUT/bench_1.5.json" ;;
-    2b_3d) step 2b_3d 100 env COGVAE_CONV_IMPL=3d $BV --scales 2b --ops decode,decode_tiled_exact --skip-torch --json "$OUT/bench_2b_3d.json" ;;
-    1.5_3d) step 1.5_3d 60 env COGVAE_CONV_IMPL=3d $BV --scales 1.5 --ops decode --skip-torch --json "$OUT/bench_1.5_3d.json" ;;
-    memory) step memory 40 $BM --json "$OUT/memory_2b.json" ;;
+    2b) step 2b 240 $BV --scales 2b --json "$RES/bench_2b.json" ;;
+    1.5) step 1.5 170 $BV --scales 1.5 --ops decode,encode --json "$RES/bench_1.5.json" ;;
+    2b_3d) step 2b_3d 100 env COGVAE_CONV_IMPL=3d $BV --scales 2b --ops decode,decode_tiled_exact --skip-torch --json "$RES/bench_2b_3d.json" ;;
+    1.5_3d) step 1.5_3d 60 env COGVAE_CONV_IMPL=3d $BV --scales 1.5 --ops decode --skip-torch --json "$RES/bench_1.5_3d.json" ;;
+    memory) step memory 40 $BM --json "$RES/memory_2b.json" ;;
     sweep)  # XLA options first: the latency-hiding scheduler and the autotuned workspaces are what remain
-      step sweep_flags 90 $BM --impl 2d_concat_chunked --kernels scan "${SWEEP[@]}" --json "$OUT/sweep_flags.json"
+      step sweep_flags 90 $BM --impl 2d_concat_chunked --kernels scan "${SWEEP[@]}" --json "$RES/sweep_flags.json"
       for r in slice chunks conv; do
-        step "sweep_chunked_$r" 60 $BM --impl 2d_concat_chunked --kernels scan,fused,step --tail-read $r --json "$OUT/sweep_chunked_$r.json"
+        step "sweep_chunked_$r" 60 $BM --impl 2d_concat_chunked --kernels scan,fused,step --tail-read $r --json "$RES/sweep_chunked_$r.json"
       done
-      step sweep_3d 120 $BM --impl 3d --kernels scan,fused,step --json "$OUT/sweep_3d.json" ;;
+      step sweep_3d 120 $BM --impl 3d --kernels scan,fused,step --json "$RES/sweep_3d.json" ;;
     best)
-      if { read -r envs && read -r args; } < <(python3 bench/pick_lever.py "$OUT" 2>>"$LOG"); then
-        eval "step best 150 env $envs $BV --scales 2b --ops decode,decode_tiled_exact --skip-torch $args --json $OUT/bench_2b_best.json"
+      if { read -r envs && read -r args; } < <(python3 bench/pick_lever.py "$RES" 2>>"$LOG"); then
+        eval "step best 150 env $envs $BV --scales 2b --ops decode,decode_tiled_exact --skip-torch $args --json $RES/bench_2b_best.json"
       else
         echo "== best: no lever to try (see above)" | tee -a "$LOG"
       fi ;;
     autotune)
       rm -rf /tmp/xd
-      step autotune 90 env XLA_FLAGS="--xla_dump_to=/tmp/xd --xla_dump_hlo_pass_re=NONE --xla_gpu_dump_autotune_results_to=$OUT/autotune_2b.textproto" \
-        $BM --json "$OUT/memory_2b_autotuned.json"
-      cp "$(ls /tmp/xd/*gpu_target_config.pbtxt 2>/dev/null | head -1)" "$OUT/gpu_target_config.pbtxt" 2>/dev/null \
+      step autotune 90 env XLA_FLAGS="--xla_dump_to=/tmp/xd --xla_dump_hlo_pass_re=NONE --xla_gpu_dump_autotune_results_to=$RES/autotune_2b.textproto" \
+        $BM --json "$RES/memory_2b_autotuned.json"
+      cp "$(ls /tmp/xd/*gpu_target_config.pbtxt 2>/dev/null | head -1)" "$RES/gpu_target_config.pbtxt" 2>/dev/null \
         || echo "no gpu_target_config.pbtxt in the XLA dump" | tee -a "$LOG" ;;
-    train) step train 180 python3 bench/bench_train.py --workdir /tmp/bt --json "$OUT/bench_train_2b.json" ;;
-    cache) step cache 120 $BV --scales 2b --ops decode --skip-torch --repeats 1 --compilation-cache /tmp/cc --json "$OUT/bench_2b_cache.json" ;;
+    train) step train 180 python3 bench/bench_train.py --workdir /tmp/bt --json "$RES/bench_train_2b.json" ;;
+    cache) step cache 120 $BV --scales 2b --ops decode --skip-torch --repeats 1 --compilation-cache /tmp/cc --json "$RES/bench_2b_cache.json" ;;
     *) echo "unknown step $s" | tee -a "$LOG" ;;
   esac
 done
+pack
 echo "== done at $((SECONDS - T0))s" | tee -a "$LOG"

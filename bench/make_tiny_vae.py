@@ -8,7 +8,7 @@ Shapes follow the real CogVideoX VAE (4 down/up blocks, 16 latent channels, temp
 
 from __future__ import annotations
 
-import sys
+import argparse
 from pathlib import Path
 
 TINY_CONFIG = dict(
@@ -39,4 +39,6 @@ def main(out: Path = DEFAULT_OUT) -> Path:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", type=Path, default=DEFAULT_OUT, help=f"default: {DEFAULT_OUT}")
+    main(ap.parse_args().out)
