@@ -1,0 +1,294 @@
+"""The model's public API against diffusers' ``AutoencoderKLCogVideoX``: every call or setting a
+diffusers user makes has an equivalent here that gives the same result (or the same refusal).
+
+The reference is diffusers itself (torch, CPU, random weights; see ``_ref``). One thing is faked:
+in the sampling tests diffusers' ``randn_tensor`` (its only noise source) is patched to return the
+noise JAX draws from the key given to cogvae, since torch's and JAX's random streams differ; all
+the rest of diffusers' sampling code runs. The model is a micro config (two blocks of 4
+channels, no resnets in the down blocks: 2x spatial and temporal compression) whose kernels
+compile in about a second each; the tests share its few input shapes (encode 5 frames of 16x24,
+decode their 3 latents), and every other case compiles one kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from _ref import assert_parity, diffusers_vae, to_bcthw, to_bthwc, to_nnx
+from cogvae.model import DecoderOutput, DiagonalGaussianDistribution
+
+# layers_per_block=0 runs in diffusers and is checked against it in test_parity.py.
+CONFIG = dict(block_out_channels=(4, 4), layers_per_block=0, norm_num_groups=2, latent_channels=4)
+
+
+@functools.lru_cache(maxsize=None)
+def pair():
+    ref = diffusers_vae(seed=21, **CONFIG)
+    return ref, to_nnx(ref)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    """Build the pair once, as set-up (its time is not any one test's)."""
+    pair()
+
+
+def video(frames: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, frames, 16, 24, generator=torch.Generator().manual_seed(seed))
+
+
+def per_width(a) -> np.ndarray:
+    """A (B, w) result of kl()/nll() as a (B, 1, 1, w, 1) 'video', so that assert_parity compares
+    it with diffusers' (B, w) (reshaped to (B, 1, 1, 1, w)) within the fp32 contract."""
+    return np.asarray(a)[:, None, None, :, None]
+
+
+def as_ref(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], 1, 1, 1, t.shape[1])
+
+
+@pytest.fixture
+def jax_noise_in_diffusers(monkeypatch):
+    """Make diffusers' posterior sampling draw the noise JAX draws from ``key`` (see module doc)."""
+    import diffusers.models.autoencoders.vae as dvae
+
+    state = {}
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None):
+        noise = jax.random.normal(state["key"], (shape[0], *shape[2:], shape[1]), jnp.float32)
+        return torch.from_numpy(np.ascontiguousarray(to_bcthw(noise))).to(dtype)
+
+    monkeypatch.setattr(dvae, "randn_tensor", randn_tensor)
+    return state
+
+
+def test_encode_returns_diffusers_posterior():
+    """encode(x): .latent_dist, return_dict=False, mode(), std, var, kl() (alone and against
+    another posterior) and nll() give diffusers' values; (mean, logvar) unpacking still works."""
+    ref, ours = pair()
+    x, y = video(5, seed=1), video(5, seed=2)
+    with torch.no_grad():
+        dx, dy = ref.encode(x).latent_dist, ref.encode(y, return_dict=False)[0]
+    post = ours.encode(to_bthwc(x))
+    other = ours.encode(to_bthwc(y), return_dict=False)[0]
+    assert isinstance(post, DiagonalGaussianDistribution) and post.latent_dist is post
+    mean, logvar = post
+    assert mean is post.mean and logvar is post.logvar
+    assert_parity(post.latent_dist.mode(), dx.mode(), "posterior mode")
+    assert_parity(post.logvar, dx.logvar, "posterior logvar")
+    assert_parity(post.std, dx.std, "posterior std")
+    assert_parity(post.var, dx.var, "posterior var")
+    assert_parity(other.mean, dy.mean, "posterior return_dict=False")
+    # diffusers reduces dims [1, 2, 3] of (B, C, t, h, w): the result is (B, w).
+    assert post.kl().shape == tuple(dx.kl().shape) == (1, 12)
+    assert_parity(per_width(post.kl()), as_ref(dx.kl()), "posterior kl()")
+    assert_parity(per_width(post.kl(other)), as_ref(dx.kl(dy)), "posterior kl(other)")
+    assert_parity(per_width(post.nll(other.mean)), as_ref(dx.nll(dy.mean)), "posterior nll(sample)")
+
+
+def test_posterior_sample_matches_diffusers(jax_noise_in_diffusers):
+    ref, ours = pair()
+    x = video(5, seed=3)
+    key = jax.random.key(4)
+    jax_noise_in_diffusers["key"] = key
+    with torch.no_grad():
+        expected = ref.encode(x).latent_dist.sample(generator=torch.Generator().manual_seed(0))
+    post = ours.encode(to_bthwc(x))
+    assert_parity(post.latent_dist.sample(key), expected, "posterior sample(rng)")
+    np.testing.assert_array_equal(np.asarray(post.sample(generator=key)), np.asarray(post.sample(key)))
+    with pytest.raises(ValueError, match=r"sample\(\) needs rng"):
+        post.sample()
+    with pytest.raises(TypeError, match="not both"):
+        post.sample(key, generator=key)
+
+
+def test_forward_sample_posterior_and_return_dict_match_diffusers(jax_noise_in_diffusers):
+    """vae(x, sample_posterior=True, generator=...) and decode's return_dict spellings."""
+    ref, ours = pair()
+    x = video(5, seed=5)
+    key = jax.random.key(6)
+    jax_noise_in_diffusers["key"] = key
+    with torch.no_grad():
+        sampled = ref(x, sample_posterior=True, generator=torch.Generator().manual_seed(0)).sample
+        plain = ref(x, return_dict=False)[0]
+        z = ref.encode(x).latent_dist.mode()
+        decoded = ref.decode(z, return_dict=False)[0]
+    assert_parity(ours(to_bthwc(x), sample_posterior=True, generator=key), sampled, "forward sample_posterior")
+    out = ours(to_bthwc(x), return_dict=True)
+    assert isinstance(out, DecoderOutput)
+    assert_parity(out.sample, plain, "forward return_dict=True")
+    zj = to_bthwc(z)
+    assert_parity(ours.decode(zj, return_dict=True).sample, decoded, "decode return_dict=True")
+    (video_only,) = ours.decode(zj, return_dict=False)
+    assert_parity(video_only, decoded, "decode return_dict=False")
+    assert_parity(ours.decode(zj), decoded, "decode default: the array")
+
+
+@pytest.mark.parametrize(
+    "op, attr, size, count",
+    [("decode", "num_latent_frames_batch_size", 4, 5), ("encode", "num_sample_frames_batch_size", 16, 17)],
+)
+def test_frame_batch_sizes_are_honoured_as_in_diffusers(op, attr, size, count):
+    """diffusers' frame batch sizes are attributes a user can set; both sides batch the same way.
+    Here one batch of all frames instead of two (5 latents: 3 + 2; 17 frames: 9 + 8), a different
+    result that compiles one kernel only."""
+    ref, ours = pair()
+    default = getattr(ref, attr)
+    assert getattr(ours, attr) == default
+    setattr(ref, attr, size)
+    setattr(ours, attr, size)
+    try:
+        with torch.no_grad():
+            if op == "decode":
+                z = torch.randn(1, 4, count, 4, 6, generator=torch.Generator().manual_seed(7))
+                expected, got = ref.decode(z).sample, ours.decode(to_bthwc(z))
+            else:
+                x = video(count, seed=8)
+                expected, got = ref.encode(x).latent_dist.mean, ours.encode(to_bthwc(x)).mean
+    finally:
+        setattr(ref, attr, default)
+        setattr(ours, attr, default)
+    assert_parity(got, expected, f"{op} with {attr}={size}")
+
+
+def test_tiling_attributes_read_and_assign_as_in_diffusers():
+    """enable_tiling's defaults and arguments, and the tile_* attributes diffusers users assign:
+    assigning a sample size keeps the latent size until the next enable_tiling(), as there."""
+    ref, ours = pair()
+    names = ["tile_sample_min_height", "tile_sample_min_width", "tile_latent_min_height", "tile_latent_min_width",
+             "tile_overlap_factor_height", "tile_overlap_factor_width"]
+
+    def same():
+        assert {n: getattr(ours, n) for n in names} == {n: getattr(ref, n) for n in names}
+        assert ours.use_tiling == ref.use_tiling
+
+    saved = ours.tiling
+    try:
+        same()
+        for m in (ref, ours):
+            m.enable_tiling(16, 20, tile_overlap_factor_width=1 / 3)
+        same()
+        for m in (ref, ours):
+            m.tile_sample_min_height = 24  # the latent tile height stays 4 in diffusers
+            m.tile_overlap_factor_height = 1 / 4
+        same()
+        for m in (ref, ours):
+            m.tile_latent_min_width = 3
+        same()
+        for m in (ref, ours):
+            m.disable_tiling()
+        same()
+        for m in (ref, ours):
+            m.enable_tiling()  # recomputes the latent sizes from the sample sizes
+        same()
+    finally:
+        ref.disable_tiling()
+        ours.disable_tiling()
+        ours.tiling = saved
+        ref.enable_tiling(saved.tile_sample_min_height, saved.tile_sample_min_width, 1 / 6, 1 / 5)
+        ref.disable_tiling()
+
+
+def test_assigned_tile_sizes_give_diffusers_tiled_encode():
+    """A tile size assigned as an attribute is used, not silently ignored (one frame: one kernel)."""
+    ref, ours = pair()
+    saved = ours.tiling
+    try:
+        for m in (ref, ours):
+            m.enable_tiling()
+            m.tile_sample_min_height, m.tile_sample_min_width = 8, 12
+            m.tile_overlap_factor_height, m.tile_overlap_factor_width = 1 / 4, 1 / 3
+        # 12 x 16 pixels in 8 x 12 tiles every 6 rows and 8 columns: 2 x 2 tiles, edge tiles 6 x 8.
+        x = torch.randn(1, 3, 1, 12, 16, generator=torch.Generator().manual_seed(9))
+        with torch.no_grad():
+            expected = ref.encode(x).latent_dist.mean
+        got = ours.encode(to_bthwc(x)).mean
+    finally:
+        ref.disable_tiling()
+        ours.disable_tiling()
+        ours.tiling = saved
+        ref.enable_tiling(saved.tile_sample_min_height, saved.tile_sample_min_width, 1 / 6, 1 / 5)
+        ref.disable_tiling()
+    assert_parity(got, expected, "tiled encode with assigned tile attributes")
+
+
+BAD_INPUTS = {
+    # case: (method, diffusers' input (B, C, T, H, W) or None, ours, error, message)
+    "diffusers layout": ("encode", None, np.zeros((1, 3, 5, 16, 24), np.float32), ValueError,
+                         r"expected 3 channels .* this looks like diffusers' \(B, C, T, H, W\) layout"),
+    "4 channels": ("encode", torch.zeros(1, 4, 5, 16, 24), np.zeros((1, 5, 16, 24, 4), np.float32), ValueError,
+                   r"encode: expected 3 channels on the last axis"),
+    "image without time axis": ("encode", torch.zeros(1, 3, 16, 24), np.zeros((1, 16, 24, 3), np.float32),
+                                ValueError, r"expected a 5-D video .*an image is one frame"),
+    "uint8 video": ("encode", torch.zeros(1, 3, 5, 16, 24, dtype=torch.uint8),
+                    np.zeros((1, 5, 16, 24, 3), np.uint8), TypeError, r"expected a floating-point video, got dtype uint8"),
+    "bool video": ("encode", torch.zeros(1, 3, 5, 16, 24, dtype=torch.bool), np.zeros((1, 5, 16, 24, 3), bool),
+                   TypeError, r"floating-point video, got dtype bool"),
+    "5 latent channels": ("decode", torch.zeros(1, 5, 2, 4, 6), np.zeros((1, 2, 4, 6, 5), np.float32), ValueError,
+                          r"decode: expected 4 channels on the last axis"),
+    "int latents": ("decode", torch.zeros(1, 4, 2, 4, 6, dtype=torch.int64), np.zeros((1, 2, 4, 6, 4), np.int32),
+                    TypeError, r"floating-point latent, got dtype int32"),
+    "rank-6 latents": ("decode", None, np.zeros((1, 1, 2, 4, 6, 4), np.float32), ValueError, r"expected a 5-D latent"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_inputs_diffusers_refuses_are_refused_with_a_clear_error(case):
+    """What diffusers refuses (wrong rank, channel count or a non-float dtype: JAX would promote an
+    int video silently) is refused before anything is compiled, saying what to do."""
+    method, theirs, mine, error, message = BAD_INPUTS[case]
+    ref, ours = pair()
+    if theirs is not None:
+        with pytest.raises((RuntimeError, ValueError)), torch.no_grad():
+            getattr(ref, method)(theirs)
+    with pytest.raises(error, match=message):
+        getattr(ours, method)(jnp.asarray(mine))
+    if method == "encode":  # the other entry points check too
+        with pytest.raises(error, match=message.replace("encode:", "")):
+            ours(jnp.asarray(mine))
+
+
+def test_to_dtype_is_a_model_loaded_in_that_dtype():
+    """vae.to(dtype), as diffusers' .to(dtype): the same graph and parameters as a model loaded with
+    dtype= and compute_dtype=, hence the same results (compared structurally: nothing compiles)."""
+    ref, _ = pair()
+    model = to_nnx(ref)
+    assert model.to("bfloat16") is model
+    loaded = to_nnx(ref, dtype="bfloat16", compute_dtype=jnp.bfloat16)
+    (g1, s1), (g2, s2) = nnx.split(model), nnx.split(loaded)
+    assert g1 == g2
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(s2)):
+        assert a.dtype == b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    model.to(jnp.float32, compute_dtype="bfloat16")  # parameters and compute apart, as load() allows
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype(jnp.float32)}
+    assert model.dtype == jnp.bfloat16
+    with pytest.raises(TypeError, match="not a floating-point dtype"):
+        model.to(jnp.int8)
+
+
+def test_config_reads_as_diffusers_frozen_dict_and_checkpointing_flag():
+    ref, ours = pair()
+    for key in ("scaling_factor", "invert_scale_latents", "shift_factor", "block_out_channels",
+                "temporal_compression_ratio", "latent_channels", "force_upcast"):
+        want = ref.config[key]
+        want = tuple(want) if isinstance(want, list) else want
+        assert ours.config[key] == getattr(ours.config, key) == ours.config.get(key) == want, key
+    assert set(dict(ours.config)) == set(ref.config) - {"_class_name", "_diffusers_version", "_use_default_values"}
+    assert "scaling_factor" in ours.config and ours.config.get("nope", 1) == 1
+    with pytest.raises(KeyError):
+        ours.config["nope"]
+    assert ours.is_gradient_checkpointing is ref.is_gradient_checkpointing is False
+    ours.enable_gradient_checkpointing()
+    try:
+        assert ours.is_gradient_checkpointing is True
+    finally:
+        ours.disable_gradient_checkpointing()
+    assert ours.is_gradient_checkpointing is False
