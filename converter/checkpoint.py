@@ -37,6 +37,7 @@ import ml_dtypes
 
 from cogvae.model import ConfigError, VAEConfig
 
+from .hub import UnreadableError, local_path, unreadable
 from .layout import CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME, WEIGHTS_NAME
 from .st_io import aligned_empty
 
@@ -73,6 +74,12 @@ class CheckpointError(ValueError):
 
 class OutputError(OSError):
     """An output location that cannot be used (exists without overwrite, not writable)."""
+
+
+class UnreadableCheckpointError(CheckpointError, UnreadableError):
+    """A checkpoint file or folder the system will not let us read (permission denied, a name too
+    long, an I/O error): a :class:`CheckpointError` and a ``hub.UnreadableError`` (bad input, not
+    a corrupt checkpoint); the message names the file and the reason."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,12 +334,17 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
     """
     given = out
     out = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))  # "a/.." is "." before anything is made
-    if out.is_symlink():  # replace what the link points to; the link stays
+    try:
+        if out.is_symlink():  # replace what the link points to; the link stays
+            _preflight(out, overwrite, replaces)
+            out = out.resolve()
+        if out.parent.is_dir():  # first: a killed --overwrite's set-aside output goes back to ``out``
+            remove_stale_temporaries(out)
         _preflight(out, overwrite, replaces)
-        out = out.resolve()
-    if out.parent.is_dir():  # first: a killed --overwrite's set-aside output goes back to ``out``
-        remove_stale_temporaries(out)
-    _preflight(out, overwrite, replaces)
+    except OutputError:
+        raise
+    except OSError as e:  # a parent without search permission, a name too long, ...
+        raise OutputError(f"{given}: cannot use as output folder: {e.strerror or e}") from None
     created = []  # parent folders made for ``out``, removed again if nothing is written
     for anc in [out.parent, *out.parent.parents]:
         if anc.exists() or anc.is_symlink():
@@ -679,28 +691,43 @@ def write_checkpoint(
 
 
 def looks_like_checkpoint(path: str | os.PathLike) -> bool:
-    """A folder with any converted-checkpoint file (complete or not): load() treats it as one."""
-    p = Path(path)
+    """A folder with any converted-checkpoint file (complete or not): load() treats it as one. A
+    folder that cannot be looked into is not taken for one (reading it then names the problem)."""
+    p = local_path(path)
     # OWNER_FILE marks a conversion's temporary folder from its first moment (it is removed just
     # before the rename), so a folder killed before any parameter file was written still reads as
     # an interrupted conversion rather than as a diffusers folder with its config.json.
     names = (MANIFEST_NAME, ORBAX_DIR, MSGPACK_NAME, PROVENANCE_NAME, OWNER_FILE)
-    return p.is_dir() and any((p / n).exists() for n in names)
+    try:
+        return p.is_dir() and any((p / n).exists() for n in names)
+    except OSError:  # permission denied, a name too long
+        return False
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
     mpath = folder / MANIFEST_NAME
-    if not folder.exists():
-        raise CheckpointError(f"{folder}: no such checkpoint folder")
+    try:
+        if not folder.exists():
+            raise CheckpointError(f"{folder}: no such checkpoint folder")
+    except OSError as e:  # a parent that cannot be searched, a name too long
+        raise unreadable(folder, e, UnreadableCheckpointError) from None
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder (expected a converted cogvae checkpoint)")
-    if not mpath.is_file():
+    try:
+        listed = mpath.is_file()
+    except OSError as e:  # the folder cannot be searched
+        raise unreadable(folder, e, UnreadableCheckpointError) from None
+    if not listed:
         raise CheckpointError(
             f"{folder}: incomplete or not a cogvae checkpoint: no {MANIFEST_NAME} manifest "
             "(was the conversion interrupted?)"
         )
     try:
-        manifest = json.loads(mpath.read_text())
+        text = mpath.read_text()
+    except OSError as e:  # unreadable, not corrupt
+        raise unreadable(mpath, e, UnreadableCheckpointError) from None
+    try:
+        manifest = json.loads(text)
         if manifest.get("kind") != CHECKPOINT_KIND or not isinstance(manifest.get("files"), dict):
             raise ValueError("not a cogvae checkpoint manifest")
     except (OSError, ValueError, AttributeError) as e:
@@ -757,14 +784,21 @@ def _verify_files(folder: Path, manifest: dict, prefixes: Iterable[str], hashes:
         if only and not rel.startswith(prefixes):
             continue
         p = folder / rel
-        if not p.is_file():
+        try:
+            size = p.stat().st_size if p.is_file() else None
+        except OSError as e:  # a stat: the folder holding the file cannot be searched
+            raise unreadable(p.parent, e, UnreadableCheckpointError) from None
+        if size is None:
             problems.append(f"{rel}: missing")
-            continue
-        if p.stat().st_size != meta.get("size"):
-            problems.append(f"{rel}: size {p.stat().st_size}, manifest says {meta.get('size')}")
-            continue
-        if hashes and rel.startswith(prefixes) and _sha256(p) != meta.get("sha256"):
-            problems.append(f"{rel}: sha256 differs from the manifest (corrupt file)")
+        elif size != meta.get("size"):
+            problems.append(f"{rel}: size {size}, manifest says {meta.get('size')}")
+        elif hashes and rel.startswith(prefixes):
+            try:
+                digest = _sha256(p)
+            except OSError as e:  # unreadable, not corrupt
+                raise unreadable(p, e, UnreadableCheckpointError) from None
+            if digest != meta.get("sha256"):
+                problems.append(f"{rel}: sha256 differs from the manifest (corrupt file)")
     if problems:
         raise CheckpointError(_listed(f"{folder}: corrupt checkpoint", problems))
 
@@ -774,14 +808,14 @@ def check_files(path: str | os.PathLike, *, hashes: bool = True) -> None:
     checkpoint: a valid manifest, and every file it lists present with its size and (``hashes``)
     its sha256. ``push`` checks this before uploading, so a repo never gets a file that every
     reader (``load``, ``verify``, ``export-diffusers``) would refuse."""
-    folder = Path(path)
+    folder = local_path(path)
     _verify_files(folder, _read_manifest(folder), ("",), hashes=hashes)
 
 
 def is_converted_checkpoint(path: str | os.PathLike) -> bool:
     """A complete converted checkpoint: valid manifest, every listed file present with its size."""
     try:
-        folder = Path(path)
+        folder = local_path(path)
         _verify_files(folder, _read_manifest(folder), (), hashes=False)
         return True
     except CheckpointError:
@@ -1044,9 +1078,10 @@ def read_checkpoint(
     there with their listed sizes, and with ``verify`` match their sha256. The other format's
     files may be absent (a Hub download fetches one format).
     ``info``: ``{'path', 'format', 'formats', 'manifest', 'provenance'}``. ``as_jax``: jax arrays
-    on the default device instead of numpy arrays (see :func:`read_format`).
+    on the default device instead of numpy arrays (see :func:`read_format`). ``~`` in ``path`` is
+    expanded; a file that cannot be read raises :class:`UnreadableCheckpointError`.
     """
-    folder = Path(path)
+    folder = local_path(path)
     manifest = _read_manifest(folder)
     formats = manifest.get("formats") or []
     if format is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -17,15 +18,18 @@ import click
 __all__ = ["cli", "convert_command", "EXIT_CODES"]
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT, EXIT_NETWORK = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a command stopped by Ctrl-C
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_VALIDATION: "validation or verification failed",
     EXIT_USAGE: "usage error (bad option or argument)",
-    EXIT_INPUT: "bad source or input: not found, not a CogVideoX VAE, bad safetensors, config/weights mismatch",
+    EXIT_INPUT: "bad source or input: not found, unreadable, not a CogVideoX VAE, bad safetensors, "
+                "config/weights mismatch",
     EXIT_OUTPUT: "output problem: exists without --overwrite, not writable",
     EXIT_NETWORK: "network / Hugging Face Hub error",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGINT); an unfinished output is removed",
 }
-EXIT_EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {k}  {v}" for k, v in EXIT_CODES.items())
+EXIT_EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
 
 
 def _exit_code(e: BaseException) -> Optional[int]:
@@ -52,10 +56,12 @@ def _exit_code(e: BaseException) -> Optional[int]:
     except ImportError:
         pass
     try:
-        from .push import PushError, PushUsageError
+        from .push import PushError, PushInputError, PushUsageError
 
         if isinstance(e, PushUsageError):  # a malformed repo id: the caller's argument, refused before any work
             return EXIT_USAGE
+        if isinstance(e, PushInputError):  # the local folder: missing, unreadable, not a complete checkpoint
+            return EXIT_INPUT
         if isinstance(e, PushError):
             return EXIT_NETWORK
     except ImportError:
@@ -77,6 +83,44 @@ def _run(fn, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 -- mapped to one line + exit code, or re-raised
         _fail(e)
+
+
+class _Interruptible:
+    """A click command whose Ctrl-C (KeyboardInterrupt, once the command's own cleanup has run)
+    ends with one ``Error: interrupted`` line and exit 130, not click's "Aborted!" and exit 1
+    (documented as a failed validation)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+class _Command(_Interruptible, click.Command):
+    pass
+
+
+class _Group(_Interruptible, click.Group):
+    pass
+
+
+def _output_path(out: str | os.PathLike) -> Path:
+    """``--out`` as the folder it names: ``~`` expanded (``--out=~/x`` and a quoted '~/x' reach us
+    unexpanded), refused as an output problem (exit 4) when the system cannot even look it up: a
+    parent without search permission, a name longer than the file system allows, a symlink loop."""
+    from .checkpoint import OutputError
+    from .hub import local_path
+
+    path = local_path(out)
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # not there yet (a file among its parents is named by the writer)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
+    return path
 
 
 def _emit_json(data: Any) -> None:
@@ -179,6 +223,7 @@ def _do_convert(source, out, subfolder, revision, variant, dtype, fmt, no_valida
         raise click.UsageError("--revision needs a Hub SOURCE (the embedded default VAE has no revisions)")
     if push_to_hub is None and (private or create_pr or dry_run or push_revision):
         raise click.UsageError("--private, --push-revision, --create-pr and --dry-run need --push-to-hub")
+    out = _run(_output_path, out)
     summary = _run(
         convert, source, out, subfolder=subfolder, revision=revision, variant=variant, dtype=dtype,
         formats=fmt, validate=not no_validate, overwrite=overwrite, quiet=quiet,
@@ -195,14 +240,14 @@ def _do_convert(source, out, subfolder, revision, variant, dtype, fmt, no_valida
             click.echo(line)
 
 
-@click.command("cogvae-convert", help=CONVERT_HELP, epilog=EXIT_EPILOG,
+@click.command("cogvae-convert", cls=_Command, help=CONVERT_HELP, epilog=EXIT_EPILOG,
                context_settings={"help_option_names": ["-h", "--help"]})
 @_convert_options
 def convert_command(**kw):
     _do_convert(**kw)
 
 
-@click.group(epilog=EXIT_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, epilog=EXIT_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="cogvae")
 def cli():
     """cogvae: CogVideoX VAE checkpoints for JAX/Flax NNX.
@@ -256,6 +301,7 @@ def export_diffusers_command(ckpt, out, fmt, revision, token, overwrite, as_json
       cogvae export-diffusers ckpt/ --format msgpack --out vae-diffusers/ --overwrite
       cogvae export-diffusers me/cogvideox-2b-vae-jax --out vae-diffusers/
     """
+    out = _run(_output_path, out)
     summary = _run(export_diffusers, ckpt, out, format=fmt, overwrite=overwrite, revision=revision, token=token)
     _emit_json(summary) if as_json else click.echo(str(out))
 
@@ -275,6 +321,7 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
     shape than the config's architecture, one the architecture lacks, one it needs that the file
     lacks). A checkpoint with such problems is refused by ``read_checkpoint`` before listing."""
     from .checkpoint import looks_like_checkpoint, read_checkpoint
+    from .hub import local_path
     from .loading import fetch, find_diffusers_vae
     from .mapping import load_mapping
     from .st_io import open_safetensors
@@ -283,8 +330,7 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
     mapping = mapping or load_mapping()
     rows, problems = [], []
     hub = fetch(source, subfolder=subfolder, variant=variant, revision=revision, token=token, quiet=True)
-    if hub is not None:
-        source = hub.folder
+    source = hub.folder if hub is not None else local_path(source)
     if looks_like_checkpoint(source):
         config, params, info = read_checkpoint(source, format=hub.format if hub is not None else None)
         for path in sorted(params):
@@ -431,7 +477,7 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
 
 
 @cli.command("push", epilog=EXIT_EPILOG)
-@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("ckpt", type=click.Path(path_type=Path, readable=False))  # an unreadable one: exit 3, from push
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private.")
 @click.option("--revision", default=None, help="Branch to push to.")
@@ -443,7 +489,8 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, with_diffusers, token, as_json):
     """Upload a complete converted checkpoint to a Hugging Face Hub model repo, in one commit that
-    also removes the files a previously pushed checkpoint left there.
+    also removes the files a previously pushed checkpoint left there. Only the files its COMPLETE
+    manifest lists are uploaded (with a generated README.md model card); others are named, not sent.
 
     \b
     Examples:
@@ -457,6 +504,12 @@ def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, with_diff
                   dry_run=dry_run, token=token, with_diffusers=with_diffusers)
     if as_json:
         _emit_json(result)
-    else:
-        for line in _push_lines(result, revision=revision, create_pr=create_pr):
-            click.echo(line)
+        return
+    lines = _push_lines(result, revision=revision, create_pr=create_pr)
+    skipped = result.get("not_uploaded") or []
+    if skipped:  # before a dry run's closing line
+        shown = ", ".join(skipped[:10]) + (f", and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        lines.insert(len(lines) - 1 if dry_run else len(lines),
+                     f"not uploaded: {len(skipped)} file(s) not in the COMPLETE manifest: {shown}")
+    for line in lines:
+        click.echo(line)

@@ -318,7 +318,7 @@ def _resolve(source: Optional[str], subfolder: str, revision: Optional[str], var
         r = hub.resolve_source(str(source), subfolder=subfolder, revision=revision, variant=variant, quiet=quiet,
                                token=token, kind="diffusers")  # a checkpoint repo: refused before its weights
     except hub.HubError as e:
-        if Path(str(source)).exists() or not hub.looks_like_repo_id(str(source)):
+        if hub.input_exists(hub.local_path(str(source))) or not hub.looks_like_repo_id(str(source)):
             raise SourceError(str(e)) from None  # a local path problem: bad input, not network
         raise
     if r.kind == "checkpoint":
@@ -371,7 +371,9 @@ def convert(
     formats = normalize_formats(formats)
     np_dtype = None if dtype is None else np.dtype(resolve_dtype(dtype)).name
     ui = _Progress(quiet)
-    out = Path(out)
+    from .hub import local_path
+
+    out = local_path(out)
     mapping = mapping or load_mapping()
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp:  # refuses a bad --out before any work

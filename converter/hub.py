@@ -25,8 +25,8 @@ from typing import Optional
 
 from .layout import CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME, weights_in, weights_names
 
-__all__ = ["HubError", "SourceError", "HubSourceError", "WrongKindError", "ResolvedSource", "resolve_source",
-           "allow_patterns", "checkpoint_patterns", "looks_like_repo_id"]
+__all__ = ["HubError", "SourceError", "HubSourceError", "WrongKindError", "UnreadableError", "ResolvedSource",
+           "resolve_source", "allow_patterns", "checkpoint_patterns", "looks_like_repo_id", "local_path", "input_exists"]
 
 
 # Hub repo ids: "namespace/name", letters, digits, '-', '_', '.'; no '--' or '..' (hub rules).
@@ -60,6 +60,37 @@ class WrongKindError(HubSourceError):
                  where: Optional[str] = None):
         super().__init__(message)
         self.found, self.wanted, self.where = found, wanted, where
+
+
+class UnreadableError(SourceError):
+    """A local input the system will not let us look at or read: permission denied, a name longer
+    than the file system allows, a loop of symlinks, an I/O error. The message names the path and
+    the system's reason (the CLI's exit 3). Not a :class:`HubError`: no Hub was asked."""
+
+
+def local_path(path: str | os.PathLike) -> Path:
+    """A path a user gave (an argument, ``--out``, a ``str`` in Python) as the ``Path`` it names:
+    ``~`` and ``~user`` expanded as a shell would (a quoted ``'~/x'``, ``--out=~/x`` and Python
+    strings arrive unexpanded). Every input and output path cogvae takes goes through this."""
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
+def unreadable(path: str | os.PathLike, e: OSError, cls: type = UnreadableError) -> SourceError:
+    """``e``, met looking at or reading the input ``path``, as one line naming it and the reason."""
+    return cls(f"{path}: cannot read: {e.strerror or e}")
+
+
+def input_exists(path: str | os.PathLike) -> bool:
+    """Whether the input ``path`` exists: False when it (or a parent) is not there; a path the system
+    cannot look up (a parent without search permission, a name too long, a symlink loop) raises
+    :class:`UnreadableError` instead of pathlib's OSError or a misleading "no such file"."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as e:
+        raise unreadable(path, e) from None
+    return True
 
 
 KINDS = ("checkpoint", "diffusers")
@@ -497,7 +528,9 @@ def resolve_source(
     fetched for a file the repo lacks, so no second request is needed for them; a diffusers repo
     holding a file at such a path gets it fetched too). Raises :class:`HubError` with one clear
     line on any failure; a bad source rather than a Hub failure (a local path problem, an empty
-    ``revision``, the other kind) is a :class:`HubSourceError`, also a :class:`SourceError`.
+    ``revision``, the other kind) is a :class:`HubSourceError`, also a :class:`SourceError`; a
+    local path the system will not let us look at (permission denied, a name too long) is an
+    :class:`UnreadableError`, a :class:`SourceError` only. ``~`` in ``source`` is expanded.
     """
     if kind not in (None, *KINDS):
         raise ValueError(f"unknown kind {kind!r}; use 'checkpoint' or 'diffusers'")
@@ -505,8 +538,8 @@ def resolve_source(
     if revision is not None and not str(revision).strip():
         raise HubSourceError(f"{text}: the revision is empty (--revision ''): give a branch, tag or commit sha, "
                              "or leave it out")
-    path = Path(text).expanduser()
-    if path.exists():
+    path = local_path(text)
+    if input_exists(path):  # a local path that cannot be looked at: UnreadableError, never a Hub request
         if revision is not None:
             raise HubSourceError(f"{text}: --revision applies to Hub repo ids only, not to a local folder")
         if not path.is_dir():

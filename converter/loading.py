@@ -8,6 +8,7 @@ by the mapping engine with every check applied, and only then merged: nothing is
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping as TMapping, Optional
@@ -18,12 +19,19 @@ from flax import nnx
 from cogvae.model import AutoencoderKLCogVideoX, ConfigError, VAEConfig, abstract_model
 
 from .engine import convert_tensors
-from .hub import SourceError, strip_subfolder  # SourceError lives with the source resolver (no jax there)
+from .hub import (  # SourceError lives with the source resolver (no jax there)
+    SourceError,
+    UnreadableError,
+    input_exists,
+    local_path,
+    strip_subfolder,
+    unreadable,
+)
 from .layout import WEIGHTS_NAME, weights_in
 from .mapping import Mapping, load_mapping
 from .st_io import is_index_file, open_safetensors
 
-__all__ = ["SourceError", "DiffusersSource", "fetch", "find_diffusers_vae", "model_from_tensors", "load_diffusers", "resolve_dtype"]
+__all__ = ["SourceError", "UnreadableError", "DiffusersSource", "fetch", "find_diffusers_vae", "model_from_tensors", "load_diffusers", "resolve_dtype"]
 
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -59,13 +67,25 @@ class DiffusersSource:
 
 
 def find_diffusers_vae(path: str | Path, *, subfolder: str = "vae", variant: Optional[str] = None) -> DiffusersSource:
-    """Locate config and weights in a VAE folder or a pipeline folder with ``<subfolder>/``."""
-    root = Path(path)
+    """Locate config and weights in a VAE folder or a pipeline folder with ``<subfolder>/``
+    (``~`` expanded). A folder that cannot be looked into raises :class:`UnreadableError`."""
+    root = local_path(path)
     subfolder = strip_subfolder(subfolder)  # '/vae', 'vae/' name the folder 'vae', as for a Hub repo
-    if not root.exists():
+    if not input_exists(root):
         raise SourceError(f"{root}: no such file or folder")
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder (expected a diffusers VAE or pipeline folder)")
+    try:
+        return _find_in(root, subfolder, variant)
+    except OSError as e:
+        if isinstance(e, SourceError):
+            raise
+        # only stats happen here: permission denied means the folder holding the file cannot be searched
+        where = root if e.filename is None else Path(e.filename).parent if e.errno == errno.EACCES else e.filename
+        raise unreadable(where, e) from None
+
+
+def _find_in(root: Path, subfolder: str, variant: Optional[str]) -> DiffusersSource:
     candidates = [root] + ([root / subfolder] if subfolder else [])
     for folder in candidates:
         if (folder / "config.json").is_file():
@@ -147,7 +167,7 @@ def fetch(source: str | Path, *, kind: Optional[str] = None, **kwargs: Any):
     from .hub import looks_like_repo_id, resolve_source
 
     text = str(source)
-    if kwargs.get("revision") is None and (Path(text).expanduser().exists() or not looks_like_repo_id(text)):
+    if kwargs.get("revision") is None and (input_exists(local_path(text)) or not looks_like_repo_id(text)):
         return None
     return resolve_source(text, kind=kind, **kwargs)
 
@@ -189,7 +209,8 @@ def load(
     (branch, tag or commit), ``token`` and ``cache_dir``. From the Hub only the files needed are
     fetched: the VAE's of a pipeline repo, one format of a checkpoint (``format``, else one already
     cached, else Orbax). The model is built abstractly (``nnx.eval_shape``), filled and merged:
-    never randomly initialised.
+    never randomly initialised. ``~`` in a local path is expanded; a local path that cannot be
+    read (permission denied, a name too long) raises ``hub.UnreadableError``, a :class:`SourceError`.
     """
     from .checkpoint import looks_like_checkpoint
     from .hub import WrongKindError
@@ -209,6 +230,8 @@ def load(
         path = hub.folder
         if hub.kind == "checkpoint":
             kwargs["format"] = hub.format
+    else:
+        path = local_path(path)
     is_checkpoint = hub.kind == "checkpoint" if hub is not None else looks_like_checkpoint(path)
     if is_checkpoint:
         if diffusers_only:

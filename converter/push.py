@@ -2,12 +2,19 @@
 
 ``push_checkpoint`` checks that the folder is a complete converted checkpoint, then calls
 ``HfApi.create_repo(exist_ok=True)`` and makes exactly one commit (``HfApi.create_commit``): every
-file of the folder, the generated ``README.md`` (the user's folder is never modified), and the
-deletion of the files a previously pushed checkpoint left that this one does not have (Orbax's
-data files have new names on every save; an msgpack-only push replaces an Orbax one). One commit
+file its ``COMPLETE`` manifest lists (and ``COMPLETE``) and nothing else (not a hidden file, not a
+file left beside the checkpoint; a listed file that is a symlink leading outside the folder is
+refused), the generated ``README.md`` (the user's folder is never modified), and the deletion of
+the files a previously pushed checkpoint left that this one does not have (Orbax's data files have
+new names on every save; an msgpack-only push replaces an Orbax one). One commit
 means a revision of the repo never holds half of a checkpoint, or the manifest of one with the
 files of another. Files in the repo that a checkpoint never writes are left alone.
-``dry_run=True`` lists what would be uploaded, with sizes, and calls no API.
+``dry_run=True`` lists what would be uploaded, with sizes, and calls no API. The result's
+``"not_uploaded"`` names the files of the folder that its manifest does not list.
+
+A problem with the local folder (missing, not a folder, unreadable, not a complete checkpoint,
+a file failing its sha256) is a :class:`PushInputError` (the command line's exit 3); a Hub failure,
+no token or offline mode a :class:`PushError` (exit 5).
 
 ``check_push_target`` refuses, before any work, what a push would only fail on at the end: a
 malformed repo id (:class:`PushUsageError`), and for a real push through huggingface_hub's own
@@ -23,10 +30,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from .layout import CONFIG_NAME, DIFFUSERS_WEIGHTS, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME
+from .layout import (CONFIG_NAME, DIFFUSERS_WEIGHTS, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME,
+                     weights_in)
 
-__all__ = ["PushError", "PushUsageError", "check_push_target", "push_checkpoint", "model_card_text", "LICENSES",
-           "TAGS", "plan_upload"]
+__all__ = ["PushError", "PushUsageError", "PushInputError", "check_push_target", "push_checkpoint",
+           "model_card_text", "LICENSES", "TAGS", "plan_upload"]
 
 TAGS = ["jax", "flax", "nnx", "cogvideox", "vae", "video"]
 LIBRARY_NAME = "cogvae"
@@ -44,6 +52,7 @@ LICENSES: dict[str, tuple[str, Optional[str], Optional[str]]] = {
 _LICENSE_ORGS = ("thudm", "zai-org")
 
 _REQUIRED = ("config.json", "provenance.json")  # read to build the model card
+_GENERATED = ("README.md", DIFFUSERS_WEIGHTS)  # what a push writes itself: never taken from the folder
 
 
 class PushError(RuntimeError):
@@ -53,6 +62,11 @@ class PushError(RuntimeError):
 class PushUsageError(PushError):
     """A push asked for with a bad argument (a malformed repo id): the caller's mistake, found
     before any work (the command line's usage error, exit 2)."""
+
+
+class PushInputError(PushError):
+    """A local folder that cannot be pushed (missing, not a folder, unreadable, not a complete
+    converted checkpoint, a file failing its manifest): bad input, not a Hub failure (exit 3)."""
 
 
 def check_push_target(repo_id: Any, *, dry_run: bool = False, token: Optional[str] = None, api: Any = None) -> None:
@@ -81,24 +95,41 @@ def check_push_target(repo_id: Any, *, dry_run: bool = False, token: Optional[st
 # ----------------------------------------------------------------------------------------
 
 
-def _check_checkpoint(ckpt: Path, *, hashes: bool = False) -> None:
-    """A complete converted checkpoint, or one PushError naming what is wrong; ``hashes``: every
-    file must also have the sha256 its manifest records (what a push checks before uploading)."""
+def _check_checkpoint(ckpt: Path, *, hashes: bool = False) -> list[str]:
+    """The paths its ``COMPLETE`` manifest lists, and ``COMPLETE``, when ``ckpt`` is a complete
+    converted checkpoint; else one PushInputError naming what is wrong. ``hashes``: every file must
+    also have the sha256 its manifest records (what a push checks before uploading). A listed file
+    that is a symlink leading outside the folder is refused: a push uploads the checkpoint only."""
+    try:
+        return _checked_listing(ckpt, hashes)
+    except OSError as e:  # an unreadable folder or file (a permission, an I/O error)
+        raise PushInputError(f"{e.filename or ckpt}: cannot read: {e.strerror or e}; not pushed") from None
+
+
+def _checked_listing(ckpt: Path, hashes: bool) -> list[str]:
     if not ckpt.exists():
-        raise PushError(f"{ckpt}: no such folder")
+        raise PushInputError(f"{ckpt}: no such folder")
     if not ckpt.is_dir():
-        raise PushError(f"{ckpt}: not a folder (expected a converted checkpoint folder)")
-    from .checkpoint import MANIFEST_NAME, CheckpointError, check_files, is_converted_checkpoint
+        raise PushInputError(f"{ckpt}: not a folder (expected a converted checkpoint folder)")
+    if not os.access(ckpt, os.R_OK | os.X_OK):
+        raise PushInputError(f"{ckpt}: cannot read the folder (permission denied); not pushed")
+    from .checkpoint import MANIFEST_NAME, CheckpointError, _read_manifest, check_files, is_converted_checkpoint
 
     if is_converted_checkpoint(ckpt):
         missing = [n for n in _REQUIRED if not (ckpt / n).is_file()]
         if not missing:
+            try:
+                listed = sorted({*_read_manifest(ckpt)["files"], MANIFEST_NAME})  # and the manifest itself
+            except CheckpointError as e:
+                raise PushInputError(f"{e}; not pushed") from None
+            _refuse_unpushable(ckpt, listed)
             if hashes:
                 try:
                     check_files(ckpt)
                 except CheckpointError as e:  # every reader of the repo would refuse such a file
-                    raise PushError(f"{e}; not pushed (load, verify and export-diffusers would refuse it)") from None
-            return
+                    raise PushInputError(f"{e}; not pushed (load, verify and export-diffusers would refuse it)") \
+                        from None
+            return listed
     else:
         missing = [n for n in (*_REQUIRED, MANIFEST_NAME) if not (ckpt / n).is_file()]
         try:  # the manifest names every file of the checkpoint
@@ -106,18 +137,41 @@ def _check_checkpoint(ckpt: Path, *, hashes: bool = False) -> None:
             missing += [rel for rel in listed if rel not in missing and not (ckpt / rel).is_file()]
         except (OSError, ValueError, AttributeError):
             pass
+        if not missing:  # every file there: name what differs (a size, the manifest itself)
+            try:
+                check_files(ckpt, hashes=False)
+            except CheckpointError as e:
+                raise PushInputError(f"{e}; not pushed (run `cogvae convert` again)") from None
+    if MANIFEST_NAME in missing and any((d / CONFIG_NAME).is_file() and weights_in(d) for d in (ckpt, ckpt / "vae")):
+        raise PushInputError(f"{ckpt}: a diffusers VAE folder, not a converted checkpoint; convert it first "
+                             f"(`cogvae convert {ckpt} --out CKPT`), then push CKPT")
     detail = (f"missing: {', '.join(missing)}" if missing
               else f"files differ from its {MANIFEST_NAME} manifest")
-    raise PushError(f"{ckpt}: not a complete converted checkpoint ({detail}); run `cogvae convert` again")
+    raise PushInputError(f"{ckpt}: not a complete converted checkpoint ({detail}); run `cogvae convert` again")
+
+
+def _refuse_unpushable(ckpt: Path, listed: list[str]) -> None:
+    """A listed file a push must not upload: one that leads outside the folder through a symlink
+    (its content is not the checkpoint's to publish, whatever the manifest says), or one named like
+    a file the push itself writes (the model card, the diffusers weights), which would replace it."""
+    root = ckpt.resolve()
+    for rel in listed:
+        if rel in _GENERATED:
+            raise PushInputError(f"{ckpt / rel}: listed in the {MANIFEST_NAME} manifest, but push writes {rel} "
+                                 "itself; not pushed (convert the checkpoint again)")
+        target = (ckpt / rel).resolve()
+        if target != root and root not in target.parents:
+            raise PushInputError(f"{ckpt / rel}: a symlink leading outside the checkpoint folder (to {target}); "
+                                 "not pushed (copy the file into the folder instead)")
 
 
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise PushError(f"{path}: cannot read: {e}") from None
+        raise PushInputError(f"{path}: cannot read: {e}") from None
     if not isinstance(data, dict):
-        raise PushError(f"{path}: expected a JSON object")
+        raise PushInputError(f"{path}: expected a JSON object")
     return data
 
 
@@ -319,24 +373,39 @@ cogvae export-diffusers {repo_id} --out vae-diffusers/        # back to diffuser
 # ----------------------------------------------------------------------------------------
 
 
-def _files_of(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
+def _unlisted(ckpt: Path, listed: list[str]) -> list[str]:
+    """The files (and symlinks) under ``ckpt`` that its manifest does not list: never uploaded.
+    Symlinked folders are not followed (each is one entry); unreadable folders are skipped."""
+    keep = set(listed)
+    out = []
+    for top, dirs, files in os.walk(ckpt, onerror=lambda e: None):
+        here = Path(top)
+        entries = files + [d for d in dirs if (here / d).is_symlink()]
+        dirs[:] = [d for d in dirs if not (here / d).is_symlink()]
+        out += [rel for rel in ((here / n).relative_to(ckpt).as_posix() for n in entries) if rel not in keep]
+    return sorted(out)
 
 
-def plan_upload(ckpt_dir: str | os.PathLike, repo_id: str, *, diffusers: Optional[Path] = None
-                ) -> tuple[list[dict], str]:
-    """([{path, size}] of every file to upload, README.md included; the model card text).
-    ``diffusers``: an exported diffusers weights file to upload too (as ``DIFFUSERS_WEIGHTS``)."""
-    ckpt = Path(ckpt_dir)
-    _check_checkpoint(ckpt)
-    card = model_card_text(repo_id, _read_json(ckpt / "config.json"), _read_json(ckpt / "provenance.json"),
+def _plan(ckpt: Path, repo_id: str, listed: list[str], diffusers: Optional[Path]) -> tuple[list[dict], str]:
+    try:
+        files = [{"path": rel, "size": (ckpt / rel).stat().st_size} for rel in listed]
+    except OSError as e:
+        raise PushInputError(f"{e.filename or ckpt}: cannot read: {e.strerror or e}; not pushed") from None
+    card = model_card_text(repo_id, _read_json(ckpt / CONFIG_NAME), _read_json(ckpt / PROVENANCE_NAME),
                            diffusers=diffusers is not None)
-    files = [{"path": p.relative_to(ckpt).as_posix(), "size": p.stat().st_size}
-             for p in _files_of(ckpt) if p.relative_to(ckpt).as_posix() not in ("README.md", DIFFUSERS_WEIGHTS)]
     files.append({"path": "README.md", "size": len(card.encode("utf-8"))})
     if diffusers is not None:
         files.append({"path": DIFFUSERS_WEIGHTS, "size": Path(diffusers).stat().st_size})
     return sorted(files, key=lambda f: f["path"]), card
+
+
+def plan_upload(ckpt_dir: str | os.PathLike, repo_id: str, *, diffusers: Optional[Path] = None
+                ) -> tuple[list[dict], str]:
+    """([{path, size}] of every file to upload, README.md included; the model card text): the files
+    the checkpoint's manifest lists, the card, and (``diffusers``: an exported diffusers weights
+    file) ``DIFFUSERS_WEIGHTS``. Files of the folder the manifest does not list are not uploaded."""
+    ckpt = Path(ckpt_dir)
+    return _plan(ckpt, repo_id, _check_checkpoint(ckpt), diffusers)
 
 
 def _export_weights(ckpt: Path, into: Path) -> Path:
@@ -346,7 +415,7 @@ def _export_weights(ckpt: Path, into: Path) -> Path:
 
     export_diffusers(ckpt, into / "export")
     if (into / "export" / "config.json").read_bytes() != (ckpt / "config.json").read_bytes():
-        raise PushError(f"{ckpt}: its config.json differs from the diffusers config of its architecture; "
+        raise PushInputError(f"{ckpt}: its config.json differs from the diffusers config of its architecture; "
                         "convert it again to push diffusers weights with it")
     return into / "export" / DIFFUSERS_WEIGHTS
 
@@ -360,13 +429,14 @@ def _is_checkpoint_file(rel: str) -> bool:
             or ("/" not in rel and rel.startswith(WEIGHTS_NAME) and ".safetensors" in rel))
 
 
-def _operations(ckpt: Path, card: str, remote: list[str], diffusers: Optional[Path] = None) -> tuple[list, list[str]]:
-    """The commit: an add for every file of ``ckpt``, the card (and the diffusers weights), a
-    delete for every checkpoint file in ``remote`` (the repo's files now) not among them."""
+def _operations(ckpt: Path, listed: list[str], card: str, remote: list[str], diffusers: Optional[Path] = None
+                ) -> tuple[list, list[str]]:
+    """The commit: an add for every file of ``ckpt`` its manifest lists (``listed``), the card (and
+    the diffusers weights), a delete for every checkpoint file in ``remote`` (the repo's files now)
+    not among them."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    adds = [CommitOperationAdd(path_in_repo=p.relative_to(ckpt).as_posix(), path_or_fileobj=str(p))
-            for p in _files_of(ckpt) if p.relative_to(ckpt).as_posix() not in ("README.md", DIFFUSERS_WEIGHTS)]
+    adds = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(ckpt / rel)) for rel in listed]
     adds.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
     if diffusers is not None:
         adds.append(CommitOperationAdd(path_in_repo=DIFFUSERS_WEIGHTS, path_or_fileobj=str(diffusers)))
@@ -406,7 +476,8 @@ def _push_error(e: BaseException, repo_id: str, step: str) -> PushError:
     return PushError(f"{repo_id}: {step} failed: {type(e).__name__}: {e}")
 
 
-def _commit(api: Any, ckpt: Path, repo_id: str, card: str, diffusers: Optional[Path], *, private: bool,
+def _commit(api: Any, ckpt: Path, listed: list[str], repo_id: str, card: str, diffusers: Optional[Path], *,
+            private: bool,
             revision: Optional[str], create_pr: bool, token: Optional[str]) -> tuple[Any, list[str]]:
     """Create the repo (and branch), then one commit; (the commit info, the deleted paths)."""
     if api is None:
@@ -432,7 +503,7 @@ def _commit(api: Any, ckpt: Path, repo_id: str, card: str, diffusers: Optional[P
              exist_ok=True)
     # what the commit builds on: the branch, or a pull request's base (main by default)
     remote = list(call("list_repo_files", api.list_repo_files, repo_id, revision=revision, repo_type="model"))
-    operations, stale = _operations(ckpt, card, remote, diffusers)
+    operations, stale = _operations(ckpt, listed, card, remote, diffusers)
     info = call("upload", api.create_commit, repo_id=repo_id, operations=operations, commit_message=message,
                 repo_type="model", revision=revision, create_pr=create_pr)
     return info, stale
@@ -452,7 +523,10 @@ def push_checkpoint(
 ) -> dict:
     """Upload a converted checkpoint folder and a generated model card to the Hub model repo ``repo_id``.
 
-    Returns ``{"repo_id", "files": [{"path", "size"}], "dry_run", "model_card"}`` plus, after a
+    Uploads the files its ``COMPLETE`` manifest lists, nothing else of the folder; a listed file
+    that is a symlink leading outside the folder is refused. Returns ``{"repo_id", "files":
+    [{"path", "size"}], "not_uploaded", "dry_run", "model_card"}`` (``not_uploaded``: the folder's
+    files that the manifest does not list) plus, after a
     real push, ``"url"`` (the commit or pull-request URL), ``"commit"`` (its sha) and
     ``"deleted"`` (the previous checkpoint's files that the commit removed). ``revision``
     is the branch to commit to (created if missing, unless ``create_pr``, where it is the PR's
@@ -463,18 +537,20 @@ def push_checkpoint(
     upload the weights in diffusers' format (``diffusion_pytorch_model.safetensors``, exported
     bit for bit), so ``AutoencoderKLCogVideoX.from_pretrained(repo_id)`` loads the same model.
     Without it, diffusers weights a previous push left at the repo's root are deleted.
+    A problem with the folder raises :class:`PushInputError`; a Hub failure :class:`PushError`.
     """
     check_push_target(repo_id, dry_run=dry_run, token=token, api=api)  # before hashing and exporting
     ckpt = Path(ckpt_dir)
-    _check_checkpoint(ckpt, hashes=True)
+    listed = _check_checkpoint(ckpt, hashes=True)
     with tempfile.TemporaryDirectory(prefix="cogvae-push-") as tmp:
         diffusers = _export_weights(ckpt, Path(tmp)) if with_diffusers else None
-        files, card = plan_upload(ckpt, repo_id, diffusers=diffusers)
-        result: dict[str, Any] = {"repo_id": repo_id, "files": files, "dry_run": dry_run, "model_card": card}
+        files, card = _plan(ckpt, repo_id, listed, diffusers)
+        result: dict[str, Any] = {"repo_id": repo_id, "files": files, "not_uploaded": _unlisted(ckpt, listed),
+                                  "dry_run": dry_run, "model_card": card}
         if dry_run:
             return result
-        info, result["deleted"] = _commit(api, ckpt, repo_id, card, diffusers, private=private, revision=revision,
-                                          create_pr=create_pr, token=token)
+        info, result["deleted"] = _commit(api, ckpt, listed, repo_id, card, diffusers, private=private,
+                                          revision=revision, create_pr=create_pr, token=token)
     pr_url = getattr(info, "pr_url", None)
     result["url"] = pr_url or getattr(info, "commit_url", None) or (str(info) if info is not None else None)
     result["commit"] = getattr(info, "oid", None)

@@ -116,13 +116,13 @@ def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = No
             raise ValueError("base_revision names a revision of a Hub base: pass base= too")
         return None
     from .checkpoint import CheckpointError, check_files, looks_like_checkpoint
-    from .hub import HubError, _looks_local, looks_like_repo_id
+    from .hub import HubError, _looks_local, input_exists, local_path, looks_like_repo_id
     from .layout import MANIFEST_NAME
     from .loading import SourceError, find_diffusers_vae
     from .push import provenance_origin
 
     text = os.fspath(base)
-    path = Path(text).expanduser()
+    path = local_path(text)
     keep = ("id", "revision", "is_hub")
 
     def origin_of(prov_path: Path, where: str) -> tuple[dict, dict]:
@@ -136,10 +136,11 @@ def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = No
         o = provenance_origin(prov)
         return {k: o[k] for k in keep}, o["root"]
 
-    if path.exists() and revision is not None:
+    exists = input_exists(path)
+    if exists and revision is not None:
         raise ValueError(f"base_revision={revision!r} is for a Hub repo id, but base {text} is a local folder "
                          "(a local folder has no revisions)")
-    if path.exists():
+    if exists:
         if not path.is_dir():
             raise SourceError(f"base {text}: not a folder (expected a converted cogvae checkpoint, or a diffusers "
                               "VAE or pipeline folder)")
@@ -222,7 +223,9 @@ def save(
 
     keep_heap_lean()
     formats = normalize_formats(formats)
-    out = Path(out)
+    from .hub import local_path
+
+    out = local_path(out)
     mapping = load_mapping()
     origin = _base_source(base, base_revision, token)  # before any work: an unreadable base fails at once
     if origin is not None and origin.get("checkpoint"):
@@ -294,7 +297,10 @@ def export_diffusers(
     problem is named in one :class:`ConversionError` and nothing is written.
     """
     from .engine import export_tensors
+    from .hub import local_path
     from .st_io import save_safetensors
+
+    out = local_path(out)
 
     keep_heap_lean()
     mapping = mapping or load_mapping()
@@ -306,7 +312,7 @@ def export_diffusers(
         from .loading import fetch
 
         hub = fetch(source, kind="checkpoint", format=format, revision=revision, token=token, cache_dir=cache_dir)
-        folder = hub.folder if hub is not None else source
+        folder = hub.folder if hub is not None else local_path(source)
         check_not_inside(out, folder)
         config, params, info = read_checkpoint(folder, format=hub.format if hub is not None else format)
         name, fmt = f"{source} ({info['format']})", info["format"]

@@ -277,28 +277,42 @@ def _lenient_convert(tensors: Any, mapping: Any) -> dict[str, np.ndarray]:
 def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, variant: Optional[str],
           mapping: Any, revision: Optional[str] = None, token: Optional[str] = None) -> _Loaded:
     from .checkpoint import CheckpointError, check_files, looks_like_checkpoint, read_checkpoint
+    from .hub import UnreadableError, input_exists, local_path
     from .loading import SourceError
 
     text = os.fspath(source)
     got = _Loaded(path=text)
-    path = Path(text)
-    if not path.exists() or revision is not None:
+
+    def unreachable(e: SourceError) -> _Loaded:
+        """Nothing to verify (not found, not a folder, unreadable): the CLI's exit 3 (or a Hub
+        failure's 5), not a failed check."""
+        got.problems.append(str(e))
+        got.unreachable = e
+        return got
+
+    path = local_path(text)
+    try:
+        exists = input_exists(path)
+    except UnreadableError as e:
+        return unreachable(e)
+    if not exists or revision is not None:
         from .hub import HubError, looks_like_repo_id, resolve_source
 
-        if not path.exists() and not looks_like_repo_id(text):
-            got.problems.append(f"{text}: no such file or folder")
-            got.unreachable = SourceError(got.problems[-1])
-            return got
+        if not exists and not looks_like_repo_id(text):
+            return unreachable(SourceError(f"{text}: no such file or folder"))
         try:
             r = resolve_source(text, subfolder=subfolder, variant=variant, format=fmt, revision=revision,
                                token=token, quiet=True, also=[DIFFUSERS_WEIGHTS])
         except HubError as e:
             got.problems.append(str(e))
-            got.unreachable = SourceError(str(e)) if path.exists() else e  # as cogvae-convert: 3 or 5
+            got.unreachable = SourceError(str(e)) if exists else e  # as cogvae-convert: 3 or 5
             return got
         path = Path(r.folder)
         fmt = r.format or fmt
         got.detail = f"Hub snapshot {r.revision}"
+    elif not path.is_dir():
+        return unreachable(SourceError(f"{text}: not a folder (expected a converted checkpoint, or a diffusers "
+                                       "VAE or pipeline folder)"))
 
     if looks_like_checkpoint(path):
         got.kind = "converted checkpoint"
@@ -308,6 +322,8 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
                 # ones read (a Hub download fetches one format, checked as it is read); hashed once
                 check_files(path)
             got.config, got.params, info = read_checkpoint(path, format=fmt, verify=not local)
+        except UnreadableError as e:  # permission denied: an input problem, not a corrupt checkpoint
+            return unreachable(e)
         except CheckpointError as e:
             got.problems.append(str(e))
             return got
@@ -326,8 +342,12 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
     try:
         src = find_diffusers_vae(path, subfolder=subfolder, variant=variant)
         got.detail = (got.detail + ", " if got.detail else "") + src.weights_path.name
+        _check_readable([src.config_path, src.weights_path])  # before they are parsed: not a failed check
+        _check_readable(src.weight_files[1:])  # the shards of an index
         got.config = VAEConfig.from_json_file(src.config_path)
         tensors = open_safetensors(src.weights_path)
+    except UnreadableError as e:
+        return unreachable(e)
     except (SourceError, ConfigError, SafetensorsError) as e:
         got.problems.append(str(e))
         return got
@@ -344,6 +364,23 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
         got.problems.extend(p for p in e.problems if _engine_only(p))
         got.params = _lenient_convert(tensors, mapping)
     return got
+
+
+def _check_readable(paths: list[Path]) -> None:
+    """Open each file (a real open, as the readers will): one the system will not let us read
+    raises ``hub.UnreadableError`` naming it, so that verify reports an input problem (exit 3)
+    rather than a safetensors or config file that failed its checks (a missing shard is left to the
+    safetensors reader, which names it)."""
+    from .hub import unreadable
+
+    for p in paths:
+        try:
+            with open(p, "rb"):
+                pass
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as e:
+            raise unreadable(p, e) from None
 
 
 def _compare_diffusers_copy(params: dict[str, np.ndarray], copy: Path, mapping: Any) -> dict:

@@ -870,3 +870,206 @@ def test_convert_push_prints_the_commit_or_pull_request_url(tmp_path, monkeypatc
     assert len(commits) == 1 and commits[0]["create_pr"] is create_pr
     r = CliRunner().invoke(cli, ["push", str(out), "me/x", "--token", "hf_not_a_real_token", *pr])
     assert (r.exit_code, r.stdout) == (0, expected), r.output
+
+
+# ----------------------------------------------------------------------------------------
+# what a push uploads: the manifest's files only; local input problems are exit 3
+# ----------------------------------------------------------------------------------------
+
+
+def _listed(folder: Path) -> set[str]:
+    """The files a push of ``folder`` may upload from it: those its COMPLETE lists, and COMPLETE."""
+    return {*json.loads((folder / "COMPLETE").read_text())["files"], "COMPLETE"}
+
+
+def _stray(folder: Path, outside: Path, kind: str) -> str:
+    """Put one thing that is not part of the checkpoint into ``folder``; its path there."""
+    outside.mkdir(exist_ok=True)
+    (outside / "secret.txt").write_text("HF_TOKEN=hf_secret\n")
+    rel = {"hidden": ".env", "unlisted": "notes.txt", "unlisted-in-orbax": "orbax/extra.bin",
+           "symlink-out": "link_secret", "symlinked-folder": "ext"}[kind]
+    if kind == "symlink-out":
+        (folder / rel).symlink_to(outside / "secret.txt")
+    elif kind == "symlinked-folder":
+        (folder / rel).symlink_to(outside, target_is_directory=True)
+    else:
+        (folder / rel).write_text("HF_TOKEN=hf_secret\n")
+    return rel
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("kind", ["hidden", "unlisted", "unlisted-in-orbax", "symlink-out", "symlinked-folder"])
+def test_push_uploads_only_the_files_the_manifest_lists(ckpt, tmp_path, kind, dry_run):
+    """A hidden file (a `.env` holding a token), a file the COMPLETE manifest does not list (at the
+    root or under orbax/, where it would make the pushed repo unloadable), a symlink to a file
+    outside the folder, a symlink to a folder outside: none is uploaded or listed as uploaded, and
+    the result names it under ``not_uploaded``. The commit holds exactly the listed files, COMPLETE
+    and the card, byte for byte. Fake: RecordingApi stands in for the Hub (no network) and writes
+    out what each add operation would upload, so no byte of the secret may appear in it."""
+    folder = tmp_path / "ck"
+    shutil.copytree(ckpt, folder, symlinks=True)
+    rel = _stray(folder, tmp_path / "outside", kind)
+    api = RecordingApi(tmp_path)
+    out = push_checkpoint(folder, "me/x", api=api, dry_run=dry_run)
+    want = _listed(folder) | {"README.md"}
+    assert {f["path"] for f in out["files"]} == want
+    assert out.get("not_uploaded") == [rel]
+    if dry_run:
+        assert api.calls == []
+        return
+    assert set(_files(api.uploaded)) == want
+    for path in _files(api.uploaded):
+        assert b"hf_secret" not in (api.uploaded / path).read_bytes()
+        if path != "README.md":
+            assert (api.uploaded / path).read_bytes() == (folder / path).read_bytes()
+
+
+@pytest.mark.parametrize("case", ["symlink-out", "symlink-in", "lists-readme"])
+def test_a_listed_file_leading_outside_the_folder_is_refused(ckpt, tmp_path, case):
+    """params.msgpack (listed in COMPLETE) replaced by a symlink to the same bytes outside the folder
+    (its sha256 matches, so only the link betrays it): refused, naming the file, before any Hub
+    call; a symlink to the same bytes inside the folder is pushed (content read, the link's target
+    itself not uploaded, as COMPLETE does not list it). A manifest listing README.md, which push
+    writes itself, is refused too (both a PushInputError: bad input, exit 3).
+    Fake: RecordingApi stands in for the Hub (no network)."""
+    folder = tmp_path / "ck"
+    shutil.copytree(ckpt, folder)
+    api = RecordingApi(tmp_path)
+    if case == "lists-readme":
+        import hashlib
+
+        (folder / "README.md").write_text("mine\n")
+        manifest = json.loads((folder / "COMPLETE").read_text())
+        manifest["files"]["README.md"] = {"size": 5, "sha256": hashlib.sha256(b"mine\n").hexdigest()}
+        (folder / "COMPLETE").write_text(json.dumps(manifest))
+        with pytest.raises(PushError, match=re.escape(f"{folder / 'README.md'}: listed in the COMPLETE")) as e:
+            push_checkpoint(folder, "me/x", api=api)
+        assert type(e.value).__name__ == "PushInputError" and api.calls == []
+        return
+    where = tmp_path / "elsewhere" if case == "symlink-out" else folder / "blobs"
+    where.mkdir()
+    (folder / "params.msgpack").rename(where / "params.msgpack")
+    (folder / "params.msgpack").symlink_to(where / "params.msgpack")
+    if case == "symlink-out":
+        with pytest.raises(PushError, match=re.escape(f"{folder / 'params.msgpack'}: a symlink leading "
+                                                      "outside the checkpoint folder")) as e:
+            push_checkpoint(folder, "me/x", api=api)
+        assert type(e.value).__name__ == "PushInputError" and api.calls == []
+        return
+    out = push_checkpoint(folder, "me/x", api=api)
+    assert set(_files(api.uploaded)) == _listed(folder) | {"README.md"}
+    assert (api.uploaded / "params.msgpack").read_bytes() == (ckpt / "params.msgpack").read_bytes()
+    assert out["not_uploaded"] == ["blobs/params.msgpack"]
+
+
+def test_a_push_deletes_a_stale_repo_file_even_if_an_unlisted_local_copy_exists(ckpt, tmp_path):
+    """The repo holds a previous push's Orbax data file; the local folder holds a file of the same
+    name that its manifest does not list (left over, not part of this checkpoint). It is not
+    uploaded, so the commit deletes the repo's stale copy (a stray orbax/ file breaks loading),
+    and the repo's other, non-checkpoint files are left alone.
+    Fake: RecordingApi plays the Hub repo holding those files (no network)."""
+    folder = tmp_path / "ck"
+    shutil.copytree(ckpt, folder)
+    (folder / "orbax" / "d").mkdir(exist_ok=True)
+    (folder / "orbax" / "d" / "0123abcd").write_bytes(b"stale")
+    api = RecordingApi(tmp_path, remote=(".gitattributes", "orbax/d/0123abcd", "samples/clip.mp4"))
+    out = push_checkpoint(folder, "me/x", api=api)
+    assert api.deleted == out["deleted"] == ["orbax/d/0123abcd"]
+    assert out["not_uploaded"] == ["orbax/d/0123abcd"]
+    assert set(_files(api.uploaded)) == _listed(folder) | {"README.md"}
+
+
+def test_push_dry_run_text_says_what_is_not_uploaded(ckpt, tmp_path, monkeypatch):
+    """`cogvae push CKPT me/x --dry-run` over a folder holding a `.env` and a stray file: the
+    listing has only the manifest's files and the card, then one line naming what is not
+    uploaded, then the dry run's closing line; --json has the same under "not_uploaded".
+    Faked, and why: huggingface_hub.HfApi is replaced by a function that fails the test and
+    get_token returns None: a dry run must neither build an API nor need a token (no network)."""
+    import huggingface_hub
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda *a, **k: pytest.fail("a dry run built an HfApi"))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    folder = tmp_path / "ck"
+    shutil.copytree(ckpt, folder)
+    (folder / ".env").write_text("HF_TOKEN=hf_secret\n")
+    (folder / "notes.txt").write_text("mine\n")
+    r = CliRunner().invoke(cli, ["push", str(folder), "me/x", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert lines[-2] == "not uploaded: 2 file(s) not in the COMPLETE manifest: .env, notes.txt"
+    card = push_checkpoint(folder, "me/x", dry_run=True)["model_card"]
+    sizes = {rel: (folder / rel).stat().st_size for rel in _listed(folder)}
+    _dry_run_listing("\n".join(lines[:-2] + lines[-1:]), {**sizes, "README.md": len(card.encode())}, "me/x")
+    r = CliRunner().invoke(cli, ["push", str(folder), "me/x", "--dry-run", "--json"])
+    assert r.exit_code == 0 and r.stderr == ""
+    assert json.loads(r.stdout)["not_uploaded"] == [".env", "notes.txt"]
+
+
+def _bad_input(kind: str, ckpt: Path, tmp: Path, monkeypatch) -> tuple[Path, str]:
+    """A local input a push must refuse as bad input, and the start of its error message."""
+    if kind == "missing":
+        return tmp / "no-such-folder", f"{tmp / 'no-such-folder'}: no such folder"
+    if kind == "file":
+        return ckpt / "params.msgpack", f"{ckpt / 'params.msgpack'}: not a folder"
+    if kind == "diffusers-folder":
+        folder = save_tiny_vae(tmp / "vae")
+        return folder, f"{folder}: a diffusers VAE folder, not a converted checkpoint"
+    folder = tmp / "ck"
+    shutil.copytree(ckpt, folder)
+    if kind == "corrupt":
+        with open(folder / "config.json", "a") as f:
+            f.write("garbage\n")
+        return folder, f"{folder}: corrupt checkpoint: config.json: size"
+    import os
+
+    if kind == "unreadable-folder":  # what click (and push) ask the OS; root would read it anyway
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: Path(p) != folder and real(p, mode, *a, **k))
+        return folder, f"{folder}: cannot read the folder (permission denied)"
+    assert kind == "unreadable-file"
+    import cogvae.converter.checkpoint as checkpoint
+
+    real_sha = checkpoint._sha256
+
+    def sha256(path):
+        if Path(path).name == "params.msgpack":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_sha(path)
+
+    monkeypatch.setattr(checkpoint, "_sha256", sha256)
+    return folder, f"{folder / 'params.msgpack'}: cannot read: Permission denied"
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+@pytest.mark.parametrize("kind", ["missing", "file", "diffusers-folder", "corrupt", "unreadable-folder",
+                                  "unreadable-file"])
+def test_a_bad_local_folder_is_exit_3_not_a_hub_error(ckpt, tmp_path, monkeypatch, kind, dry_run):
+    """`cogvae push X me/x` (dry run or not, --json or not) where X is missing, a file, a diffusers
+    folder, a checkpoint whose config.json no longer matches its manifest, an unreadable folder or
+    one with an unreadable file: exit 3 (bad input, as `export-diffusers`), not 5 (Hub error) nor
+    click's 2, with one `Error:` line naming the path and nothing on stdout; the Python API raises
+    PushInputError, a PushError.
+    Faked, and why: the network methods of the real huggingface_hub.HfApi class are patched with
+    recorders (no network; none may be called); tests run as root, whom chmod does not stop, so
+    an unreadable folder is os.access answering no for it (what click and push ask) and an
+    unreadable file the checkpoint's file hasher raising the PermissionError open() would."""
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    commits = _fake_hfapi_class(monkeypatch)
+    folder, message = _bad_input(kind, ckpt, tmp_path, monkeypatch)
+    flags = ["--dry-run"] if dry_run else ["--token", "hf_not_a_real_token"]
+    for extra in ([], ["--json"]):
+        r = CliRunner().invoke(cli, ["push", str(folder), "me/x", *flags, *extra])
+        assert (r.exit_code, r.stdout) == (3, ""), r.output
+        assert r.stderr.startswith(f"Error: {message}") and r.stderr.count("\n") == 1, r.stderr
+    from cogvae.converter.push import PushInputError
+
+    assert issubclass(PushInputError, PushError)
+    with pytest.raises(PushInputError, match=re.escape(message)):
+        push_checkpoint(folder, "me/x", dry_run=dry_run, token="hf_not_a_real_token")
+    assert commits == []
