@@ -547,6 +547,14 @@ def _decoder_output(video: Array, return_dict: Optional[bool]):
     return DecoderOutput(video) if return_dict else (video,)
 
 
+def _tiling_attribute(name: str, setting: Optional[str] = None) -> property:
+    """diffusers' tiling attribute ``name`` (``vae.tile_sample_min_height = 128``): reads
+    ``vae.tiling.<name>``, and an assignment goes through ``_set_tiling(<setting or name>=value)``."""
+    return property(lambda self: getattr(self.tiling, name),
+                    lambda self, value: self._set_tiling(**{setting or name: value}),
+                    doc=f"diffusers' ``{name}``: read and set through ``vae.tiling``.")
+
+
 class AutoencoderKLCogVideoX(nnx.Module):
     """diffusers ``AutoencoderKLCogVideoX`` in NNX, with the same module tree and results.
 
@@ -592,53 +600,13 @@ class AutoencoderKLCogVideoX(nnx.Module):
         changes.setdefault("latent_min_width", t.tile_latent_min_width)
         self.tiling = dataclasses.replace(t, **changes)
 
-    @property
-    def tile_sample_min_height(self) -> int:
-        return self.tiling.tile_sample_min_height
-
-    @tile_sample_min_height.setter
-    def tile_sample_min_height(self, value: int) -> None:
-        self._set_tiling(tile_sample_min_height=value)
-
-    @property
-    def tile_sample_min_width(self) -> int:
-        return self.tiling.tile_sample_min_width
-
-    @tile_sample_min_width.setter
-    def tile_sample_min_width(self, value: int) -> None:
-        self._set_tiling(tile_sample_min_width=value)
-
-    @property
-    def tile_latent_min_height(self) -> int:
-        return self.tiling.tile_latent_min_height
-
-    @tile_latent_min_height.setter
-    def tile_latent_min_height(self, value: int) -> None:
-        self._set_tiling(latent_min_height=value)
-
-    @property
-    def tile_latent_min_width(self) -> int:
-        return self.tiling.tile_latent_min_width
-
-    @tile_latent_min_width.setter
-    def tile_latent_min_width(self, value: int) -> None:
-        self._set_tiling(latent_min_width=value)
-
-    @property
-    def tile_overlap_factor_height(self) -> float:
-        return self.tiling.tile_overlap_factor_height
-
-    @tile_overlap_factor_height.setter
-    def tile_overlap_factor_height(self, value: float) -> None:
-        self._set_tiling(tile_overlap_factor_height=value)
-
-    @property
-    def tile_overlap_factor_width(self) -> float:
-        return self.tiling.tile_overlap_factor_width
-
-    @tile_overlap_factor_width.setter
-    def tile_overlap_factor_width(self, value: float) -> None:
-        self._set_tiling(tile_overlap_factor_width=value)
+    # diffusers users assign these attributes directly; each reads and sets the tiling settings.
+    tile_sample_min_height = _tiling_attribute("tile_sample_min_height")
+    tile_sample_min_width = _tiling_attribute("tile_sample_min_width")
+    tile_latent_min_height = _tiling_attribute("tile_latent_min_height", "latent_min_height")
+    tile_latent_min_width = _tiling_attribute("tile_latent_min_width", "latent_min_width")
+    tile_overlap_factor_height = _tiling_attribute("tile_overlap_factor_height")
+    tile_overlap_factor_width = _tiling_attribute("tile_overlap_factor_width")
 
     # ------------------------------------------------------------------ switches (diffusers API)
     def enable_tiling(

@@ -169,19 +169,16 @@ def test_the_current_folder_is_never_replaced(tmp_path, monkeypatch, out):
 
 
 def test_parent_folders_made_for_a_failed_output_are_removed(tmp_path, monkeypatch):
-    """--out a/b/c whose conversion fails (faked: the msgpack writer damages a tensor after writing
-    it, so validation fails) leaves no a/b behind."""
-    real = ck._write_msgpack
+    """--out a/b/c whose writing fails (faked: the msgpack writer reports a full disk, as it would
+    on one) leaves no a/b behind."""
+    import errno
 
-    def damaging(path, params):
-        params = dict(params)
-        k = sorted(params)[0]
-        params[k] = params[k] + np.float32(1)
-        return real(path, params)
+    def full(path, params):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ck, "_write_msgpack", damaging)
-    code, err = _convert("--out", str(tmp_path / "a" / "b" / "c"))
-    assert code == 1, err
+    monkeypatch.setattr(ck, "_write_msgpack", full)
+    code, err = _convert("--out", str(tmp_path / "a" / "b" / "c"), "--no-validate", "--format", "msgpack")
+    assert code == 4 and "No space left on device" in err, err
     assert os.listdir(tmp_path) == []
 
 
