@@ -341,6 +341,9 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
     got.kind = "diffusers folder"
     try:
         src = find_diffusers_vae(path, subfolder=subfolder, variant=variant)
+    except SourceError as e:  # neither a checkpoint nor a diffusers VAE: nothing to verify (exit 3, as convert)
+        return unreachable(e)
+    try:
         got.detail = (got.detail + ", " if got.detail else "") + src.weights_path.name
         _check_readable([src.config_path, src.weights_path])  # before they are parsed: not a failed check
         _check_readable(src.weight_files[1:])  # the shards of an index

@@ -190,11 +190,19 @@ def test_a_name_too_long_is_a_source_error_in_python(at_home):
             fn(LONG)
 
 
-def test_verify_of_a_file_is_an_input_error(home):
-    """Nothing faked. A file given where a folder is wanted is bad input (exit 3, one Error line),
-    as a missing one is, not a failed verification (exit 1)."""
-    res = CliRunner().invoke(cli, ["verify", "--no-parity", str(home / "ck" / "params.msgpack")])
-    _one_error_line(res, 3, "params.msgpack: not a folder")
+@pytest.mark.parametrize("what", ["file", "neither", "neither-reference"])
+def test_verify_of_what_is_no_model_is_an_input_error(home, tmp_path, what):
+    """Nothing faked. A file given where a folder is wanted, or a folder that is neither a
+    checkpoint nor a diffusers VAE (as SOURCE or --reference), is bad input (exit 3, one Error
+    line), as a missing one is, not a failed verification (exit 1): there is nothing to verify."""
+    junk = tmp_path / "notes"
+    junk.mkdir()
+    (junk / "README.md").write_text("hello")
+    args, needle = {"file": ([str(home / "ck" / "params.msgpack")], "params.msgpack: not a folder"),
+                    "neither": ([str(junk)], "notes: no config.json"),
+                    "neither-reference": ([str(home / "ck"), "--reference", str(junk)], "notes: no config.json")}[what]
+    res = CliRunner().invoke(cli, ["verify", "--no-parity", *args])
+    _one_error_line(res, 3, needle)
     assert res.stdout == ""
 
 
