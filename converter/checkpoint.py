@@ -333,7 +333,9 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
     ``out`` is untouched. Failures to create or rename raise :class:`OutputError` naming the path.
     """
     given = out
-    out = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))  # "a/.." is "." before anything is made
+    from .hub import local_path
+
+    out = Path(os.path.abspath(local_path(out)))  # "a/.." is "." before anything is made
     try:
         if out.is_symlink():  # replace what the link points to; the link stays
             _preflight(out, overwrite, replaces)
@@ -461,8 +463,7 @@ def _write_orbax(path: Path, params: dict[str, np.ndarray]) -> None:
             ckptr.save(where, args=ocp.args.PyTreeSave(tree))
             # What Orbax wrote must read back as this tree (shapes and dtypes, from its metadata: no
             # tensor bytes), or no manifest is written for it, validation or not.
-            got = {k: (tuple(int(d) for d in m.shape), np.dtype(m.dtype).name)
-                   for k, m in flatten(_orbax_tree_meta(ckptr, where)).items()}
+            got = _orbax_shapes(ckptr, where)
     except (OutputError, AssertionError):
         raise
     except Exception as e:  # noqa: BLE001 -- an OS error code is mapped by _orbax_save
@@ -471,7 +472,7 @@ def _write_orbax(path: Path, params: dict[str, np.ndarray]) -> None:
         raise OutputError(f"{path}: Orbax wrote a checkpoint that does not read back: {type(e).__name__}: {e}") from e
     finally:
         ckptr.close()
-    want = {k: (tuple(v.shape), np.dtype(v.dtype).name) for k, v in params.items()}
+    want = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in params.items()}
     if got != want:
         bad = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
         raise OutputError(f"{path}: Orbax wrote a checkpoint whose tree differs from the parameters given "
@@ -968,6 +969,13 @@ def _orbax_tree_meta(ckptr, path: Path):
     return dict(getattr(tree_meta, "tree", tree_meta))
 
 
+def _orbax_shapes(ckptr, path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{dotted path: (shape, dtype)}`` of the Orbax checkpoint at ``path``, from its metadata (no
+    tensor bytes read)."""
+    return {k: (tuple(int(d) for d in m.shape), np.dtype(m.dtype))
+            for k, m in flatten(_orbax_tree_meta(ckptr, path)).items()}
+
+
 def iter_orbax(path: str | os.PathLike, *, chunk_bytes: int = 64 << 20) -> Iterator[tuple[str, Any]]:
     """Stream an Orbax parameter folder: ``(dotted path, jax array on the default device)``.
 
@@ -1025,10 +1033,9 @@ def format_meta(folder: str | os.PathLike, fmt: str) -> dict[str, tuple[tuple[in
         ckptr = _orbax_checkpointer()
         try:
             with _orbax_path(target) as where:
-                flat = flatten(_orbax_tree_meta(ckptr, where))
+                return _orbax_shapes(ckptr, where)
         finally:
             ckptr.close()
-        return {k: (tuple(int(d) for d in m.shape), np.dtype(m.dtype)) for k, m in flat.items()}
     except Exception as e:  # noqa: BLE001 -- any reader failure is a corrupt file; say which
         raise CheckpointError(f"{target}: cannot read {fmt} parameters: {type(e).__name__}: {e}") from None
 

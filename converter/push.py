@@ -103,7 +103,12 @@ def _check_checkpoint(ckpt: Path, *, hashes: bool = False) -> list[str]:
     try:
         return _checked_listing(ckpt, hashes)
     except OSError as e:  # an unreadable folder or file (a permission, an I/O error)
-        raise PushInputError(f"{e.filename or ckpt}: cannot read: {e.strerror or e}; not pushed") from None
+        raise _unreadable(ckpt, e) from None
+
+
+def _unreadable(ckpt: Path, e: OSError) -> PushInputError:
+    """``e``, met reading ``ckpt`` or a file of it, as one line naming the file (exit 3)."""
+    return PushInputError(f"{e.filename or ckpt}: cannot read: {e.strerror or e}; not pushed")
 
 
 def _checked_listing(ckpt: Path, hashes: bool) -> list[str]:
@@ -390,7 +395,7 @@ def _plan(ckpt: Path, repo_id: str, listed: list[str], diffusers: Optional[Path]
     try:
         files = [{"path": rel, "size": (ckpt / rel).stat().st_size} for rel in listed]
     except OSError as e:
-        raise PushInputError(f"{e.filename or ckpt}: cannot read: {e.strerror or e}; not pushed") from None
+        raise _unreadable(ckpt, e) from None
     card = model_card_text(repo_id, _read_json(ckpt / CONFIG_NAME), _read_json(ckpt / PROVENANCE_NAME),
                            diffusers=diffusers is not None)
     files.append({"path": "README.md", "size": len(card.encode("utf-8"))})
