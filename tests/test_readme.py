@@ -1,7 +1,8 @@
 """The README's Python examples run as written.
 
 Every ```python block of README.md runs, in order and unchanged, in one fresh Python process: a
-reader following the README in one session. What stands in for what the README assumes, and why:
+reader following the README in one session. Then its ``cogvae`` command lines run, as written,
+except ``cogvae push`` (a write to the Hub; ``test_push.py`` runs it against an injected HfApi). What stands in for what the README assumes, and why:
 
 - the real CogVideoX-2b weights (10 GB of pipeline, no network here): the tiny CogVideoX VAE
   shipped in the package (diffusers' format; 16 latent channels, so the README's latent shapes
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -29,16 +31,26 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "converter" / "assets" / "tiny-cogvideox-vae"
 
 
-def python_blocks(markdown: str) -> list[str]:
-    return re.findall(r"^```python\n(.*?)^```", markdown, flags=re.S | re.M)
+def blocks(markdown: str, language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", markdown, flags=re.S | re.M)
+
+
+def cli_lines(markdown: str) -> list[list[str]]:
+    """The README's cogvae command lines, except ``cogvae push`` (it writes to the Hub; test_push.py
+    runs it against an injected HfApi)."""
+    lines = [shlex.split(line, comments=True) for b in blocks(markdown, "bash") for line in b.splitlines()]
+    return [a for a in lines if a and a[0] in ("cogvae", "cogvae-convert") and a[1] != "push"]
 
 
 def test_the_readme_has_python_examples():
-    blocks = python_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) >= 5 and all("import" in b or "load(" in b or "vae" in b for b in blocks)
+    readme = (ROOT / "README.md").read_text()
+    assert len(blocks(readme, "python")) >= 5
+    assert [a[:2] for a in cli_lines(readme)] == [
+        ["cogvae-convert", "THUDM/CogVideoX-2b"], ["cogvae", "verify"], ["cogvae", "export-diffusers"],
+        ["cogvae", "inspect"]]
 
 
-def test_the_readmes_python_examples_run_as_written(tmp_path):
+def test_the_readmes_examples_run_as_written(tmp_path):
     from cogvae.converter.convert import convert
     from cogvae.converter.push import plan_upload
 
@@ -55,7 +67,8 @@ def test_the_readmes_python_examples_run_as_written(tmp_path):
     add_snapshot(cache, "THUDM/CogVideoX-2b", pipeline_files(pipe / "vae"), commit="2" * 40)
 
     script = tmp_path / "readme_examples.py"
-    script.write_text("\n".join(python_blocks((ROOT / "README.md").read_text())))
+    readme = (ROOT / "README.md").read_text()
+    script.write_text("\n".join(blocks(readme, "python")))
     (tmp_path / "home").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "COGVAE_", "XLA_", "JAX_"))}
     env.update(HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), JAX_PLATFORMS="cpu",
@@ -67,3 +80,12 @@ def test_the_readmes_python_examples_run_as_written(tmp_path):
     assert (tmp_path / "ckpt-tuned" / "COMPLETE").is_file()
     assert (tmp_path / "vae-tuned-diffusers" / "diffusion_pytorch_model.safetensors").is_file()
     assert any((tmp_path / "home" / ".cache" / "cogvae" / "jax").iterdir())
+
+    # The command lines, in a folder of their own (the first one writes ckpt/ from the Hub cache).
+    (tmp_path / "cli").mkdir()
+    bin_dir = Path(sys.executable).parent
+    for argv in cli_lines(readme):
+        run = subprocess.run([str(bin_dir / argv[0]), *argv[1:]], cwd=tmp_path / "cli", env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, f"{shlex.join(argv)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    assert (tmp_path / "cli" / "vae-diffusers" / "diffusion_pytorch_model.safetensors").is_file()
