@@ -287,22 +287,34 @@ def export_diffusers(*args: Any, **kwargs: Any) -> dict:
               help="Which stored format to read (default: orbax when present).")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub CKPT only).")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN / login).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Write the weights in this dtype (default: keep the checkpoint's); a weight that "
+                   "would overflow to Inf is refused.")
+@click.option("--variant", default=None,
+              help="Weights variant, as diffusers' save_pretrained(variant=) names it: fp16 writes "
+                   "diffusion_pytorch_model.fp16.safetensors.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def export_diffusers_command(ckpt, out, fmt, revision, token, overwrite, as_json):
+def export_diffusers_command(ckpt, out, fmt, revision, token, dtype, variant, overwrite, as_json):
     """Export a converted checkpoint (a folder, or the Hub repo id of one pushed by `cogvae push`)
     back to diffusers format (config.json + diffusion_pytorch_model.safetensors), through the
-    inverse mapping rules. The tensors are bit-identical to the ones converted; diffusers'
-    AutoencoderKLCogVideoX.from_pretrained loads it.
+    inverse mapping rules. The tensors are bit-identical to the ones converted (unless --dtype
+    casts them); diffusers' AutoencoderKLCogVideoX.from_pretrained loads it.
 
     \b
     Examples:
       cogvae export-diffusers ckpt/ --out vae-diffusers/
       cogvae export-diffusers ckpt/ --format msgpack --out vae-diffusers/ --overwrite
+      cogvae export-diffusers ckpt-ft/ --dtype float16 --variant fp16 --out vae-diffusers/
       cogvae export-diffusers me/cogvideox-2b-vae-jax --out vae-diffusers/
     """
+    from .layout import VARIANT_NAME
+
+    if variant is not None and not VARIANT_NAME.fullmatch(variant):
+        raise click.BadParameter("use letters, digits, '_' and '-' (for example fp16)", param_hint="--variant")
     out = _run(_output_path, out)
-    summary = _run(export_diffusers, ckpt, out, format=fmt, overwrite=overwrite, revision=revision, token=token)
+    summary = _run(export_diffusers, ckpt, out, format=fmt, overwrite=overwrite, revision=revision, token=token,
+                   dtype=dtype, variant=variant)
     _emit_json(summary) if as_json else click.echo(str(out))
 
 

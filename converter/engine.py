@@ -447,15 +447,21 @@ def export_tensors(
     allowed_dtypes: Iterable[str] = ALLOWED_DTYPES,
     source_name: str = "<model>",
     lazy: bool = False,
+    dtype: Any = None,
 ) -> dict[str, np.ndarray]:
     """``{dotted NNX path: array}`` -> ``{diffusers key: array}`` through inverse transforms.
 
     Strict: a path matching no rule or several rules, a rank mismatch, a disallowed dtype, a
     non-finite value, or two paths producing the same key is an error; all are raised together.
-    ``lazy=True``: after the checks, return a :class:`LazyExport` that transforms each tensor
-    when it is read (a streaming writer then holds one exported tensor at a time).
+    ``dtype`` (None: keep each tensor's): cast every tensor to 'float32', 'bfloat16' or 'float16';
+    a finite value the cast would turn into Inf is a problem too. ``lazy=True``: after the checks,
+    return a :class:`LazyExport` that transforms each tensor when it is read (a streaming writer
+    then holds one exported tensor at a time).
     """
     allowed = frozenset(allowed_dtypes)
+    target = None if dtype is None else _np_dtype(dtype)
+    if target is not None and target.name not in ALLOWED_DTYPES:
+        raise ValueError(f"cannot export as {target.name}: use float32, bfloat16 or float16")
     problems: list[str] = []
     out: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
@@ -482,10 +488,15 @@ def export_tensors(
                             f"{tuple(arr.shape)}, {inv.name} ({rule.label}) expects rank {inv.rank}")
             continue
         vp = value_problem(arr, allowed)
+        if not vp and target is not None and arr.dtype != target and narrows(arr.dtype, target):
+            # checked here, on a throwaway cast, so that nothing is written when any tensor fails
+            # (the lazy writer casts again when it reaches the tensor: memory stays one copy)
+            vp = cast_checked(arr, target)[1]
         if vp:
             problems.append(f"{source_name}: parameter {path!r}: {vp}")
             continue
-        out[key] = (inv, arr) if lazy else inv(arr)
+        cast = target if target is not None and arr.dtype != target else None
+        out[key] = (inv, arr, cast) if lazy else inv(arr if cast is None else arr.astype(cast))
     if problems:
         raise ConversionError(problems, header=f"cannot export {source_name}")
     return LazyExport(out) if lazy else out
@@ -497,9 +508,10 @@ class LazyExport(TMapping[str, np.ndarray]):
     writer that goes key by key holds one exported tensor at a time. ``shape_of`` / ``dtype_of``
     answer without transforming (a safetensors header is written before any tensor)."""
 
-    def __init__(self, pending: dict[str, tuple[Any, np.ndarray]]):
+    def __init__(self, pending: dict[str, tuple[Any, np.ndarray, Any]]):
         self._pending = pending
-        self._meta = {k: (tuple(inv.shape(a.shape)), a.dtype) for k, (inv, a) in pending.items()}
+        self._meta = {k: (tuple(inv.shape(a.shape)), a.dtype if cast is None else cast)
+                      for k, (inv, a, cast) in pending.items()}
 
     def shape_of(self, key: str) -> tuple[int, ...]:
         return self._meta[key][0]
@@ -510,8 +522,8 @@ class LazyExport(TMapping[str, np.ndarray]):
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._pending:
             raise KeyError(f"{key!r} (each exported tensor can be read once)" if key in self._meta else key)
-        inv, arr = self._pending.pop(key)
-        return inv(arr)
+        inv, arr, cast = self._pending.pop(key)
+        return inv(arr if cast is None else arr.astype(cast))
 
     def __iter__(self):
         return iter(self._meta)

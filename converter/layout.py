@@ -7,6 +7,7 @@ This module imports nothing heavy, so resolving a Hub source does not import jax
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,8 @@ FORMAT_PREFIX = {"orbax": ORBAX_DIR + "/", "msgpack": MSGPACK_NAME}
 # a diffusers VAE folder
 WEIGHTS_NAME = "diffusion_pytorch_model"
 DIFFUSERS_WEIGHTS = WEIGHTS_NAME + ".safetensors"
+#: what a weights variant written by cogvae may be called (it becomes part of a file name: fp16, bf16, ema)
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def weights_names(variant: Optional[str] = None) -> list[str]:

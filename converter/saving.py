@@ -36,7 +36,7 @@ from .checkpoint import (
     write_into,
 )
 from .engine import ConversionError, architecture_problems, cast_checked, expected_shapes, path_to_str, value_problem
-from .layout import DIFFUSERS_WEIGHTS
+from .layout import VARIANT_NAME, weights_names
 from .mapping import Mapping, load_mapping
 
 __all__ = ["model_params", "save", "export_diffusers"]
@@ -283,9 +283,17 @@ def export_diffusers(
     revision: Optional[str] = None,
     token: Optional[str] = None,
     cache_dir: Optional[str | os.PathLike] = None,
+    dtype: Any = None,
+    variant: Optional[str] = None,
 ) -> dict[str, Any]:
     """Write a diffusers VAE folder (``config.json`` + ``diffusion_pytorch_model.safetensors``),
     atomically, through the inverse of the mapping table.
+
+    ``dtype`` ('float32', 'bfloat16', 'float16'; default: keep each tensor's) casts the weights, for
+    example an fp32 fine-tune back to the dtype its base model is published in; a finite weight
+    that would overflow to Inf in float16 is refused. ``variant`` names the weights file as
+    diffusers' ``save_pretrained(variant=)`` does (``diffusion_pytorch_model.fp16.safetensors``;
+    ``from_pretrained(folder, variant="fp16")`` loads it).
 
     ``source``: a cogvae model in memory, a converted checkpoint folder, or the Hub repo id of one
     (pushed by ``cogvae push``; ``revision``, ``token``, ``cache_dir`` as for ``load``). ``format``
@@ -301,6 +309,13 @@ def export_diffusers(
     from .st_io import save_safetensors
 
     out = local_path(out)
+    if variant is not None and not VARIANT_NAME.fullmatch(variant):
+        raise ValueError(f"variant {variant!r}: use letters, digits, '_' and '-' (for example fp16)")
+    weights_name = weights_names(variant)[0]
+    if dtype is not None:
+        from .loading import resolve_dtype
+
+        dtype = np.dtype(resolve_dtype(dtype)).name  # an unknown name is a ValueError here, before any work
 
     keep_heap_lean()
     mapping = mapping or load_mapping()
@@ -328,7 +343,7 @@ def export_diffusers(
     # lazy: every check passes first, then each tensor is transformed as the writer reaches it and
     # its source array is released, so memory stays near one copy of the weights.
     try:
-        tensors = export_tensors(params, mapping, source_name=name, lazy=True)
+        tensors = export_tensors(params, mapping, source_name=name, lazy=True, dtype=dtype)
     except ConversionError as e:
         problems += e.problems
     del params
@@ -337,10 +352,11 @@ def export_diffusers(
     try:
         with atomic_output_dir(out, overwrite=overwrite, replaces="diffusers") as tmp:
             (tmp / CONFIG_NAME).write_text(json.dumps(config.to_diffusers_config(), indent=2) + "\n")
-            save_safetensors(tensors, tmp / DIFFUSERS_WEIGHTS, metadata={"format": "pt"})
+            save_safetensors(tensors, tmp / weights_name, metadata={"format": "pt"})
     except OSError as e:
         if isinstance(e, OutputError):
             raise
         raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
     return {"ok": True, "out": str(out), "checkpoint": str(source) if fmt else IN_MEMORY, "format": fmt,
-            "num_tensors": len(tensors), "files": [CONFIG_NAME, DIFFUSERS_WEIGHTS]}
+            "num_tensors": len(tensors), "files": [CONFIG_NAME, weights_name],
+            "dtype": sorted({tensors.dtype_of(k).name for k in tensors})}

@@ -354,3 +354,80 @@ def test_export_refuses_a_checkpoint_that_does_not_fit_its_config(tiny_model, tm
     r = CliRunner().invoke(cli, ["export-diffusers", str(ckpt), "--out", str(tmp_path / "exp")])
     assert r.exit_code == 3 and f"{len(want)} problem(s)" in r.stderr
     assert not (tmp_path / "exp").exists() and not list(tmp_path.glob(".exp*"))
+
+
+# ----------------------------------------------------------------------------------------
+# export-diffusers --dtype / --variant: a fine-tune back in the dtype its base is published in
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,variant", [("float16", "fp16"), ("bfloat16", None), ("float32", "ema")])
+def test_export_casts_and_names_the_variant_as_diffusers_does(tiny_model, tmp_path, dtype, variant):
+    """The tensors are the checkpoint's, cast with numpy (the bytes diffusers' own .to(dtype)
+    gives), in the file ``save_pretrained(variant=)`` would write, and ``from_pretrained(variant=)``
+    loads them; the model in memory and its checkpoint export the same bytes."""
+    from diffusers import AutoencoderKLCogVideoX
+    from safetensors.numpy import load_file
+    from safetensors.torch import load_file as load_torch
+
+    from cogvae.converter.engine import _np_dtype, export_tensors
+    from cogvae.converter.mapping import load_mapping
+
+    ckpt = tmp_path / "ckpt"
+    save(tiny_model, ckpt, validate=False, formats="msgpack")
+    name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else WEIGHTS
+    summary = export_diffusers(ckpt, tmp_path / "exp", dtype=dtype, variant=variant)
+    assert summary["files"] == ["config.json", name] and summary["dtype"] == [dtype]
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == sorted(["config.json", name])
+    want = {k: v.astype(_np_dtype(dtype)) for k, v in export_tensors(model_params(tiny_model), load_mapping()).items()}
+    if dtype == "bfloat16":  # safetensors.numpy cannot read bfloat16: compare the bits through torch
+        got = {k: v.view(torch.int16).numpy() for k, v in load_torch(tmp_path / "exp" / name).items()}
+        want = {k: v.view(np.int16) for k, v in want.items()}
+    else:
+        got = load_file(tmp_path / "exp" / name)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), k
+    # diffusers loads these tensors as they are (from_pretrained upcasts to float32 unless asked)
+    ref = AutoencoderKLCogVideoX.from_pretrained(tmp_path / "exp", variant=variant, torch_dtype=getattr(torch, dtype))
+    written = load_torch(tmp_path / "exp" / name)
+    assert ref.state_dict().keys() == written.keys()
+    assert all(v.dtype == getattr(torch, dtype) and torch.equal(v, written[k]) for k, v in ref.state_dict().items())
+    # the same bytes from the model in memory, and through the command
+    export_diffusers(tiny_model, tmp_path / "mem", dtype=dtype, variant=variant)
+    args = ["export-diffusers", str(ckpt), "--out", str(tmp_path / "cli"), "--dtype", dtype]
+    r = CliRunner().invoke(cli, args + (["--variant", variant] if variant else []))
+    assert r.exit_code == 0, r.stderr
+    for other in ("mem", "cli"):
+        assert (tmp_path / other / name).read_bytes() == (tmp_path / "exp" / name).read_bytes()
+
+
+def test_export_as_float16_refuses_a_weight_that_overflows(tiny_model, tmp_path):
+    """A finite fp32 weight beyond float16's range (a fine-tune can drift there) would be Inf in
+    the exported file: refused, every such tensor named, nothing written (exit 3)."""
+    params = dict(model_params(tiny_model))
+    for key in ("decoder.conv_out.conv.bias", "encoder.conv_in.conv.kernel"):
+        params[key] = params[key].copy()
+        params[key].flat[0] = 1e5
+    ckpt = unchecked_checkpoint(tmp_path / "big", params, tiny_model.config)
+    with pytest.raises(ConversionError) as e:
+        export_diffusers(ckpt, tmp_path / "exp", dtype="float16")
+    assert len(e.value.problems) == 2
+    for key in ("decoder.conv_out.conv.bias", "encoder.conv_in.conv.kernel"):
+        assert f"'{key}': does not fit float16: 1 of" in str(e.value)
+    r = CliRunner().invoke(cli, ["export-diffusers", str(ckpt), "--out", str(tmp_path / "exp"), "--dtype", "float16"])
+    assert r.exit_code == 3 and "2 problem(s)" in r.stderr
+    assert not (tmp_path / "exp").exists() and not list(tmp_path.glob(".exp*"))
+    # bfloat16 holds 1e5: that export is fine
+    assert export_diffusers(ckpt, tmp_path / "bf16", dtype="bfloat16")["dtype"] == ["bfloat16"]
+
+
+@pytest.mark.parametrize("bad", ["../x", "fp16.safetensors", "", "-x", "a b"])
+def test_a_variant_that_is_not_a_plain_name_is_a_usage_error(tiny_model, tmp_path, bad):
+    ckpt = tmp_path / "ckpt"
+    save(tiny_model, ckpt, validate=False, formats="msgpack")
+    r = CliRunner().invoke(cli, ["export-diffusers", str(ckpt), "--out", str(tmp_path / "exp"), "--variant", bad])
+    assert r.exit_code == 2 and "--variant" in r.stderr
+    with pytest.raises(ValueError, match="variant"):
+        export_diffusers(ckpt, tmp_path / "exp", variant=bad)
+    assert not (tmp_path / "exp").exists()
