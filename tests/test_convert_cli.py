@@ -8,7 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
+import sysconfig
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +29,7 @@ from cogvae.converter.convert import convert, default_source
 from cogvae.converter.st_io import open_safetensors, save_safetensors
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-CONVERT_EXE = shutil.which("cogvae-convert")
+CONVERT_EXE = str(Path(sysconfig.get_path("scripts")) / "cogvae-convert")  # this interpreter's, not PATH's
 
 
 def _env(**extra):
@@ -45,7 +45,7 @@ def _run(args, runner_mode="cli"):
 
 
 def _sub(args, **env):
-    assert CONVERT_EXE, "cogvae-convert is not installed (pip install -e .)"
+    assert Path(CONVERT_EXE).is_file(), "cogvae-convert is not installed (pip install -e .)"
     p = subprocess.run([CONVERT_EXE, *args], capture_output=True, text=True, env=_env(**env), timeout=300)
     return p.returncode, p.stdout, p.stderr
 
@@ -583,8 +583,7 @@ def test_checkpoint_corruption_detected(tiny, tmp_path):
     (out / "COMPLETE").unlink()
     with pytest.raises(CheckpointError, match="no COMPLETE"):
         load(out)
-    code, _, stderr = CliRunner().invoke(cli, ["export-diffusers", str(out), "--out", str(tmp_path / "x")]).exit_code, None, None
-    assert code == 3
+    assert CliRunner().invoke(cli, ["export-diffusers", str(out), "--out", str(tmp_path / "x")]).exit_code == 3
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ constant is patched). The cache folder is passed with ``cache_dir=`` for the sam
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 

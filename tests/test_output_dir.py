@@ -14,7 +14,6 @@ import socket
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

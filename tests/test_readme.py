@@ -23,6 +23,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 from _hubcache import add_snapshot, pipeline_files
@@ -83,7 +84,7 @@ def test_the_readmes_examples_run_as_written(tmp_path):
 
     # The command lines, in a folder of their own (the first one writes ckpt/ from the Hub cache).
     (tmp_path / "cli").mkdir()
-    bin_dir = Path(sys.executable).parent
+    bin_dir = Path(sysconfig.get_path("scripts"))  # this interpreter's scripts, not PATH's
     for argv in cli_lines(readme):
         run = subprocess.run([str(bin_dir / argv[0]), *argv[1:]], cwd=tmp_path / "cli", env=env,
                              capture_output=True, text=True, timeout=600)
