@@ -26,6 +26,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from _hubcache import add_snapshot, pipeline_files
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +53,10 @@ def test_the_readme_has_python_examples():
         ["cogvae", "inspect"]]
 
 
-def test_the_readmes_examples_run_as_written(tmp_path):
+@pytest.fixture
+def world(tmp_path):
+    """What the README assumes (see the module docstring), under ``tmp_path``: the pipeline folder,
+    ``ckpt/``, the Hub cache, a home folder; returns (folder, environment for the subprocess)."""
     from cogvae.converter.convert import convert
     from cogvae.converter.push import plan_upload
 
@@ -67,26 +72,34 @@ def test_the_readmes_examples_run_as_written(tmp_path):
     add_snapshot(cache, repo, files, commit="1" * 40, refs=("main", "ft-v2"))
     add_snapshot(cache, "THUDM/CogVideoX-2b", pipeline_files(pipe / "vae"), commit="2" * 40)
 
-    script = tmp_path / "readme_examples.py"
-    readme = (ROOT / "README.md").read_text()
-    script.write_text("\n".join(blocks(readme, "python")))
     (tmp_path / "home").mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "COGVAE_", "XLA_", "JAX_"))}
     env.update(HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+    return tmp_path, env
+
+
+def test_the_readmes_python_examples_run_as_written(world):
+    here, env = world
+    script = here / "readme_examples.py"
+    script.write_text("\n".join(blocks((ROOT / "README.md").read_text(), "python")))
+    run = subprocess.run([sys.executable, str(script)], cwd=here, env=env, capture_output=True, text=True,
                          timeout=900)
     assert run.returncode == 0, f"README examples failed:\n{run.stdout[-3000:]}\n{run.stderr[-6000:]}"
     # What the examples write is there, complete.
-    assert (tmp_path / "ckpt-tuned" / "COMPLETE").is_file()
-    assert (tmp_path / "vae-tuned-diffusers" / "diffusion_pytorch_model.safetensors").is_file()
-    assert any((tmp_path / "home" / ".cache" / "cogvae" / "jax").iterdir())
+    assert (here / "ckpt-tuned" / "COMPLETE").is_file()
+    assert (here / "vae-tuned-diffusers" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (here / "vae-tuned-fp16" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert any((here / "home" / ".cache" / "cogvae" / "jax").iterdir())
 
-    # The command lines, in a folder of their own (the first one writes ckpt/ from the Hub cache).
-    (tmp_path / "cli").mkdir()
+
+def test_the_readmes_command_lines_run_as_written(world):
+    """In a folder of their own: the first line writes ckpt/ there from the Hub cache."""
+    here, env = world
+    (here / "cli").mkdir()
     bin_dir = Path(sysconfig.get_path("scripts"))  # this interpreter's scripts, not PATH's
-    for argv in cli_lines(readme):
-        run = subprocess.run([str(bin_dir / argv[0]), *argv[1:]], cwd=tmp_path / "cli", env=env,
+    for argv in cli_lines((ROOT / "README.md").read_text()):
+        run = subprocess.run([str(bin_dir / argv[0]), *argv[1:]], cwd=here / "cli", env=env,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, f"{shlex.join(argv)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    assert (tmp_path / "cli" / "vae-diffusers" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (here / "cli" / "vae-diffusers" / "diffusion_pytorch_model.safetensors").is_file()

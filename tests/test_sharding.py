@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from _ref import TINY, assert_parity, diffusers_vae
 from cogvae.model import video_sharding
@@ -31,13 +32,23 @@ CASES = {"batch": ["b", None, None, None, None], "height_width": [None, None, "h
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sharded")
-    env = dict(os.environ)
-    env.pop("COGVAE_CONV_IMPL", None)
-    proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+def sharded(tmp_path_factory, worker_id):
+    # The pytest-xdist workers of one session share one run of the worker (about 40 s on 2 cores):
+    # the first to get here runs it under a lock in the session's folder, the others read its files.
+    if worker_id == "master":
+        out = tmp_path_factory.mktemp("sharded")
+    else:
+        out = tmp_path_factory.getbasetemp().parent / "sharded"
+    with FileLock(f"{out}.lock"):
+        if not (out / "report.json").is_file():
+            out.mkdir(exist_ok=True)
+            env = dict(os.environ)
+            env.pop("COGVAE_CONV_IMPL", None)
+            proc = subprocess.run([sys.executable, str(WORKER), str(out)], env=env, capture_output=True, text=True,
+                                  timeout=600)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            (out / "report.json").write_text(proc.stdout.strip().splitlines()[-1])
+    report = json.loads((out / "report.json").read_text())
     with np.load(out / "outputs.npz") as f:
         arrays = dict(f)
     return report, arrays
