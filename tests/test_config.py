@@ -6,11 +6,10 @@ import os
 import re
 import shutil
 import subprocess
-import sysconfig
-from pathlib import Path
 
 import pytest
 
+from _scripts import script
 from cogvae.model import HANDLED_KEYS, IGNORED_KEYS, PRESETS, ConfigError, VAEConfig
 
 
@@ -272,8 +271,7 @@ def test_all_bad_fields_are_reported_together_one_per_line():
 def test_convert_cli_bad_config_field_exits_3(bad, needles, tmp_path):
     from cogvae.converter.convert import default_source
 
-    exe = str(Path(sysconfig.get_path("scripts")) / "cogvae-convert")  # this interpreter's, not PATH's
-    assert Path(exe).is_file(), "cogvae-convert is not installed (pip install -e .)"
+    exe = script("cogvae-convert")
     src = tmp_path / "vae"
     shutil.copytree(default_source(), src)
     cfg = json.loads((src / "config.json").read_text()) | bad

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sysconfig
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from _scripts import script
 from cogvae.converter import load
 from cogvae.converter.checkpoint import (
     CheckpointError,
@@ -29,7 +29,7 @@ from cogvae.converter.convert import convert, default_source
 from cogvae.converter.st_io import open_safetensors, save_safetensors
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-CONVERT_EXE = str(Path(sysconfig.get_path("scripts")) / "cogvae-convert")  # this interpreter's, not PATH's
+CONVERT_EXE = script("cogvae-convert")
 
 
 def _env(**extra):
@@ -45,7 +45,6 @@ def _run(args, runner_mode="cli"):
 
 
 def _sub(args, **env):
-    assert Path(CONVERT_EXE).is_file(), "cogvae-convert is not installed (pip install -e .)"
     p = subprocess.run([CONVERT_EXE, *args], capture_output=True, text=True, env=_env(**env), timeout=300)
     return p.returncode, p.stdout, p.stderr
 

@@ -23,12 +23,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 
 from _hubcache import add_snapshot, pipeline_files
+from _scripts import script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "converter" / "assets" / "tiny-cogvideox-vae"
@@ -97,9 +97,8 @@ def test_the_readmes_command_lines_run_as_written(world):
     """In a folder of their own: the first line writes ckpt/ there from the Hub cache."""
     here, env = world
     (here / "cli").mkdir()
-    bin_dir = Path(sysconfig.get_path("scripts"))  # this interpreter's scripts, not PATH's
     for argv in cli_lines((ROOT / "README.md").read_text()):
-        run = subprocess.run([str(bin_dir / argv[0]), *argv[1:]], cwd=here / "cli", env=env,
+        run = subprocess.run([script(argv[0]), *argv[1:]], cwd=here / "cli", env=env,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, f"{shlex.join(argv)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert (here / "cli" / "vae-diffusers" / "diffusion_pytorch_model.safetensors").is_file()
