@@ -1257,7 +1257,7 @@ def params_to_model(
     from .loading import resolve_dtype
 
     cast = resolve_dtype(dtype)
-    graphdef, abstract_state = nnx.split(abstract_model(config, dtype=resolve_dtype(compute_dtype)))
+    graphdef, abstract_state = nnx.split(abstract_model(config, dtype=resolve_dtype(compute_dtype, "compute_dtype")))
     flat_state = list(nnx.to_flat_state(abstract_state))
     problems = param_problems(params, flat_state, source_name)
     if problems:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping as TMapping, Optional
 
-import jax.numpy as jnp
 from flax import nnx
 
 from cogvae.model import AutoencoderKLCogVideoX, ConfigError, VAEConfig, abstract_model
@@ -34,18 +33,12 @@ from .st_io import is_index_file, open_safetensors
 __all__ = ["SourceError", "UnreadableError", "DiffusersSource", "fetch", "find_diffusers_vae", "model_from_tensors", "load_diffusers", "resolve_dtype"]
 
 
-_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
-           "float16": jnp.float16, "fp16": jnp.float16}
+def resolve_dtype(dtype: Any, name: str = "dtype") -> Any:
+    """None, or a supported dtype (float32, bfloat16, float16; a name or a dtype) as its jnp
+    scalar type; anything else raises (see :func:`cogvae.model.resolve_dtype`)."""
+    from cogvae.model import resolve_dtype as resolve
 
-
-def resolve_dtype(dtype: Any) -> Any:
-    """None, a jnp dtype, or one of 'float32' / 'bfloat16' / 'float16' -> jnp dtype or None."""
-    if dtype is None or not isinstance(dtype, str):
-        return dtype
-    try:
-        return _DTYPES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+    return resolve(dtype, name)
 
 
 @dataclass(frozen=True)
@@ -121,7 +114,7 @@ def model_from_tensors(
     source dtype); ``compute_dtype`` defaults to bf16 on accelerators and fp32 on CPU.
     """
     mapping = mapping or load_mapping()
-    abstract = abstract_model(config, dtype=resolve_dtype(compute_dtype))
+    abstract = abstract_model(config, dtype=resolve_dtype(compute_dtype, "compute_dtype"))
     graphdef, abstract_state = nnx.split(abstract)
     state = convert_tensors(tensors, abstract_state, mapping, dtype=resolve_dtype(dtype), source_name=source_name)
     return nnx.merge(graphdef, state)

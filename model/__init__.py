@@ -11,12 +11,14 @@ from .vae import (
     AutoencoderKLCogVideoX,
     Decoder3D,
     DecoderOutput,
+    SUPPORTED_DTYPES,
     DiagonalGaussianDistribution,
     Encoder3D,
     TilingConfig,
     compiler_options,
     default_compute_dtype,
     frame_batches,
+    resolve_dtype,
 )
 
 
@@ -60,6 +62,7 @@ __all__ = [
     "HANDLED_KEYS",
     "IGNORED_KEYS",
     "PRESETS",
+    "SUPPORTED_DTYPES",
     "TilingConfig",
     "VAEConfig",
     "abstract_model",
@@ -69,5 +72,6 @@ __all__ = [
     "enable_compilation_cache",
     "frame_batches",
     "replicate",
+    "resolve_dtype",
     "video_sharding",
 ]

@@ -40,8 +40,10 @@ __all__ = [
     "DiagonalGaussianDistribution",
     "TilingConfig",
     "compile_decode_first_batch",
+    "SUPPORTED_DTYPES",
     "default_compute_dtype",
     "frame_batches",
+    "resolve_dtype",
 ]
 
 # diffusers: num_sample_frames_batch_size / num_latent_frames_batch_size. Other values give poor
@@ -494,17 +496,37 @@ def _stack_batches(x: Array, start: int, size: int) -> Array:
     return jnp.moveaxis(rest.reshape(b, t // size, size, *rest.shape[2:]), 1, 0)
 
 
-def _float_dtype(dtype: Any, name: str):
-    """``dtype`` as a jnp floating dtype (a name such as "bfloat16" works too), else a TypeError."""
+#: The dtypes parameters are stored and computed in (float64 would drop the convs' HIGHEST
+#: precision, which the kernels set for float32 only; float8 has no kernels), with the names
+#: load(), save(), export_diffusers(), convert() and vae.to() all accept for them.
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_dtype(dtype: Any, name: str = "dtype"):
+    """None, or ``dtype`` (a dtype, or a name: float32/fp32, bfloat16/bf16, float16/fp16/half) as
+    the jnp scalar type (``jnp.bfloat16``, ...) of one of the supported dtypes. Not a dtype or not
+    floating: TypeError; another floating dtype (float64, float8) or an unknown name: ValueError.
+    One check for every entry point, so a dtype refused by one is refused by all, before any work."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        canonical = _DTYPE_NAMES.get(dtype.lower())
+        if canonical is None:
+            raise ValueError(f"{name}: unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+        return getattr(jnp, canonical)
     try:
         dt = jnp.dtype(dtype)
     except TypeError:
         raise TypeError(f"{name}: {dtype!r} is not a dtype") from None
     if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"{name}: {dt} is not a floating-point dtype")
-    # The jnp scalar type (jnp.bfloat16, ...), as load() and default_compute_dtype() give it: the
-    # compute dtype is part of the static structure the kernels are cached on.
-    return getattr(jnp, dt.name, dt)
+        raise TypeError(f"{name}: {dt} is not a floating-point dtype; use float32, bfloat16 or float16")
+    if dt.name not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: {dt} is not supported; use float32, bfloat16 or float16")
+    # The jnp scalar type, as default_compute_dtype() gives it: the compute dtype is part of the
+    # static structure the kernels are cached on.
+    return getattr(jnp, dt.name)
 
 
 def _check_input(x, channels: int, method: str, what: str, layout: str) -> None:
@@ -673,8 +695,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
         Changing the compute dtype compiles anew (it is part of the model's static structure)."""
         if dtype is None and compute_dtype is None:
             raise TypeError("to() needs a dtype (and/or compute_dtype=)")
-        dtype = None if dtype is None else _float_dtype(dtype, "dtype")
-        compute_dtype = dtype if compute_dtype is None else _float_dtype(compute_dtype, "compute_dtype")
+        dtype = resolve_dtype(dtype, "dtype")
+        compute_dtype = dtype if compute_dtype is None else resolve_dtype(compute_dtype, "compute_dtype")
         if dtype is not None:
             params = nnx.state(self, nnx.Param)
             nnx.update(self, jax.tree.map(lambda p: p.astype(dtype), params))

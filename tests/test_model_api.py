@@ -292,3 +292,46 @@ def test_config_reads_as_diffusers_frozen_dict_and_checkpointing_flag():
     finally:
         ours.disable_gradient_checkpointing()
     assert ours.is_gradient_checkpointing is False
+
+
+BAD_DTYPES = [(np.float64, ValueError, "float64 is not supported"),
+              (jnp.float8_e4m3fn, ValueError, "float8_e4m3fn is not supported"),
+              (jnp.int8, TypeError, "int8 is not a floating-point dtype"),
+              ("half2", ValueError, "unknown dtype 'half2'")]
+
+
+@pytest.mark.parametrize("bad,error,message", BAD_DTYPES, ids=["float64", "float8", "int8", "name"])
+def test_every_entry_point_refuses_the_same_dtypes_before_any_work(tmp_path, bad, error, message):
+    """One check (cogvae.model.resolve_dtype) everywhere a dtype is taken: float64 used to give a
+    float64 'compute dtype' whose convs silently lost their HIGHEST precision, float8 a checkpoint
+    written and validated that load then refused, int8 an ml_dtypes error from deep inside."""
+    from cogvae.converter import export_diffusers, load, save
+    from cogvae.converter.convert import convert, default_source
+
+    vae = load(default_source())
+    calls = {"save": lambda: save(vae, tmp_path / "out", dtype=bad),
+             "convert": lambda: convert(None, tmp_path / "out", dtype=bad, quiet=True),
+             "export": lambda: export_diffusers(vae, tmp_path / "out", dtype=bad),
+             "load dtype": lambda: load(default_source(), dtype=bad),
+             "load compute_dtype": lambda: load(default_source(), compute_dtype=bad),
+             "to": lambda: vae.to(bad),
+             "to compute_dtype": lambda: vae.to(compute_dtype=bad)}
+    for what, call in calls.items():
+        with pytest.raises(error, match=message):
+            call()
+        assert not (tmp_path / "out").exists(), what
+    assert vae.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("spelling,dtype", [("fp32", jnp.float32), ("BF16", jnp.bfloat16), ("half", jnp.float16),
+                                            (np.float16, jnp.float16), (jnp.dtype("bfloat16"), jnp.bfloat16)])
+def test_dtype_spellings_are_the_same_everywhere(spelling, dtype):
+    from cogvae.converter import load
+    from cogvae.converter.convert import default_source
+    from cogvae.model import resolve_dtype
+
+    assert resolve_dtype(spelling) is dtype
+    a = load(default_source(), dtype=spelling, compute_dtype=spelling)
+    b = load(default_source()).to(spelling)
+    assert a.dtype is b.dtype is dtype
+    assert {p.dtype for p in jax.tree.leaves(nnx.state(a, nnx.Param))} == {jnp.dtype(dtype)}
