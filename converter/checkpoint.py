@@ -333,7 +333,6 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
     ``out`` is untouched. Failures to create or rename raise :class:`OutputError` naming the path.
     """
     given = out
-    from .hub import local_path
 
     out = Path(os.path.abspath(local_path(out)))  # "a/.." is "." before anything is made
     try:
@@ -667,7 +666,7 @@ def write_checkpoint(
     ``params`` must fit ``config``'s architecture (every parameter, with its shape, nothing extra),
     with dtypes cogvae stores and finite values: what ``load`` requires, checked before writing."""
     formats = normalize_formats(formats)
-    out = Path(out_dir)
+    out = local_path(out_dir)  # the path returned is the one written: ~ expanded
     from flax import nnx
 
     from cogvae.model import abstract_model

@@ -198,7 +198,9 @@ def _convert_options(f):
         click.option("--format", "fmt", type=click.Choice(["orbax", "msgpack", "both"]), default="both",
                      show_default=True, help="Checkpoint format(s) to write."),
         click.option("--no-validate", is_flag=True, help="Skip loading the result back and the smoke decode."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace an earlier checkpoint (or an empty folder) at --out, atomically; any other "
+                          "folder is refused."),
         click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None,
                      help="Upload the finished checkpoint to this Hub model repo."),
         click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
@@ -293,7 +295,9 @@ def export_diffusers(*args: Any, **kwargs: Any) -> dict:
 @click.option("--variant", default=None,
               help="Weights variant, as diffusers' save_pretrained(variant=) names it: fp16 writes "
                    "diffusion_pytorch_model.fp16.safetensors.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder (atomically).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier diffusers export (a folder of config.json and diffusion_pytorch_model "
+                   "files only, or an empty one) at --out, atomically; any other folder is refused.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def export_diffusers_command(ckpt, out, fmt, revision, token, dtype, variant, overwrite, as_json):
     """Export a converted checkpoint (a folder, or the Hub repo id of one pushed by `cogvae push`)
@@ -438,8 +442,12 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
 
 @cli.command("verify", epilog=EXIT_EPILOG)
 @click.argument("source")
-@click.option("--reference", default=None, help="Diffusers source to compare against (folder or Hub repo id).")
-@click.option("--no-parity", is_flag=True, help="Skip the numerical parity check against the reference.")
+@click.option("--reference", default=None,
+              help="What SOURCE's weights are compared with, tensor by tensor: a diffusers VAE or a converted "
+                   "checkpoint (folder or Hub repo id), e.g. the base of a fine-tune.")
+@click.option("--no-parity", is_flag=True,
+              help="Skip the parity check (SOURCE's own weights run through diffusers and through the NNX "
+                   "model, outputs compared).")
 @click.option("--max-rel-change", type=float, default=None, metavar="X",
               help="Fail when a tensor's relative change (L2 of the change / L2 of the reference tensor) "
                    "against --reference exceeds X (default: report only). A tensor that is all zeros in the "
@@ -449,15 +457,18 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
 @click.option("--format", "fmt", type=click.Choice(["orbax", "msgpack"]), default=None,
               help="Which stored format of a checkpoint SOURCE to read (default: orbax when present).")
 @click.option("--subfolder", default="vae", show_default=True, help="VAE subfolder of a diffusers pipeline.")
-@click.option("--variant", default=None, help="Weights variant of a diffusers source or reference, e.g. fp16.")
+@click.option("--variant", default=None, help="Weights variant of a diffusers SOURCE, e.g. fp16.")
+@click.option("--reference-variant", default=None, help="Weights variant of a diffusers --reference, e.g. fp16.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit of SOURCE (Hub SOURCE only).")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN / login).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfolder, variant, revision, token,
-                   as_json):
-    """Verify a converted checkpoint (a folder, or the Hub repo id of one pushed by `cogvae push`):
-    manifest and hashes, loading, and (with --reference) that its weights and outputs match the
-    diffusers source. Exit code 1 when a check fails.
+def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfolder, variant, reference_variant,
+                   revision, token, as_json):
+    """Verify a converted checkpoint (a folder, or the Hub repo id of one pushed by `cogvae push`)
+    or a diffusers VAE: manifest and hashes, loading, the architecture, dtypes and finite values,
+    and parity (its own weights give the same outputs in diffusers and in the NNX model). With
+    --reference, also how much each tensor changed against it (a gate with --max-rel-change).
+    Exit code 1 when a check fails.
 
     \b
     Examples:
@@ -475,7 +486,8 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
             raise click.BadParameter(f"must be a finite number >= 0, got {max_rel_change!r}",
                                      param_hint="'--max-rel-change'")
     report = _run(verify_checkpoint, source, reference, parity=not no_parity, revision=revision, token=token,
-                  max_rel_change=max_rel_change, top=top, format=fmt, subfolder=subfolder, variant=variant)
+                  max_rel_change=max_rel_change, top=top, format=fmt, subfolder=subfolder, variant=variant,
+                  reference_variant=reference_variant)
     if report.input_errors:  # nothing to verify: not found (exit 3) or not fetched (exit 5), as the other commands
         for e in report.input_errors[1:]:
             click.echo(f"Error: {str(e).strip()}", err=True)

@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from .hub import local_path
 from .layout import (CONFIG_NAME, DIFFUSERS_WEIGHTS, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME,
                      weights_in)
 
@@ -409,7 +410,7 @@ def plan_upload(ckpt_dir: str | os.PathLike, repo_id: str, *, diffusers: Optiona
     """([{path, size}] of every file to upload, README.md included; the model card text): the files
     the checkpoint's manifest lists, the card, and (``diffusers``: an exported diffusers weights
     file) ``DIFFUSERS_WEIGHTS``. Files of the folder the manifest does not list are not uploaded."""
-    ckpt = Path(ckpt_dir)
+    ckpt = local_path(ckpt_dir)  # ~ expanded, as every path cogvae takes
     return _plan(ckpt, repo_id, _check_checkpoint(ckpt), diffusers)
 
 
@@ -545,7 +546,7 @@ def push_checkpoint(
     A problem with the folder raises :class:`PushInputError`; a Hub failure :class:`PushError`.
     """
     check_push_target(repo_id, dry_run=dry_run, token=token, api=api)  # before hashing and exporting
-    ckpt = Path(ckpt_dir)
+    ckpt = local_path(ckpt_dir)  # ~ expanded, as every path cogvae takes
     listed = _check_checkpoint(ckpt, hashes=True)
     with tempfile.TemporaryDirectory(prefix="cogvae-push-") as tmp:
         diffusers = _export_weights(ckpt, Path(tmp)) if with_diffusers else None

@@ -50,13 +50,14 @@ def _model_class():
     return AutoencoderKLCogVideoX
 
 
-def model_params(vae, *, dtype: Any = None, source_name: str = IN_MEMORY) -> dict[str, np.ndarray]:
+def model_params(vae, *, dtype: Any = None, source_name: str = IN_MEMORY, action: str = "save") -> dict[str, np.ndarray]:
     """``{dotted NNX path: host array}`` of ``vae``'s parameters, checked against its config.
 
     Every path and shape must be what ``abstract_model(vae.config)`` has (nothing missing, nothing
     extra: a parameter added for training, e.g. an adapter, must be merged or removed first); every
     dtype must be one cogvae stores; every value finite. All problems are raised together, in one
-    :class:`ConversionError`. ``dtype``: cast the parameters ('float32', 'bfloat16', 'float16').
+    :class:`ConversionError` ("cannot ``action`` ..."). ``dtype``: cast the parameters ('float32',
+    'bfloat16', 'float16').
     """
     from flax import nnx
 
@@ -82,7 +83,7 @@ def model_params(vae, *, dtype: Any = None, source_name: str = IN_MEMORY) -> dic
             continue
         params[key] = np.ascontiguousarray(arr)
     if problems:
-        raise ConversionError(problems, header=f"cannot save {source_name}")
+        raise ConversionError(problems, header=f"cannot {action} {source_name}")
     return params
 
 
@@ -322,7 +323,7 @@ def export_diffusers(
     if isinstance(source, _model_class()):
         if format is not None or revision is not None:
             raise ValueError("format= and revision= apply to a checkpoint, not to a model in memory")
-        config, params, name, fmt = source.config, model_params(source), IN_MEMORY, None
+        config, params, name, fmt = source.config, model_params(source, action="export"), IN_MEMORY, None
     else:
         from .loading import fetch
 

@@ -559,6 +559,7 @@ def verify_checkpoint(
     format: Optional[str] = None,
     subfolder: str = "vae",
     variant: Optional[str] = None,
+    reference_variant: Optional[str] = None,
     top: int = 10,
     max_rel_change: Optional[float] = None,
     mapping: Any = None,
@@ -569,9 +570,14 @@ def verify_checkpoint(
     folder, or a Hub repo id of either) and, when given, compare it with ``reference`` (same kinds).
 
     ``format`` picks the checkpoint format to read ('orbax' / 'msgpack'; default: what is there).
+    ``variant`` is the weights variant of a diffusers ``source``, ``reference_variant`` that of a
+    diffusers ``reference`` (each default: the main weights), so an fp16 variant can be checked
+    against the fp32 weights of the same folder.
     ``top``: changed tensors listed by ``format_text`` (``to_dict`` lists all). ``max_rel_change``:
     when set, a tensor whose relative change exceeds it fails the report (default: report only).
-    ``parity=False`` skips the diffusers decode comparison. ``revision`` (branch, tag or commit)
+    The parity check runs ``source``'s own weights through diffusers and through the NNX model
+    (fp32; the compiled decode of 5 latents and encode of 17 frames, over two frame batches each)
+    and compares the outputs; ``parity=False`` skips it. ``revision`` (branch, tag or commit)
     applies to a Hub ``source``; ``token`` to every Hub request.
     """
     from .checkpoint import keep_heap_lean
@@ -613,7 +619,7 @@ def verify_checkpoint(
             report.nonfinite.append(nf)
 
     if reference is not None:
-        ref = _load(reference, fmt=None, subfolder=subfolder, variant=variant, mapping=mapping, token=token)
+        ref = _load(reference, fmt=None, subfolder=subfolder, variant=reference_variant, mapping=mapping, token=token)
         report.reference, report.reference_kind, report.reference_detail = ref.path, ref.kind, ref.detail
         report.load_problems += [f"reference: {p}" for p in ref.problems]
         report.reference_loaded = ref.config is not None and bool(ref.params)

@@ -115,6 +115,17 @@ def _api_export_diffusers():
     assert (Path(os.environ["HOME"]) / "exp-api" / WEIGHTS).is_file()
 
 
+def _api_push_plan_and_write_checkpoint():
+    from cogvae.converter.checkpoint import read_checkpoint, write_checkpoint
+    from cogvae.converter.push import plan_upload
+
+    files, card = plan_upload("~/ck", "me/vae")
+    assert "COMPLETE" in {f["path"] for f in files} and card
+    config, params, _ = read_checkpoint("~/ck", format="msgpack")
+    out = write_checkpoint("~/wc-api", params, config, formats=("msgpack",))
+    assert out == Path(os.environ["HOME"]) / "wc-api" and (out / "COMPLETE").is_file()  # the path written
+
+
 def _api_save_and_convert():
     from cogvae.converter import load, save
     from cogvae.converter.convert import convert
@@ -128,7 +139,8 @@ def _api_save_and_convert():
 
 @pytest.mark.parametrize("call", [_api_load_checkpoint, _api_load_diffusers, _api_read_checkpoint,
                                   _api_checkpoint_predicates, _api_find_diffusers_vae, _api_verify,
-                                  _api_export_diffusers, _api_save_and_convert], ids=lambda f: f.__name__[5:])
+                                  _api_export_diffusers, _api_save_and_convert, _api_push_plan_and_write_checkpoint],
+                         ids=lambda f: f.__name__[5:])
 def test_tilde_is_expanded_by_the_python_api(at_home, call):
     """Nothing faked: HOME points at a real folder. A ``~/...`` path (which Python never expands
     by itself) names that folder, for reading and for writing; no folder named ``~`` appears."""
@@ -143,8 +155,9 @@ def test_tilde_is_expanded_by_the_python_api(at_home, call):
     (["verify", "--no-parity", "~/src", "--reference", "~/ck"], None),
     (["export-diffusers", "~/ck", "--out=~/exp-cli"], "exp-cli"),
     (["convert", "~/src", "--out=~/ck-cli", "--format", "msgpack", "--no-validate", "--json"], "ck-cli"),
+    (["push", "~/ck", "me/vae", "--dry-run"], None),
 ], ids=["inspect-ckpt", "inspect-diffusers", "verify-reference", "verify-diffusers-source", "export-diffusers",
-        "convert-json"])
+        "convert-json", "push-dry-run"])
 def test_tilde_is_expanded_by_every_command(at_home, home, args, wrote):
     """Nothing faked: HOME points at a real folder. A '~/...' that the shell left as it is (quoted,
     or ``--out=~/x``) names that folder; outputs land there and are reported by that path."""

@@ -111,11 +111,12 @@ def test_a_diverged_or_altered_model_is_refused_whole(tmp_path):
     bias = vae.encoder.conv_in.conv.bias
     bias[...] = jnp.full_like(bias[...], jnp.inf)
     vae.decoder.adapter = nnx.Param(jnp.zeros((4, 4)))  # e.g. a LoRA weight left unmerged
-    for write in (lambda out: save(vae, out), lambda out: export_diffusers(vae, out)):
+    for verb, write in (("save", lambda out: save(vae, out)), ("export", lambda out: export_diffusers(vae, out))):
         out = tmp_path / "out"
         with pytest.raises(ConversionError) as e:
             write(out)
         msg = str(e.value)
+        assert msg.startswith(f"cannot {verb} <in-memory model>"), msg[:80]
         assert "'decoder.conv_out.conv.kernel': contains non-finite values: 1 NaN, 0 Inf" in msg
         assert "'encoder.conv_in.conv.bias': contains non-finite values: 0 NaN," in msg
         assert "'decoder.adapter' (4, 4): not part of the CogVideoX VAE architecture" in msg

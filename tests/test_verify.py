@@ -302,3 +302,27 @@ def test_a_repo_neither_local_nor_cached_offline_is_a_hub_error(tmp_path, monkey
     res = CliRunner().invoke(cli, ["verify", "me/not-cached"])
     assert res.exit_code == 5 and res.stdout == ""
     assert res.stderr.startswith("Error: me/not-cached is not in the Hub cache") and "offline mode is on" in res.stderr
+
+
+def test_source_and_reference_each_have_their_own_variant(tmp_path):
+    """An fp16 variant checked against the fp32 weights beside it (diffusers' save_pretrained
+    writes both into one folder): --variant picks SOURCE's file, --reference-variant the
+    reference's. --variant used to apply to both, so this compared the fp16 file with itself
+    (change 0, OK), and an fp16-only source against an fp32-only reference was exit 3."""
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    both = save_tiny_vae(tmp_path / "both", fp16_variant=True)
+    r = verify_checkpoint(both, both, variant="fp16", parity=False)
+    assert r.ok and r.changes and 1e-5 < max(c["rel_change"] for c in r.changes) < 1e-2  # fp16 rounding
+    assert all(c["rel_change"] == 0.0 for c in verify_checkpoint(both, both, variant="fp16", reference_variant="fp16",
+                                                                  parity=False).changes)
+    fp32_only = save_tiny_vae(tmp_path / "fp32")
+    res = CliRunner().invoke(cli, ["verify", str(both), "--variant", "fp16", "--reference", str(fp32_only),
+                                   "--no-parity", "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert max(c["rel_change"] for c in json.loads(res.stdout)["changes"]) > 1e-5
+    res = CliRunner().invoke(cli, ["verify", str(fp32_only), "--reference", str(both), "--reference-variant", "fp16",
+                                   "--no-parity", "--max-rel-change", "1e-6"])
+    assert res.exit_code == 1 and "tolerance 1e-06" in res.stdout and "RESULT: FAILED" in res.stdout
