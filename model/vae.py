@@ -529,6 +529,25 @@ def resolve_dtype(dtype: Any, name: str = "dtype"):
     return getattr(jnp, dt.name)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _overflow_counts(params, target):
+    """Per parameter: how many finite values become +-Inf when cast to ``target``."""
+    return jax.tree.map(lambda p: jnp.sum(jnp.isfinite(p) & ~jnp.isfinite(p.astype(target))), params)
+
+
+def _refuse_overflow(params, target) -> None:
+    """ValueError naming every parameter with a finite value that ``target`` cannot hold."""
+    counts = _overflow_counts(params, target)
+    bad = [(".".join(map(str, path)), int(n.get_value() if hasattr(n, "get_value") else n))
+           for path, n in nnx.to_flat_state(counts)]
+    bad = [(k, n) for k, n in bad if n]
+    if bad:
+        name = jnp.dtype(target).name
+        raise ValueError(f"cannot compute or store in {name}: {len(bad)} parameter(s) hold finite values that "
+                         f"overflow to Inf in {name} (largest {name}: {float(jnp.finfo(target).max):g}):\n"
+                         + "\n".join(f"  - parameter {k!r}: {n} value(s)" for k, n in bad))
+
+
 def _check_input(x, channels: int, method: str, what: str, layout: str) -> None:
     """Refuse inputs diffusers refuses, with a message that says what to do.
 
@@ -697,8 +716,13 @@ class AutoencoderKLCogVideoX(nnx.Module):
             raise TypeError("to() needs a dtype (and/or compute_dtype=)")
         dtype = resolve_dtype(dtype, "dtype")
         compute_dtype = dtype if compute_dtype is None else resolve_dtype(compute_dtype, "compute_dtype")
+        params = nnx.state(self, nnx.Param)
+        # A finite float32 weight beyond float16's range (65504) would be Inf once cast, in the
+        # stored parameters (dtype) or inside every kernel (compute_dtype): refused by name, as
+        # load(dtype=) and save(dtype=) refuse it, before anything changes.
+        for target in {t for t in (dtype, compute_dtype) if t is not None and t is not jnp.float32}:
+            _refuse_overflow(params, target)
         if dtype is not None:
-            params = nnx.state(self, nnx.Param)
             nnx.update(self, jax.tree.map(lambda p: p.astype(dtype), params))
         for _, module in nnx.iter_modules(self):  # every layer reads its compute dtype at call time
             if hasattr(module, "dtype"):

@@ -335,3 +335,22 @@ def test_dtype_spellings_are_the_same_everywhere(spelling, dtype):
     b = load(default_source()).to(spelling)
     assert a.dtype is b.dtype is dtype
     assert {p.dtype for p in jax.tree.leaves(nnx.state(a, nnx.Param))} == {jnp.dtype(dtype)}
+
+
+@pytest.mark.parametrize("kwargs", [{"dtype": jnp.float16}, {"compute_dtype": "float16"},
+                                    {"dtype": "float32", "compute_dtype": "fp16"}], ids=["dtype", "compute", "both"])
+def test_to_float16_refuses_weights_float16_cannot_hold(kwargs):
+    """vae.to(float16) turned a finite float32 weight of 1e5 into Inf (a NaN decode, no error),
+    while load(dtype="float16") and save(dtype="float16") refuse it by name. Now to() refuses it
+    too, for the stored dtype and for the compute dtype (every kernel casts the weights to it),
+    and leaves the model as it was."""
+    from cogvae.converter import load
+    from cogvae.converter.convert import default_source
+
+    vae = load(default_source())
+    bias = vae.decoder.conv_out.conv.bias
+    bias[...] = bias[...].at[0].set(1e5)
+    with pytest.raises(ValueError, match=r"overflow to Inf in float16[\s\S]*'decoder\.conv_out\.conv\.bias': 1 value"):
+        vae.to(**kwargs)
+    assert vae.dtype == jnp.float32 and bias[...].dtype == jnp.float32 and float(bias[...][0]) == 1e5
+    assert vae.to(jnp.bfloat16).dtype == jnp.bfloat16  # bfloat16 holds it
