@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping as TMapping, Optional
 
+import jax.numpy as jnp
 from flax import nnx
 
 from cogvae.model import AutoencoderKLCogVideoX, ConfigError, VAEConfig, abstract_model
@@ -231,10 +232,21 @@ def load(
             raise _not_for_checkpoint(path, diffusers_only)
         for k in ("subfolder", "variant", "mapping"):  # the default subfolder, None: not choices for a checkpoint
             kwargs.pop(k, None)
-        return load_checkpoint(path, dtype=dtype, **kwargs)
+        return _fits_compute_dtype(load_checkpoint(path, dtype=dtype, **kwargs))
     if "format" in kwargs:
         raise SourceError(f"{path}: not a converted cogvae checkpoint (format= applies to those only)")
-    return load_diffusers(path, dtype=dtype, **kwargs)
+    return _fits_compute_dtype(load_diffusers(path, dtype=dtype, **kwargs))
+
+
+def _fits_compute_dtype(vae):
+    """``vae``, once its weights are known to fit a float16 compute dtype: every kernel casts them
+    to it, so a finite float32 weight beyond 65504 would be Inf there and every output NaN (the
+    same check as ``vae.to(compute_dtype=float16)``; bfloat16 holds float32's range)."""
+    from cogvae.model.vae import _refuse_overflow
+
+    if vae.dtype is jnp.float16:
+        _refuse_overflow(nnx.state(vae, nnx.Param), jnp.float16)
+    return vae
 
 
 __all__ += ["load", "load_checkpoint", "ConfigError"]

@@ -354,3 +354,22 @@ def test_to_float16_refuses_weights_float16_cannot_hold(kwargs):
         vae.to(**kwargs)
     assert vae.dtype == jnp.float32 and bias[...].dtype == jnp.float32 and float(bias[...][0]) == 1e5
     assert vae.to(jnp.bfloat16).dtype == jnp.bfloat16  # bfloat16 holds it
+
+
+def test_load_with_a_float16_compute_dtype_refuses_weights_float16_cannot_hold(tmp_path):
+    """load(compute_dtype="float16") of float32 weights beyond 65504: every kernel would cast them
+    to Inf (all-NaN outputs, no error); refused by name, for a checkpoint and a diffusers folder."""
+    from cogvae.converter import export_diffusers, load, model_params
+    from cogvae.converter.checkpoint import write_checkpoint
+    from cogvae.converter.convert import default_source
+
+    vae = load(default_source())
+    params = dict(model_params(vae))
+    params["encoder.conv_in.conv.bias"] = params["encoder.conv_in.conv.bias"].copy()
+    params["encoder.conv_in.conv.bias"][0] = 1e5
+    ckpt = write_checkpoint(tmp_path / "ckpt", params, vae.config, formats=("msgpack",))
+    export_diffusers(ckpt, tmp_path / "diffusers")
+    for source in (ckpt, tmp_path / "diffusers"):
+        with pytest.raises(ValueError, match=r"overflow to Inf in float16[\s\S]*'encoder\.conv_in\.conv\.bias'"):
+            load(source, compute_dtype="float16")
+        assert load(source, compute_dtype="bfloat16").dtype is jnp.bfloat16
