@@ -193,8 +193,16 @@ def test_bf16_parameters_and_fp32_statistics():
     norm = bf16.encoder.norm_out
     x = (jnp.ones((1, 2, 4, 4, norm.scale[...].shape[0]), jnp.float32) * 300.0
          + jnp.asarray(np.random.default_rng(0).standard_normal((1, 2, 4, 4, norm.scale[...].shape[0])), jnp.float32))
-    y32 = np.asarray(norm(x.astype(jnp.bfloat16)).astype(jnp.float32))
+    xb = x.astype(jnp.bfloat16)
+    y32 = np.asarray(norm(xb).astype(jnp.float32))
     assert np.isfinite(y32).all() and np.abs(y32).max() < 10
+    # ... and equal to torch's GroupNorm in float64 on the same bf16 input, up to the output's bf16
+    # rounding (2**-8 relative): bf16 statistics of these values are wrong by O(1), not O(1e-3).
+    g = norm.num_groups
+    xf = np.asarray(xb, np.float64).reshape(*xb.shape[:4], g, -1)
+    ref = (xf - xf.mean(axis=(1, 2, 3, 5), keepdims=True)) / np.sqrt(xf.var(axis=(1, 2, 3, 5), keepdims=True) + norm.eps)
+    ref = ref.reshape(xb.shape) * np.asarray(norm.scale[...], np.float64) + np.asarray(norm.bias[...], np.float64)
+    assert rel_l2(y32, ref) <= 2 ** -8, rel_l2(y32, ref)
 
 
 def test_conv_lowering_switch_gets_its_own_compiled_functions(monkeypatch):
