@@ -459,9 +459,11 @@ def export_tensors(
     then holds one exported tensor at a time).
     """
     allowed = frozenset(allowed_dtypes)
-    target = None if dtype is None else _np_dtype(dtype)
-    if target is not None and target.name not in ALLOWED_DTYPES:
-        raise ValueError(f"cannot export as {target.name}: use float32, bfloat16 or float16")
+    if dtype is not None:
+        from cogvae.model import resolve_dtype  # the one dtype check of every entry point
+
+        dtype = resolve_dtype(dtype)
+    target = None if dtype is None else np.dtype(dtype)
     problems: list[str] = []
     out: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}

@@ -316,7 +316,7 @@ def export_diffusers(
     if dtype is not None:
         from .loading import resolve_dtype
 
-        dtype = np.dtype(resolve_dtype(dtype)).name  # an unknown name is a ValueError here, before any work
+        dtype = resolve_dtype(dtype)  # an unsupported dtype is refused here, before any work
 
     keep_heap_lean()
     mapping = mapping or load_mapping()
