@@ -124,7 +124,11 @@ def _output_path(out: str | os.PathLike) -> Path:
 
 
 def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    """Strict JSON on stdout: a non-finite float anywhere becomes a string ('nan', 'inf'), so
+    ``jq`` or ``JSON.parse`` can read the report of a diverged model too."""
+    from .verify import _strict_json
+
+    click.echo(json.dumps(_strict_json(data), indent=2, default=str, allow_nan=False))
 
 
 def _human_size(n: int) -> str:

@@ -50,6 +50,18 @@ def _jf(x: Optional[float]) -> Any:
     return x if math.isfinite(x) else str(x)
 
 
+def _strict_json(obj: Any) -> Any:
+    """obj with every float, at any depth, passed through ``_jf``: strict JSON throughout
+    (parity cases carry their own rel_l2 / max_abs, which a diverged model makes NaN)."""
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return _jf(obj)
+    return obj
+
+
 @dataclass
 class _Loaded:
     path: str
@@ -135,8 +147,8 @@ class VerifyReport:
 
     # ------------------------------------------------------------------ output
     def to_dict(self) -> dict:
-        """JSON-serialisable (strict JSON: non-finite floats are strings)."""
-        return {
+        """JSON-serialisable (strict JSON: non-finite floats are strings, at any depth)."""
+        return _strict_json({
             "ok": self.ok,
             "problems": self.problems,
             "source": {"path": self.source, "kind": self.source_kind, "detail": self.source_detail},
@@ -162,7 +174,7 @@ class VerifyReport:
             "max_rel_change": _jf(self.max_rel_change),
             "parity": {k: _jf(v) if isinstance(v, float) else v for k, v in self.parity.items()},
             "diffusers_copy": self.diffusers_copy or None,
-        }
+        })
 
     def format_text(self) -> str:
         L: list[str] = []

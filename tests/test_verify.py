@@ -206,6 +206,30 @@ def test_parity_failure_is_reported(good, monkeypatch, key, op):
     assert f"    {op} of " in r.format_text() and "FAILED" in r.format_text()
 
 
+def test_a_diverged_model_gives_strict_json_at_every_depth(base, vae, good):
+    """Finite weights can still make the decode non-finite (a kernel scaled by 1e37 overflows
+    fp32): verify must fail, and ``--json`` must stay strict JSON down to each parity case's
+    figures, so a CI gate parsing it reads ``ok: false`` instead of crashing on a bare NaN."""
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    def blow_up(params):
+        params["decoder.conv_in.conv.kernel"] = params["decoder.conv_in.conv.kernel"] * np.float32(1e37)
+
+    huge = make_checkpoint(base / "huge", vae, params_hook=blow_up, formats=("msgpack",))
+    r = CliRunner().invoke(cli, ["verify", str(huge), "--reference", str(good), "--json"])
+    assert r.exit_code == 1
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant} in verify --json")
+
+    d = json.loads(r.stdout, parse_constant=refuse)
+    assert d["ok"] is False and d["parity"]["status"] == "failed"
+    decode = {c["op"]: c for c in d["parity"]["cases"]}["decode"]
+    assert decode["status"] == "failed" and decode["rel_l2"] in ("nan", "inf")
+
+
 def test_unreadable_sources_are_reported(base, good, tmp_path):
     r = verify_checkpoint(tmp_path / "nope")
     assert not r.ok and r.problems == [f"{tmp_path / 'nope'}: no such file or folder"]
