@@ -276,7 +276,8 @@ class DiagonalGaussianDistribution(NamedTuple):
     def nll(self, sample: Array, axis: Any = DIFFUSERS_REDUCED_AXES) -> Array:
         """diffusers' ``nll(sample)``; ``axis`` in this layout (the default: the axes diffusers'
         default ``dims=[1, 2, 3]`` reduces, see ``DIFFUSERS_REDUCED_AXES``)."""
-        terms = np.log(2.0 * np.pi) + self.logvar + jnp.square(sample - self.mean) / self.var
+        # a Python float (weakly typed, as diffusers' NumPy scalar is to torch): a bf16 posterior gives a bf16 nll
+        terms = float(np.log(2.0 * np.pi)) + self.logvar + jnp.square(sample - self.mean) / self.var
         return 0.5 * jnp.sum(terms, axis=axis)
 
 

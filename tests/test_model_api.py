@@ -93,6 +93,25 @@ def test_encode_returns_diffusers_posterior():
     assert_parity(per_width(post.nll(other.mean)), as_ref(dx.nll(dy.mean)), "posterior nll(sample)")
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_posterior_methods_keep_the_posterior_dtype_as_diffusers_does(dtype):
+    """A reduced-precision posterior's kl(), nll(), mode(), std and var stay in its dtype, as
+    diffusers' DiagonalGaussianDistribution's do (a bf16 loss stays bf16 in a training step)."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as Ref
+
+    rng = np.random.default_rng(0)
+    moments = rng.standard_normal((1, 8, 2, 3, 4), dtype=np.float32)  # (B, 2C, t, h, w)
+    ref = Ref(torch.from_numpy(moments).to(getattr(torch, dtype)))
+    post = DiagonalGaussianDistribution(*(jnp.asarray(m, dtype) for m in np.split(
+        np.moveaxis(moments, 1, -1), 2, axis=-1)))
+    sample = jnp.asarray(np.moveaxis(moments[:, :4], 1, -1), dtype)
+    ours = {"kl": post.kl(), "nll": post.nll(sample), "mode": post.mode(), "std": post.std, "var": post.var}
+    theirs = {"kl": ref.kl(), "nll": ref.nll(torch.from_numpy(moments[:, :4]).to(getattr(torch, dtype))),
+              "mode": ref.mode(), "std": ref.std, "var": ref.var}
+    assert {k: v.dtype.name for k, v in ours.items()} == {k: str(v.dtype).removeprefix("torch.")
+                                                          for k, v in theirs.items()} == dict.fromkeys(ours, dtype)
+
+
 def test_posterior_sample_matches_diffusers(jax_noise_in_diffusers):
     ref, ours = pair()
     x = video(5, seed=3)
