@@ -347,11 +347,31 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
     from .st_io import open_safetensors
     from .transforms import TransformError
 
+    from .hub import WrongKindError, strip_subfolder
+    from .loading import SourceError
+
     mapping = mapping or load_mapping()
     rows, problems = [], []
-    hub = fetch(source, subfolder=subfolder, variant=variant, revision=revision, token=token, quiet=True)
+    given = (["--subfolder"] if strip_subfolder(subfolder) not in ("", "vae") else []) + \
+        (["--variant"] if variant is not None else [])
+
+    def not_for_checkpoint(where: Any) -> SourceError:
+        """As load(): an option choosing diffusers weights is refused for a checkpoint, never ignored."""
+        verb = "applies" if len(given) == 1 else "apply"
+        return SourceError(f"{where}: a converted cogvae checkpoint: {' and '.join(given)} {verb} to diffusers "
+                           "weights only (a checkpoint holds one set of parameters)")
+
+    try:  # with such an option, a checkpoint repo is refused before its parameters are fetched
+        hub = fetch(source, subfolder=subfolder, variant=variant, revision=revision, token=token, quiet=True,
+                    kind="diffusers" if given else None)
+    except WrongKindError as e:
+        if e.found == "checkpoint":
+            raise not_for_checkpoint(e.where or source) from None
+        raise
     source = hub.folder if hub is not None else local_path(source)
     if looks_like_checkpoint(source):
+        if given:
+            raise not_for_checkpoint(source)
         config, params, info = read_checkpoint(source, format=hub.format if hub is not None else None)
         for path in sorted(params):
             a = params[path]
@@ -460,14 +480,20 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
               help="Changed tensors listed in the text report (--json lists all).")
 @click.option("--format", "fmt", type=click.Choice(["orbax", "msgpack"]), default=None,
               help="Which stored format of a checkpoint SOURCE to read (default: orbax when present).")
-@click.option("--subfolder", default="vae", show_default=True, help="VAE subfolder of a diffusers pipeline.")
+@click.option("--subfolder", default="vae", show_default=True,
+              help="VAE subfolder of a diffusers pipeline SOURCE.")
 @click.option("--variant", default=None, help="Weights variant of a diffusers SOURCE, e.g. fp16.")
-@click.option("--reference-variant", default=None, help="Weights variant of a diffusers --reference, e.g. fp16.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit of SOURCE (Hub SOURCE only).")
+@click.option("--reference-subfolder", default="vae", show_default=True,
+              help="VAE subfolder of a diffusers pipeline --reference.")
+@click.option("--reference-variant", default=None, help="Weights variant of a diffusers --reference, e.g. fp16.")
+@click.option("--reference-revision", default=None,
+              help="Hub branch, tag or commit of --reference (Hub --reference only), e.g. the commit a "
+                   "fine-tune's base was at.")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN / login).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfolder, variant, reference_variant,
-                   revision, token, as_json):
+def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfolder, variant, revision,
+                   reference_subfolder, reference_variant, reference_revision, token, as_json):
     """Verify a converted checkpoint (a folder, or the Hub repo id of one pushed by `cogvae push`)
     or a diffusers VAE: manifest and hashes, loading, the architecture, dtypes and finite values,
     and parity (its own weights give the same outputs in diffusers and in the NNX model). With
@@ -480,9 +506,17 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
       cogvae verify ckpt/ --reference THUDM/CogVideoX-2b --json
       cogvae verify me/cogvideox-2b-vae-jax --revision finetune-v2 --reference THUDM/CogVideoX-2b
       cogvae verify ckpt-tuned/ --reference ckpt/ --max-rel-change 0.05
+      cogvae verify me/vae-ft --reference me/vae-jax --reference-revision v1 --max-rel-change 0.05
     """
     from .verify import verify_checkpoint
 
+    if reference is None:
+        given = [name for name, value in (("--reference-variant", reference_variant),
+                                          ("--reference-revision", reference_revision)) if value is not None]
+        if reference_subfolder != "vae":
+            given.insert(0, "--reference-subfolder")
+        if given:
+            raise click.UsageError(f"{', '.join(given)} given without --reference")
     if max_rel_change is not None:
         if reference is None:
             raise click.UsageError("--max-rel-change needs --reference (the gate compares each tensor with it)")
@@ -491,7 +525,8 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
                                      param_hint="'--max-rel-change'")
     report = _run(verify_checkpoint, source, reference, parity=not no_parity, revision=revision, token=token,
                   max_rel_change=max_rel_change, top=top, format=fmt, subfolder=subfolder, variant=variant,
-                  reference_variant=reference_variant)
+                  reference_variant=reference_variant, reference_subfolder=reference_subfolder,
+                  reference_revision=reference_revision)
     if report.input_errors:  # nothing to verify: not found (exit 3) or not fetched (exit 5), as the other commands
         for e in report.input_errors[1:]:
             click.echo(f"Error: {str(e).strip()}", err=True)

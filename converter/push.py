@@ -318,7 +318,18 @@ def model_card_text(repo_id: str, config: dict, provenance: dict, *, diffusers: 
     files = "".join(described[f] + ", " for f in formats)
     first = "Orbax" if "orbax" in formats else "msgpack"
     channels = int(config.get("latent_channels") or 16)
-    ref = f" --reference {source_id}" if is_hub and source_id else ""
+    ref = ""
+    if is_hub and source_id:
+        # The base exactly as the weights came from it: its commit (a later push to its main
+        # branch, or a base on another branch, would otherwise be compared) and, for a conversion,
+        # the pipeline subfolder the VAE was read from.
+        ref = f" --reference {source_id}"
+        if origin["revision"]:
+            ref += f" --reference-revision {origin['revision']}"
+        src = provenance.get("source")
+        sub = src.get("subfolder") if isinstance(src, dict) and not src.get("saved_from") else None
+        if isinstance(sub, str) and sub.strip("/") not in ("", "vae"):
+            ref += f" --reference-subfolder {sub.strip('/')}"
     arch = ", ".join(f"{k}={config[k]}" for k in ("block_out_channels", "latent_channels", "layers_per_block",
                                                   "scaling_factor") if k in config)
     dfile = dusage = ""

@@ -287,13 +287,27 @@ def _lenient_convert(tensors: Any, mapping: Any) -> dict[str, np.ndarray]:
 
 
 def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, variant: Optional[str],
-          mapping: Any, revision: Optional[str] = None, token: Optional[str] = None) -> _Loaded:
+          mapping: Any, revision: Optional[str] = None, token: Optional[str] = None,
+          options: tuple[str, str] = ("--subfolder", "--variant"), diffusers_copy: bool = True) -> _Loaded:
+    """One side of the report. ``options``: the command-line names of ``subfolder`` and ``variant``
+    for this side, used when a converted checkpoint is given one (they apply to diffusers weights
+    only: refused, never silently ignored). ``diffusers_copy``: also fetch a Hub checkpoint's
+    diffusers copy (the source's, which is compared; never the reference's)."""
     from .checkpoint import CheckpointError, check_files, looks_like_checkpoint, read_checkpoint
-    from .hub import UnreadableError, input_exists, local_path
+    from .hub import UnreadableError, input_exists, local_path, strip_subfolder
     from .loading import SourceError
 
     text = os.fspath(source)
     got = _Loaded(path=text)
+    given = [name for name, value in zip(options, (subfolder, variant)) if value is not None and
+             (name == options[1] or strip_subfolder(value) not in ("", "vae"))]
+
+    def not_for_checkpoint(where: str) -> _Loaded:
+        """As load(): a checkpoint holds one set of parameters; an option choosing diffusers
+        weights is refused, never ignored."""
+        verb = "applies" if len(given) == 1 else "apply"
+        return unreachable(SourceError(f"{where}: a converted cogvae checkpoint: {' and '.join(given)} {verb} to "
+                                       "diffusers weights only (a checkpoint holds one set of parameters)"))
 
     def unreachable(e: SourceError) -> _Loaded:
         """Nothing to verify (not found, not a folder, unreadable): the CLI's exit 3 (or a Hub
@@ -308,13 +322,25 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
     except UnreadableError as e:
         return unreachable(e)
     if not exists or revision is not None:
-        from .hub import HubError, looks_like_repo_id, resolve_source
+        from .hub import HubError, WrongKindError, looks_like_repo_id, resolve_source
 
         if not exists and not looks_like_repo_id(text):
             return unreachable(SourceError(f"{text}: no such file or folder"))
         try:
+            # The diffusers copy is asked for in the first request, before the repo's kind is
+            # known; with a variant the source must be diffusers weights (a VAE-only repo's root
+            # weights are then not the ones asked for), so it is not asked for.
+            also = [DIFFUSERS_WEIGHTS] if diffusers_copy and variant is None else []
+            # with a diffusers-only option, a checkpoint repo is refused after the first, small
+            # request, before its parameters are fetched
             r = resolve_source(text, subfolder=subfolder, variant=variant, format=fmt, revision=revision,
-                               token=token, quiet=True, also=[DIFFUSERS_WEIGHTS])
+                               token=token, quiet=True, also=also, kind="diffusers" if given else None)
+        except WrongKindError as e:
+            if e.found == "checkpoint":
+                return not_for_checkpoint(e.where or text)
+            got.problems.append(str(e))
+            got.unreachable = e
+            return got
         except HubError as e:
             got.problems.append(str(e))
             got.unreachable = SourceError(str(e)) if exists else e  # as cogvae-convert: 3 or 5
@@ -328,6 +354,8 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
 
     if looks_like_checkpoint(path):
         got.kind = "converted checkpoint"
+        if given:
+            return not_for_checkpoint(text)
         try:
             local = not got.detail
             if local:  # a local folder holds every format: all its files must be sound, not only the
@@ -340,7 +368,7 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
             got.problems.append(str(e))
             return got
         got.detail = (got.detail + ", " if got.detail else "") + f"{info['format']} format"
-        if (path / DIFFUSERS_WEIGHTS).is_file():
+        if diffusers_copy and (path / DIFFUSERS_WEIGHTS).is_file():
             got.diffusers_copy = path / DIFFUSERS_WEIGHTS
         return got
 
@@ -572,6 +600,8 @@ def verify_checkpoint(
     subfolder: str = "vae",
     variant: Optional[str] = None,
     reference_variant: Optional[str] = None,
+    reference_subfolder: str = "vae",
+    reference_revision: Optional[str] = None,
     top: int = 10,
     max_rel_change: Optional[float] = None,
     mapping: Any = None,
@@ -582,19 +612,29 @@ def verify_checkpoint(
     folder, or a Hub repo id of either) and, when given, compare it with ``reference`` (same kinds).
 
     ``format`` picks the checkpoint format to read ('orbax' / 'msgpack'; default: what is there).
-    ``variant`` is the weights variant of a diffusers ``source``, ``reference_variant`` that of a
-    diffusers ``reference`` (each default: the main weights), so an fp16 variant can be checked
-    against the fp32 weights of the same folder.
+    ``subfolder`` and ``variant`` are the VAE subfolder and weights variant of a diffusers
+    ``source``, ``reference_subfolder`` and ``reference_variant`` those of a diffusers
+    ``reference`` (defaults: ``vae``, the main weights), so an fp16 variant can be checked against
+    the fp32 weights of the same folder; given for a converted checkpoint (other than the default
+    subfolder), they are an input error, as in ``load``.
     ``top``: changed tensors listed by ``format_text`` (``to_dict`` lists all). ``max_rel_change``:
     when set, a tensor whose relative change exceeds it fails the report (default: report only).
     The parity check runs ``source``'s own weights through diffusers and through the NNX model
     (fp32; the compiled decode of 5 latents and encode of 17 frames, over two frame batches each)
     and compares the outputs; ``parity=False`` skips it. ``revision`` (branch, tag or commit)
-    applies to a Hub ``source``; ``token`` to every Hub request.
+    applies to a Hub ``source``, ``reference_revision`` to a Hub ``reference`` (e.g. the commit a
+    fine-tune's base was at, which its model card names); ``token`` to every Hub request.
     """
     from .checkpoint import keep_heap_lean
     from .mapping import load_mapping
 
+    if reference is None:  # options for a reference that is not there would be silently ignored
+        given = [name for name, value in (("reference_variant", reference_variant),
+                                          ("reference_revision", reference_revision)) if value is not None]
+        if reference_subfolder != "vae":
+            given.insert(0, "reference_subfolder")
+        if given:
+            raise ValueError(f"{', '.join(given)} given without a reference")
     if max_rel_change is not None:
         if reference is None:  # a gate with nothing to compare with would always pass
             raise ValueError("max_rel_change needs a reference to compare with")
@@ -631,7 +671,9 @@ def verify_checkpoint(
             report.nonfinite.append(nf)
 
     if reference is not None:
-        ref = _load(reference, fmt=None, subfolder=subfolder, variant=reference_variant, mapping=mapping, token=token)
+        ref = _load(reference, fmt=None, subfolder=reference_subfolder, variant=reference_variant, mapping=mapping,
+                    revision=reference_revision, token=token,
+                    options=("--reference-subfolder", "--reference-variant"), diffusers_copy=False)
         report.reference, report.reference_kind, report.reference_detail = ref.path, ref.kind, ref.detail
         report.load_problems += [f"reference: {p}" for p in ref.problems]
         report.reference_loaded = ref.config is not None and bool(ref.params)

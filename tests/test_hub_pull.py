@@ -437,3 +437,61 @@ def test_an_empty_revision_is_exit_3_everywhere(hub, monkeypatch, tmp_path, comm
     r = CliRunner().invoke(cli, args) if name != "convert" else CliRunner().invoke(convert_command, args[1:])
     assert r.exit_code == 3, r.output
     assert f"{REPO}: the revision is empty" in r.output and asked == []
+
+
+def test_verify_against_a_reference_revision_fetches_no_reference_copy(tmp_path, made, monkeypatch):
+    """--reference-revision picks the base's commit (here the fine-tune branch, so a change shows
+    against it), and only the source's diffusers copy is asked for: the reference's (REPO main
+    was pushed with one) is never compared, so it is never fetched (offline cache, requests
+    recorded)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, made["both_files"], commit=SHA_MAIN, refs=("main",))
+    add_snapshot(cache, REPO, made["ft_files"], commit=SHA_FT, refs=("ft",))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    asked = record_requests(monkeypatch)
+    r = CliRunner().invoke(cli, ["verify", REPO, "--reference", REPO, "--reference-revision", "ft", "--no-parity",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert f"Hub snapshot {SHA_FT}" in report["reference"]["detail"]
+    assert f"Hub snapshot {SHA_MAIN}" in report["source"]["detail"]
+    assert [c["key"] for c in report["changes"] if c["max_abs"] > 0] == [made["changed"]]
+    assert report["diffusers_copy"]["status"] == "identical"  # the source's copy: fetched and compared
+    reference_asks_copy = [DIFFUSERS_WEIGHTS in pats for rev, pats in asked if rev == "ft"]
+    assert reference_asks_copy and not any(reference_asks_copy)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", REPO, "--variant", "fp16"], f"{REPO}@{SHA_MAIN}: a converted cogvae checkpoint: --variant applies"),
+    (["inspect", REPO, "--subfolder", "vae_x"], "--subfolder applies to diffusers weights only"),
+    (["verify", REPO, "--variant", "fp16", "--no-parity"], f"{REPO}@{SHA_MAIN}: a converted cogvae checkpoint: "
+                                                           "--variant applies"),
+    (["verify", REPO, "--reference", REPO, "--reference-variant", "fp16", "--no-parity"],
+     f"reference: {REPO}@{SHA_MAIN}: a converted cogvae checkpoint: --reference-variant applies"),
+])
+def test_a_diffusers_option_for_a_checkpoint_is_refused_not_ignored(hub, args, message):
+    """As load() refuses variant= for a checkpoint: a check of 'the fp16 variant' that silently
+    checked the checkpoint's one set of parameters would pass for the wrong reason."""
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 3 and message in r.stderr and not r.stdout, r.output
+
+
+@pytest.mark.parametrize("option", [["--reference-revision", "v1"], ["--reference-variant", "fp16"],
+                                    ["--reference-subfolder", "vae_x"]])
+def test_a_reference_option_without_a_reference_is_a_usage_error(made, option):
+    from cogvae.converter.verify import verify_checkpoint
+
+    r = CliRunner().invoke(cli, ["verify", str(made["ckpt"]), "--no-parity", *option])
+    assert r.exit_code == 2 and f"{option[0]} given without --reference" in r.stderr
+    with pytest.raises(ValueError, match="given without a reference"):
+        verify_checkpoint(made["ckpt"], parity=False, **{option[0][2:].replace("-", "_"): option[1]})
+
+
+@pytest.mark.parametrize("command", [["inspect", "--variant", "fp16"], ["verify", "--no-parity", "--variant", "fp16"],
+                                     ["verify", "--no-parity", "--subfolder", "vae_x"]])
+def test_a_diffusers_option_for_a_local_checkpoint_is_refused_too(made, command):
+    r = CliRunner().invoke(cli, [command[0], str(made["ckpt"]), *command[1:]])
+    assert r.exit_code == 3 and f"{made['ckpt']}: a converted cogvae checkpoint: {command[-2]} applies" in r.stderr

@@ -125,7 +125,8 @@ def test_push_uploads_checkpoint_and_model_card(ckpt, tmp_path):
     assert card.data.tags == ["jax", "flax", "nnx", "cogvideox", "vae", "video"]
     assert 'REPO_ID = "me/tiny-vae-jax"' in card.text and "vae = load(REPO_ID)" in card.text
     assert "from cogvae.converter import load" in card.text
-    assert f"cogvae verify me/tiny-vae-jax --reference {SOURCE}" in card.text
+    # the base exactly as converted: its commit, not whatever its main branch holds later
+    assert f"cogvae verify me/tiny-vae-jax --reference {SOURCE} --reference-revision {SHA}   #" in card.text
     assert "`orbax/` (Orbax checkpoint), `params.msgpack` (Flax msgpack)" in card.text
     assert out["url"].endswith("/commit/" + "d" * 40) and out["commit"] == "d" * 40
     assert out["dry_run"] is False
@@ -331,6 +332,19 @@ def test_model_card_base_model_and_licence(source, license, license_name):
     assert card.data.license == license
     assert card.data.get("license_name") == license_name
     assert source in card.text and SHA in card.text
+
+
+@pytest.mark.parametrize("subfolder,expected", [
+    ("vae_x", f" --reference-revision {SHA} --reference-subfolder vae_x   #"),
+    ("vae", f" --reference-revision {SHA}   #"),
+    ("", f" --reference-revision {SHA}   #"),  # a VAE-only repo: the VAE at its root
+])
+def test_the_cards_verify_line_names_the_subfolder_the_vae_was_converted_from(subfolder, expected):
+    """A pipeline whose VAE is not in vae/ (cogvae-convert --subfolder vae_x): the card's verify
+    line must read the same subfolder of the base, or it fails with 'no vae/config.json'."""
+    card = model_card_text("me/x", TINY_CONFIG, {"source": {"id": SOURCE, "revision": SHA, "is_hub": True,
+                                                            "subfolder": subfolder}})
+    assert f"cogvae verify me/x --reference {SOURCE}{expected}" in card
 
 
 def test_model_card_of_a_local_source_has_no_base_model():
@@ -620,6 +634,12 @@ def test_every_code_block_of_the_card_runs(ckpt, hub_repos, tmp_path, monkeypatc
     cache = tmp_path / "hub"
     shutil.copytree(hub_repos["cache"], cache, symlinks=True)
     folder = ckpt if which == "converted" else hub_repos["ft_of_jax_repo"]
+    # The base's main branch has moved on since the weights were taken from it: the card's verify
+    # line must still compare with the commit they came from.
+    base_repo, base_commit = (SOURCE, SHA) if which == "converted" else (JAX_REPO, SHA_JAX)
+    snap = cache / ("models--" + base_repo.replace("/", "--")) / "snapshots" / base_commit
+    add_snapshot(cache, base_repo, {p.relative_to(snap).as_posix(): p.resolve() for p in snap.rglob("*")
+                                    if p.is_file()}, commit="f" * 40)
     api = RecordingApi(tmp_path / "push")
     card = push_checkpoint(folder, "me/card", api=api, with_diffusers=with_diffusers)["model_card"]
     add_snapshot(cache, "me/card", _uploaded_files(api.uploaded), commit="e" * 40)
@@ -639,6 +659,8 @@ def test_every_code_block_of_the_card_runs(ckpt, hub_repos, tmp_path, monkeypatc
         assert args[0] == "cogvae", line
         r = CliRunner().invoke(cli, args[1:])
         assert r.exit_code == 0, (line, r.output)
+        if "--reference" in args:
+            assert f"reference: {base_repo} (" in r.output and f"Hub snapshot {base_commit}" in r.output
 
 
 @pytest.mark.parametrize("provenance,expected", [
