@@ -158,8 +158,30 @@ def _is_diffusers_export(folder: Path) -> bool:
     return "config.json" in names and all(n == "config.json" or n.startswith(WEIGHTS_NAME) for n in names)
 
 
+def _is_replaceable_checkpoint(folder: Path) -> bool:
+    """A complete checkpoint and nothing else: a valid ``COMPLETE`` manifest that lists every file
+    under ``folder`` (a symlink counts as a file, and is not followed). A folder merely holding
+    a file or folder of a checkpoint's name (a training run's ``orbax/``, someone's
+    ``provenance.json``) is not one, so ``--overwrite`` never deletes a file cogvae did not write."""
+    try:
+        listed = set(_read_manifest(folder)["files"]) | {MANIFEST_NAME, OWNER_FILE}
+    except (CheckpointError, OSError):
+        return False
+    def unreadable_folder(e: OSError) -> None:  # a folder that cannot be listed may hold anything
+        raise e
+
+    for top, dirs, files in os.walk(folder, onerror=unreadable_folder):
+        here = Path(top)
+        links = [d for d in dirs if (here / d).is_symlink()]
+        dirs[:] = [d for d in dirs if d not in links]
+        if any((here / n).relative_to(folder).as_posix() not in listed for n in files + links):
+            return False
+    return True
+
+
 #: What ``overwrite`` may replace, by kind of output: an empty folder, or one of the same kind.
-_REPLACEABLE = {"checkpoint": ("a cogvae checkpoint", lambda p: looks_like_checkpoint(p)),
+_REPLACEABLE = {"checkpoint": ("a cogvae checkpoint (every file listed by its COMPLETE manifest)",
+                               _is_replaceable_checkpoint),
                 "diffusers": ("a diffusers model folder (config.json and diffusion_pytorch_model files only)",
                               _is_diffusers_export)}
 
@@ -183,9 +205,10 @@ def _preflight(out: Path, overwrite: bool, replaces: str = "checkpoint") -> None
         what, ok = _REPLACEABLE[replaces]
         try:
             entries = sorted(p.name for p in out.iterdir())
+            replaceable = not entries or ok(out)
         except OSError as e:
             raise OutputError(f"{out}: cannot read the existing output folder: {e.strerror or e}") from None
-        if entries and not ok(out):
+        if not replaceable:
             shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
             raise OutputError(f"{out}: exists and is not {what} (it holds {shown}); --overwrite only replaces "
                               f"{what} or an empty folder: remove it yourself or pick another output folder")
@@ -697,7 +720,9 @@ def looks_like_checkpoint(path: str | os.PathLike) -> bool:
     # OWNER_FILE marks a conversion's temporary folder from its first moment (it is removed just
     # before the rename), so a folder killed before any parameter file was written still reads as
     # an interrupted conversion rather than as a diffusers folder with its config.json.
-    names = (MANIFEST_NAME, ORBAX_DIR, MSGPACK_NAME, PROVENANCE_NAME, OWNER_FILE)
+    # (provenance.json is no such file: other tools write one too, and a diffusers folder that
+    # holds one is still a diffusers folder, as diffusers' from_pretrained sees it)
+    names = (MANIFEST_NAME, ORBAX_DIR, MSGPACK_NAME, OWNER_FILE)
     try:
         return p.is_dir() and any((p / n).exists() for n in names)
     except OSError:  # permission denied, a name too long

@@ -339,22 +339,54 @@ def test_overwrite_replaces_atomically(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
-@pytest.mark.parametrize("case", ["vae_folder", "pipeline_root", "project_folder"])
+@pytest.mark.parametrize("case", ["vae_folder", "pipeline_root", "project_folder", "run_with_orbax_dir",
+                                  "folder_with_provenance", "folder_with_a_manifest_name",
+                                  "checkpoint_plus_a_user_file", "checkpoint_plus_orbax_step"])
 def test_overwrite_never_replaces_a_folder_that_is_not_a_checkpoint(tiny, tmp_path, case):
     """--overwrite deletes the old output: it must only ever delete a checkpoint (or an empty
-    folder), never the source being converted, its pipeline, or any other folder of the user's."""
+    folder), never the source being converted, its pipeline, or any other folder of the user's:
+    not one that merely holds a file or folder of a checkpoint's name (a training run's orbax/),
+    nor a checkpoint folder a user added files to (every file must be listed by its manifest)."""
     pipe = tmp_path / "pipe"
     shutil.copytree(tiny, pipe / "vae")
     (pipe / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
     (pipe / "transformer").mkdir()
     (pipe / "transformer" / "weights.bin").write_bytes(b"x")
+    run = tmp_path / "run"
+    if case == "run_with_orbax_dir":
+        (run / "orbax" / "step_1000").mkdir(parents=True)
+        (run / "orbax" / "step_1000" / "x").write_bytes(b"w")
+    elif case in ("folder_with_provenance", "folder_with_a_manifest_name"):
+        run.mkdir()
+        (run / ("provenance.json" if case == "folder_with_provenance" else "COMPLETE")).write_text("{}")
+    elif case.startswith("checkpoint_plus"):
+        assert _run([str(tiny), "--out", str(run), "--no-validate", "-q"])[0] == 0
+        extra = run / ("notes.txt" if case == "checkpoint_plus_a_user_file" else "orbax/step_1000/x")
+        extra.parent.mkdir(parents=True, exist_ok=True)
+        extra.write_bytes(b"mine")
+    if run.exists() and not case.startswith("checkpoint"):
+        (run / "thesis.tex").write_text("months of work")
     src, out = {"vae_folder": (pipe / "vae", pipe / "vae"), "pipeline_root": (pipe, pipe),
-                "project_folder": (pipe / "vae", pipe / "transformer")}[case]
+                "project_folder": (pipe / "vae", pipe / "transformer")}.get(case, (pipe / "vae", run))
     before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     code, _, stderr = _run([str(src), "--out", str(out), "--no-validate", "-q", "--overwrite"])
     assert code == 4
     assert "is not a cogvae checkpoint" in stderr and "--overwrite only replaces" in stderr
     assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_diffusers_folder_holding_a_provenance_json_is_still_a_diffusers_folder(tiny, tmp_path):
+    """Other tools write a provenance.json too: diffusers' from_pretrained loads such a folder, and
+    so must cogvae (only a manifest, orbax/, params.msgpack or a conversion's owner file make a
+    folder a cogvae checkpoint)."""
+    from cogvae.converter import load
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny, src)
+    (src / "provenance.json").write_text(json.dumps({"downloaded_from": "THUDM/CogVideoX-2b"}))
+    code, _, stderr = _run([str(src), "--out", str(tmp_path / "ckpt"), "--no-validate", "-q", "--format", "msgpack"])
+    assert code == 0, stderr
+    assert load(src).config == load(tmp_path / "ckpt").config
 
 
 def test_output_folder_that_is_the_source_is_refused(tiny, tmp_path):
