@@ -38,7 +38,8 @@ import ml_dtypes
 from cogvae.model import ConfigError, VAEConfig
 
 from .hub import UnreadableError, local_path, unreadable
-from .layout import CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME, WEIGHTS_NAME
+from .layout import (CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME, WEIGHTS_NAME,
+                     read_json)
 from .st_io import aligned_empty
 
 __all__ = [
@@ -748,11 +749,11 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
             "(was the conversion interrupted?)"
         )
     try:
-        text = mpath.read_text()
+        mpath.read_bytes()
     except OSError as e:  # unreadable, not corrupt
         raise unreadable(mpath, e, UnreadableCheckpointError) from None
     try:
-        manifest = json.loads(text)
+        manifest = read_json(mpath)
         if manifest.get("kind") != CHECKPOINT_KIND or not isinstance(manifest.get("files"), dict):
             raise ValueError("not a cogvae checkpoint manifest")
     except (OSError, ValueError, AttributeError) as e:
@@ -1143,7 +1144,7 @@ def read_checkpoint(
             raise _unfit(folder, bad)
     params = read_format(folder, format, as_jax=as_jax)
     try:
-        provenance = json.loads((folder / PROVENANCE_NAME).read_text())
+        provenance = read_json(folder / PROVENANCE_NAME)
     except (OSError, ValueError):
         provenance = {}
     info = {"path": str(folder), "format": format, "formats": formats, "manifest": manifest, "provenance": provenance}

@@ -16,14 +16,14 @@ change).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .layout import CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME, weights_in, weights_names
+from .layout import (CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME, read_json, weights_in,
+                     weights_names)
 
 __all__ = ["HubError", "SourceError", "HubSourceError", "WrongKindError", "UnreadableError", "ResolvedSource",
            "resolve_source", "allow_patterns", "checkpoint_patterns", "looks_like_repo_id", "local_path", "input_exists"]
@@ -195,7 +195,7 @@ def _checkpoint_format(snapshot: Path, where: str, format: Optional[str]) -> tup
     checkpoint has it (as ``load`` of a local folder), else msgpack. Also the files reading it
     needs (the config and that format's files)."""
     try:
-        manifest = json.loads((snapshot / MANIFEST_NAME).read_text())
+        manifest = read_json(snapshot / MANIFEST_NAME)
         formats = [f for f in manifest.get("formats") or [] if f in FORMAT_PREFIX]
         if not isinstance(manifest.get("files"), dict):
             raise ValueError("no file list")
@@ -230,7 +230,7 @@ def _silent_tqdm():
 def pipeline_vaes(folder: Path) -> list[str]:
     """The components a pipeline's ``model_index.json`` declares as diffusers VAEs."""
     try:
-        index = json.loads((folder / "model_index.json").read_text())
+        index = read_json(folder / "model_index.json")
     except (OSError, ValueError):
         return []
     return sorted(k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and "AutoencoderKL" in str(v[1]))
@@ -239,7 +239,7 @@ def pipeline_vaes(folder: Path) -> list[str]:
 def _shards(index: Path) -> Optional[list[str]]:
     """The shard files a sharded index names (None when it cannot be read or names none)."""
     try:
-        shards = sorted({str(f) for f in json.loads(index.read_text())["weight_map"].values()})
+        shards = sorted({str(f) for f in read_json(index)["weight_map"].values()})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return shards or None

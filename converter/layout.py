@@ -7,9 +7,10 @@ This module imports nothing heavy, so resolving a Hub source does not import jax
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 # a converted checkpoint
 MANIFEST_NAME = "COMPLETE"
@@ -45,3 +46,19 @@ def weights_in(folder: Path, variant: Optional[str] = None) -> Optional[Path]:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in ``path``, decoded as UTF-8 (what diffusers and huggingface_hub write, whatever the
+    locale). Raises ``OSError`` when the file cannot be read and ``ValueError`` for anything wrong
+    with its contents: not UTF-8 text, not JSON, or nested too deeply to parse (which would
+    otherwise be a RecursionError), so that every reader reports a bad file in one line."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None

@@ -24,7 +24,6 @@ malformed repo id (:class:`PushUsageError`), and for a real push through hugging
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any, Optional
 
 from .hub import local_path
 from .layout import (CONFIG_NAME, DIFFUSERS_WEIGHTS, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME,
-                     weights_in)
+                     read_json, weights_in)
 
 __all__ = ["PushError", "PushUsageError", "PushInputError", "check_push_target", "push_checkpoint",
            "model_card_text", "LICENSES", "TAGS", "plan_upload"]
@@ -139,7 +138,7 @@ def _checked_listing(ckpt: Path, hashes: bool) -> list[str]:
     else:
         missing = [n for n in (*_REQUIRED, MANIFEST_NAME) if not (ckpt / n).is_file()]
         try:  # the manifest names every file of the checkpoint
-            listed = json.loads((ckpt / MANIFEST_NAME).read_text()).get("files", {})
+            listed = read_json(ckpt / MANIFEST_NAME).get("files", {})
             missing += [rel for rel in listed if rel not in missing and not (ckpt / rel).is_file()]
         except (OSError, ValueError, AttributeError):
             pass
@@ -173,7 +172,7 @@ def _refuse_unpushable(ckpt: Path, listed: list[str]) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except (OSError, ValueError) as e:
         raise PushInputError(f"{path}: cannot read: {e}") from None
     if not isinstance(data, dict):

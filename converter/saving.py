@@ -36,7 +36,7 @@ from .checkpoint import (
     write_into,
 )
 from .engine import ConversionError, architecture_problems, cast_checked, expected_shapes, path_to_str, value_problem
-from .layout import VARIANT_NAME, weights_names
+from .layout import VARIANT_NAME, read_json, weights_names
 from .mapping import Mapping, load_mapping
 
 __all__ = ["model_params", "save", "export_diffusers"]
@@ -129,7 +129,7 @@ def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = No
     def origin_of(prov_path: Path, where: str) -> tuple[dict, dict]:
         """(what the checkpoint's card names as its base, its root source) from its provenance.json."""
         try:
-            prov = json.loads(prov_path.read_text())
+            prov = read_json(prov_path)
             if not isinstance(prov, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:

@@ -309,8 +309,17 @@ class VAEConfig:
     def from_json_file(cls, path: str | Path) -> "VAEConfig":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from None
+        try:  # UTF-8 whatever the locale, as diffusers reads it; every way to be unreadable is one error
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: cannot read config: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                              f"{e.start})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: cannot read config: JSON nested too deeply to read") from None
+        except ValueError as e:
             raise ConfigError(f"{path}: cannot read config: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: config must be a JSON object")

@@ -765,3 +765,32 @@ def test_revision_without_source_is_a_usage_error(tmp_path, monkeypatch, revisio
     assert r.exit_code == 2, r.output
     assert r.stdout == "" and "Error: --revision needs a Hub SOURCE" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content", ["non-utf8", "deep"])
+@pytest.mark.parametrize("where,command", [
+    ("config.json", "convert"), ("config.json", "inspect"),       # a diffusers source's config
+    ("COMPLETE", "inspect"), ("COMPLETE", "export-diffusers"),    # a checkpoint's manifest
+    ("COMPLETE", "verify")])
+def test_a_json_file_that_is_not_utf8_or_too_deep_is_one_error_line(tiny, written, tmp_path, where, content,
+                                                                    command):
+    """A stray Latin-1 byte, or JSON nested deeper than Python's parser recurses, in a file cogvae
+    reads: one 'Error:' line naming the file and exit 3 (verify: a failed check naming it, exit
+    1), no traceback (UnicodeDecodeError and RecursionError are not JSON decode errors)."""
+    from cogvae.converter.cli import cli
+
+    folder = tmp_path / "in"
+    shutil.copytree(tiny if where == "config.json" else written[0], folder)
+    f = folder / where
+    if content == "non-utf8":
+        f.write_bytes(f.read_bytes().replace(b'"', b'"caf\xe9 ', 1))
+    else:
+        f.write_text('{"a":' * 100_000 + "1" + "}" * 100_000)
+    args = {"convert": ["convert", str(folder), "--out", str(tmp_path / "out"), "-q"],
+            "inspect": ["inspect", str(folder)],
+            "export-diffusers": ["export-diffusers", str(folder), "--out", str(tmp_path / "out")],
+            "verify": ["verify", str(folder), "--no-parity"]}[command]
+    r = CliRunner().invoke(cli, args, catch_exceptions=False)
+    expected = "not UTF-8 text (byte 0xe9" if content == "non-utf8" else "JSON nested too deeply to read"
+    assert expected in r.output and str(f) in r.output, r.output
+    assert r.exit_code == (1 if command == "verify" else 3) and not (tmp_path / "out").exists()
