@@ -386,7 +386,9 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
 
         from .engine import expected_shapes
 
-        config = VAEConfig.from_json_file(src.config_path)
+        # an unknown config key is one more problem; the tensors are still listed against the rest
+        config, config_error = VAEConfig.from_json_file_ignoring_unknown(src.config_path)
+        problems += [f"{src.config_path}: {p}" for p in getattr(config_error, "problems", None) or []]
         tensors = open_safetensors(src.weights_path)
         # What the config's architecture needs (shapes only, no weights): a listed tensor of
         # another shape, and a needed tensor the file lacks, are problems as cogvae-convert sees them.

@@ -382,7 +382,8 @@ def convert(
             None if source is None else str(source), subfolder, revision, variant, quiet, token)
         check_not_source(out, folder)  # --out = the pipeline folder would replace what is read
         src = find_diffusers_vae(folder, subfolder=subfolder, variant=variant)
-        config = VAEConfig.from_json_file(src.config_path)
+        # an unknown config key is reported together with the weights' problems (one error)
+        config, config_error = VAEConfig.from_json_file_ignoring_unknown(src.config_path)
         timings["resolve"] = time.perf_counter() - t0
         ui.log(f"source: {source_id}" + (f" @ {resolved_rev}" if resolved_rev else "") + f" ({src.folder})")
 
@@ -393,7 +394,7 @@ def convert(
             from cogvae.model import abstract_model
             from flax import nnx
 
-            from .engine import convert_flat, path_to_str
+            from .engine import ConversionError, convert_flat, path_to_str, with_config_problems
             from .st_io import open_safetensors
 
             t0 = time.perf_counter()
@@ -401,8 +402,13 @@ def convert(
             keys = list(tensors.keys())
             _, abstract_state = nnx.split(abstract_model(config))
             with ui.bar(len(keys), "converting") as bar:
-                flat = convert_flat((keys, tensors.read_tensor), abstract_state, mapping, dtype=np_dtype,
-                                    source_name=str(src.weights_path), on_tensor=lambda _k: bar.update(1))
+                try:
+                    flat = convert_flat((keys, tensors.read_tensor), abstract_state, mapping, dtype=np_dtype,
+                                        source_name=str(src.weights_path), on_tensor=lambda _k: bar.update(1))
+                except ConversionError as e:
+                    raise with_config_problems(e, config_error, src.config_path) from None
+            if config_error is not None:
+                raise config_error
             del abstract_state
             params: dict[str, np.ndarray] = {}
             for path in list(flat):  # contiguous, one tensor at a time (the transposed source is freed)

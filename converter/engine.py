@@ -15,7 +15,7 @@ peak memory stays near one copy of the checkpoint plus one tensor.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping as TMapping
+from typing import Any, Callable, Iterable, Mapping as TMapping, Optional
 
 import numpy as np
 
@@ -49,10 +49,22 @@ class ConversionError(ValueError):
 
     def __init__(self, problems: list[str], header: str = "conversion failed"):
         self.problems = list(problems)
+        self.header = header
         super().__init__(
             f"{header}: {len(self.problems)} problem(s):\n"
             + "\n".join(f"  - {p}" for p in self.problems)
         )
+
+
+def with_config_problems(error: Optional[ConversionError], config_error: Optional[Exception],
+                         config_path: Any) -> Optional[Exception]:
+    """One error naming every problem of a source: ``config_error`` (a config whose only problem
+    is an unknown key, see ``VAEConfig.from_json_file_ignoring_unknown``) and ``error``, the
+    tensors' problems against the architecture it still gives. None when there is neither."""
+    if config_error is None or error is None:
+        return error or config_error
+    problems = list(getattr(config_error, "problems", None) or [str(config_error)])
+    return ConversionError([f"{config_path}: {p}" for p in problems] + error.problems, header=error.header)
 
 
 def path_to_str(path: Iterable[Any]) -> str:

@@ -387,7 +387,10 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
         got.detail = (got.detail + ", " if got.detail else "") + src.weights_path.name
         _check_readable([src.config_path, src.weights_path])  # before they are parsed: not a failed check
         _check_readable(src.weight_files[1:])  # the shards of an index
-        got.config = VAEConfig.from_json_file(src.config_path)
+        # an unknown config key is a problem, but the weights are still checked against the rest
+        got.config, config_error = VAEConfig.from_json_file_ignoring_unknown(src.config_path)
+        if config_error is not None:
+            got.problems.append(str(config_error))
         tensors = open_safetensors(src.weights_path)
     except UnreadableError as e:
         return unreachable(e)

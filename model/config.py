@@ -14,7 +14,7 @@ import json
 import math
 import numbers
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 __all__ = ["ConfigError", "VAEConfig", "PRESETS", "HANDLED_KEYS", "IGNORED_KEYS"]
 
@@ -324,6 +324,22 @@ class VAEConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: config must be a JSON object")
         return cls.from_diffusers_config(data, source=str(path))
+
+    @classmethod
+    def from_json_file_ignoring_unknown(cls, path: str | Path) -> tuple["VAEConfig", Optional[ConfigError]]:
+        """``from_json_file``, except that a config whose only problems are unknown keys gives the
+        config without them, plus the ConfigError naming them (None when there is none): the
+        architecture is still known, so a converter can check the weights against it and report
+        the unknown keys and every tensor problem in one error. Any other problem raises."""
+        try:
+            return cls.from_json_file(path), None
+        except ConfigError as e:
+            problems = getattr(e, "problems", None) or []
+            if not problems or not all(p.startswith("unknown config key ") for p in problems):
+                raise
+            data = json.loads(Path(path).read_bytes().decode("utf-8"))  # readable: from_json_file read it
+            known = {k: v for k, v in data.items() if k in HANDLED_KEYS or k in IGNORED_KEYS}
+            return cls.from_diffusers_config(known, source=str(path)), e
 
     def to_diffusers_config(self) -> dict[str, Any]:
         out: dict[str, Any] = {"_class_name": DIFFUSERS_CLASS_NAME}

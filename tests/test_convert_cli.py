@@ -794,3 +794,55 @@ def test_a_json_file_that_is_not_utf8_or_too_deep_is_one_error_line(tiny, writte
     expected = "not UTF-8 text (byte 0xe9" if content == "non-utf8" else "JSON nested too deeply to read"
     assert expected in r.output and str(f) in r.output, r.output
     assert r.exit_code == (1 if command == "verify" else 3) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", ["convert", "load", "verify", "inspect"])
+def test_an_unknown_config_key_and_bad_tensors_are_reported_together(tiny, tiny_tensors, tmp_path, entry):
+    """An unknown config key leaves the architecture known: the weights are still checked against
+    it, and the key, an unmapped tensor, a NaN, a wrong shape and a missing tensor are named in one
+    error (not one per run, each hiding the next)."""
+    from cogvae.converter.engine import ConversionError
+    from cogvae.converter.verify import verify_checkpoint
+
+    bad = dict(tiny_tensors)
+    bad["decoder.extra_thing.weight"] = np.ones(3, np.float32)
+    bad["decoder.conv_in.conv.bias"] = np.full_like(bad["decoder.conv_in.conv.bias"], np.nan)
+    bad["encoder.conv_in.conv.bias"] = np.zeros(99, np.float32)
+    del bad["decoder.conv_out.conv.weight"]
+    src = _copy_with(tmp_path, tiny, config={"bogus_field": 1}, tensors=bad)
+    expected = ["config.json: unknown config key 'bogus_field'", "'decoder.extra_thing.weight': matches no rule",
+                "'decoder.conv_in.conv.bias': contains non-finite values", "'encoder.conv_in.conv.bias': shape mismatch",
+                "missing tensor for model parameter 'decoder.conv_out.conv.kernel'"]
+    if entry == "convert":
+        code, _, stderr = _run([str(src), "--out", str(tmp_path / "out"), "-q"])
+        assert code == 3 and stderr.startswith("Error: cannot convert") and "5 problem(s)" in stderr, stderr
+        message = stderr
+        assert not (tmp_path / "out").exists()
+    elif entry == "load":
+        with pytest.raises(ConversionError) as e:
+            load(src)
+        message = str(e.value)
+    elif entry == "inspect":  # reads no values: every problem but the NaN
+        r = CliRunner().invoke(cli, ["inspect", str(src)])
+        assert r.exit_code == 3 and "4 problem(s) that cogvae-convert would refuse" in r.stderr, r.output
+        message = r.stderr
+        expected = ["config.json: unknown config key 'bogus_field'", "decoder.extra_thing.weight: no mapping rule",
+                    "encoder.conv_in.conv.bias: the config's architecture needs shape (8,)",
+                    "missing: no tensor maps to decoder.conv_out.conv.kernel"]
+    else:  # verify's report has its own sections (load, architecture, finite)
+        r = verify_checkpoint(src, parity=False)
+        message = r.format_text()
+        assert not r.ok and len(r.problems) == 5, r.problems
+        expected = ["config.json: invalid CogVideoX VAE config: unknown config key 'bogus_field'",
+                    "'decoder.extra_thing.weight': matches no rule", "decoder.conv_in.conv.bias: 16 NaN",
+                    "shape: encoder.conv_in.conv.bias (99,), expected (8,)",
+                    "missing: decoder.conv_out.conv.kernel (3, 3, 3, 8, 3)"]
+    assert all(text in message for text in expected), message
+
+
+def test_an_unknown_config_key_alone_is_still_refused(tiny, tmp_path):
+    src = _copy_with(tmp_path, tiny, config={"bogus_field": 1})
+    code, _, stderr = _run([str(src), "--out", str(tmp_path / "out"), "-q"])
+    assert code == 3 and stderr.strip() == f"Error: {src / 'config.json'}: invalid CogVideoX VAE config: unknown config " \
+                                           "key 'bogus_field'"
+    assert not (tmp_path / "out").exists()
