@@ -384,7 +384,7 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
         src = find_diffusers_vae(source, subfolder=subfolder, variant=variant)
         from cogvae.model import VAEConfig
 
-        from .engine import expected_shapes
+        from .engine import dtype_problem, expected_shapes
 
         # an unknown config key is one more problem; the tensors are still listed against the rest
         config, config_error = VAEConfig.from_json_file_ignoring_unknown(src.config_path)
@@ -415,6 +415,8 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
                         row["problem"] = "not a parameter of the config's architecture"
                     elif tuple(row["target_shape"]) != tuple(want):
                         row["problem"] = f"the config's architecture needs shape {tuple(want)}"
+            if "problem" not in row and dtype_problem(a.dtype):  # in the header: refused as cogvae-convert does
+                row["problem"] = dtype_problem(a.dtype)
             if "problem" in row:
                 problems.append(f"{key}: {row['problem']}")
             rows.append(row)

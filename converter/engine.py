@@ -119,6 +119,11 @@ def _np_dtype(dtype: Any) -> np.dtype:
     return np.dtype(dtype)
 
 
+def dtype_problem(dtype: Any, allowed: frozenset[str] = ALLOWED_DTYPES) -> str | None:
+    """Why a tensor of ``dtype`` cannot be converted, saved or exported (None: it can)."""
+    return _dtype_problem(np.zeros(0, dtype), allowed)
+
+
 def _dtype_problem(arr: np.ndarray, allowed: frozenset[str]) -> str | None:
     name = arr.dtype.name
     if name in allowed:

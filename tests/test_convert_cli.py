@@ -654,11 +654,14 @@ def test_export_diffusers_roundtrip(tiny, tiny_tensors, tmp_path, dtype):
 
 
 def test_inspect_lists_every_tensor_then_exits_3_naming_what_convert_would_refuse(tiny, tiny_tensors, tmp_path):
-    """A tensor of the wrong rank, one of the wrong shape, a key no rule matches and a needed
-    tensor the file lacks: all listed (the listing is complete), each named on stderr, exit 3 as
-    cogvae-convert would exit for this source."""
+    """A tensor of the wrong rank, one of the wrong shape, a key no rule matches, a needed tensor
+    the file lacks, and tensors of a dtype convert refuses (in the header, so no values are read):
+    all listed (the listing is complete), each named on stderr, exit 3 as cogvae-convert would
+    exit for this source."""
     tensors = {**tiny_tensors, "decoder.conv_in.conv.weight": np.zeros((16, 16, 3, 3), np.float32),
-               "encoder.conv_in.conv.bias": np.zeros(7, np.float32), "foo.bar": np.zeros(3, np.float32)}
+               "encoder.conv_in.conv.bias": np.zeros(7, np.float32), "foo.bar": np.zeros(3, np.float32),
+               "decoder.norm_out.norm_layer.bias": tiny_tensors["decoder.norm_out.norm_layer.bias"].astype(np.int32),
+               "encoder.conv_out.conv.bias": tiny_tensors["encoder.conv_out.conv.bias"].astype(np.float64)}
     del tensors["decoder.conv_out.conv.bias"]
     src = _copy_with(tmp_path, tiny, tensors=tensors)
     r = CliRunner().invoke(cli, ["inspect", str(src), "--json"])
@@ -669,7 +672,9 @@ def test_inspect_lists_every_tensor_then_exits_3_naming_what_convert_would_refus
     assert row["target_shape"] is None and "rank" in row["problem"]
     assert data["problems"] == [
         f"decoder.conv_in.conv.weight: {row['problem']}",
+        "decoder.norm_out.norm_layer.bias: dtype int32 is not floating point (allowed: bfloat16, float16, float32)",
         "encoder.conv_in.conv.bias: the config's architecture needs shape (8,)",
+        "encoder.conv_out.conv.bias: dtype float64 not allowed (allowed: bfloat16, float16, float32)",
         "foo.bar: no mapping rule matches this key",
         "missing: no tensor maps to decoder.conv_out.conv.bias (3,)",
     ]
@@ -678,7 +683,7 @@ def test_inspect_lists_every_tensor_then_exits_3_naming_what_convert_would_refus
     assert "decoder.conv_in.conv.weight  ->  decoder.conv_in.conv.kernel" in r.stdout and "PROBLEM: " in r.stdout
     assert "foo.bar  ->  -  [NO RULE]" in r.stdout
     lines = r.stderr.strip().splitlines()
-    assert lines[0] == f"Error: {src / 'diffusion_pytorch_model.safetensors'}: 4 problem(s) that cogvae-convert would refuse:"
+    assert lines[0] == f"Error: {src / 'diffusion_pytorch_model.safetensors'}: 6 problem(s) that cogvae-convert would refuse:"
     assert lines[1:] == [f"  - {p}" for p in data["problems"]]
     assert _run([str(src), "--out", str(tmp_path / "ckpt"), "-q"])[0] == 3  # and convert does refuse it
 
