@@ -329,6 +329,9 @@ def export_diffusers(
 
         hub = fetch(source, kind="checkpoint", format=format, revision=revision, token=token, cache_dir=cache_dir)
         folder = hub.folder if hub is not None else local_path(source)
+        from .checkpoint import _read_manifest
+
+        _read_manifest(folder)  # not a checkpoint (or not there) is the input's problem, named first
         check_not_inside(out, folder)
         config, params, info = read_checkpoint(folder, format=hub.format if hub is not None else format)
         name, fmt = f"{source} ({info['format']})", info["format"]

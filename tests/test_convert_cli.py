@@ -851,3 +851,15 @@ def test_an_unknown_config_key_alone_is_still_refused(tiny, tmp_path):
     assert code == 3 and stderr.strip() == f"Error: {src / 'config.json'}: invalid CogVideoX VAE config: unknown config " \
                                            "key 'bogus_field'"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("ckpt, message", [("missing", "no such checkpoint folder"),
+                                           ("diffusers", "not a cogvae checkpoint: no COMPLETE manifest")])
+def test_export_of_what_is_not_a_checkpoint_names_the_input_even_with_out_beneath_it(tiny, tmp_path, ckpt,
+                                                                                       message):
+    """The input's problem comes first (exit 3): an --out inside a folder that is not a checkpoint
+    is not 'inside the checkpoint it comes from' (exit 4)."""
+    folder = tmp_path / "missing" if ckpt == "missing" else tiny
+    r = CliRunner().invoke(cli, ["export-diffusers", str(folder), "--out", str(folder / "exported")])
+    assert r.exit_code == 3 and message in r.stderr and "inside the checkpoint" not in r.stderr, r.output
+    assert not (folder / "exported").exists()
