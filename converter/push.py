@@ -440,9 +440,11 @@ def _is_checkpoint_file(rel: str) -> bool:
     """A path that a pushed checkpoint writes (and a later push may therefore replace or delete).
     Diffusers weights at the root count: they pair with the ``config.json`` a push replaces, so
     left behind they would be another model's weights under this one's config."""
-    return (rel.startswith(tuple(FORMAT_PREFIX.values()))
-            or rel in (CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME, "README.md")
-            or ("/" not in rel and rel.startswith(WEIGHTS_NAME) and ".safetensors" in rel))
+    if "/" not in rel and rel.startswith(WEIGHTS_NAME):  # any diffusers weights file at the root:
+        # .safetensors or .bin, a variant, a shard or an index (diffusers falls back to a .bin)
+        return rel.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
+    return (rel.startswith(FORMAT_PREFIX["orbax"])  # exact names otherwise: params.msgpack.old is not ours
+            or rel in (FORMAT_PREFIX["msgpack"], CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME, "README.md"))
 
 
 def _operations(ckpt: Path, listed: list[str], card: str, remote: list[str], diffusers: Optional[Path] = None
@@ -461,7 +463,8 @@ def _operations(ckpt: Path, listed: list[str], card: str, remote: list[str], dif
     return [CommitOperationDelete(path_in_repo=rel) for rel in stale] + adds, stale
 
 
-def _push_error(e: BaseException, repo_id: str, step: str) -> PushError:
+def _push_error(e: BaseException, repo_id: str, step: str, *, revision: Optional[str] = None,
+                create_pr: bool = False) -> PushError:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -473,6 +476,10 @@ def _push_error(e: BaseException, repo_id: str, step: str) -> PushError:
     if isinstance(e, OfflineModeIsEnabled):
         return PushError(f"{repo_id}: cannot push in offline mode (HF_HUB_OFFLINE=1 is set)")
     if isinstance(e, RevisionNotFoundError):
+        if create_pr:  # the branch is the pull request's base: it must exist already
+            return PushError(f"{repo_id}: {step} failed: revision {revision!r} not found: a pull request needs an "
+                             "existing base branch (create it first, or leave out --revision to open the pull "
+                             "request against main)")
         return PushError(f"{repo_id}: {step} failed: revision not found (create the branch first, or pass --create-pr)")
     if isinstance(e, (RepositoryNotFoundError, GatedRepoError)):
         return PushError(f"{repo_id}: {step} failed: repository not found or not writable with this token")
@@ -511,7 +518,7 @@ def _commit(api: Any, ckpt: Path, listed: list[str], repo_id: str, card: str, di
         except Exception as e:  # noqa: BLE001 - Hub failures become one PushError line
             if isinstance(e, AssertionError):
                 raise
-            raise _push_error(e, repo_id, step) from e
+            raise _push_error(e, repo_id, step, revision=revision, create_pr=create_pr) from e
 
     call("create_repo", api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
     if revision and not create_pr:

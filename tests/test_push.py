@@ -145,19 +145,48 @@ def test_a_new_push_replaces_the_previous_checkpoint_in_one_commit(ckpt, tmp_pat
                             provenance=json.loads((ckpt / "provenance.json").read_text()) | {"formats": ["msgpack"]})
     earlier = ["orbax/_METADATA", "orbax/d/0123abcd", "orbax/ocdbt.process_0/manifest.ocdbt", "params.msgpack",
                "config.json", "provenance.json", "COMPLETE", "README.md", "diffusion_pytorch_model.safetensors",
-               "diffusion_pytorch_model.fp16.safetensors"]
-    theirs = [".gitattributes", "samples/clip.mp4", "orbax-notes.txt", "vae/diffusion_pytorch_model.safetensors"]
+               "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin",
+               "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model-00001-of-00002.safetensors"]
+    # a user's files, some with names close to a checkpoint's: never touched
+    theirs = [".gitattributes", "samples/clip.mp4", "orbax-notes.txt", "vae/diffusion_pytorch_model.safetensors",
+              "params.msgpack.old", "config.json.bak", "diffusion_pytorch_model-notes.md"]
     api = RecordingApi(tmp_path, remote=tuple(earlier + theirs))
     out = push_checkpoint(only, "me/x", api=api)
     assert [c[0] for c in api.calls].count("create_commit") == 1
-    # diffusers weights at the root pair with the config.json the push replaces: stale, so deleted
-    assert api.deleted == out["deleted"] == ["diffusion_pytorch_model.fp16.safetensors",
-                                             "diffusion_pytorch_model.safetensors", "orbax/_METADATA",
+    # diffusers weights at the root (any variant, shard, index, or .bin, which diffusers falls back
+    # to) pair with the config.json the push replaces: stale, so deleted
+    assert api.deleted == out["deleted"] == ["diffusion_pytorch_model-00001-of-00002.safetensors",
+                                             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors",
+                                             "diffusion_pytorch_model.safetensors",
+                                             "diffusion_pytorch_model.safetensors.index.json", "orbax/_METADATA",
                                              "orbax/d/0123abcd", "orbax/ocdbt.process_0/manifest.ocdbt"]
     assert sorted(_files(api.uploaded)) == sorted([*_files(only), "README.md"])
     card = ModelCard.load(api.uploaded / "README.md")
     assert "`params.msgpack` (Flax msgpack)" in card.text and "`orbax/`" not in card.text
     assert "fetches one format (msgpack)" in card.text
+
+
+@pytest.mark.parametrize("create_pr, advice", [
+    (False, "create the branch first, or pass --create-pr"),
+    (True, "a pull request needs an existing base branch (create it first, or leave out --revision"),
+])
+def test_a_missing_branch_gives_advice_that_fits_the_push(ckpt, tmp_path, create_pr, advice):
+    """Faked: RecordingApi's listing raises huggingface_hub's RevisionNotFoundError, as the real
+    HfApi does for a branch that does not exist (with --create-pr, cogvae creates no branch: the
+    branch is the pull request's base). Telling a --create-pr push to pass --create-pr would send
+    the user in a circle."""
+    import httpx2
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    class NoBranch(RecordingApi):
+        def list_repo_files(self, repo_id, **kwargs):
+            request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}/revision/ft-v3")
+            raise RevisionNotFoundError("404 Client Error. Revision Not Found",
+                                        response=httpx2.Response(404, request=request))
+
+    with pytest.raises(PushError, match="revision") as e:
+        push_checkpoint(ckpt, "me/x", api=NoBranch(tmp_path), revision="ft-v3", create_pr=create_pr)
+    assert advice in str(e.value) and ("pass --create-pr" in str(e.value)) is not create_pr
 
 
 def test_with_diffusers_the_repo_also_loads_in_diffusers(ckpt, tmp_path):
