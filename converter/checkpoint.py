@@ -1100,6 +1100,19 @@ def read_format(folder: str | os.PathLike, fmt: str, *, as_jax: bool = False) ->
         raise CheckpointError(f"{target}: cannot read {fmt} parameters: {type(e).__name__}: {e}") from None
 
 
+#: How often ``read_checkpoint`` reads a checkpoint again that was replaced while it read it.
+REPLACED_RETRIES = 3
+
+
+def _identity(folder: Path) -> Optional[tuple[int, int]]:
+    """The folder ``folder`` names now (device, inode; through a symlink), None if there is none."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def read_checkpoint(
     path: str | os.PathLike, format: Optional[str] = None, *, verify: bool = True, as_jax: bool = False
 ) -> tuple[VAEConfig, dict[str, Any], dict[str, Any]]:
@@ -1112,8 +1125,29 @@ def read_checkpoint(
     ``info``: ``{'path', 'format', 'formats', 'manifest', 'provenance'}``. ``as_jax``: jax arrays
     on the default device instead of numpy arrays (see :func:`read_format`). ``~`` in ``path`` is
     expanded; a file that cannot be read raises :class:`UnreadableCheckpointError`.
+
+    Files are read by path, so a checkpoint replaced meanwhile (``--overwrite`` swaps the whole
+    folder in one rename) could give the hashes of one and the bytes of the other: the folder
+    ``path`` names is compared before and after, and a checkpoint replaced during the read is
+    read again (the new one is complete), up to ``REPLACED_RETRIES`` times, else refused.
     """
     folder = local_path(path)
+    for _attempt in range(REPLACED_RETRIES + 1):
+        before = _identity(folder)
+        try:
+            result = _read_checkpoint_once(folder, format, verify, as_jax)
+        except Exception as e:  # noqa: BLE001 - a file gone mid-read: the checkpoint was replaced, read it again
+            if isinstance(e, AssertionError) or before is None or _identity(folder) in (before, None):
+                raise
+            continue
+        if _identity(folder) == before:
+            return result
+    raise CheckpointError(f"{folder}: replaced while it was being read, {REPLACED_RETRIES + 1} times in a row (a "
+                          "conversion or save with --overwrite writing it over and over?); read it when it is done")
+
+
+def _read_checkpoint_once(folder: Path, format: Optional[str], verify: bool, as_jax: bool
+                          ) -> tuple[VAEConfig, dict[str, Any], dict[str, Any]]:
     manifest = _read_manifest(folder)
     formats = manifest.get("formats") or []
     if format is None:

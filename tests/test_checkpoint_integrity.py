@@ -220,3 +220,40 @@ def test_a_decode_that_overflows_is_reported_as_such_not_as_differing_formats(ck
     v = validate_checkpoint_dir(tmp_path / "big", config, ("orbax", "msgpack"), None)
     assert v["formats_identical"] is True
     assert v["problems"] == ["orbax: decode output has NaN/Inf", "msgpack: decode output has NaN/Inf"]
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
+@pytest.mark.parametrize("swaps", [1, 4])
+def test_a_checkpoint_replaced_while_it_is_read_is_read_again_never_mixed(ckpt, tmp_path, monkeypatch, fmt, swaps):
+    """--overwrite swaps a whole checkpoint folder in one rename, while a reader reads its files by
+    path: hashes checked on one checkpoint, bytes read from the other. Faked, to make the race
+    deterministic: read_format is wrapped so that a real write_checkpoint(overwrite=True) of a
+    bfloat16 checkpoint lands just after the hashes were checked, on the first ``swaps`` reads.
+    Once: the new checkpoint is read again, whole (its dtype, its manifest). Every time: refused."""
+    import ml_dtypes
+
+    import cogvae.converter.checkpoint as ck
+
+    out = _copy(ckpt, tmp_path)
+    config, params, _ = read_checkpoint(out)
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in params.items()}
+    real, calls = ck.read_format, []
+
+    def racing(folder, format, **kw):
+        calls.append(format)
+        if len(calls) <= swaps:
+            write_checkpoint(out, bf16 if len(calls) % 2 else params, config, formats=("orbax", "msgpack"),
+                             provenance={"source": "swap"}, overwrite=True)
+        return real(folder, format, **kw)
+
+    monkeypatch.setattr(ck, "read_format", racing)
+    if swaps > ck.REPLACED_RETRIES:
+        with pytest.raises(CheckpointError, match="replaced while it was being read, 4 times in a row"):
+            read_checkpoint(out, format=fmt)
+        return
+    got_config, got, info = read_checkpoint(out, format=fmt)
+    assert len(calls) == 2 and got_config == config
+    assert {a.dtype.name for a in got.values()} == {"bfloat16"}  # the new checkpoint, read whole
+    assert info["manifest"] == json.loads((out / "COMPLETE").read_text())
+    for k, a in got.items():
+        assert a.tobytes() == bf16[k].tobytes(), k
