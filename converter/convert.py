@@ -404,7 +404,8 @@ def convert(
             with ui.bar(len(keys), "converting") as bar:
                 try:
                     flat = convert_flat((keys, tensors.read_tensor), abstract_state, mapping, dtype=np_dtype,
-                                        source_name=str(src.weights_path), on_tensor=lambda _k: bar.update(1))
+                                        source_name=str(src.weights_path), on_tensor=lambda _k: bar.update(1),
+                                        file_of=getattr(tensors, "file_of", None))
                 except ConversionError as e:
                     raise with_config_problems(e, config_error, src.config_path) from None
             if config_error is not None:

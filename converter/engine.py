@@ -288,6 +288,7 @@ def convert_flat(
     allowed_dtypes: Iterable[str] = ALLOWED_DTYPES,
     workers: int | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    file_of: Callable[[str], Any] | None = None,
 ) -> dict[tuple, np.ndarray]:
     """Convert every tensor of ``source`` for ``abstract_state``; strict.
 
@@ -301,6 +302,8 @@ def convert_flat(
     most twice that many in flight, so memory stays near one copy of the weights. The getter must be
     safe to call from several threads (our safetensors readers and dicts are).
     ``on_tensor(key)`` is called in the calling thread as each tensor is done (progress bars).
+    ``file_of(key)``: the file a tensor is in, named by its problems instead of ``source_name``
+    (default: the source's own ``file_of``, the shard of a sharded safetensors).
     """
     import concurrent.futures
 
@@ -312,8 +315,17 @@ def convert_flat(
     jobs: list[tuple[str, Rule, Target]] = []
     filled_by: dict[str, str] = {}
 
+    # a sharded source names the shard each tensor is in (``ShardedSafetensors.file_of``)
+    file_of = file_of or getattr(source, "file_of", None)
+
     def bad(key: str, msg: str) -> None:
-        problems_of[key].append(f"{source_name}: tensor {key!r}: {msg}")
+        where = source_name
+        if file_of is not None:
+            try:
+                where = str(file_of(key))
+            except KeyError:
+                pass
+        problems_of[key].append(f"{where}: tensor {key!r}: {msg}")
 
     for key in keys:
         matches = mapping.match_forward(key)

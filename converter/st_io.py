@@ -416,6 +416,10 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
         if problems:
             raise _error(self.path, "bad sharded safetensors", problems)
 
+    def file_of(self, key: str) -> Path:
+        """The shard that holds ``key`` (problems with a tensor name its file, not the index)."""
+        return self._where[key].path
+
     def __getitem__(self, key: str) -> np.ndarray:
         return self._where[key][key]
 

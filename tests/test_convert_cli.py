@@ -295,19 +295,35 @@ def test_bf16_source_keeps_dtype_and_validates(tiny, tiny_tensors, tmp_path):
     assert {a.dtype.name for a in params.values()} == {"bfloat16"}
 
 
-def test_sharded_input(tiny, tiny_tensors, tmp_path):
+def _sharded(tmp_path: Path, tiny: Path, tensors: dict) -> tuple[Path, dict[str, str]]:
+    """``tensors`` in three shards behind an index; (the folder, {key: its shard's file name})."""
     src = tmp_path / "sharded"
     src.mkdir()
     shutil.copy(tiny / "config.json", src / "config.json")
-    keys = sorted(tiny_tensors)
+    keys = sorted(tensors)
     parts = [keys[0::3], keys[1::3], keys[2::3]]
     weight_map = {}
     for i, part in enumerate(parts):
         fname = f"diffusion_pytorch_model-{i + 1:05d}-of-00003.safetensors"
-        save_safetensors({k: tiny_tensors[k] for k in part}, src / fname, metadata={"format": "pt"})
+        save_safetensors({k: tensors[k] for k in part}, src / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in part})
     (src / "diffusion_pytorch_model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
+    return src, weight_map
+
+
+def test_a_tensor_problem_in_a_sharded_source_names_its_shard(tiny, tiny_tensors, tmp_path):
+    """'names the file and tensor': the shard holding it, not the index."""
+    bad = dict(tiny_tensors, **{"decoder.conv_in.conv.bias": np.full_like(tiny_tensors["decoder.conv_in.conv.bias"],
+                                                                         np.inf)})
+    src, weight_map = _sharded(tmp_path, tiny, bad)
+    code, _, stderr = _run([str(src), "--out", str(tmp_path / "ckpt"), "-q"])
+    shard = src / weight_map["decoder.conv_in.conv.bias"]
+    assert code == 3 and f"  - {shard}: tensor 'decoder.conv_in.conv.bias': contains non-finite values" in stderr
+
+
+def test_sharded_input(tiny, tiny_tensors, tmp_path):
+    src, _ = _sharded(tmp_path, tiny, tiny_tensors)
     out = tmp_path / "ckpt"
     code, _, stderr = _run([str(src), "--out", str(out), "--no-validate", "-q"])
     assert code == 0, stderr
