@@ -580,3 +580,7 @@ def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, with_diff
                      f"not uploaded: {len(skipped)} file(s) not in the COMPLETE manifest: {shown}")
     for line in lines:
         click.echo(line)
+
+
+if __name__ == "__main__":  # `python -m cogvae.converter.cli ...` is the `cogvae` command group
+    cli()
