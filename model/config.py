@@ -352,8 +352,9 @@ class VAEConfig:
         return dataclasses.replace(self, **changes)
 
     # diffusers' ``vae.config`` is a FrozenDict, read as ``config.scaling_factor`` (as here) and as
-    # ``config["scaling_factor"]``, ``config.get(...)``, ``"key" in config``, ``dict(config)``: the
-    # same readings work here, over the config's keys (the fields).
+    # ``config["scaling_factor"]``, ``config.get(...)``, ``"key" in config``, ``dict(config)``,
+    # ``config.items()``, ``len(config)``: the same readings work here, over the config's keys (the
+    # fields). It stays read-only, as diffusers' is.
     def keys(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self))
 
@@ -373,6 +374,15 @@ class VAEConfig:
 
     def __iter__(self):
         return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def values(self) -> tuple[Any, ...]:
+        return tuple(self[k] for k in self.keys())
+
+    def items(self) -> tuple[tuple[str, Any], ...]:
+        return tuple((k, self[k]) for k in self.keys())
 
 
 # The four published CogVideoX VAEs share one architecture; their configs differ only in the

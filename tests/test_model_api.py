@@ -300,7 +300,12 @@ def test_config_reads_as_diffusers_frozen_dict_and_checkpointing_flag():
         want = ref.config[key]
         want = tuple(want) if isinstance(want, list) else want
         assert ours.config[key] == getattr(ours.config, key) == ours.config.get(key) == want, key
-    assert set(dict(ours.config)) == set(ref.config) - {"_class_name", "_diffusers_version", "_use_default_values"}
+    public = set(ref.config) - {"_class_name", "_diffusers_version", "_use_default_values"}
+    assert set(dict(ours.config)) == public == {k for k, _ in ours.config.items()} and len(ours.config) == len(public)
+    # what diffusers-style training scripts do to log or copy the config
+    mine = {k: v for k, v in ours.config.items()}
+    assert all(mine[k] == (tuple(v) if isinstance(v, list) else v) for k, v in ref.config.items() if k in public)
+    assert list(ours.config.values()) == [ours.config[k] for k in ours.config.keys()]
     assert "scaling_factor" in ours.config and ours.config.get("nope", 1) == 1
     with pytest.raises(KeyError):
         ours.config["nope"]
