@@ -288,18 +288,20 @@ def _lenient_convert(tensors: Any, mapping: Any) -> dict[str, np.ndarray]:
 
 def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, variant: Optional[str],
           mapping: Any, revision: Optional[str] = None, token: Optional[str] = None,
-          options: tuple[str, str] = ("--subfolder", "--variant"), diffusers_copy: bool = True) -> _Loaded:
-    """One side of the report. ``options``: the command-line names of ``subfolder`` and ``variant``
-    for this side, used when a converted checkpoint is given one (they apply to diffusers weights
-    only: refused, never silently ignored). ``diffusers_copy``: also fetch a Hub checkpoint's
-    diffusers copy (the source's, which is compared; never the reference's)."""
+          options: tuple[str, str, str] = ("--subfolder", "--variant", "--revision"),
+          diffusers_copy: bool = True) -> _Loaded:
+    """One side of the report. ``options``: the command-line names of ``subfolder``, ``variant``
+    and ``revision`` for this side, named when one is given where it does not apply (subfolder
+    and variant to a converted checkpoint: refused, never silently ignored; a revision to a local
+    folder). ``diffusers_copy``: also fetch a Hub checkpoint's diffusers copy (the source's, which
+    is compared; never the reference's)."""
     from .checkpoint import CheckpointError, check_files, looks_like_checkpoint, read_checkpoint
     from .hub import UnreadableError, input_exists, local_path, strip_subfolder
     from .loading import SourceError
 
     text = os.fspath(source)
     got = _Loaded(path=text)
-    given = [name for name, value in zip(options, (subfolder, variant)) if value is not None and
+    given = [name for name, value in zip(options[:2], (subfolder, variant)) if value is not None and
              (name == options[1] or strip_subfolder(value) not in ("", "vae"))]
 
     def not_for_checkpoint(where: str) -> _Loaded:
@@ -321,7 +323,9 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
         exists = input_exists(path)
     except UnreadableError as e:
         return unreachable(e)
-    if not exists or revision is not None:
+    if exists and revision is not None:
+        return unreachable(SourceError(f"{text}: {options[2]} applies to Hub repo ids only, not to a local folder"))
+    if not exists:
         from .hub import HubError, WrongKindError, looks_like_repo_id, resolve_source
 
         if not exists and not looks_like_repo_id(text):
@@ -343,7 +347,7 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
             return got
         except HubError as e:
             got.problems.append(str(e))
-            got.unreachable = SourceError(str(e)) if exists else e  # as cogvae-convert: 3 or 5
+            got.unreachable = e  # as cogvae-convert: a bad source 3, the Hub 5
             return got
         path = Path(r.folder)
         fmt = r.format or fmt
@@ -676,7 +680,8 @@ def verify_checkpoint(
     if reference is not None:
         ref = _load(reference, fmt=None, subfolder=reference_subfolder, variant=reference_variant, mapping=mapping,
                     revision=reference_revision, token=token,
-                    options=("--reference-subfolder", "--reference-variant"), diffusers_copy=False)
+                    options=("--reference-subfolder", "--reference-variant", "--reference-revision"),
+                    diffusers_copy=False)
         report.reference, report.reference_kind, report.reference_detail = ref.path, ref.kind, ref.detail
         report.load_problems += [f"reference: {p}" for p in ref.problems]
         report.reference_loaded = ref.config is not None and bool(ref.params)

@@ -426,6 +426,13 @@ def test_revision_on_a_local_folder_is_exit_3_everywhere(hub, local_repo_name, c
     assert f"{local_repo_name}: --revision applies to Hub repo ids only, not to a local folder" in r.output
 
 
+def test_a_reference_revision_on_a_local_folder_names_its_own_option(hub, made, local_repo_name):
+    r = CliRunner().invoke(cli, ["verify", str(made["ckpt"]), "--no-parity", "--reference", local_repo_name,
+                                 "--reference-revision", "main"])
+    assert r.exit_code == 3 and (f"reference: {local_repo_name}: --reference-revision applies to Hub repo ids "
+                                 "only, not to a local folder") in r.stderr, r.output
+
+
 @pytest.mark.parametrize("command", [["inspect"], ["export-diffusers", "--out", "o"], ["verify", "--no-parity"],
                                      ["convert", "--out", "o", "--no-validate"]])
 def test_an_empty_revision_is_exit_3_everywhere(hub, monkeypatch, tmp_path, command):
