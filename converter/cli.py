@@ -19,6 +19,7 @@ __all__ = ["cli", "convert_command", "EXIT_CODES"]
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT, EXIT_NETWORK = 0, 1, 2, 3, 4, 5
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a command stopped by Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM: a CI timeout, `docker stop`, `kill`
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_VALIDATION: "validation or verification failed",
@@ -28,6 +29,7 @@ EXIT_CODES = {
     EXIT_OUTPUT: "output problem: exists without --overwrite, not writable",
     EXIT_NETWORK: "network / Hugging Face Hub error",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C / SIGINT); an unfinished output is removed",
+    EXIT_TERMINATED: "terminated (SIGTERM: a CI timeout, docker stop, kill); cleaned up as for Ctrl-C",
 }
 EXIT_EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
 
@@ -85,17 +87,39 @@ def _run(fn, *args: Any, **kwargs: Any) -> Any:
         _fail(e)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that its cleanup runs as for Ctrl-C (temporary
+    folders, an unfinished output); Python's default would end the process on the spot."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 class _Interruptible:
     """A click command whose Ctrl-C (KeyboardInterrupt, once the command's own cleanup has run)
     ends with one ``Error: interrupted`` line and exit 130, not click's "Aborted!" and exit 1
-    (documented as a failed validation)."""
+    (documented as a failed validation); SIGTERM likewise, with ``Error: terminated`` and 143."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        import signal
+        import threading
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            try:
+                previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            except (ValueError, OSError):  # pragma: no cover - no signals here (an embedding host)
+                previous = None
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted", err=True)
-            ctx.exit(EXIT_INTERRUPTED)
+        except KeyboardInterrupt as e:  # (its message, when there is one, says what was kept)
+            what = "terminated" if isinstance(e, Terminated) else "interrupted"
+            click.echo(f"Error: {what}" + (f": {e.args[0]}" if e.args and e.args[0] else ""), err=True)
+            ctx.exit(EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
 
 class _Command(_Interruptible, click.Command):
@@ -230,12 +254,17 @@ def _do_convert(source, out, subfolder, revision, variant, dtype, fmt, no_valida
     if push_to_hub is None and (private or create_pr or dry_run or push_revision):
         raise click.UsageError("--private, --push-revision, --create-pr and --dry-run need --push-to-hub")
     out = _run(_output_path, out)
-    summary = _run(
-        convert, source, out, subfolder=subfolder, revision=revision, variant=variant, dtype=dtype,
-        formats=fmt, validate=not no_validate, overwrite=overwrite, quiet=quiet,
-        push_to_hub=push_to_hub, private=private, push_revision=push_revision, create_pr=create_pr,
-        dry_run=dry_run, token=token,
-    )
+    try:
+        summary = convert(
+            source, out, subfolder=subfolder, revision=revision, variant=variant, dtype=dtype,
+            formats=fmt, validate=not no_validate, overwrite=overwrite, quiet=quiet,
+            push_to_hub=push_to_hub, private=private, push_revision=push_revision, create_pr=create_pr,
+            dry_run=dry_run, token=token,
+        )
+    except Exception as e:  # noqa: BLE001 -- mapped to one line + exit code, or re-raised
+        if as_json and getattr(e, "summary", None) is not None:  # converted, push failed: the summary still
+            _emit_json(e.summary)
+        _fail(e)
     if as_json:
         _emit_json(summary)
         return
@@ -554,7 +583,9 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
               help="Also upload the weights in diffusers' format, so diffusers loads the repo too.")
 @click.option("--token", default=None, help="Hub token (default: the logged-in token / HF_TOKEN).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, with_diffusers, token, as_json):
+@click.option("--quiet", "-q", is_flag=True,
+              help="No upload progress bars on stderr (also hidden when stderr is not a terminal).")
+def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, with_diffusers, token, as_json, quiet):
     """Upload a complete converted checkpoint to a Hugging Face Hub model repo, in one commit that
     also removes the files a previously pushed checkpoint left there. Only the files its COMPLETE
     manifest lists are uploaded (with a generated README.md model card); others are named, not sent.
@@ -568,7 +599,7 @@ def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, with_diff
     from .push import push_checkpoint
 
     result = _run(push_checkpoint, ckpt, repo_id, private=private, revision=revision, create_pr=create_pr,
-                  dry_run=dry_run, token=token, with_diffusers=with_diffusers)
+                  dry_run=dry_run, token=token, with_diffusers=with_diffusers, quiet=quiet)
     if as_json:
         _emit_json(result)
         return

@@ -17,6 +17,7 @@ import hashlib
 import importlib.metadata
 import importlib.resources
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -492,10 +493,25 @@ def convert(
            f"{', '.join(stored)}) in {timings['total']:.1f}s")
 
     if push_to_hub is not None:
-        from .push import push_checkpoint
+        from .push import PushError, push_checkpoint
 
-        summary["push"] = push_checkpoint(out, push_to_hub, private=private, revision=push_revision,
-                                          create_pr=create_pr, dry_run=dry_run, token=token)
+        retry = " ".join(["cogvae push", shlex.quote(str(out)), shlex.quote(push_to_hub)]
+                         + (["--private"] if private else [])
+                         + (["--revision", shlex.quote(push_revision)] if push_revision else [])
+                         + (["--create-pr"] if create_pr else []) + (["--dry-run"] if dry_run else []))
+        try:
+            summary["push"] = push_checkpoint(out, push_to_hub, private=private, revision=push_revision,
+                                              create_pr=create_pr, dry_run=dry_run, token=token, quiet=quiet)
+        except KeyboardInterrupt as e:  # the conversion is done: the interrupt must not read as "removed"
+            e.args = (f"the upload was interrupted; the converted checkpoint is complete at {out}: retry the "
+                      f"upload with `{retry}`",)
+            raise
+        except PushError as e:
+            # The conversion is done and kept: say where, and how to retry only the upload; the
+            # summary travels with the error (``--json`` still prints it).
+            e.args = (f"{e}; the converted checkpoint is complete at {out}: retry the upload with `{retry}`",)
+            e.summary = {**summary, "ok": False, "push": {"ok": False, "error": str(e), "retry": retry}}
+            raise
     return summary
 
 

@@ -24,10 +24,12 @@ malformed repo id (:class:`PushUsageError`), and for a real push through hugging
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .hub import local_path
 from .layout import (CONFIG_NAME, DIFFUSERS_WEIGHTS, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME,
@@ -128,6 +130,13 @@ def _checked_listing(ckpt: Path, hashes: bool) -> list[str]:
             except CheckpointError as e:
                 raise PushInputError(f"{e}; not pushed") from None
             _refuse_unpushable(ckpt, listed)
+            # Orbax reads whatever its folder holds, so load refuses a file there that the manifest
+            # does not list; uploading the listed files alone would publish an unreadable repo.
+            extra = sorted(rel for rel in (p.relative_to(ckpt).as_posix() for p in (ckpt / FORMAT_PREFIX["orbax"])
+                                           .rglob("*") if p.is_file() or p.is_symlink()) if rel not in listed)
+            if extra:
+                raise PushInputError(f"{ckpt}: {len(extra)} file(s) in orbax/ that its {MANIFEST_NAME} manifest does "
+                                     f"not list (first: {extra[0]}): load refuses such a checkpoint; not pushed")
             if hashes:
                 try:
                     check_files(ckpt)
@@ -532,6 +541,21 @@ def _commit(api: Any, ckpt: Path, listed: list[str], repo_id: str, card: str, di
     return info, stale
 
 
+@contextlib.contextmanager
+def _hub_progress_bars(shown: bool) -> Iterator[None]:
+    """huggingface_hub's progress bars on or off for the block (a process-wide switch: put back)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not shown:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not shown and not was_disabled:
+            enable_progress_bars()
+
+
 def push_checkpoint(
     ckpt_dir: str | os.PathLike,
     repo_id: str,
@@ -543,6 +567,7 @@ def push_checkpoint(
     token: Optional[str] = None,
     api: Any = None,
     with_diffusers: bool = False,
+    quiet: bool = False,
 ) -> dict:
     """Upload a converted checkpoint folder and a generated model card to the Hub model repo ``repo_id``.
 
@@ -561,6 +586,8 @@ def push_checkpoint(
     bit for bit), so ``AutoencoderKLCogVideoX.from_pretrained(repo_id)`` loads the same model.
     Without it, diffusers weights a previous push left at the repo's root are deleted.
     A problem with the folder raises :class:`PushInputError`; a Hub failure :class:`PushError`.
+    ``quiet`` (or a stderr that is not a terminal, such as a CI log) hides huggingface_hub's
+    upload progress bars, which would otherwise redraw there with carriage returns.
     """
     check_push_target(repo_id, dry_run=dry_run, token=token, api=api)  # before hashing and exporting
     ckpt = local_path(ckpt_dir)  # ~ expanded, as every path cogvae takes
@@ -572,8 +599,9 @@ def push_checkpoint(
                                   "dry_run": dry_run, "model_card": card}
         if dry_run:
             return result
-        info, result["deleted"] = _commit(api, ckpt, listed, repo_id, card, diffusers, private=private,
-                                          revision=revision, create_pr=create_pr, token=token)
+        with _hub_progress_bars(not quiet and sys.stderr.isatty()):
+            info, result["deleted"] = _commit(api, ckpt, listed, repo_id, card, diffusers, private=private,
+                                              revision=revision, create_pr=create_pr, token=token)
     pr_url = getattr(info, "pr_url", None)
     result["url"] = pr_url or getattr(info, "commit_url", None) or (str(info) if info is not None else None)
     result["commit"] = getattr(info, "oid", None)

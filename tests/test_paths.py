@@ -357,3 +357,43 @@ def test_ctrl_c_is_exit_130_and_leaves_nothing(tmp_path, monkeypatch, command, a
     assert list(tmp_path.iterdir()) == []  # neither the output nor its hidden temporary sibling
     assert EXIT_CODES[130].startswith("interrupted")
     assert "130  interrupted" in CliRunner().invoke(cli, ["--help"]).stdout
+
+
+@pytest.mark.parametrize("when", ["converting", "exporting for push --with-diffusers"])
+def test_sigterm_is_exit_143_and_cleans_up_as_ctrl_c(tmp_path, monkeypatch, when):
+    """A real SIGTERM (a CI timeout, docker stop), sent to this process from a hook at a chosen
+    moment (the hook is the only thing replaced): the command's cleanup runs as for Ctrl-C, with
+    exit 143, and the SIGTERM handler in place before is put back. Python's default would end the
+    process on the spot, leaving a push's temporary export (a full copy of the weights) in TMPDIR."""
+    import os
+    import tempfile
+
+    from cogvae.converter import checkpoint, push
+
+    before = signal.getsignal(signal.SIGTERM)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    if when == "converting":
+        monkeypatch.setattr(checkpoint, "_slow_write_hook", lambda: os.kill(os.getpid(), signal.SIGTERM))
+        res = CliRunner().invoke(convert_command, ["--out", str(tmp_path / "ck"), "--format", "msgpack",
+                                                   "--no-validate", "-q"])
+        left = [p for p in tmp_path.iterdir() if p != tmp]
+    else:
+        ck = tmp_path / "ck"
+        assert CliRunner().invoke(convert_command, ["--out", str(ck), "--no-validate", "-q"]).exit_code == 0
+        real = push._export_weights
+
+        def export_then_terminated(ckpt, into):
+            written = real(ckpt, into)
+            assert written.is_file()  # a full export is there when the signal comes
+            os.kill(os.getpid(), signal.SIGTERM)
+            return written
+
+        monkeypatch.setattr(push, "_export_weights", export_then_terminated)
+        res = CliRunner().invoke(cli, ["push", str(ck), "me/x", "--dry-run", "--with-diffusers"])
+        left = list(tmp.iterdir())
+    assert res.exit_code == 143 and res.stderr.startswith("Error: terminated"), (res.exit_code, res.output)
+    assert left == [] and list(tmp.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "143  terminated" in CliRunner().invoke(cli, ["--help"]).stdout

@@ -22,7 +22,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from _hubcache import TINY_CONFIG, add_snapshot, pipeline_files, save_tiny_vae
-from cogvae.converter.push import PushError, model_card_text, push_checkpoint
+from cogvae.converter.push import PushError, PushInputError, model_card_text, push_checkpoint
 
 SHA = "c" * 40
 SOURCE = "THUDM/CogVideoX-5b"
@@ -937,7 +937,7 @@ def _stray(folder: Path, outside: Path, kind: str) -> str:
     """Put one thing that is not part of the checkpoint into ``folder``; its path there."""
     outside.mkdir(exist_ok=True)
     (outside / "secret.txt").write_text("HF_TOKEN=hf_secret\n")
-    rel = {"hidden": ".env", "unlisted": "notes.txt", "unlisted-in-orbax": "orbax/extra.bin",
+    rel = {"hidden": ".env", "unlisted": "notes.txt",
            "symlink-out": "link_secret", "symlinked-folder": "ext"}[kind]
     if kind == "symlink-out":
         (folder / rel).symlink_to(outside / "secret.txt")
@@ -949,12 +949,12 @@ def _stray(folder: Path, outside: Path, kind: str) -> str:
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
-@pytest.mark.parametrize("kind", ["hidden", "unlisted", "unlisted-in-orbax", "symlink-out", "symlinked-folder"])
+@pytest.mark.parametrize("kind", ["hidden", "unlisted", "symlink-out", "symlinked-folder"])
 def test_push_uploads_only_the_files_the_manifest_lists(ckpt, tmp_path, kind, dry_run):
     """A hidden file (a `.env` holding a token), a file the COMPLETE manifest does not list (at the
-    root or under orbax/, where it would make the pushed repo unloadable), a symlink to a file
-    outside the folder, a symlink to a folder outside: none is uploaded or listed as uploaded, and
-    the result names it under ``not_uploaded``. The commit holds exactly the listed files, COMPLETE
+    root), a symlink to a file outside the folder, a symlink to a folder outside: none is uploaded
+    or listed as uploaded, and the result names it under ``not_uploaded`` (an unlisted file under
+    orbax/ is refused instead: see test_a_push_of_a_checkpoint_load_would_refuse_is_refused). The commit holds exactly the listed files, COMPLETE
     and the card, byte for byte. Fake: RecordingApi stands in for the Hub (no network) and writes
     out what each add operation would upload, so no byte of the secret may appear in it."""
     folder = tmp_path / "ck"
@@ -1013,21 +1013,16 @@ def test_a_listed_file_leading_outside_the_folder_is_refused(ckpt, tmp_path, cas
     assert out["not_uploaded"] == ["blobs/params.msgpack"]
 
 
-def test_a_push_deletes_a_stale_repo_file_even_if_an_unlisted_local_copy_exists(ckpt, tmp_path):
-    """The repo holds a previous push's Orbax data file; the local folder holds a file of the same
-    name that its manifest does not list (left over, not part of this checkpoint). It is not
-    uploaded, so the commit deletes the repo's stale copy (a stray orbax/ file breaks loading),
-    and the repo's other, non-checkpoint files are left alone.
+def test_a_push_deletes_a_stale_repo_file_it_does_not_replace(ckpt, tmp_path):
+    """The repo holds a previous push's Orbax data file that this checkpoint does not have: the
+    commit deletes it (a stray orbax/ file breaks loading), and leaves the repo's other,
+    non-checkpoint files alone. (A local orbax/ file the manifest does not list is refused before
+    any upload, as load refuses the folder.)
     Fake: RecordingApi plays the Hub repo holding those files (no network)."""
-    folder = tmp_path / "ck"
-    shutil.copytree(ckpt, folder)
-    (folder / "orbax" / "d").mkdir(exist_ok=True)
-    (folder / "orbax" / "d" / "0123abcd").write_bytes(b"stale")
     api = RecordingApi(tmp_path, remote=(".gitattributes", "orbax/d/0123abcd", "samples/clip.mp4"))
-    out = push_checkpoint(folder, "me/x", api=api)
+    out = push_checkpoint(ckpt, "me/x", api=api)
     assert api.deleted == out["deleted"] == ["orbax/d/0123abcd"]
-    assert out["not_uploaded"] == ["orbax/d/0123abcd"]
-    assert set(_files(api.uploaded)) == _listed(folder) | {"README.md"}
+    assert set(_files(api.uploaded)) == _listed(ckpt) | {"README.md"}
 
 
 def test_push_dry_run_text_says_what_is_not_uploaded(ckpt, tmp_path, monkeypatch):
@@ -1124,3 +1119,88 @@ def test_a_bad_local_folder_is_exit_3_not_a_hub_error(ckpt, tmp_path, monkeypatc
     with pytest.raises(PushInputError, match=re.escape(message)):
         push_checkpoint(folder, "me/x", dry_run=dry_run, token="hf_not_a_real_token")
     assert commits == []
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_push_that_fails_after_the_conversion_says_where_the_checkpoint_is(tmp_path, monkeypatch, as_json):
+    """The upload fails (an HTTP 500 at the commit) after a finished conversion: the checkpoint is
+    kept and complete, the one Error line says where it is and the `cogvae push` line that retries
+    only the upload, and with --json the conversion's summary is still printed (push: ok false).
+    Faked, and why: no network; HfApi's methods are patched on the real class (the commit raises
+    huggingface_hub's own HfHubHTTPError, built on a real httpx2 response)."""
+    import httpx2
+    import huggingface_hub
+    from click.testing import CliRunner
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from cogvae.converter import load
+    from cogvae.converter.cli import convert_command
+
+    _fake_hfapi_class(monkeypatch)
+
+    def failing_commit(self, **kw):
+        request = httpx2.Request("POST", "https://huggingface.co/api/models/me/x/commit/main")
+        raise HfHubHTTPError("500 Server Error: Internal Server Error", response=httpx2.Response(500, request=request))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", failing_commit)
+    out = tmp_path / "ckpt"
+    r = CliRunner().invoke(convert_command, ["--out", str(out), "--no-validate", "-q", "--push-to-hub", "me/x",
+                                             "--private", "--token", "hf_not_a_real_token"]
+                           + (["--json"] if as_json else []))
+    assert r.exit_code == 5, r.output
+    retry = f"cogvae push {out} me/x --private"
+    assert r.stderr.strip() == (f"Error: me/x: upload failed: 500 Server Error: Internal Server Error; the converted "
+                                f"checkpoint is complete at {out}: retry the upload with `{retry}`")
+    load(out)  # kept, complete
+    if as_json:
+        summary = json.loads(r.stdout)
+        assert summary["ok"] is False and summary["out"] == str(out) and summary["files"]
+        assert summary["push"]["ok"] is False and summary["push"]["retry"] == retry
+    else:
+        assert r.stdout == ""
+
+
+@pytest.mark.parametrize("case", ["stray-file", "manifest-drops-a-data-file"])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_push_of_a_checkpoint_load_would_refuse_is_refused(ckpt, tmp_path, case, dry_run):
+    """A file in orbax/ that the manifest does not list: load refuses the folder (Orbax reads its
+    whole folder). A push of the listed files alone would publish a repo that does not load when
+    the manifest was edited to drop a data file Orbax needs, and one that load refuses locally
+    otherwise: refused before any Hub call, naming the file."""
+    d = tmp_path / "ck"
+    shutil.copytree(ckpt, d)
+    if case == "stray-file":
+        rel = "orbax/stray"
+        (d / rel).write_bytes(b"x")
+    else:
+        manifest = json.loads((d / "COMPLETE").read_text())
+        rel = max((r for r in manifest["files"] if r.startswith("orbax/")), key=lambda r: manifest["files"][r]["size"])
+        del manifest["files"][rel]
+        (d / "COMPLETE").write_text(json.dumps(manifest))
+    api = RecordingApi(tmp_path)
+    with pytest.raises(PushInputError, match=rf"1 file\(s\) in orbax/ that its COMPLETE manifest does not list "
+                                             rf"\(first: {rel}\): load refuses such a checkpoint; not pushed"):
+        push_checkpoint(d, "me/x", api=api, dry_run=dry_run)
+    assert api.calls == []
+
+
+@pytest.mark.parametrize("quiet, tty, shown", [(False, True, True), (True, True, False), (False, False, False)])
+def test_upload_progress_bars_follow_quiet_and_the_terminal(ckpt, tmp_path, monkeypatch, quiet, tty, shown):
+    """huggingface_hub draws upload bars with carriage returns: hidden with --quiet and when stderr
+    is not a terminal (a CI log), shown otherwise; the process-wide switch is put back after.
+    Faked: RecordingApi records whether the bars were on while it committed (no network)."""
+    import sys
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    seen = []
+
+    class Api(RecordingApi):
+        def create_commit(self, **kw):
+            seen.append(not are_progress_bars_disabled())
+            return super().create_commit(**kw)
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty, raising=False)
+    before = are_progress_bars_disabled()
+    push_checkpoint(ckpt, "me/x", api=Api(tmp_path), quiet=quiet)
+    assert seen == [shown and not before] and are_progress_bars_disabled() is before
