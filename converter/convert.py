@@ -360,7 +360,8 @@ def convert(
     ``push_to_hub``: a repo id to push the finished checkpoint to (``push_checkpoint``; its result is
     the summary's ``"push"``); a malformed one (PushUsageError), or for a real push no token or
     offline mode (PushError), is refused before anything is read or written. A push that fails
-    later leaves the written checkpoint at ``out``.
+    later leaves the written checkpoint at ``out``: its PushError says so and gives the ``cogvae
+    push`` line that retries the upload, and carries the conversion's summary as ``.summary``.
     """
     if push_to_hub is not None:  # a push that cannot succeed is refused before any work
         from .push import check_push_target
