@@ -168,6 +168,7 @@ def _is_replaceable_checkpoint(folder: Path) -> bool:
         listed = set(_read_manifest(folder)["files"]) | {MANIFEST_NAME, OWNER_FILE}
     except (CheckpointError, OSError):
         return False
+
     def unreadable_folder(e: OSError) -> None:  # a folder that cannot be listed may hold anything
         raise e
 
@@ -749,11 +750,12 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
             "(was the conversion interrupted?)"
         )
     try:
-        mpath.read_bytes()
+        manifest = read_json(mpath)
     except OSError as e:  # unreadable, not corrupt
         raise unreadable(mpath, e, UnreadableCheckpointError) from None
+    except ValueError as e:
+        raise CheckpointError(f"{mpath}: corrupt manifest ({e})") from None
     try:
-        manifest = read_json(mpath)
         if manifest.get("kind") != CHECKPOINT_KIND or not isinstance(manifest.get("files"), dict):
             raise ValueError("not a cogvae checkpoint manifest")
     except (OSError, ValueError, AttributeError) as e:

@@ -378,6 +378,7 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
 
     from .hub import WrongKindError, strip_subfolder
     from .loading import SourceError
+    from .loading import not_for_checkpoint as refusal
 
     mapping = mapping or load_mapping()
     rows, problems = [], []
@@ -385,10 +386,7 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
         (["--variant"] if variant is not None else [])
 
     def not_for_checkpoint(where: Any) -> SourceError:
-        """As load(): an option choosing diffusers weights is refused for a checkpoint, never ignored."""
-        verb = "applies" if len(given) == 1 else "apply"
-        return SourceError(f"{where}: a converted cogvae checkpoint: {' and '.join(given)} {verb} to diffusers "
-                           "weights only (a checkpoint holds one set of parameters)")
+        return SourceError(refusal(where, given))
 
     try:  # with such an option, a checkpoint repo is refused before its parameters are fetched
         hub = fetch(source, subfolder=subfolder, variant=variant, revision=revision, token=token, quiet=True,

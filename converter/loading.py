@@ -183,10 +183,15 @@ def _diffusers_only(kwargs: dict) -> list[str]:
     return given
 
 
-def _not_for_checkpoint(where: Any, given: list[str]) -> ValueError:
+def not_for_checkpoint(where: Any, given: list[str], why: str = "a checkpoint holds one set of parameters") -> str:
+    """What to say when options choosing diffusers weights (``given``: their names) are given for a
+    converted checkpoint: refused everywhere (load, verify, inspect), never silently ignored."""
     verb = "applies" if len(given) == 1 else "apply"
-    return ValueError(f"{where}: a converted cogvae checkpoint: {', '.join(given)} {verb} to diffusers weights only "
-                      "(a checkpoint holds one set of parameters; dtype= casts them)")
+    return f"{where}: a converted cogvae checkpoint: {', '.join(given)} {verb} to diffusers weights only ({why})"
+
+
+def _not_for_checkpoint(where: Any, given: list[str]) -> ValueError:
+    return ValueError(not_for_checkpoint(where, given, "a checkpoint holds one set of parameters; dtype= casts them"))
 
 
 def load(

@@ -170,9 +170,9 @@ class VerifyReport:
             "dtypes": {"summary": self.dtype_summary(), "per_tensor": dict(self.dtypes), "disallowed": self.bad_dtypes},
             "nonfinite": self.nonfinite,
             "changes": None if self.reference is None else
-            [{"key": c["key"], "rel_change": _jf(c["rel_change"]), "max_abs": _jf(c["max_abs"])} for c in self.changes],
-            "max_rel_change": _jf(self.max_rel_change),
-            "parity": {k: _jf(v) if isinstance(v, float) else v for k, v in self.parity.items()},
+            [{"key": c["key"], "rel_change": c["rel_change"], "max_abs": c["max_abs"]} for c in self.changes],
+            "max_rel_change": self.max_rel_change,
+            "parity": self.parity,
             "diffusers_copy": self.diffusers_copy or None,
         })
 
@@ -298,6 +298,7 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
     from .checkpoint import CheckpointError, check_files, looks_like_checkpoint, read_checkpoint
     from .hub import UnreadableError, input_exists, local_path, strip_subfolder
     from .loading import SourceError
+    from .loading import not_for_checkpoint as refusal
 
     text = os.fspath(source)
     got = _Loaded(path=text)
@@ -305,11 +306,7 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
              (name == options[1] or strip_subfolder(value) not in ("", "vae"))]
 
     def not_for_checkpoint(where: str) -> _Loaded:
-        """As load(): a checkpoint holds one set of parameters; an option choosing diffusers
-        weights is refused, never ignored."""
-        verb = "applies" if len(given) == 1 else "apply"
-        return unreachable(SourceError(f"{where}: a converted cogvae checkpoint: {' and '.join(given)} {verb} to "
-                                       "diffusers weights only (a checkpoint holds one set of parameters)"))
+        return unreachable(SourceError(refusal(where, given)))
 
     def unreachable(e: SourceError) -> _Loaded:
         """Nothing to verify (not found, not a folder, unreadable): the CLI's exit 3 (or a Hub
@@ -328,7 +325,7 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
     if not exists:
         from .hub import HubError, WrongKindError, looks_like_repo_id, resolve_source
 
-        if not exists and not looks_like_repo_id(text):
+        if not looks_like_repo_id(text):
             return unreachable(SourceError(f"{text}: no such file or folder"))
         try:
             # The diffusers copy is asked for in the first request, before the repo's kind is
