@@ -295,7 +295,7 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
     and variant to a converted checkpoint: refused, never silently ignored; a revision to a local
     folder). ``diffusers_copy``: also fetch a Hub checkpoint's diffusers copy (the source's, which
     is compared; never the reference's)."""
-    from .checkpoint import CheckpointError, check_files, looks_like_checkpoint, read_checkpoint
+    from .checkpoint import CheckpointError, _identity, check_files, looks_like_checkpoint, read_checkpoint
     from .hub import UnreadableError, input_exists, local_path, strip_subfolder
     from .loading import SourceError
     from .loading import not_for_checkpoint as refusal
@@ -359,10 +359,15 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
             return not_for_checkpoint(text)
         try:
             local = not got.detail
+            before = _identity(path)
             if local:  # a local folder holds every format: all its files must be sound, not only the
                 # ones read (a Hub download fetches one format, checked as it is read); hashed once
                 check_files(path)
             got.config, got.params, info = read_checkpoint(path, format=fmt, verify=not local)
+            if _identity(path) != before:  # hashed one checkpoint, read another (a concurrent --overwrite)
+                got.params = {}
+                return unreachable(SourceError(f"{text}: replaced while it was being verified (a conversion or "
+                                               "save with --overwrite?); verify it again when that is done"))
         except UnreadableError as e:  # permission denied: an input problem, not a corrupt checkpoint
             return unreachable(e)
         except CheckpointError as e:

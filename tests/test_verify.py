@@ -350,3 +350,35 @@ def test_source_and_reference_each_have_their_own_variant(tmp_path):
     res = CliRunner().invoke(cli, ["verify", str(fp32_only), "--reference", str(both), "--reference-variant", "fp16",
                                    "--no-parity", "--max-rel-change", "1e-6"])
     assert res.exit_code == 1 and "tolerance 1e-06" in res.stdout and "RESULT: FAILED" in res.stdout
+
+
+def test_a_checkpoint_replaced_between_hashing_and_reading_is_not_verified(base, vae, good, tmp_path, monkeypatch):
+    """verify hashes every file of a local checkpoint, then reads its parameters: a concurrent
+    --overwrite in between would have it report on bytes it never hashed. Faked, to make the race
+    deterministic: check_files is wrapped so that a real write_checkpoint(overwrite=True) of other
+    weights lands right after the hashing. The report is an input error (exit 3), not a pass."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    import cogvae.converter.checkpoint as ck
+    from cogvae.converter.cli import cli
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(good, out)
+    config, params, _ = ck.read_checkpoint(out)
+    other = {k: v * np.float32(2) for k, v in params.items()}
+    real = ck.check_files
+
+    def hashed_then_replaced(folder, *args, **kwargs):
+        real(folder, *args, **kwargs)
+        ck.write_checkpoint(out, other, config, formats=("orbax", "msgpack"), provenance={"source": "swap"},
+                            overwrite=True)
+
+    monkeypatch.setattr(ck, "check_files", hashed_then_replaced)
+    r = verify_checkpoint(out, parity=False)
+    assert not r.ok and [str(e) for e in r.input_errors] == [
+        f"{out}: replaced while it was being verified (a conversion or save with --overwrite?); verify it again "
+        "when that is done"]
+    res = CliRunner().invoke(cli, ["verify", str(out), "--no-parity"])
+    assert res.exit_code == 3 and "replaced while it was being verified" in res.stderr
