@@ -396,22 +396,17 @@ def convert(
             from cogvae.model import abstract_model
             from flax import nnx
 
-            from .engine import ConversionError, convert_flat, path_to_str, with_config_problems
+            from .engine import convert_flat, path_to_str, with_config_problems
             from .st_io import open_safetensors
 
             t0 = time.perf_counter()
             tensors = open_safetensors(src.weights_path)
             keys = list(tensors.keys())
             _, abstract_state = nnx.split(abstract_model(config))
-            with ui.bar(len(keys), "converting") as bar:
-                try:
-                    flat = convert_flat((keys, tensors.read_tensor), abstract_state, mapping, dtype=np_dtype,
-                                        source_name=str(src.weights_path), on_tensor=lambda _k: bar.update(1),
-                                        file_of=getattr(tensors, "file_of", None))
-                except ConversionError as e:
-                    raise with_config_problems(e, config_error, src.config_path) from None
-            if config_error is not None:
-                raise config_error
+            with ui.bar(len(keys), "converting") as bar, with_config_problems(config_error, src.config_path):
+                flat = convert_flat((keys, tensors.read_tensor), abstract_state, mapping, dtype=np_dtype,
+                                    source_name=str(src.weights_path), on_tensor=lambda _k: bar.update(1),
+                                    file_of=getattr(tensors, "file_of", None))
             del abstract_state
             params: dict[str, np.ndarray] = {}
             for path in list(flat):  # contiguous, one tensor at a time (the transposed source is freed)

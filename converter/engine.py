@@ -15,7 +15,8 @@ peak memory stays near one copy of the checkpoint plus one tensor.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping as TMapping, Optional
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Mapping as TMapping, Optional
 
 import numpy as np
 
@@ -56,15 +57,22 @@ class ConversionError(ValueError):
         )
 
 
-def with_config_problems(error: Optional[ConversionError], config_error: Optional[Exception],
-                         config_path: Any) -> Optional[Exception]:
-    """One error naming every problem of a source: ``config_error`` (a config whose only problem
-    is an unknown key, see ``VAEConfig.from_json_file_ignoring_unknown``) and ``error``, the
-    tensors' problems against the architecture it still gives. None when there is neither."""
-    if config_error is None or error is None:
-        return error or config_error
-    problems = list(getattr(config_error, "problems", None) or [str(config_error)])
-    return ConversionError([f"{config_path}: {p}" for p in problems] + error.problems, header=error.header)
+@contextlib.contextmanager
+def with_config_problems(config_error: Optional[Exception], config_path: Any) -> Iterator[None]:
+    """Around the conversion of a source's tensors: one error naming every problem of the source.
+    ``config_error`` (a config whose only problem is an unknown key, see
+    ``VAEConfig.from_json_file_ignoring_unknown``) joins the tensors' problems against the
+    architecture it still gives (a ConversionError from the block), or is raised after the block
+    when the tensors have none."""
+    try:
+        yield
+    except ConversionError as e:
+        if config_error is None:
+            raise
+        problems = list(getattr(config_error, "problems", None) or [str(config_error)])
+        raise ConversionError([f"{config_path}: {p}" for p in problems] + e.problems, header=e.header) from None
+    if config_error is not None:
+        raise config_error
 
 
 def path_to_str(path: Iterable[Any]) -> str:

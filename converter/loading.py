@@ -130,20 +130,15 @@ def load_diffusers(
     variant: Optional[str] = None,
     mapping: Optional[Mapping] = None,
 ) -> AutoencoderKLCogVideoX:
-    from .engine import ConversionError, with_config_problems
+    from .engine import with_config_problems
 
     src = find_diffusers_vae(path, subfolder=subfolder, variant=variant)
     # an unknown config key is reported together with the weights' problems (one error)
     config, config_error = VAEConfig.from_json_file_ignoring_unknown(src.config_path)
     tensors = open_safetensors(src.weights_path)
-    try:
-        model = model_from_tensors(config, tensors, dtype=dtype, compute_dtype=compute_dtype, mapping=mapping,
-                                   source_name=str(src.weights_path))
-    except ConversionError as e:
-        raise with_config_problems(e, config_error, src.config_path) from None
-    if config_error is not None:
-        raise config_error
-    return model
+    with with_config_problems(config_error, src.config_path):
+        return model_from_tensors(config, tensors, dtype=dtype, compute_dtype=compute_dtype, mapping=mapping,
+                                  source_name=str(src.weights_path))
 
 
 def load_checkpoint(

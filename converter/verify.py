@@ -365,7 +365,7 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
                 check_files(path)
             got.config, got.params, info = read_checkpoint(path, format=fmt, verify=not local)
             if _identity(path) != before:  # hashed one checkpoint, read another (a concurrent --overwrite)
-                got.params = {}
+                got.config, got.params = None, {}
                 return unreachable(SourceError(f"{text}: replaced while it was being verified (a conversion or "
                                                "save with --overwrite?); verify it again when that is done"))
         except UnreadableError as e:  # permission denied: an input problem, not a corrupt checkpoint
