@@ -212,12 +212,23 @@ Examples:
 """
 
 
+def _subfolder(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """A --subfolder / --reference-subfolder that leaves the repo or pipeline folder is a usage error."""
+    from .hub import strip_subfolder
+
+    try:
+        strip_subfolder(value)
+    except ValueError:
+        raise click.BadParameter("name a folder inside the repo or pipeline folder (no '..')") from None
+    return value
+
+
 def _convert_options(f):
     opts = [
         click.argument("source", required=False),
         click.option("--out", "out", type=click.Path(path_type=Path), default=Path("ckpt"), show_default=True,
                      help="Output checkpoint folder."),
-        click.option("--subfolder", default="vae", show_default=True,
+        click.option("--subfolder", default="vae", show_default=True, callback=_subfolder,
                      help="VAE subfolder of a pipeline repo/folder ('' for a bare VAE repo)."),
         click.option("--revision", default=None, help="Hub branch, tag or commit (Hub sources only)."),
         click.option("--variant", default=None, help="Weights variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)."),
@@ -416,18 +427,27 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
         # an unknown config key is one more problem; the tensors are still listed against the rest
         config, config_error = VAEConfig.from_json_file_ignoring_unknown(src.config_path)
         problems += [f"{src.config_path}: {p}" for p in getattr(config_error, "problems", None) or []]
-        tensors = open_safetensors(src.weights_path)
+        # opened despite problems with the files (a missing shard, a broken header entry): those
+        # are problems too, and every readable tensor is still listed and checked
+        tensors = open_safetensors(src.weights_path, strict=False)
+        problems += tensors.problems
+        file_of = getattr(tensors, "file_of", lambda _k: src.weights_path)
         # What the config's architecture needs (shapes only, no weights): a listed tensor of
         # another shape, and a needed tensor the file lacks, are problems as cogvae-convert sees them.
         needed = expected_shapes(config)
         seen = set()
-        for key in sorted(tensors.keys()):
-            a = tensors[key]
+        for key in sorted(set(tensors.keys()) | set(tensors.unreadable)):
+            a = tensors[key] if key not in tensors.unreadable else None
             m = mapping.match_forward(key)
             rule = m[0][1] if len(m) == 1 else None
             row = {"key": key, "rule": rule.label if rule else None, "target": m[0][0] if rule else None,
-                   "shape": list(a.shape), "target_shape": None, "dtype": a.dtype.name}
-            if rule is None:
+                   "shape": None if a is None else list(a.shape), "target_shape": None,
+                   "dtype": None if a is None else a.dtype.name, "file": str(file_of(key))}
+            if a is None:  # named in the file's problems above; it still counts as present
+                if rule is not None:
+                    seen.add(row["target"])
+                row["problem"] = "cannot be read (see the problems of its file)"
+            elif rule is None:
                 row["problem"] = ("no mapping rule matches this key" if not m else
                                   f"{len(m)} mapping rules match this key")
             else:
@@ -441,14 +461,20 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
                     if want is None:
                         row["problem"] = "not a parameter of the config's architecture"
                     elif tuple(row["target_shape"]) != tuple(want):
-                        row["problem"] = f"the config's architecture needs shape {tuple(want)}"
+                        # in the file's layout, as cogvae-convert says it (the model's is in brackets)
+                        row["problem"] = (f"shape mismatch: source shape {tuple(a.shape)}, expected "
+                                          f"{tuple(rule.inverse_transform.shape(tuple(want)))} (model parameter "
+                                          f"{row['target']!r} has shape {tuple(want)})")
             if "problem" not in row and dtype_problem(a.dtype):  # in the header: refused as cogvae-convert does
                 row["problem"] = dtype_problem(a.dtype)
-            if "problem" in row:
-                problems.append(f"{key}: {row['problem']}")
+            if "problem" in row and a is not None:  # an unreadable tensor is named by its file's problem
+                problems.append(f"{row['file']}: tensor {key!r}: {row['problem']}")
             rows.append(row)
         missing = sorted(set(needed) - seen)
-        problems.extend(f"missing: no tensor maps to {k} {tuple(needed[k])}" for k in missing)
+        for k in missing:
+            m = mapping.match_reverse(k)
+            hint = f" (expected source key {m[0][0]!r})" if len(m) == 1 else ""
+            problems.append(f"{src.weights_path}: missing tensor for model parameter {k!r} {tuple(needed[k])}{hint}")
         kind, where = "diffusers", str(src.weights_path)
     return {"kind": kind, "path": where, "config": config.to_diffusers_config(), "num_tensors": len(rows),
             "tensors": rows, "problems": problems}
@@ -456,7 +482,8 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
 
 @cli.command("inspect", epilog=EXIT_EPILOG)
 @click.argument("source")
-@click.option("--subfolder", default="vae", show_default=True, help="VAE subfolder of a pipeline folder or repo.")
+@click.option("--subfolder", default="vae", show_default=True, callback=_subfolder,
+              help="VAE subfolder of a pipeline folder or repo.")
 @click.option("--variant", default=None, help="Weights variant of a diffusers folder.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub SOURCE only).")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN / login).")
@@ -481,7 +508,8 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
         for r in data["tensors"]:
             other = r.get("target") or r.get("diffusers_key") or "-"
             problem = f"  PROBLEM: {r['problem']}" if r.get("problem") else ""
-            click.echo(f"{r['key']}  ->  {other}  [{r['rule'] or 'NO RULE'}]  {tuple(r['shape'])} {r['dtype']}{problem}")
+            what = f"{tuple(r['shape'])} {r['dtype']}" if r["shape"] is not None else "(unreadable)"
+            click.echo(f"{r['key']}  ->  {other}  [{r['rule'] or 'NO RULE'}]  {what}{problem}")
     if data["problems"]:  # the listing is complete; the exit code says cogvae-convert would refuse this source
         n = len(data["problems"])
         click.echo(f"Error: {data['path']}: {n} problem(s) that cogvae-convert would refuse:", err=True)
@@ -511,11 +539,11 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
               help="Changed tensors listed in the text report (--json lists all).")
 @click.option("--format", "fmt", type=click.Choice(["orbax", "msgpack"]), default=None,
               help="Which stored format of a checkpoint SOURCE to read (default: orbax when present).")
-@click.option("--subfolder", default="vae", show_default=True,
+@click.option("--subfolder", default="vae", show_default=True, callback=_subfolder,
               help="VAE subfolder of a diffusers pipeline SOURCE.")
 @click.option("--variant", default=None, help="Weights variant of a diffusers SOURCE, e.g. fp16.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit of SOURCE (Hub SOURCE only).")
-@click.option("--reference-subfolder", default="vae", show_default=True,
+@click.option("--reference-subfolder", default="vae", show_default=True, callback=_subfolder,
               help="VAE subfolder of a diffusers pipeline --reference.")
 @click.option("--reference-variant", default=None, help="Weights variant of a diffusers --reference, e.g. fp16.")
 @click.option("--reference-revision", default=None,

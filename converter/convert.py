@@ -400,13 +400,16 @@ def convert(
             from .st_io import open_safetensors
 
             t0 = time.perf_counter()
-            tensors = open_safetensors(src.weights_path)
+            # opened despite problems with the files (a missing shard, ...): they are reported
+            # together with every problem of the readable tensors, in one error
+            tensors = open_safetensors(src.weights_path, strict=False)
             keys = list(tensors.keys())
             _, abstract_state = nnx.split(abstract_model(config))
             with ui.bar(len(keys), "converting") as bar, with_config_problems(config_error, src.config_path):
                 flat = convert_flat((keys, tensors.read_tensor), abstract_state, mapping, dtype=np_dtype,
                                     source_name=str(src.weights_path), on_tensor=lambda _k: bar.update(1),
-                                    file_of=getattr(tensors, "file_of", None))
+                                    file_of=getattr(tensors, "file_of", None), source_problems=tensors.problems,
+                                    unreadable=tensors.unreadable)
             del abstract_state
             params: dict[str, np.ndarray] = {}
             for path in list(flat):  # contiguous, one tensor at a time (the transposed source is freed)

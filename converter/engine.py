@@ -297,6 +297,8 @@ def convert_flat(
     workers: int | None = None,
     on_tensor: Callable[[str], None] | None = None,
     file_of: Callable[[str], Any] | None = None,
+    source_problems: Iterable[str] | None = None,
+    unreadable: Mapping[str, Any] | None = None,
 ) -> dict[tuple, np.ndarray]:
     """Convert every tensor of ``source`` for ``abstract_state``; strict.
 
@@ -312,6 +314,11 @@ def convert_flat(
     ``on_tensor(key)`` is called in the calling thread as each tensor is done (progress bars).
     ``file_of(key)``: the file a tensor is in, named by its problems instead of ``source_name``
     (default: the source's own ``file_of``, the shard of a sharded safetensors).
+    ``source_problems`` / ``unreadable`` (default: the source's own, from
+    ``open_safetensors(..., strict=False)``): the problems of the files themselves, which lead the
+    error, and the keys the files name but cannot give (a missing shard, a broken header entry).
+    Those keys are still matched to rules, so they count as present (no "missing tensor" for
+    them) and an unmatched or extra one is still named; the readable tensors are all checked.
     """
     import concurrent.futures
 
@@ -319,6 +326,10 @@ def convert_flat(
     cast = None if dtype is None else _np_dtype(dtype)
     targets = abstract_targets(abstract_state)
     keys, get = _reader(source)
+    file_problems = list(getattr(source, "problems", ()) if source_problems is None else source_problems)
+    unreadable = dict(getattr(source, "unreadable", {}) if unreadable is None else unreadable)
+    readable = set(keys)
+    keys = list(keys) + sorted(k for k in unreadable if k not in readable)
     problems_of: dict[str, list[str]] = {k: [] for k in keys}
     jobs: list[tuple[str, Rule, Target]] = []
     filled_by: dict[str, str] = {}
@@ -354,7 +365,8 @@ def convert_flat(
             bad(key, f"maps to {tpath!r}, already filled from {filled_by[tpath]!r}")
             continue
         filled_by[tpath] = key
-        jobs.append((key, rule, tgt))
+        if key in readable:
+            jobs.append((key, rule, tgt))
 
     def work(job: tuple[str, Rule, Target]) -> tuple[list[str], np.ndarray | None]:
         key, rule, tgt = job
@@ -409,7 +421,7 @@ def convert_flat(
                     on_tensor(key)
                 submit_next()
 
-    problems = [p for k in keys for p in problems_of[k]]
+    problems = file_problems + [p for k in keys for p in problems_of[k]]
     for tpath, tgt in targets.items():
         if tpath not in filled_by:
             matches = mapping.match_reverse(tpath)

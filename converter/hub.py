@@ -150,8 +150,13 @@ def _looks_local(source: str) -> bool:
 
 def strip_subfolder(subfolder: Optional[str]) -> str:
     """``subfolder`` as the folder path it names: without leading or trailing slashes ('' or None:
-    the root). Every use of a subfolder (Hub patterns, local folders) goes through this."""
-    return subfolder.strip("/") if subfolder else ""
+    the root). Every use of a subfolder (Hub patterns, local folders) goes through this, so a
+    ``..`` that would leave the repo or pipeline folder is refused (ValueError) for all of them,
+    as a shard path out of its folder is."""
+    sub = subfolder.strip("/") if subfolder else ""
+    if ".." in sub.split("/"):
+        raise ValueError(f"subfolder {subfolder!r}: name a folder inside the repo or pipeline folder (no '..')")
+    return sub
 
 
 def allow_patterns(subfolder: str = "vae", variant: Optional[str] = None) -> list[str]:

@@ -29,15 +29,21 @@ DIFFUSERS_WEIGHTS = WEIGHTS_NAME + ".safetensors"
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
+def single_weights_name(variant: Optional[str] = None) -> str:
+    """The one-file weights of ``variant``: ``diffusion_pytorch_model[.<variant>].safetensors``."""
+    return WEIGHTS_NAME + (f".{variant}" if variant else "") + ".safetensors"
+
+
 def weights_names(variant: Optional[str] = None) -> list[str]:
-    """The names diffusers gives a VAE's weights of ``variant``, in the order they are looked for:
-    the single file, then the sharded index (``save_pretrained`` names a sharded variant's index
-    ``diffusion_pytorch_model.safetensors.index.<variant>.json``; the other spelling is read too)."""
-    stem = WEIGHTS_NAME + (f".{variant}" if variant else "")
-    names = [f"{stem}.safetensors", f"{stem}.safetensors.index.json"]
+    """The names diffusers gives a VAE's weights of ``variant``, in the order diffusers'
+    ``from_pretrained`` looks for them: a sharded index first (``_fetch_index_file``:
+    ``diffusion_pytorch_model.safetensors.index[.<variant>].json``; then, for a variant, the older
+    ``diffusion_pytorch_model.<variant>.safetensors.index.json``), and the single file only when
+    there is no index. A folder holding both is loaded as sharded by diffusers, so it is here too."""
+    names = [f"{WEIGHTS_NAME}.safetensors.index" + (f".{variant}" if variant else "") + ".json"]
     if variant:
-        names.append(f"{WEIGHTS_NAME}.safetensors.index.{variant}.json")
-    return names
+        names.append(f"{WEIGHTS_NAME}.{variant}.safetensors.index.json")
+    return names + [single_weights_name(variant)]
 
 
 def weights_in(folder: Path, variant: Optional[str] = None) -> Optional[Path]:

@@ -135,7 +135,7 @@ def load_diffusers(
     src = find_diffusers_vae(path, subfolder=subfolder, variant=variant)
     # an unknown config key is reported together with the weights' problems (one error)
     config, config_error = VAEConfig.from_json_file_ignoring_unknown(src.config_path)
-    tensors = open_safetensors(src.weights_path)
+    tensors = open_safetensors(src.weights_path, strict=False)  # file problems join the tensors' (one error)
     with with_config_problems(config_error, src.config_path):
         return model_from_tensors(config, tensors, dtype=dtype, compute_dtype=compute_dtype, mapping=mapping,
                                   source_name=str(src.weights_path))

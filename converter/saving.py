@@ -36,7 +36,7 @@ from .checkpoint import (
     write_into,
 )
 from .engine import ConversionError, architecture_problems, cast_checked, expected_shapes, path_to_str, value_problem
-from .layout import VARIANT_NAME, read_json, weights_names
+from .layout import VARIANT_NAME, read_json, single_weights_name
 from .mapping import Mapping, load_mapping
 
 __all__ = ["model_params", "save", "export_diffusers"]
@@ -312,7 +312,7 @@ def export_diffusers(
     out = local_path(out)
     if variant is not None and not VARIANT_NAME.fullmatch(variant):
         raise ValueError(f"variant {variant!r}: use letters, digits, '_' and '-' (for example fp16)")
-    weights_name = weights_names(variant)[0]
+    weights_name = single_weights_name(variant)
     if dtype is not None:
         from .loading import resolve_dtype
 

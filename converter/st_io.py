@@ -119,10 +119,9 @@ def _show(v: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _names(keys: list[str], limit: int = 3) -> str:
-    """``'a', 'b', 'c' and 7 more``."""
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+def _names(keys: list[str]) -> str:
+    """``'a', 'b', 'c'``: every name, none elided (every tensor a problem touches is named)."""
+    return ", ".join(repr(k) for k in keys)
 
 
 def _is_uint(v: Any) -> bool:
@@ -141,8 +140,15 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     no overlap, no gap, no byte past the end of the file or left over after the last tensor.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, strict: bool = True):
+        """``strict=False``: a file whose header can be read but has problems is opened anyway,
+        with every problem in ``problems`` (each naming the file) and the tensors that cannot be
+        read in ``unreadable`` (key -> this file); the others read as usual. A converter reports
+        those problems together with every problem of the readable tensors (one error). An
+        unreadable header raises SafetensorsError either way."""
         self.path = Path(path)
+        self.problems: list[str] = []
+        self.unreadable: dict[str, Path] = {}
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -178,10 +184,17 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 all_spans = False
             else:
                 spans.append(span)
-        self._check_coverage(spans, data_size, all_spans, problems)
-        if problems:
-            raise _error(self.path, "bad safetensors file", problems)
+        past = self._check_coverage(spans, data_size, all_spans, problems)
         self._mm = None
+        if not problems:
+            return
+        if strict:
+            raise _error(self.path, "bad safetensors file", problems)
+        self.problems = _error(self.path, "bad safetensors file", problems).problems
+        # not readable: an entry with a bad field, one given twice (which one was meant?), one past the end
+        for key in [k for k in header if k not in self._entries] + duplicates + past:
+            self._entries.pop(key, None)
+            self.unreadable[key] = self.path
 
     @staticmethod
     def _check_metadata(meta: Any, problems: list[str]) -> dict[str, str]:
@@ -237,9 +250,10 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
 
     @staticmethod
     def _check_coverage(spans: list[tuple[int, int, str]], data_size: int, all_spans: bool,
-                        problems: list[str]) -> None:
+                        problems: list[str]) -> list[str]:
         """The safetensors rule: sorted by offsets, the tensors' bytes follow one another from byte
-        0 of the data area to its last byte: no overlap, no gap, nothing past the end or after."""
+        0 of the data area to its last byte: no overlap, no gap, nothing past the end or after.
+        Returns the tensors that lie (partly) past the end of the file."""
         pos, last = 0, None  # last: the span that reaches furthest so far
         for start, end, key in sorted(spans):
             if start < pos:
@@ -251,13 +265,14 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                                 f"tensor {key!r}): file not fully covered")
             if last is None or end > pos:
                 pos, last = end, (start, end, key)
+        past = [key for start, end, key in sorted(spans) if end > data_size]
         if pos > data_size:
-            past = [key for start, end, key in sorted(spans) if end > data_size]
             problems.append(f"truncated file: its tensors need {pos} data bytes, the file holds {data_size}; "
                             f"{len(past)} tensor(s) lie past its end: {_names(past)}")
         elif pos < data_size and all_spans:
             after = f"after the last tensor ({last[2]!r} ends at data byte {pos})" if last else "and no tensor"
             problems.append(f"{data_size - pos} trailing data byte(s) {after}: file not fully covered")
+        return past
 
     def _map(self) -> np.memmap:
         if self._mm is None:
@@ -371,8 +386,14 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
     shard (diffusers would silently load whichever shard comes last; cogvae refuses to guess).
     """
 
-    def __init__(self, index_path: str | os.PathLike):
+    def __init__(self, index_path: str | os.PathLike, *, strict: bool = True):
+        """``strict=False``: as for :class:`SafetensorsFile`, the set is opened despite its
+        problems (a missing or broken shard, a tensor in two shards, ...): they are in
+        ``problems``, and the tensors that cannot be read in ``unreadable`` (key -> the shard the
+        index names for it), so that the tensors of the sound shards are still checked. A bad
+        index raises SafetensorsError either way."""
         self.path = Path(index_path)
+        self.unreadable: dict[str, Path] = {}
         weight_map = read_index(self.path)
         self.shard_paths = sorted(set(weight_map.values()))
         problems: list[str] = []  # each names its file: a shard's path, or a shard's name for the index
@@ -386,9 +407,12 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
                 problems.append(f"{p}: missing shard file (named in the index)")
                 continue
             try:
-                self._shards[p] = SafetensorsFile(p)
+                self._shards[p] = shard = SafetensorsFile(p, strict=strict)
             except SafetensorsError as e:
                 problems.extend(e.problems)
+            else:
+                problems.extend(shard.problems)
+        n_shard = len(problems)
         holders: dict[str, list[Path]] = {}
         for p, shard in self._shards.items():
             for key in shard:
@@ -401,9 +425,11 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
         self._where: dict[str, SafetensorsFile] = {}
         for key, p in weight_map.items():
             shard = self._shards.get(p)
-            if shard is None:
-                continue  # missing or broken: reported above
+            if shard is None or key in shard.unreadable or len(holders.get(key, ())) > 1:
+                self.unreadable[key] = p  # missing or broken shard, broken entry, or in two shards: reported
+                continue
             if key not in shard:
+                self.unreadable[key] = p
                 elsewhere = [q.name for q in holders.get(key, [])]
                 problems.append(f"tensor {key!r} listed for {p.name} is not in that shard"
                                 + (f" (it is in {', '.join(elsewhere)})" if elsewhere else ""))
@@ -413,11 +439,18 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
             for key in shard:
                 if key not in weight_map:
                     problems.append(f"tensor {key!r} in {p.name} is not listed in the index")
+        self.problems: list[str] = []
         if problems:
-            raise _error(self.path, "bad sharded safetensors", problems)
+            if strict:
+                raise _error(self.path, "bad sharded safetensors", problems)
+            # each names one file: its shard, or the index for the index's own problems
+            self.problems = problems[:n_shard] + [f"{self.path}: {p}" for p in problems[n_shard:]]
 
     def file_of(self, key: str) -> Path:
-        """The shard that holds ``key`` (problems with a tensor name its file, not the index)."""
+        """The shard that holds ``key`` (problems with a tensor name its file, not the index); for
+        a tensor that cannot be read, the shard the index names for it."""
+        if key in self.unreadable:
+            return self.unreadable[key]
         return self._where[key].path
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -446,10 +479,11 @@ def is_index_file(path: str | os.PathLike) -> bool:
     return name.endswith(".json") and ".safetensors.index." in name
 
 
-def open_safetensors(path: str | os.PathLike):
-    """A single file or, for an index file, the sharded set it describes."""
+def open_safetensors(path: str | os.PathLike, *, strict: bool = True):
+    """A single file or, for an index file, the sharded set it describes. ``strict=False``: opened
+    despite problems that leave some tensors readable (see ``problems`` and ``unreadable``)."""
     p = Path(path)
-    return ShardedSafetensors(p) if is_index_file(p) else SafetensorsFile(p)
+    return ShardedSafetensors(p, strict=strict) if is_index_file(p) else SafetensorsFile(p, strict=strict)
 
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: dict | None = None) -> None:

@@ -397,7 +397,9 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
         got.config, config_error = VAEConfig.from_json_file_ignoring_unknown(src.config_path)
         if config_error is not None:
             got.problems.append(str(config_error))
-        tensors = open_safetensors(src.weights_path)
+        # opened despite problems with the files (a missing shard, ...): convert_flat names them
+        # first, and every readable tensor is still checked
+        tensors = open_safetensors(src.weights_path, strict=False)
     except UnreadableError as e:
         return unreachable(e)
     except (SourceError, ConfigError, SafetensorsError) as e:
@@ -686,6 +688,18 @@ def verify_checkpoint(
                     diffusers_copy=False)
         report.reference, report.reference_kind, report.reference_detail = ref.path, ref.kind, ref.detail
         report.load_problems += [f"reference: {p}" for p in ref.problems]
+        # The source's dtypes and values are checked per tensor above; the reference's are checked
+        # here, since _load leaves those problems to the per-tensor checks: a comparison with a
+        # reference holding NaN, or integer tensors, would otherwise pass (every change NaN or inf).
+        for k in sorted(ref.params):
+            a = ref.params[k]
+            if a.dtype.name not in ALLOWED_DTYPES:
+                report.load_problems.append(f"reference: tensor {k!r}: dtype {a.dtype.name} not allowed "
+                                            f"(allowed: {', '.join(sorted(ALLOWED_DTYPES))})")
+            nf = _nonfinite(k, a)
+            if nf:
+                report.load_problems.append(f"reference: tensor {k!r}: {nf['nan']} NaN and {nf['inf']} inf "
+                                            f"of {nf['size']} values")
         report.reference_loaded = ref.config is not None and bool(ref.params)
         if ref.unreachable is not None:
             report.input_errors.append(type(ref.unreachable)(f"reference: {ref.unreachable}"))

@@ -9,6 +9,7 @@ of a config are reported together, one per line, in one ``ConfigError``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -19,6 +20,17 @@ from typing import Any, Mapping, Optional
 __all__ = ["ConfigError", "VAEConfig", "PRESETS", "HANDLED_KEYS", "IGNORED_KEYS"]
 
 DIFFUSERS_CLASS_NAME = "AutoencoderKLCogVideoX"
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict; a key given twice raises (ValueError). Plain ``json`` (and
+    so diffusers) keeps the last value silently, which makes which one was meant a guess; the
+    safetensors headers and shard indexes are held to the same rule."""
+    counts = collections.Counter(k for k, _ in pairs)
+    dups = sorted(k for k, n in counts.items() if n > 1)
+    if dups:
+        raise ValueError(f"duplicate key(s) {', '.join(repr(k) for k in dups)} in one JSON object")
+    return dict(pairs)
 
 
 class ConfigError(ValueError):
@@ -313,7 +325,7 @@ class VAEConfig:
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config: {e}") from None
         try:  # UTF-8 whatever the locale, as diffusers reads it; every way to be unreadable is one error
-            data = json.loads(raw.decode("utf-8"))
+            data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: cannot read config: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
                               f"{e.start})") from None
@@ -337,7 +349,7 @@ class VAEConfig:
             problems = getattr(e, "problems", None) or []
             if not problems or not all(p.startswith("unknown config key ") for p in problems):
                 raise
-            data = json.loads(Path(path).read_bytes().decode("utf-8"))  # readable: from_json_file read it
+            data = json.loads(Path(path).read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
             known = {k: v for k, v in data.items() if k in HANDLED_KEYS or k in IGNORED_KEYS}
             return cls.from_diffusers_config(known, source=str(path)), e
 

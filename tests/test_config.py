@@ -33,6 +33,18 @@ def test_unknown_config_key_is_an_error_naming_it():
         VAEConfig.from_diffusers_config(cfg, source="vae/config.json")
 
 
+def test_a_key_given_twice_in_config_json_is_an_error(tmp_path):
+    """Plain JSON readers (and diffusers) keep the last of two values silently; which was meant is
+    a guess, so both keys are named (safetensors headers and indexes are refused the same way)."""
+    path = tmp_path / "config.json"
+    path.write_text('{"_class_name": "AutoencoderKL", "_class_name": "AutoencoderKLCogVideoX", '
+                    '"latent_channels": 8, "latent_channels": 16}')
+    for read in (VAEConfig.from_json_file, VAEConfig.from_json_file_ignoring_unknown):
+        with pytest.raises(ConfigError, match=re.escape(f"{path}: cannot read config: duplicate key(s) "
+                                                        "'_class_name', 'latent_channels'")):
+            read(path)
+
+
 def test_other_model_class_is_an_error():
     cfg = {"_class_name": "AutoencoderKL", "in_channels": 3}
     with pytest.raises(ConfigError, match="'AutoencoderKL', not 'AutoencoderKLCogVideoX': not a CogVideoX VAE"):

@@ -86,3 +86,52 @@ def test_a_subfolder_with_slashes_on_a_local_pipeline(tmp_path):
     for sub in ("/vae", "vae/", "/vae/"):
         assert find_diffusers_vae(tmp_path, subfolder=sub).folder == tmp_path / "vae"
     load(tmp_path, subfolder="/vae")
+
+
+def test_a_folder_with_an_index_and_a_single_file_is_read_as_diffusers_reads_it(tmp_path):
+    """diffusers' from_pretrained loads the sharded index when the folder also has the single
+    file (``_fetch_index_file`` first); converting the single file instead gave other weights than
+    diffusers, silently. Checked against diffusers itself."""
+    import pytest
+
+    from cogvae.converter.loading import find_diffusers_vae
+    from cogvae.converter.st_io import save_safetensors
+
+    ref = diffusers_vae(seed=5, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
+    ref.save_pretrained(tmp_path / "vae", safe_serialization=True, max_shard_size="20KB")  # the index + shards
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    save_safetensors({k: v + 1 for k, v in sd.items()}, tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    from diffusers import AutoencoderKLCogVideoX
+
+    theirs = AutoencoderKLCogVideoX.from_pretrained(tmp_path / "vae").state_dict()
+    k = "decoder.conv_out.conv.bias"
+    np.testing.assert_array_equal(theirs[k].numpy(), sd[k])  # diffusers: the shards, not the single file
+    assert find_diffusers_vae(tmp_path).weights_path.name == "diffusion_pytorch_model.safetensors.index.json"
+    vae = load(tmp_path, compute_dtype=jnp.float32)
+    back = export_tensors(state_to_flat_dict(nnx.state(vae, nnx.Param)), load_mapping())
+    for key, v in sd.items():
+        np.testing.assert_array_equal(back[key], v)
+
+
+def test_a_subfolder_out_of_the_folder_is_refused(tmp_path):
+    """--subfolder names a folder inside the repo or pipeline folder; '../elsewhere' converted
+    whatever lay there (a shard path out of its folder is refused the same way)."""
+    import shutil
+
+    import pytest
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+    from cogvae.converter.convert import default_source
+    from cogvae.converter.loading import find_diffusers_vae
+
+    shutil.copytree(default_source(), tmp_path / "elsewhere")
+    (tmp_path / "pipe").mkdir()
+    for sub in ("../elsewhere", "vae/../../elsewhere", "/../elsewhere"):
+        with pytest.raises(ValueError, match=r"name a folder inside the repo or pipeline folder \(no '\.\.'\)"):
+            find_diffusers_vae(tmp_path / "pipe", subfolder=sub)
+    for args in (["convert", str(tmp_path / "pipe"), "--out", str(tmp_path / "out")], ["inspect", str(tmp_path / "pipe")],
+                 ["verify", str(tmp_path / "pipe")]):
+        r = CliRunner().invoke(cli, args + ["--subfolder", "../elsewhere"])
+        assert r.exit_code == 2 and "no '..'" in r.stderr, (args, r.output)
+    assert not (tmp_path / "out").exists()

@@ -371,7 +371,7 @@ def _two_bad_shards(tmp_path, tiny_tensors):
     for f in (A, B):
         data = (d / f).read_bytes()
         (d / f).write_bytes(data[: len(data) // 2])
-    return d, [str(d / INDEX), "2 problems", f"{d / A}: truncated file", f"{d / B}: truncated file"]
+    return d, [str(d / INDEX), "2 problem", f"{d / A}: truncated file", f"{d / B}: truncated file"]
 
 
 def _path_traversal(tmp_path, tiny_tensors):
@@ -428,3 +428,84 @@ def test_valid_sharded_tiny_vae_converts(tmp_path, tiny_tensors):
     r = CliRunner().invoke(convert_command, [str(d), "--out", str(out), "--no-validate", "-q"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.stderr
+
+
+# ----------------------------------------------------------------------------------------
+# a broken file does not hide the problems of the tensors that can still be read
+# ----------------------------------------------------------------------------------------
+
+
+def _missing_shard_and_tensor_problems(tmp_path, tiny_tensors):
+    """Shard A is gone; shard B still holds a NaN, a tensor of the wrong shape and a key no rule
+    matches: the missing shard used to be the only thing reported."""
+    d = _tiny_copy(tmp_path)
+    keys, shards = _split(tiny_tensors)
+    nan_key = next(k for k in shards[B] if k.endswith(".bias"))
+    shape_key = next(k for k in shards[B] if k.endswith(".weight") and k != nan_key)
+    shards[B][nan_key] = np.full_like(shards[B][nan_key], np.nan)
+    shards[B][shape_key] = np.zeros((3,), np.float32)
+    shards[B]["bogus.key"] = np.zeros((2,), np.float32)
+    _sharded(d, shards)
+    (d / A).unlink()
+    file_line = f"{d / A}: missing shard file (named in the index)"
+    return d, {"file": file_line, "nan": (str(d / B), repr(nan_key)), "shape": (str(d / B), repr(shape_key)),
+               "unmatched": (str(d / B), "'bogus.key'"), "missing_keys": keys[: len(keys) // 2]}
+
+
+def _bad_entry_and_tensor_problems(tmp_path, tiny_tensors):
+    """One header entry of an unsupported dtype, in a file whose other tensors include a NaN."""
+    d = _tiny_copy(tmp_path)
+    t = dict(tiny_tensors)
+    nan_key = "decoder.conv_in.conv.bias"
+    t[nan_key] = np.full_like(t[nan_key], np.nan)
+    save_safetensors(t, d / WEIGHTS)
+    data = (d / WEIGHTS).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    bad = "encoder.conv_in.conv.bias"
+    header[bad] = dict(header[bad], dtype="Q8")  # no such safetensors dtype
+    _raw(d / WEIGHTS, header, data[8 + n:])
+    return d, {"file": f"{d / WEIGHTS}: tensor {bad!r}: unsupported dtype 'Q8'",
+               "nan": (str(d / WEIGHTS), repr(nan_key)), "missing_keys": [bad]}
+
+
+@pytest.mark.parametrize("make", [_missing_shard_and_tensor_problems, _bad_entry_and_tensor_problems])
+def test_file_problems_reported_with_every_tensor_problem(tmp_path, tiny_tensors, make):
+    src, want = make(tmp_path, tiny_tensors)
+    out = tmp_path / "ckpt"
+    r = CliRunner().invoke(convert_command, [str(src), "--out", str(out), "-q"], catch_exceptions=False)
+    assert r.exit_code == 3, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("Error: cannot convert") and all(ln.startswith("  - ") for ln in lines[1:])
+    assert want["file"] in lines[1], r.stderr  # the file's own problem leads
+    for what in ("nan", "shape", "unmatched"):
+        if what in want:  # one line names the file holding the tensor, and the tensor
+            assert any(all(n in ln for n in want[what]) for ln in lines[2:]), (what, r.stderr)
+    # the tensors that cannot be read are not also reported as missing from the source
+    assert "missing tensor" not in r.stderr, r.stderr
+    assert not out.exists()
+
+    r = CliRunner().invoke(cli, ["inspect", str(src)], catch_exceptions=False)
+    assert r.exit_code == 3 and "Traceback" not in r.output
+    assert want["file"] in r.stderr, r.stderr
+    for what in ("shape", "unmatched"):  # inspect reads headers only: no values (NaN) are checked
+        if what in want:
+            assert any(all(n in ln for n in want[what]) for ln in r.stderr.splitlines()), (what, r.stderr)
+    assert "missing tensor" not in r.stderr, r.stderr
+
+    r = CliRunner().invoke(cli, ["verify", str(src), "--no-parity"], catch_exceptions=False)
+    assert r.exit_code == 1 and "load: FAILED" in r.stdout, r.output
+    assert want["nan"][1].strip("'") in r.stdout.split("finite: FAILED")[1], r.stdout
+
+
+def test_lenient_reader_keeps_the_readable_tensors(tmp_path):
+    """``strict=False`` opens what can be read and says what cannot; strict still refuses."""
+    index = _sharded(tmp_path, {A: {"x": X, "y": Y}, B: {"z": Z}})
+    (tmp_path / A).unlink()
+    with pytest.raises(SafetensorsError):
+        open_safetensors(index)
+    s = open_safetensors(index, strict=False)
+    assert sorted(s) == ["z"] and s.unreadable == {"x": tmp_path / A, "y": tmp_path / A}
+    assert s.problems == [f"{tmp_path / A}: missing shard file (named in the index)"]
+    assert s.file_of("x") == tmp_path / A and s.file_of("z") == tmp_path / B
+    np.testing.assert_array_equal(s.read_tensor("z"), Z)

@@ -382,3 +382,23 @@ def test_a_checkpoint_replaced_between_hashing_and_reading_is_not_verified(base,
         "when that is done"]
     res = CliRunner().invoke(cli, ["verify", str(out), "--no-parity"])
     assert res.exit_code == 3 and "replaced while it was being verified" in res.stderr
+
+
+def test_a_reference_with_nan_or_integer_tensors_fails(base, vae, good):
+    """A reference is checked as the source is: its NaN and its integer tensors are named, and the
+    run fails. Comparing with it used to pass (every relative change NaN or inf), since only the
+    source's values were checked."""
+    folder = base / "bad_reference"
+    folder.mkdir()
+    (folder / "config.json").write_text((vae / "config.json").read_text())
+    src = open_safetensors(vae / "diffusion_pytorch_model.safetensors")
+    tensors = {k: np.array(src[k]) for k in src}
+    tensors["encoder.conv_in.conv.weight"][0, 0, 0, 0, 0] = np.nan
+    tensors["decoder.conv_out.conv.bias"] = tensors["decoder.conv_out.conv.bias"].astype(np.int32)
+    save_safetensors(tensors, folder / "diffusion_pytorch_model.safetensors")
+
+    r = verify_checkpoint(good, reference=folder, parity=False)
+    assert not r.ok and r.nonfinite == [] and r.bad_dtypes == []  # the source itself is sound
+    refs = [p for p in r.load_problems if p.startswith("reference: ")]
+    assert any(f"'{NAN_KEY}'" in p and "1 NaN" in p for p in refs), refs
+    assert any(f"'{SHAPE_KEY}'" in p and "dtype int32 not allowed" in p for p in refs), refs
