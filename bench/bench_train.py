@@ -59,8 +59,15 @@ def prepare(workdir: Path, small: bool, scale: str) -> None:
     np.save(workdir / "target.npy", rng.uniform(-1, 1, (1, 3, 4 * t - 3, 8 * h, 8 * w)).astype(np.float32))
 
 
+def _trained(name: str) -> bool:
+    """A parameter the decode's loss reaches (diffusers' name): torch gives only these a gradient,
+    the jax gradient has every parameter (zeros for the encoder), so both keep only these before
+    taking a subset, or the two subsets would hold different parameters."""
+    return name.startswith(("decoder.", "post_quant_conv."))
+
+
 def _kept(names: list[str], small: bool) -> list[str]:
-    names = sorted(names)
+    names = sorted(n for n in names if _trained(n))
     return names if small or len(names) <= 2 * SUBSET else names[:SUBSET] + names[-SUBSET:]
 
 
@@ -155,12 +162,16 @@ def compare(workdir: Path, mode: str) -> dict:
     import numpy as np
 
     a, b = np.load(workdir / f"grads_torch_{mode}.npz"), np.load(workdir / f"grads_jax_{mode}.npz")
+    common = sorted(set(a.files) & set(b.files))
+    if not common:
+        return dict(grad_compare_error=f"no parameter in both gradient files ({len(a.files)} torch, {len(b.files)} jax)")
     rel = {}
-    for k in a.files:
+    for k in common:
         x, y = a[k].astype(np.float64), b[k].astype(np.float64)
         rel[k] = float(np.linalg.norm(x - y) / max(float(np.linalg.norm(x)), 1e-30))
     key = max(rel, key=rel.get)
-    return dict(worst_grad_rel_l2=rel[key], worst_grad_key=key, median_grad_rel_l2=statistics.median(rel.values()))
+    return dict(worst_grad_rel_l2=rel[key], worst_grad_key=key, median_grad_rel_l2=statistics.median(rel.values()),
+                grads_compared=len(common), grads_in_one_file_only=len(set(a.files) ^ set(b.files)))
 
 
 def main() -> None:
@@ -206,12 +217,14 @@ def main() -> None:
             row.update(compare(args.workdir, mode))
         rows.append(row)
         # After every mode, so a run cut short (a timeout of bench/gpu_run.sh) keeps the finished ones.
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(dict(rows=rows, repeats=args.repeats), indent=2))
-        os.replace(tmp, args.json)
+        partial = args.json.with_name(f".{args.json.name}.tmp")  # not `tmp`: that holds the workdir alive
+        partial.write_text(json.dumps(dict(rows=rows, repeats=args.repeats), indent=2))
+        os.replace(partial, args.json)
 
-    def f(v, spec):
-        return format(v, spec) if isinstance(v, (int, float)) else "-"
+    def f(v, spec):  # a missing value as "-", in its column's width (the table stays aligned)
+        if isinstance(v, (int, float)):
+            return format(v, spec)
+        return str(v if v is not None else "-").rjust(int(spec.split(".")[0] or 0))
 
     head = (f"{'scale':6s} {'ckpt':4s} {'diffusers s':>11s} {'cogvae s':>9s} {'speedup':>8s} {'first s':>8s} "
             f"{'diff GiB':>9s} {'cogvae GiB':>10s} {'|loss diff|':>11s} {'grad rel worst / median':>23s}")

@@ -247,8 +247,10 @@ def summarise(raw: dict, workdir: Path) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    def f(v, spec):
-        return format(v, spec) if isinstance(v, (int, float)) else str(v if v is not None else "-")
+    def f(v, spec):  # a missing value as "-", in its column's width (the table stays aligned)
+        if isinstance(v, (int, float)):
+            return format(v, spec)
+        return str(v if v is not None else "-").rjust(int(spec.split(".")[0] or 0))
 
     head = f"{'scale':6s} {'op':18s} {'diffusers s':>11s} {'cogvae s':>9s} {'speedup':>8s} {'first s':>8s} " \
            f"{'diff GiB':>9s} {'cogvae GiB':>10s} {'max|diff|':>10s}"
