@@ -37,10 +37,18 @@ def enable_compilation_cache(path: Optional[Union[str, os.PathLike]] = None, *, 
     the first decode of the process; called later, it still applies to every compile that follows
     (JAX is told to re-read its cache settings). Returns the directory, created if missing.
     """
-    if min_compile_time_s < 0:
-        raise ValueError(f"min_compile_time_s must be >= 0, got {min_compile_time_s}")
+    import math
+
+    if isinstance(min_compile_time_s, bool) or not isinstance(min_compile_time_s, (int, float)) \
+            or not math.isfinite(min_compile_time_s) or min_compile_time_s < 0:
+        raise ValueError(f"min_compile_time_s must be a finite number of seconds >= 0, got {min_compile_time_s!r}")
     directory = Path(path).expanduser() if path is not None else default_cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"compilation cache {directory}: exists and is not a folder") from None
+    except OSError as e:
+        raise OSError(e.errno, f"compilation cache {directory}: cannot create the folder: {e.strerror or e}") from None
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
     # JAX decides once per process whether the cache is in use, at its first compile; without a

@@ -13,7 +13,7 @@ both on 4 CPU devices. A split input is compiled with its own kernels, which rea
 cache as a plain slice (``layers.lowering``): the ordered reads that save memory on one device
 double it once partitioned.
 
-    mesh = jax.make_mesh((jax.device_count(),), ("x",))
+    mesh = jax.make_mesh((jax.device_count(),), ("x",))  # explicit or automatic axes, either works
     replicate(vae, mesh)                                      # the weights on every device, once
     z = jax.device_put(z, video_sharding(mesh, height="x"))  # (B, t, h, w, C), h split
     video = vae.decode(z)                                     # (B, T, H, W, 3), H split
@@ -25,9 +25,34 @@ from typing import Optional
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["replicate", "video_sharding"]
+
+
+def _automatic_mesh(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis automatic. ``jax.make_mesh`` makes explicit axes by default, whose
+    arrays carry their split in their type: reshapes and pads must then say how the split goes
+    through them, which GroupNorm's group statistics and the encoder's downsampling pad do not
+    (a ShardingTypeError). On automatic axes XLA's partitioner propagates the split, as for any
+    jitted function; same devices, same split, no data moved."""
+    types = getattr(mesh, "axis_types", None)
+    if types is None or all(t == AxisType.Auto for t in types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def automatic(x: jax.Array) -> jax.Array:
+    """``x`` as is, or, when it is split over a mesh with explicit axes, the same split over the
+    automatic version of that mesh (see ``_automatic_mesh``): what ``encode`` and ``decode`` do
+    with their input, so that an array placed with the user's own explicit mesh works too."""
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return x
+    mesh = _automatic_mesh(sharding.mesh)
+    if mesh is sharding.mesh:
+        return x
+    return jax.device_put(x, NamedSharding(mesh, sharding.spec))
 
 
 def replicate(vae: nnx.Module, mesh: Mesh) -> nnx.Module:
@@ -37,7 +62,7 @@ def replicate(vae: nnx.Module, mesh: Mesh) -> nnx.Module:
     again. Returns ``vae``.
     """
     state = nnx.state(vae)
-    nnx.update(vae, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
+    nnx.update(vae, jax.device_put(state, NamedSharding(_automatic_mesh(mesh), PartitionSpec())))
     return vae
 
 
@@ -56,4 +81,4 @@ def video_sharding(
         raise ValueError(f"mesh axes {unknown} are not in the mesh's axes {mesh.axis_names}")
     if len(set(names)) != len(names):
         raise ValueError(f"a mesh axis may split one dimension only, got batch={batch} height={height} width={width}")
-    return NamedSharding(mesh, PartitionSpec(batch, None, height, width, None))
+    return NamedSharding(_automatic_mesh(mesh), PartitionSpec(batch, None, height, width, None))

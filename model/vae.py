@@ -194,6 +194,25 @@ class TilingConfig:
     latent_min_height: Optional[int] = None
     latent_min_width: Optional[int] = None
 
+    def __post_init__(self):
+        # diffusers takes any value and fails at the first tiled call ("range() arg 3 must not be
+        # zero", "need at least one array to concatenate"); a setting is refused here, named.
+        problems = []
+        for name in ("tile_sample_min_height", "tile_sample_min_width", "latent_min_height", "latent_min_width"):
+            v = getattr(self, name)
+            if v is None and name.startswith("latent"):
+                continue
+            # 0 is what a config with sample_height 1 derives (sample_height // 2), as in diffusers:
+            # such a model is built, and only a tiled call is refused (by _tiled)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                problems.append(f"{name} must be a whole number >= 0, got {v!r}")
+        for name in ("tile_overlap_factor_height", "tile_overlap_factor_width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not 0 <= v < 1:
+                problems.append(f"{name} must be a number in [0, 1), got {v!r}")
+        if problems:
+            raise ValueError("tiling: " + "; ".join(problems))
+
     @property
     def tile_latent_min_height(self) -> int:
         if self.latent_min_height is not None:
@@ -549,17 +568,39 @@ def _refuse_overflow(params, target) -> None:
                          + "\n".join(f"  - parameter {k!r}: {n} value(s)" for k, n in bad))
 
 
-def _check_input(x, channels: int, method: str, what: str, layout: str) -> None:
-    """Refuse inputs diffusers refuses, with a message that says what to do.
+def _as_array(x, method: str, what: str):
+    """A jax or numpy array (or tracer) as is; anything else array-like (a nested list, a CPU
+    torch tensor, as diffusers users hold them) as a numpy array, so that its real shape is checked
+    and named; what cannot be one (a torch tensor that needs grad, on a GPU) is a TypeError that
+    says what to pass. An array split over a mesh with explicit axes (``jax.make_mesh``'s default)
+    is given the same split on an automatic mesh: see ``sharding.automatic``."""
+    if isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, jax.core.Tracer):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            from .sharding import automatic
+
+            return automatic(x)
+        return x
+    try:
+        return np.asarray(x)
+    except Exception as e:  # noqa: BLE001 -- torch's own refusals (grad, device) say why
+        raise TypeError(f"{method}: expected a {what} array (jax or numpy), got {type(x).__name__} that cannot be "
+                        f"read as one ({e}); pass e.g. jnp.asarray(x.detach().cpu().numpy())") from None
+
+
+def _check_input(x, channels: int, method: str, what: str, layout: str):
+    """Refuse inputs diffusers refuses, with a message that says what to do; returns ``x`` as an
+    array (see ``_as_array``).
 
     diffusers raises for a tensor that is not 5-D and for a wrong channel count; without this the
     JAX model would report a wrong rank or layout as a conv feature mismatch or as a too-small
     width, or, for an image without its time axis, misread it. An integer or bool tensor (uint8
     video frames, say) makes diffusers' conv raise ("Input type ... and bias type ... should be the
     same"); JAX would silently promote it and return garbage, as the model expects values in
-    [-1, 1]. Only shapes and dtypes are read, so this works on tracers too.
+    [-1, 1]. An empty axis other than the batch is refused too: diffusers raises for it, and the
+    model would return an empty array. Only shapes and dtypes are read, so this works on tracers too.
     """
-    shape = tuple(getattr(x, "shape", ()))
+    x = _as_array(x, method, what)
+    shape = tuple(x.shape)
     if len(shape) != 5:
         hint = f" (an image is one frame: {what}[:, None])" if len(shape) == 4 else ""
         raise ValueError(f"{method}: expected a 5-D {what} {layout}, got shape {shape}{hint}")
@@ -570,16 +611,17 @@ def _check_input(x, channels: int, method: str, what: str, layout: str) -> None:
         raise ValueError(
             f"{method}: expected {channels} channels on the last axis of the {layout} {what}, got shape {shape}{hint}"
         )
-    try:
-        dt = jnp.dtype(x.dtype)
-    except TypeError:  # a dtype JAX does not know (e.g. a torch tensor's): JAX reports it itself
-        return
+    empty = [name for name, n in zip(("frames", "height", "width"), shape[1:4]) if n == 0]
+    if empty:
+        raise ValueError(f"{method}: the {layout} {what} has no {' and no '.join(empty)}: got shape {shape}")
+    dt = jnp.dtype(x.dtype)
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(
             f"{method}: expected a floating-point {what}, got dtype {dt} (diffusers refuses it too); "
             + ("scale video frames to [-1, 1] first, e.g. x.astype(jnp.float32) / 127.5 - 1"
                if what == "video" else "cast it to a float dtype")
         )
+    return x
 
 
 def _decoder_output(video: Array, return_dict: Optional[bool]):
@@ -804,7 +846,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
 
     def encode_moments(self, x: Array, *, compiled: bool = True) -> Array:
         """x: (B, T, H, W, C) -> raw encoder output (B, t, h, w, 2*latent): mean and logvar stacked."""
-        _check_input(x, self.config.in_channels, "encode", "video", "(B, T, H, W, C)")
+        x = _check_input(x, self.config.in_channels, "encode", "video", "(B, T, H, W, C)")
         if self.use_slicing and x.shape[0] > 1:
             return jnp.concatenate([self._encode(x[i : i + 1], compiled) for i in range(x.shape[0])], axis=0)
         return self._encode(x, compiled)
@@ -842,7 +884,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
         Returns the array; ``return_dict=True`` gives diffusers' ``DecoderOutput`` (``.sample``),
         ``return_dict=False`` diffusers' ``(video,)``.
         """
-        _check_input(z, self.config.latent_channels, "decode", "latent", "(B, t, h, w, C)")
+        z = _check_input(z, self.config.latent_channels, "decode", "latent", "(B, t, h, w, C)")
         if self.use_slicing and z.shape[0] > 1:
             video = jnp.concatenate([self._decode(z[i : i + 1], compiled) for i in range(z.shape[0])], axis=0)
         else:
@@ -901,6 +943,10 @@ class AutoencoderKLCogVideoX(nnx.Module):
         full = (min(tile_in[0], height), min(tile_in[1], width))
         overlap_h = int(tile_in[0] * (1 - fh))
         overlap_w = int(tile_in[1] * (1 - fw))
+        for name, size, f, step in (("height", tile_in[0], fh, overlap_h), ("width", tile_in[1], fw, overlap_w)):
+            if step < 1:  # diffusers' range(0, n, 0) raises "arg 3 must not be zero", or a tile is empty
+                raise ValueError(f"tiling: a tile {name} of {size} with overlap factor {f} moves the next tile by "
+                                 f"{step}: use a larger tile or a smaller overlap factor (vae.tiling: {self.tiling})")
         blend_h = int(tile_out[0] * fh)
         blend_w = int(tile_out[1] * fw)
         limit_h = tile_out[0] - blend_h
@@ -944,7 +990,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
 
     def tiled_encode(self, x: Array, *, compiled: bool = True) -> Array:
         """x: (B, T, H, W, C) -> raw moments (B, t, h, w, 2*latent), tile by tile."""
-        _check_input(x, self.config.in_channels, "tiled_encode", "video", "(B, T, H, W, C)")
+        x = _check_input(x, self.config.in_channels, "tiled_encode", "video", "(B, T, H, W, C)")
         t = self.tiling
         return self._tiled(
             x,
@@ -958,7 +1004,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
 
     def tiled_decode(self, z: Array, return_dict: Optional[bool] = None, *, compiled: bool = True):
         """z: (B, t, h, w, latent) -> video (B, T, H, W, out), tile by tile; ``return_dict`` as in ``decode``."""
-        _check_input(z, self.config.latent_channels, "tiled_decode", "latent", "(B, t, h, w, C)")
+        z = _check_input(z, self.config.latent_channels, "tiled_decode", "latent", "(B, t, h, w, C)")
         t = self.tiling
         video = self._tiled(
             z,

@@ -64,3 +64,22 @@ def test_cache_dir_defaults(monkeypatch, tmp_path):
     assert cc.default_cache_dir() == tmp_path / "xdg" / "cogvae" / "jax"
     with pytest.raises(ValueError, match="min_compile_time_s"):
         cc.enable_compilation_cache(tmp_path, min_compile_time_s=-1)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(min_compile_time_s=float("nan")), ValueError, "finite number of seconds >= 0, got nan"),
+    (dict(min_compile_time_s="1"), ValueError, "finite number of seconds >= 0, got '1'"),
+    (dict(min_compile_time_s=-1), ValueError, "got -1"),
+    (dict(path="{file}"), ValueError, "exists and is not a folder"),
+])
+def test_bad_arguments_are_refused_before_anything_changes(tmp_path, kwargs, error, message):
+    import jax
+
+    from cogvae.model import enable_compilation_cache
+
+    (tmp_path / "file").write_text("x")
+    kwargs = {k: (v.format(file=tmp_path / "file") if isinstance(v, str) and "{" in v else v) for k, v in kwargs.items()}
+    before = jax.config.jax_compilation_cache_dir
+    with pytest.raises(error, match=message):
+        enable_compilation_cache(**({"path": tmp_path / "cache"} | kwargs))
+    assert jax.config.jax_compilation_cache_dir == before

@@ -255,6 +255,11 @@ BAD_INPUTS = {
     "int latents": ("decode", torch.zeros(1, 4, 2, 4, 6, dtype=torch.int64), np.zeros((1, 2, 4, 6, 4), np.int32),
                     TypeError, r"floating-point latent, got dtype int32"),
     "rank-6 latents": ("decode", None, np.zeros((1, 1, 2, 4, 6, 4), np.float32), ValueError, r"expected a 5-D latent"),
+    # an empty axis: diffusers raises; the model returned an empty video
+    "latents of height 0": ("decode", torch.zeros(1, 4, 2, 0, 3), np.zeros((1, 2, 0, 3, 4), np.float32), ValueError,
+                            r"decode: the \(B, t, h, w, C\) latent has no height: got shape \(1, 2, 0, 3, 4\)"),
+    "no frames": ("encode", torch.zeros(1, 3, 0, 16, 24), np.zeros((1, 0, 16, 24, 3), np.float32), ValueError,
+                  r"encode: the \(B, T, H, W, C\) video has no frames: got shape \(1, 0, 16, 24, 3\)"),
 }
 
 
@@ -397,3 +402,50 @@ def test_load_with_a_float16_compute_dtype_refuses_weights_float16_cannot_hold(t
         with pytest.raises(ValueError, match=r"overflow to Inf in float16[\s\S]*'encoder\.conv_in\.conv\.bias'"):
             load(source, compute_dtype="float16")
         assert load(source, compute_dtype="bfloat16").dtype is jnp.bfloat16
+
+
+def test_lists_and_torch_tensors_are_read_as_arrays():
+    """What diffusers users hold: a nested list or a CPU torch tensor in (B, t, h, w, C) gives the
+    same video as the jax array; its real shape is checked (a list was reported as shape ()), and a
+    tensor that cannot become an array says what to pass."""
+    _, ours = pair()
+    z = np.random.default_rng(3).standard_normal((1, 2, 3, 4, 4)).astype(np.float32)
+    want = np.asarray(ours.decode(jnp.asarray(z)))
+    np.testing.assert_array_equal(np.asarray(ours.decode(z.tolist())), want)
+    np.testing.assert_array_equal(np.asarray(ours.decode(torch.from_numpy(z))), want)
+    with pytest.raises(ValueError, match=r"decode: expected a 5-D latent .* got shape \(2, 3, 4, 4\)"):
+        ours.decode(z[0].tolist())
+    with pytest.raises(TypeError, match=r"decode: expected a latent array .* got Tensor .*x\.detach\(\)\.cpu\(\)"):
+        ours.decode(torch.from_numpy(z).requires_grad_())
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(tile_sample_min_height=-16), "tile_sample_min_height must be a whole number >= 0, got -16"),
+    (dict(tile_sample_min_width=16.5), "tile_sample_min_width must be a whole number >= 0, got 16.5"),
+    (dict(tile_overlap_factor_height=1.0), r"tile_overlap_factor_height must be a number in \[0, 1\), got 1.0"),
+    (dict(tile_overlap_factor_width=-0.1), r"tile_overlap_factor_width must be a number in \[0, 1\), got -0.1"),
+    (dict(tile_latent_min_height=-1), "latent_min_height must be a whole number >= 0, got -1"),
+])
+def test_bad_tiling_settings_are_refused_when_set(setting, message):
+    """diffusers takes any value and fails at the first tiled call ("range() arg 3 must not be
+    zero"); here the setting is refused as it is made, named, and the old settings stay."""
+    _, ours = pair()
+    before = ours.tiling
+    (name, value), = setting.items()
+    with pytest.raises(ValueError, match=message):
+        setattr(ours, name, value)
+    assert ours.tiling == before
+
+
+def test_a_tile_too_small_to_move_is_a_clear_error():
+    """A tile of 1 pixel is 0 latents (this VAE's spatial compression is 2): the next tile would
+    start 0 latents further (diffusers: "range() arg 3 must not be zero")."""
+    _, ours = pair()
+    saved = ours.tiling
+    try:
+        ours.enable_tiling(1, 1)
+        with pytest.raises(ValueError, match="tiling: a tile height of 0 with overlap factor .* moves the next tile by 0"):
+            ours.decode(jnp.zeros((1, 1, 2, 2, 4)))
+    finally:
+        ours.disable_tiling()
+        ours.tiling = saved
