@@ -380,6 +380,10 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
         created.append(anc)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_created(created)
+        raise OutputError(f"{given}: cannot create output folder: {e.strerror or e}") from None
+    try:
         tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "tmp"), dir=out.parent))
         (tmp / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         umask = os.umask(0)
@@ -387,10 +391,18 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
         os.chmod(tmp, 0o777 & ~umask)
     except OSError as e:
         _remove_created(created)
-        raise OutputError(f"{given}: cannot create output folder: {e.strerror or e}") from None
+        # e.g. a writable mount point inside a read-only folder: the output itself may be writable
+        raise OutputError(f"{given}: cannot create a temporary folder in {out.parent} ({e.strerror or e}): the "
+                          f"output is written next to where it goes and renamed into place, so {out.parent} "
+                          "must be writable") from None
     old = None
     try:
         yield tmp
+        # every file's data on disk before the rename makes the output visible (the checkpoint
+        # writer syncs its files already; an export's config and weights were not)
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file() and not f.is_symlink():
+                _fsync_path(f)
         _fsync_path(tmp, directory=True)
         _preflight(out, overwrite, replaces)  # it may have appeared meanwhile
         try:

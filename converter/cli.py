@@ -491,8 +491,9 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
 def inspect_command(source, subfolder, variant, revision, token, as_json):
     """List every tensor of a diffusers VAE or a converted checkpoint (a folder or a Hub repo id):
     the mapping rule that handles it, where it goes (or comes from), shape and dtype. Exit code 3,
-    after the whole listing, when cogvae-convert would refuse the tensors (no rule, wrong rank or
-    shape, not in the config's architecture, or missing), each named on stderr.
+    after the whole listing, when cogvae-convert would refuse the tensors (a broken file, no rule,
+    wrong rank, shape or dtype, not in the config's architecture, or missing), each named with its
+    file on stderr. Only headers are read: values (NaN, Inf) are checked by convert and verify.
 
     \b
     Examples:

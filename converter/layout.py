@@ -46,6 +46,22 @@ def weights_names(variant: Optional[str] = None) -> list[str]:
     return names + [single_weights_name(variant)]
 
 
+_WEIGHTS_FILE = re.compile(
+    re.escape(WEIGHTS_NAME) + r"(?:\.(?P<a>[A-Za-z0-9][A-Za-z0-9_-]*?))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
+    r"(?:\.index(?:\.(?P<b>[A-Za-z0-9][A-Za-z0-9_-]*))?\.json)?")
+
+
+def weights_variant(name: str) -> tuple[bool, Optional[str]]:
+    """``(True, variant)`` for a diffusers weights file name (single, shard or index, safetensors or
+    .bin; variant None for the plain weights), ``(False, None)`` for any other name.
+    ``diffusion_pytorch_model.fp16-00001-of-00002.safetensors`` and
+    ``diffusion_pytorch_model.safetensors.index.fp16.json`` are both fp16's."""
+    m = _WEIGHTS_FILE.fullmatch(name)
+    if m is None:
+        return False, None
+    return True, m.group("a") or m.group("b")
+
+
 def weights_in(folder: Path, variant: Optional[str] = None) -> Optional[Path]:
     """The weights file (single or index) of ``variant`` in ``folder``, or None."""
     for name in weights_names(variant):

@@ -9,6 +9,7 @@ by the mapping engine with every check applied, and only then merged: nothing is
 from __future__ import annotations
 
 import errno
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping as TMapping, Optional
@@ -27,7 +28,7 @@ from .hub import (  # SourceError lives with the source resolver (no jax there)
     strip_subfolder,
     unreadable,
 )
-from .layout import WEIGHTS_NAME, weights_in
+from .layout import WEIGHTS_NAME, weights_in, weights_names
 from .mapping import Mapping, load_mapping
 from .st_io import is_index_file, open_safetensors
 
@@ -79,11 +80,27 @@ def find_diffusers_vae(path: str | Path, *, subfolder: str = "vae", variant: Opt
         raise unreadable(where, e) from None
 
 
+def _not_a_file(path: Path) -> Optional[str]:
+    """Why ``path``, which is there by name, is not a file to read: a broken symlink (a Hub cache
+    whose blob was deleted looks like this) or a folder; None when it is not there at all."""
+    if path.is_symlink() and not path.exists():
+        return f"{path} is a broken symlink (to {os.readlink(path)}, which does not exist)"
+    if path.is_dir():
+        return f"{path} is a folder, not a file"
+    return None
+
+
 def _find_in(root: Path, subfolder: str, variant: Optional[str]) -> DiffusersSource:
     candidates = [root] + ([root / subfolder] if subfolder else [])
     for folder in candidates:
+        why = _not_a_file(folder / "config.json")
+        if why:
+            raise SourceError(f"{why}: cannot read the VAE config")
         if (folder / "config.json").is_file():
             weights = weights_in(folder, variant)
+            broken = [w for w in (_not_a_file(folder / n) for n in weights_names(variant)) if w]
+            if weights is None and broken:  # not "no such file" for one that is there: say what is wrong
+                raise SourceError(f"{'; '.join(broken)}: cannot read the VAE weights")
             if weights is None:
                 found = sorted(p.name for p in folder.glob(f"{WEIGHTS_NAME}*"))
                 hint = f" (found: {', '.join(found)})" if found else ""

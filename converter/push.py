@@ -439,7 +439,8 @@ def _export_weights(ckpt: Path, into: Path) -> Path:
     from .saving import export_diffusers
 
     export_diffusers(ckpt, into / "export")
-    if (into / "export" / "config.json").read_bytes() != (ckpt / "config.json").read_bytes():
+    # the same settings (and version); the export sorts its keys as diffusers does, the checkpoint's need not
+    if read_json(into / "export" / "config.json") != read_json(ckpt / "config.json"):
         raise PushInputError(f"{ckpt}: its config.json differs from the diffusers config of its architecture; "
                         "convert it again to push diffusers weights with it")
     return into / "export" / DIFFUSERS_WEIGHTS

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -274,6 +275,46 @@ def save(
             "base": origin}
 
 
+def _other_variants(out: Path, variant: Optional[str], config: Any) -> list[str]:
+    """The weights files of other variants in ``out``, a diffusers folder an export with
+    ``overwrite`` replaces: exporting the fp16 variant next to the fp32 weights (the Hub's usual
+    layout) keeps the fp32 ones, as diffusers' ``save_pretrained(variant=)`` does. They stay only
+    beside the same network: an ``out`` whose config.json has other settings is refused
+    (OutputError) rather than left with weights its new config does not describe."""
+    from .checkpoint import _is_diffusers_export
+    from .layout import weights_variant
+
+    try:
+        if not out.is_dir() or not _is_diffusers_export(out):
+            return []  # not a diffusers folder: atomic_output_dir says what --overwrite may replace
+        others = sorted(p.name for p in out.iterdir()
+                        if p.is_file() and weights_variant(p.name)[0] and weights_variant(p.name)[1] != variant)
+    except OSError:
+        return []  # atomic_output_dir reports the folder it cannot look into
+    if not others:
+        return []
+    from cogvae.model import ConfigError, VAEConfig
+
+    try:
+        theirs = VAEConfig.from_json_file(out / CONFIG_NAME)
+    except ConfigError:
+        theirs = None
+    if theirs != config:
+        mine = "the plain weights" if variant is None else f"variant {variant!r}"
+        raise OutputError(f"{out}: holds weights of other variants ({', '.join(others)}) for another config than this "
+                          f"export's: writing {mine} with this config.json would leave them described wrongly; "
+                          "export into another folder, or remove them first")
+    return others
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (no copy of the bytes), or a copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def export_diffusers(
     source,
     out: str | os.PathLike,
@@ -323,7 +364,11 @@ def export_diffusers(
     if isinstance(source, _model_class()):
         if format is not None or revision is not None:
             raise ValueError("format= and revision= apply to a checkpoint, not to a model in memory")
-        config, params, name, fmt = source.config, model_params(source, action="export"), IN_MEMORY, None
+        # cast here too: a NaN and a float16 overflow are named in one error, as for a checkpoint
+        config, params, name, fmt = source.config, model_params(source, action="export", dtype=dtype), IN_MEMORY, None
+    elif not isinstance(source, (str, os.PathLike)):  # an nnx.State, say: not a path to look up
+        raise TypeError(f"expected a cogvae AutoencoderKLCogVideoX, a checkpoint folder or a Hub repo id, got "
+                        f"{type(source).__name__} (for an nnx.State, nnx.update the model with it and export the model)")
     else:
         from .loading import fetch
 
@@ -353,14 +398,18 @@ def export_diffusers(
     del params
     if problems:
         raise ConversionError(problems, header=f"cannot export {name}")
+    kept = _other_variants(out, variant, config) if overwrite else []
     try:
         with atomic_output_dir(out, overwrite=overwrite, replaces="diffusers") as tmp:
-            (tmp / CONFIG_NAME).write_text(json.dumps(config.to_diffusers_config(), indent=2) + "\n")
+            # as diffusers' save_pretrained writes it (keys sorted), so a config it wrote comes back as it was
+            (tmp / CONFIG_NAME).write_text(json.dumps(config.to_diffusers_config(), indent=2, sort_keys=True) + "\n")
             save_safetensors(tensors, tmp / weights_name, metadata={"format": "pt"})
+            for f in kept:  # the other variants' weights stay, as save_pretrained(variant=) leaves them
+                _link_or_copy(out / f, tmp / f)
     except OSError as e:
         if isinstance(e, OutputError):
             raise
         raise OutputError(f"{out}: cannot write: {e.strerror or e}") from None
     return {"ok": True, "out": str(out), "checkpoint": str(source) if fmt else IN_MEMORY, "format": fmt,
-            "num_tensors": len(tensors), "files": [CONFIG_NAME, weights_name],
+            "num_tensors": len(tensors), "files": [CONFIG_NAME, weights_name], "kept": kept,
             "dtype": sorted({tensors.dtype_of(k).name for k in tensors})}

@@ -236,13 +236,20 @@ class VAEConfig:
     use_quant_conv: bool = False
     use_post_quant_conv: bool = False
     invert_scale_latents: bool = False
+    # diffusers' bookkeeping, not a setting: the diffusers version that wrote the source config,
+    # written back on export (diffusers' save_pretrained always writes one). Not compared, hashed
+    # or listed among the config's keys: two configs of one network are equal whoever wrote them.
+    diffusers_version: Optional[str] = dataclasses.field(default=None, compare=False, repr=False,
+                                                         metadata={"bookkeeping": True})
 
     def __post_init__(self) -> None:
         """Check every field's type and range, then how the fields fit together; raise one
         ConfigError listing every problem. Lists become tuples (the config is hashable)."""
         problems: list[str] = []
         bad: set[str] = set()  # fields with a wrong type or range: the cross-field checks skip them
-        for f in dataclasses.fields(self):
+        if self.diffusers_version is not None and not isinstance(self.diffusers_version, str):
+            problems.append(f"_diffusers_version: must be a string, got {_show(self.diffusers_version)}")
+        for f in _settings():
             value = getattr(self, f.name)
             normalized, problem = _FIELD_CHECKS[f.name](value)
             if problem is not None:
@@ -309,6 +316,8 @@ class VAEConfig:
             # another model's config: its field values would only add noise
             raise _config_error(problems, source)
         kwargs = {k: config[k] for k in HANDLED_KEYS if k in config}
+        if config.get("_diffusers_version") is not None:
+            kwargs["diffusers_version"] = config["_diffusers_version"]
         try:
             result = cls(**kwargs)
         except ConfigError as e:
@@ -354,8 +363,12 @@ class VAEConfig:
             return cls.from_diffusers_config(known, source=str(path)), e
 
     def to_diffusers_config(self) -> dict[str, Any]:
+        """The config.json diffusers reads: ``_class_name``, ``_diffusers_version`` when known, and
+        every setting (diffusers' save_pretrained writes the defaults of absent keys too)."""
         out: dict[str, Any] = {"_class_name": DIFFUSERS_CLASS_NAME}
-        for f in dataclasses.fields(self):
+        if self.diffusers_version is not None:
+            out["_diffusers_version"] = self.diffusers_version
+        for f in _settings():
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
@@ -368,7 +381,7 @@ class VAEConfig:
     # ``config.items()``, ``len(config)``: the same readings work here, over the config's keys (the
     # fields). It stays read-only, as diffusers' is.
     def keys(self) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(self))
+        return tuple(f.name for f in _settings())
 
     def __getitem__(self, key: str) -> Any:
         if isinstance(key, str) and key in self.keys():
@@ -395,6 +408,11 @@ class VAEConfig:
 
     def items(self) -> tuple[tuple[str, Any], ...]:
         return tuple((k, self[k]) for k in self.keys())
+
+
+def _settings() -> tuple[dataclasses.Field, ...]:
+    """VAEConfig's fields that are config.json settings (not bookkeeping such as the version)."""
+    return tuple(f for f in dataclasses.fields(VAEConfig) if not f.metadata.get("bookkeeping"))
 
 
 # The four published CogVideoX VAEs share one architecture; their configs differ only in the

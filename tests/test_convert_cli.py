@@ -686,13 +686,17 @@ def test_inspect_lists_every_tensor_then_exits_3_naming_what_convert_would_refus
     assert data["num_tensors"] == len(tensors) == len(data["tensors"])
     row = next(x for x in data["tensors"] if x["key"] == "decoder.conv_in.conv.weight")
     assert row["target_shape"] is None and "rank" in row["problem"]
+    f = src / "diffusion_pytorch_model.safetensors"  # each problem names the file, as convert's do
     assert data["problems"] == [
-        f"decoder.conv_in.conv.weight: {row['problem']}",
-        "decoder.norm_out.norm_layer.bias: dtype int32 is not floating point (allowed: bfloat16, float16, float32)",
-        "encoder.conv_in.conv.bias: the config's architecture needs shape (8,)",
-        "encoder.conv_out.conv.bias: dtype float64 not allowed (allowed: bfloat16, float16, float32)",
-        "foo.bar: no mapping rule matches this key",
-        "missing: no tensor maps to decoder.conv_out.conv.bias (3,)",
+        f"{f}: tensor 'decoder.conv_in.conv.weight': {row['problem']}",
+        f"{f}: tensor 'decoder.norm_out.norm_layer.bias': dtype int32 is not floating point (allowed: bfloat16, "
+        "float16, float32)",
+        f"{f}: tensor 'encoder.conv_in.conv.bias': shape mismatch: source shape (7,), expected (8,) (model parameter "
+        "'encoder.conv_in.conv.bias' has shape (8,))",
+        f"{f}: tensor 'encoder.conv_out.conv.bias': dtype float64 not allowed (allowed: bfloat16, float16, float32)",
+        f"{f}: tensor 'foo.bar': no mapping rule matches this key",
+        f"{f}: missing tensor for model parameter 'decoder.conv_out.conv.bias' (3,) (expected source key "
+        "'decoder.conv_out.conv.bias')",
     ]
     r = CliRunner().invoke(cli, ["inspect", str(src)])
     assert r.exit_code == 3
@@ -847,9 +851,9 @@ def test_an_unknown_config_key_and_bad_tensors_are_reported_together(tiny, tiny_
         r = CliRunner().invoke(cli, ["inspect", str(src)])
         assert r.exit_code == 3 and "4 problem(s) that cogvae-convert would refuse" in r.stderr, r.output
         message = r.stderr
-        expected = ["config.json: unknown config key 'bogus_field'", "decoder.extra_thing.weight: no mapping rule",
-                    "encoder.conv_in.conv.bias: the config's architecture needs shape (8,)",
-                    "missing: no tensor maps to decoder.conv_out.conv.kernel"]
+        expected = ["config.json: unknown config key 'bogus_field'", "tensor 'decoder.extra_thing.weight': no mapping rule",
+                    "tensor 'encoder.conv_in.conv.bias': shape mismatch: source shape (99,), expected (8,)",
+                    "missing tensor for model parameter 'decoder.conv_out.conv.kernel'"]
     else:  # verify's report has its own sections (load, architecture, finite)
         r = verify_checkpoint(src, parity=False)
         message = r.format_text()

@@ -5,6 +5,7 @@ diffusers 0.42 names a sharded variant's index ``diffusion_pytorch_model.safeten
 """
 
 import jax.numpy as jnp
+import pytest
 import numpy as np
 import torch
 
@@ -135,3 +136,27 @@ def test_a_subfolder_out_of_the_folder_is_refused(tmp_path):
         r = CliRunner().invoke(cli, args + ["--subfolder", "../elsewhere"])
         assert r.exit_code == 2 and "no '..'" in r.stderr, (args, r.output)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("diffusion_pytorch_model.safetensors", lambda p: p.symlink_to("/nonexistent/blob"),
+     "is a broken symlink (to /nonexistent/blob, which does not exist): cannot read the VAE weights"),
+    ("diffusion_pytorch_model.safetensors", lambda p: p.mkdir(), "is a folder, not a file: cannot read the VAE weights"),
+    ("config.json", lambda p: p.symlink_to("/nonexistent/config"),
+     "is a broken symlink (to /nonexistent/config, which does not exist): cannot read the VAE config"),
+])
+def test_a_file_that_is_there_but_cannot_be_read_is_named_as_such(tmp_path, name, make, message):
+    """A Hub cache whose blob was deleted leaves broken symlinks: the message said the file was
+    missing (or not a VAE folder) while listing it as found."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+    from cogvae.converter.convert import default_source
+
+    shutil.copytree(default_source(), tmp_path / "vae")
+    (tmp_path / "vae" / name).unlink()
+    make(tmp_path / "vae" / name)
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "vae")])
+    assert r.exit_code == 3 and f"Error: {tmp_path / 'vae' / name} {message}" in r.stderr, r.stderr

@@ -198,3 +198,38 @@ def test_no_output_goes_inside_the_checkpoint_it_reads(tmp_path, inside):
         save(load(ckpt), ckpt / inside, base=ckpt, validate=False)
     check_files(ckpt)
     assert sorted(os.listdir(ckpt)) == ["COMPLETE", "config.json", "orbax", "params.msgpack", "provenance.json"]
+
+
+def test_every_file_is_on_disk_before_the_output_appears(tmp_path, monkeypatch):
+    """The export's config.json and weights were renamed into place without an fsync: after a
+    crash the folder could exist with an empty weights file. Every file of the temporary folder is
+    now synced before the rename (recorded by wrapping ``_fsync_path``; nothing else is faked)."""
+    from cogvae.converter import export_diffusers
+    from cogvae.converter.convert import default_source
+
+    synced: list[Path] = []
+    real = ck._fsync_path
+    monkeypatch.setattr(ck, "_fsync_path", lambda p, directory=False: (synced.append(Path(p)), real(p, directory))[1])
+    vae = load(default_source())
+    export_diffusers(vae, tmp_path / "vae")
+    files = {p.name for p in synced if p.parent.name.startswith(".vae.tmp-")}
+    assert {"config.json", "diffusion_pytorch_model.safetensors"} <= files, synced
+
+
+def test_an_output_whose_folder_cannot_take_a_temporary_sibling_says_so(tmp_path, monkeypatch):
+    """A writable mount point inside a read-only folder (a container volume): the output is
+    written next to where it goes and renamed, so the parent must be writable; the error says
+    that instead of "cannot create output folder" for a folder that exists. The read-only file
+    system is faked (mkdtemp raises EROFS): root ignores permission bits, and mounts need privileges."""
+    import errno
+
+    (tmp_path / "vol").mkdir()
+
+    def erofs(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", erofs)
+    code, err = _convert("--out", str(tmp_path / "vol"), "--overwrite")
+    assert code == 4, err
+    assert f"cannot create a temporary folder in {tmp_path} (Read-only file system)" in err
+    assert f"so {tmp_path} must be writable" in err

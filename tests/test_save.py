@@ -432,3 +432,64 @@ def test_a_variant_that_is_not_a_plain_name_is_a_usage_error(tiny_model, tmp_pat
     with pytest.raises(ValueError, match="variant"):
         export_diffusers(ckpt, tmp_path / "exp", variant=bad)
     assert not (tmp_path / "exp").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# export-diffusers: what the folder keeps, what it says, what it refuses
+# ----------------------------------------------------------------------------------------
+
+
+def test_export_gives_back_the_source_config_and_keeps_other_variants(tiny_model, tmp_path):
+    """The exported config.json is the one diffusers wrote (its ``_diffusers_version`` kept, keys
+    sorted as save_pretrained sorts them), and exporting the fp16 variant over a folder holding
+    the fp32 weights keeps them: diffusers then loads either (the Hub's usual layout). A folder
+    whose weights belong to another config is refused, not left with a config that lies."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    src = json.loads((default_source() / "config.json").read_text())
+    assert src.get("_diffusers_version")
+    out = tmp_path / "vae"
+    export_diffusers(tiny_model, out)
+    exported = (out / "config.json").read_text()
+    assert json.loads(exported) == {k: v for k, v in src.items() if k != "_name_or_path"} | {
+        k: v for k, v in json.loads(exported).items() if k not in src}  # the source's keys, as written
+    assert exported == json.dumps(json.loads(exported), indent=2, sort_keys=True) + "\n"
+    fp32 = (out / WEIGHTS).read_bytes()
+
+    summary = export_diffusers(tiny_model, out, dtype="float16", variant="fp16", overwrite=True)
+    assert summary["kept"] == [WEIGHTS]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["config.json", WEIGHTS,
+                                                           "diffusion_pytorch_model.fp16.safetensors"])
+    assert (out / WEIGHTS).read_bytes() == fp32
+    assert AutoencoderKLCogVideoX.from_pretrained(out).dtype == torch.float32
+    assert AutoencoderKLCogVideoX.from_pretrained(out, variant="fp16", torch_dtype=torch.float16).dtype == torch.float16
+
+    other = json.loads((out / "config.json").read_text()) | {"scaling_factor": 0.5}
+    (out / "config.json").write_text(json.dumps(other))
+    from cogvae.converter.checkpoint import OutputError
+
+    with pytest.raises(OutputError, match=r"holds weights of other variants \(diffusion_pytorch_model.safetensors\) "
+                                          r"for another config"):
+        export_diffusers(tiny_model, out, dtype="float16", variant="fp16", overwrite=True)
+    assert (out / WEIGHTS).read_bytes() == fp32  # untouched
+
+
+def test_export_of_a_model_names_every_problem_at_once_and_refuses_a_state(tiny_model, tmp_path):
+    """In memory as from a checkpoint: a NaN and a float16 overflow in one error (the cast used to
+    be checked only after the NaN was reported). An nnx.State (the functional training API) is a
+    TypeError saying what to pass, not a 'file name too long' naming its whole repr."""
+    vae = load(default_source(), compute_dtype=jnp.float32)
+    params = nnx.state(vae, nnx.Param)
+    flat = dict(nnx.to_flat_state(params))
+    for path, value in (((("decoder", "conv_out", "conv", "bias")), np.nan), (("encoder", "conv_in", "conv", "bias"), 1e5)):
+        var = flat[path]
+        var.set_value(var.get_value().at[0].set(value))
+    nnx.update(vae, params)
+    with pytest.raises(ConversionError) as e:
+        export_diffusers(vae, tmp_path / "x", dtype="float16")
+    assert len(e.value.problems) == 2, str(e.value)
+    assert "'decoder.conv_out.conv.bias': contains non-finite" in str(e.value)
+    assert "'encoder.conv_in.conv.bias': does not fit float16" in str(e.value)
+    with pytest.raises(TypeError, match=r"got State \(for an nnx.State, nnx.update the model with it"):
+        export_diffusers(nnx.split(tiny_model)[1], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
