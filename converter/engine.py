@@ -180,7 +180,7 @@ def cast_checked(arr: np.ndarray, dtype: Any) -> tuple[np.ndarray, str | None]:
     if not y.size or not narrows(arr.dtype, d):
         return y, None
     bad = int(y.size - np.count_nonzero(np.isfinite(y)))
-    largest = float(np.max(np.abs(arr.astype(np.float32)))) if bad else 0.0
+    largest = float(np.max(np.abs(arr.astype(np.float64)))) if bad else 0.0
     return y, overflow_problem(d, bad, y.size, largest)
 
 
@@ -382,7 +382,11 @@ def convert_flat(
             want = inv.shape(tgt.shape) if inv.rank in (None, len(tgt.shape)) else "?"
             msgs.append(f"shape mismatch: source shape {src_shape}, expected {want} "
                         f"(model parameter {path_to_str(tgt.path)!r} has shape {tgt.shape}; {rule.label})")
-        vp = value_problem(arr, allowed)
+        # A float64 source (diffusers loads one) is converted when a dtype to cast to is given: the
+        # cast is checked like any narrowing one (a finite value that would overflow is refused).
+        vp = value_problem(arr, allowed | {"float64"} if cast is not None else allowed)
+        if vp and arr.dtype == np.float64:
+            vp += "; cast it with dtype= (cogvae-convert --dtype float32)"
         if vp:
             msgs.append(vp)
         if msgs:

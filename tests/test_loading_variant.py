@@ -160,3 +160,32 @@ def test_a_file_that_is_there_but_cannot_be_read_is_named_as_such(tmp_path, name
     make(tmp_path / "vae" / name)
     r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "vae")])
     assert r.exit_code == 3 and f"Error: {tmp_path / 'vae' / name} {message}" in r.stderr, r.stderr
+
+
+def test_a_float64_source_is_cast_when_a_dtype_is_given(tmp_path):
+    """diffusers loads float64 weights (``torch_dtype=torch.float32`` casts them); cogvae refused
+    them whatever the dtype asked for. With ``dtype=`` they are cast as diffusers casts them (the
+    same float32 bits), a value float32 cannot hold is refused, and without it the refusal says
+    what to pass."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogvae.converter import ConversionError
+    from cogvae.converter.st_io import save_safetensors
+
+    ref = diffusers_vae(seed=6, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
+    ref.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    sd = {k: v.numpy().astype(np.float64) for k, v in ref.state_dict().items()}
+    save_safetensors(sd, tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    theirs = AutoencoderKLCogVideoX.from_pretrained(tmp_path / "vae", torch_dtype=torch.float32).state_dict()
+    vae = load(tmp_path, dtype="float32")
+    back = export_tensors(state_to_flat_dict(nnx.state(vae, nnx.Param)), load_mapping())
+    for k, v in theirs.items():
+        assert back[k].dtype == np.float32 and np.array_equal(back[k], v.numpy()), k
+    with pytest.raises(ConversionError, match=r"dtype float64 not allowed .*; cast it with dtype= "
+                                              r"\(cogvae-convert --dtype float32\)"):
+        load(tmp_path)
+    sd["decoder.conv_out.conv.bias"][0] = 1e300
+    save_safetensors(sd, tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ConversionError, match=r"'decoder.conv_out.conv.bias': does not fit float32: 1 of 3"):
+        load(tmp_path, dtype="float32")
