@@ -720,6 +720,18 @@ class AutoencoderKLCogVideoX(nnx.Module):
     def disable_tiling(self) -> None:
         self.use_tiling = False
 
+    # torch's Module.eval()/train() return the module, and diffusers users chain them
+    # (``vae = AutoencoderKLCogVideoX.from_pretrained(...).eval()``); NNX's return None, which
+    # would leave ``vae`` None. Same NNX behaviour (this model has no train/eval differences), and
+    # the model back.
+    def eval(self, **attributes) -> "AutoencoderKLCogVideoX":
+        super().eval(**attributes)
+        return self
+
+    def train(self, **attributes) -> "AutoencoderKLCogVideoX":
+        super().train(**attributes)
+        return self
+
     def enable_gradient_checkpointing(self) -> None:
         """diffusers' ``enable_gradient_checkpointing``: for fine-tuning, trade compute for memory.
 

@@ -449,3 +449,12 @@ def test_a_tile_too_small_to_move_is_a_clear_error():
     finally:
         ours.disable_tiling()
         ours.tiling = saved
+
+
+def test_eval_and_train_return_the_model_as_torch_does():
+    """``vae = AutoencoderKLCogVideoX.from_pretrained(...).eval()`` is how diffusers users write it;
+    NNX's eval() returns None, which left ``vae`` None."""
+    ref, ours = pair()
+    assert ref.eval() is ref and ours.eval() is ours
+    assert ref.train() is ref and ours.train() is ours
+    ref.eval()
