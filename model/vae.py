@@ -232,6 +232,8 @@ class TilingConfig:
 # axes are 4, 1 and 2, which leave (B, w) in the same order: a KL loss ported from diffusers gives
 # the same numbers.
 DIFFUSERS_REDUCED_AXES = (1, 2, 4)
+# diffusers' axis d of a (B, C, T, H, W) tensor is axis _FROM_DIFFUSERS_AXIS[d] of (B, T, H, W, C).
+_FROM_DIFFUSERS_AXIS = (0, 4, 1, 2, 3)
 
 
 def _key(rng, generator, what: str):
@@ -292,9 +294,17 @@ class DiagonalGaussianDistribution(NamedTuple):
             )
         return 0.5 * jnp.sum(terms, axis=DIFFUSERS_REDUCED_AXES)
 
-    def nll(self, sample: Array, axis: Any = DIFFUSERS_REDUCED_AXES) -> Array:
-        """diffusers' ``nll(sample)``; ``axis`` in this layout (the default: the axes diffusers'
-        default ``dims=[1, 2, 3]`` reduces, see ``DIFFUSERS_REDUCED_AXES``)."""
+    def nll(self, sample: Array, dims: Optional[Any] = None, *, axis: Optional[Any] = None) -> Array:
+        """diffusers' ``nll(sample, dims=[1, 2, 3])``: ``dims`` numbers the axes as diffusers' (B, C,
+        T, H, W) tensors do, so a call ported from diffusers (keyword or positional) reduces the
+        same axes; the result keeps the others in this layout's order (B, T, H, W, C). Or
+        ``axis``: the axes of this layout directly. Default: diffusers' [1, 2, 3], a (B, w) result
+        (see ``DIFFUSERS_REDUCED_AXES``)."""
+        if dims is not None and axis is not None:
+            raise TypeError("nll: pass dims (diffusers' axis numbers) or axis (this layout's), not both")
+        if axis is None:
+            dims = (1, 2, 3) if dims is None else tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
+            axis = tuple(_FROM_DIFFUSERS_AXIS[int(d) % 5] for d in dims)
         # a Python float (weakly typed, as diffusers' NumPy scalar is to torch): a bf16 posterior gives a bf16 nll
         terms = float(np.log(2.0 * np.pi)) + self.logvar + jnp.square(sample - self.mean) / self.var
         return 0.5 * jnp.sum(terms, axis=axis)

@@ -458,3 +458,34 @@ def test_eval_and_train_return_the_model_as_torch_does():
     assert ref.eval() is ref and ours.eval() is ours
     assert ref.train() is ref and ours.train() is ours
     ref.eval()
+
+
+# diffusers' axis d of (B, C, T, H, W) is axis THIS_AXIS[d] of (B, T, H, W, C)
+THIS_AXIS = {0: 0, 1: 4, 2: 1, 3: 2, 4: 3}
+
+
+@pytest.mark.parametrize("dims", [[1, 2, 3], [2, 3, 4], [1, 2, 3, 4], [-1], [3]])
+def test_nll_takes_diffusers_dims(dims):
+    """``nll(sample, dims)``, keyword or positional as in diffusers, numbers the axes as diffusers'
+    (B, C, T, H, W) tensors do, so ported code reduces the same axes (a positional [1, 2, 3] used
+    to be read in this layout: time, height and width instead of channels, time and height). The
+    result is the sum over those axes of this layout (bit for bit), with diffusers' kept axes in
+    this layout's order; its values are diffusers' for the default dims (other dims sum the same
+    terms over more elements, where fp32 rounding of sums in the thousands exceeds the absolute
+    bound made for O(1) outputs)."""
+    ref, ours = pair()
+    x, y = video(5, seed=1), video(5, seed=2)
+    with torch.no_grad():
+        dx, dy = ref.encode(x).latent_dist, ref.encode(y).latent_dist
+    post, other = ours.encode(to_bthwc(x)), ours.encode(to_bthwc(y))
+    want = dx.nll(dy.mean, dims=dims)
+    axes = tuple(THIS_AXIS[d % 5] for d in dims)
+    exact = np.asarray(post.nll(other.mean, axis=axes))
+    kept = [d for d in range(5) if d not in {d % 5 for d in dims}]  # diffusers' order of the kept axes
+    assert exact.shape == tuple(want.shape[kept.index(d)] for d in sorted(kept, key=THIS_AXIS.get))
+    for got in (post.nll(other.mean, dims=dims), post.nll(other.mean, dims)):
+        np.testing.assert_array_equal(np.asarray(got), exact)
+    if dims == [1, 2, 3]:
+        assert_parity(per_width(post.nll(other.mean, dims)), as_ref(want), "posterior nll(sample, [1, 2, 3])")
+    with pytest.raises(TypeError, match="not both"):
+        post.nll(other.mean, dims=dims, axis=1)
