@@ -40,6 +40,19 @@ def good(base, vae):
     return make_checkpoint(base / "good", vae)
 
 
+def _edited_copy(vae, folder, edit):
+    """A copy of the diffusers folder ``vae`` with one NaN in NAN_KEY's source tensor, then ``edit``
+    (in place on the tensors) applied."""
+    folder.mkdir()
+    (folder / "config.json").write_text((vae / "config.json").read_text())
+    src = open_safetensors(vae / "diffusion_pytorch_model.safetensors")
+    tensors = {k: np.array(src[k]) for k in src}
+    tensors["encoder.conv_in.conv.weight"][0, 0, 0, 0, 0] = np.nan
+    edit(tensors)
+    save_safetensors(tensors, folder / "diffusion_pytorch_model.safetensors")
+    return folder
+
+
 def _strict_json(report) -> dict:
     return json.loads(json.dumps(report.to_dict(), allow_nan=False))
 
@@ -104,16 +117,12 @@ def test_corrupted_checkpoint_lists_every_problem(base, vae):
 
 
 def test_corrupted_diffusers_folder_is_a_report_not_a_crash(base, vae):
-    folder = base / "bad_vae"
-    folder.mkdir()
-    (folder / "config.json").write_text((vae / "config.json").read_text())
-    src = open_safetensors(vae / "diffusion_pytorch_model.safetensors")
-    tensors = {k: np.array(src[k]) for k in src}
-    tensors["encoder.conv_in.conv.weight"][0, 0, 0, 0, 0] = np.nan
-    tensors["decoder.conv_out.conv.bias"] = np.zeros(5, np.float32)
-    del tensors["encoder.norm_out.weight"]
-    tensors["encoder.surprise.weight"] = np.zeros(2, np.float32)
-    save_safetensors(tensors, folder / "diffusion_pytorch_model.safetensors")
+    def edit(tensors):
+        tensors["decoder.conv_out.conv.bias"] = np.zeros(5, np.float32)
+        del tensors["encoder.norm_out.weight"]
+        tensors["encoder.surprise.weight"] = np.zeros(2, np.float32)
+
+    folder = _edited_copy(vae, base / "bad_vae", edit)
 
     r = verify_checkpoint(folder)
     assert not r.ok and r.source_kind == "diffusers folder"
@@ -388,14 +397,10 @@ def test_a_reference_with_nan_or_integer_tensors_fails(base, vae, good):
     """A reference is checked as the source is: its NaN and its integer tensors are named, and the
     run fails. Comparing with it used to pass (every relative change NaN or inf), since only the
     source's values were checked."""
-    folder = base / "bad_reference"
-    folder.mkdir()
-    (folder / "config.json").write_text((vae / "config.json").read_text())
-    src = open_safetensors(vae / "diffusion_pytorch_model.safetensors")
-    tensors = {k: np.array(src[k]) for k in src}
-    tensors["encoder.conv_in.conv.weight"][0, 0, 0, 0, 0] = np.nan
-    tensors["decoder.conv_out.conv.bias"] = tensors["decoder.conv_out.conv.bias"].astype(np.int32)
-    save_safetensors(tensors, folder / "diffusion_pytorch_model.safetensors")
+    def edit(tensors):
+        tensors["decoder.conv_out.conv.bias"] = tensors["decoder.conv_out.conv.bias"].astype(np.int32)
+
+    folder = _edited_copy(vae, base / "bad_reference", edit)
 
     r = verify_checkpoint(good, reference=folder, parity=False)
     assert not r.ok and r.nonfinite == [] and r.bad_dtypes == []  # the source itself is sound
