@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -123,15 +124,24 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+# fsync errors that mean "not supported here" (some file systems cannot sync a folder, or at all);
+# any other (EIO, ENOSPC, EDQUOT: a delayed write that failed) means the data is not on disk.
+_FSYNC_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EROFS, errno.EBADF})
+
+
 def _fsync_path(path: Path, directory: bool = False) -> None:
+    """Sync ``path``'s data (a file) or entries (a folder) to disk. A failed write that the sync
+    reports raises OSError naming the path, so that an output whose bytes did not reach the disk
+    is not renamed into place; a file system that cannot sync is let be."""
     try:
         fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in _FSYNC_UNSUPPORTED:
+            raise OSError(e.errno, f"{path}: data not written to disk: {e.strerror or e}") from None
     finally:
         os.close(fd)
 
@@ -417,7 +427,10 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
                 os.rename(tmp, out)
         except OSError as e:
             raise OutputError(f"{given}: cannot move the finished output into place: {e.strerror or e}") from None
-        _fsync_path(out.parent, directory=True)
+        try:  # the output is in place, its files on disk: the rename's own durability is best effort
+            _fsync_path(out.parent, directory=True)
+        except OSError:
+            pass
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -605,7 +618,7 @@ def _stream_msgpack(path: Path, params: dict[str, np.ndarray], packer, also: Cal
 
         walk(nest(params))
         f.flush()
-        os.fsync(f.fileno())
+    _fsync_path(path)  # a failed delayed write raises, naming the file
 
 
 def _manifest(folder: Path, formats: Iterable[str], known_sha: dict[str, str]) -> dict[str, Any]:

@@ -466,7 +466,8 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
                                           f"{tuple(rule.inverse_transform.shape(tuple(want)))} (model parameter "
                                           f"{row['target']!r} has shape {tuple(want)})")
             if "problem" not in row and dtype_problem(a.dtype):  # in the header: refused as cogvae-convert does
-                row["problem"] = dtype_problem(a.dtype)
+                row["problem"] = dtype_problem(a.dtype) + (
+                    "; cogvae-convert --dtype float32 casts it" if a.dtype.name == "float64" else "")
             if "problem" in row and a is not None:  # an unreadable tensor is named by its file's problem
                 problems.append(f"{row['file']}: tensor {key!r}: {row['problem']}")
             rows.append(row)

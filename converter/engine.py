@@ -385,8 +385,8 @@ def convert_flat(
         # A float64 source (diffusers loads one) is converted when a dtype to cast to is given: the
         # cast is checked like any narrowing one (a finite value that would overflow is refused).
         vp = value_problem(arr, allowed | {"float64"} if cast is not None else allowed)
-        if vp and arr.dtype == np.float64:
-            vp += "; cast it with dtype= (cogvae-convert --dtype float32)"
+        if vp and arr.dtype == np.float64 and cast is None and "float64" not in allowed:
+            vp += "; cast it with dtype= (cogvae-convert --dtype float32)"  # (the dtype problem, not a NaN)
         if vp:
             msgs.append(vp)
         if msgs:

@@ -164,8 +164,8 @@ def allow_patterns(subfolder: str = "vae", variant: Optional[str] = None) -> lis
 
     Weights: ``diffusion_pytorch_model[.<variant>].safetensors``, or the sharded form: diffusers
     writes the index as ``diffusion_pytorch_model.safetensors.index[.<variant>].json`` and shards as
-    ``diffusion_pytorch_model[.<variant>]-00001-of-0000N.safetensors``; the index spelling
-    ``diffusion_pytorch_model[.<variant>].safetensors.index.json`` is fetched too.
+    ``diffusion_pytorch_model[.<variant>]-00001-of-0000N.safetensors``; the older index spellings
+    (see ``layout.weights_names``) are fetched too.
     """
     sub = strip_subfolder(subfolder)
     prefix = f"{sub}/" if sub else ""
@@ -175,6 +175,7 @@ def allow_patterns(subfolder: str = "vae", variant: Optional[str] = None) -> lis
         f"{prefix}{WEIGHTS_NAME}{v}.safetensors",
         f"{prefix}{WEIGHTS_NAME}{v}-*-of-*.safetensors",
         f"{prefix}{WEIGHTS_NAME}.safetensors.index{v}.json",
+        f"{prefix}{WEIGHTS_NAME}.safetensors{v}.index.json",
         f"{prefix}{WEIGHTS_NAME}{v}.safetensors.index.json",
         "model_index.json",
     ]

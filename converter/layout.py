@@ -35,20 +35,26 @@ def single_weights_name(variant: Optional[str] = None) -> str:
 
 
 def weights_names(variant: Optional[str] = None) -> list[str]:
-    """The names diffusers gives a VAE's weights of ``variant``, in the order diffusers'
-    ``from_pretrained`` looks for them: a sharded index first (``_fetch_index_file``:
-    ``diffusion_pytorch_model.safetensors.index[.<variant>].json``; then, for a variant, the older
-    ``diffusion_pytorch_model.<variant>.safetensors.index.json``), and the single file only when
-    there is no index. A folder holding both is loaded as sharded by diffusers, so it is here too."""
-    names = [f"{WEIGHTS_NAME}.safetensors.index" + (f".{variant}" if variant else "") + ".json"]
+    """The names of a VAE's weights of ``variant``, in the order they are looked for: diffusers'
+    ``from_pretrained`` order first, a sharded index before the single file (``_fetch_index_file``:
+    ``diffusion_pytorch_model.safetensors.index[.<variant>].json``; for a variant, then
+    ``_fetch_index_file_legacy``'s ``diffusion_pytorch_model.safetensors.<variant>.index.json``),
+    so a folder holding both is read as diffusers reads it. Last, for a variant, the index spelling
+    ``diffusion_pytorch_model.<variant>.safetensors.index.json``, which diffusers does not read:
+    only when nothing diffusers reads is there."""
+    v = f".{variant}" if variant else ""
+    names = [f"{WEIGHTS_NAME}.safetensors.index{v}.json"]
     if variant:
-        names.append(f"{WEIGHTS_NAME}.{variant}.safetensors.index.json")
-    return names + [single_weights_name(variant)]
+        names.append(f"{WEIGHTS_NAME}.safetensors{v}.index.json")
+    names.append(single_weights_name(variant))
+    if variant:
+        names.append(f"{WEIGHTS_NAME}{v}.safetensors.index.json")
+    return names
 
 
 _WEIGHTS_FILE = re.compile(
     re.escape(WEIGHTS_NAME) + r"(?:\.(?P<a>[A-Za-z0-9][A-Za-z0-9_-]*?))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
-    r"(?:\.index(?:\.(?P<b>[A-Za-z0-9][A-Za-z0-9_-]*))?\.json)?")
+    r"(?:(?:\.(?P<c>[A-Za-z0-9][A-Za-z0-9_-]*?))?\.index(?:\.(?P<b>[A-Za-z0-9][A-Za-z0-9_-]*))?\.json)?")
 
 
 def weights_variant(name: str) -> tuple[bool, Optional[str]]:
@@ -59,7 +65,7 @@ def weights_variant(name: str) -> tuple[bool, Optional[str]]:
     m = _WEIGHTS_FILE.fullmatch(name)
     if m is None:
         return False, None
-    return True, m.group("a") or m.group("b")
+    return True, m.group("a") or m.group("b") or m.group("c")
 
 
 def weights_in(folder: Path, variant: Optional[str] = None) -> Optional[Path]:

@@ -297,8 +297,10 @@ def _other_variants(out: Path, variant: Optional[str], config: Any) -> list[str]
 
     try:
         theirs = VAEConfig.from_json_file(out / CONFIG_NAME)
-    except ConfigError:
-        theirs = None
+    except ConfigError as e:
+        raise OutputError(f"{out}: holds weights of other variants ({', '.join(others)}), but its config.json cannot "
+                          f"be read to tell whether they fit this export's ({e}); export into another folder, or "
+                          "remove them first") from None
     if theirs != config:
         mine = "the plain weights" if variant is None else f"variant {variant!r}"
         raise OutputError(f"{out}: holds weights of other variants ({', '.join(others)}) for another config than this "

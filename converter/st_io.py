@@ -474,9 +474,11 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
 
 
 def is_index_file(path: str | os.PathLike) -> bool:
-    """``*.safetensors.index.json``, or diffusers' variant spelling ``*.safetensors.index.fp16.json``."""
+    """``*.safetensors.index.json``, or a variant's: ``*.safetensors.index.fp16.json`` (diffusers'),
+    ``*.safetensors.fp16.index.json`` (diffusers' older), ``*.fp16.safetensors.index.json``."""
     name = Path(path).name
-    return name.endswith(".json") and ".safetensors.index." in name
+    return name.endswith(".json") and (".safetensors.index." in name or
+                                       (".safetensors." in name and name.endswith(".index.json")))
 
 
 def open_safetensors(path: str | os.PathLike, *, strict: bool = True):

@@ -72,6 +72,9 @@ class _Loaded:
     detail: str = ""
     diffusers_copy: Optional[Path] = None  # a checkpoint's weights also in diffusers' format (push --with-diffusers)
     unreachable: Optional[Exception] = None  # not found / not fetched: the CLI's exit 3 or 5, not a failed check
+    # parameters whose tensors the files name but cannot give (a missing shard, a broken header
+    # entry): their file's problem says so, so they are not also "missing"
+    unreadable: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -417,6 +420,7 @@ def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, vari
         # the rest (unmatched, ambiguous, duplicate keys) only here.
         got.problems.extend(p for p in e.problems if _engine_only(p))
         got.params = _lenient_convert(tensors, mapping)
+    got.unreadable = {m[0][0] for m in map(mapping.match_forward, tensors.unreadable) if len(m) == 1}
     return got
 
 
@@ -669,6 +673,7 @@ def verify_checkpoint(
 
         expected = expected_shapes(src.config)
         report.model_missing, report.model_extra, report.model_shape_mismatch = _compare_keys(params, expected)
+        report.model_missing = [m for m in report.model_missing if m["key"] not in src.unreadable]
 
     from .engine import ALLOWED_DTYPES
 
@@ -712,6 +717,9 @@ def verify_checkpoint(
             ref_shapes = {k: tuple(v.shape) for k, v in ref.params.items()}
             report.reference_missing, report.reference_extra, report.reference_shape_mismatch = _compare_keys(
                 params, ref_shapes)
+            # a tensor one side could not read is named by that side's file problem, not again here
+            report.reference_missing = [m for m in report.reference_missing if m["key"] not in src.unreadable]
+            report.reference_extra = [m for m in report.reference_extra if m["key"] not in ref.unreadable]
             report.changes = sorted(
                 (_change(k, params[k], ref.params[k]) for k in sorted(params)
                  if k in ref.params and tuple(params[k].shape) == tuple(ref.params[k].shape)),

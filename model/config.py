@@ -239,7 +239,8 @@ class VAEConfig:
     # diffusers' bookkeeping, not a setting: the diffusers version that wrote the source config,
     # written back on export (diffusers' save_pretrained always writes one). Not compared, hashed
     # or listed among the config's keys: two configs of one network are equal whoever wrote them.
-    diffusers_version: Optional[str] = dataclasses.field(default=None, compare=False, repr=False,
+    # Kept as written, unchecked (diffusers reads any value there).
+    diffusers_version: Optional[Any] = dataclasses.field(default=None, compare=False, repr=False,
                                                          metadata={"bookkeeping": True})
 
     def __post_init__(self) -> None:
@@ -247,8 +248,6 @@ class VAEConfig:
         ConfigError listing every problem. Lists become tuples (the config is hashable)."""
         problems: list[str] = []
         bad: set[str] = set()  # fields with a wrong type or range: the cross-field checks skip them
-        if self.diffusers_version is not None and not isinstance(self.diffusers_version, str):
-            problems.append(f"_diffusers_version: must be a string, got {_show(self.diffusers_version)}")
         for f in _settings():
             value = getattr(self, f.name)
             normalized, problem = _FIELD_CHECKS[f.name](value)

@@ -13,7 +13,13 @@ both on 4 CPU devices. A split input is compiled with its own kernels, which rea
 cache as a plain slice (``layers.lowering``): the ordered reads that save memory on one device
 double it once partitioned.
 
-    mesh = jax.make_mesh((jax.device_count(),), ("x",))  # explicit or automatic axes, either works
+The mesh's axes must be automatic (``AxisType.Auto``), which ``jax.make_mesh`` does not make by
+default: on explicit axes an array carries its split in its type, and reshapes and pads must say
+how the split goes through them, which GroupNorm's group statistics and the encoder's
+downsampling pad do not (encode and decode then say so, see ``explicit_axes_hint``). On automatic
+axes XLA's partitioner carries the split through, as for any jitted function.
+
+    mesh = jax.make_mesh((jax.device_count(),), ("x",), axis_types=(AxisType.Auto,))
     replicate(vae, mesh)                                      # the weights on every device, once
     z = jax.device_put(z, video_sharding(mesh, height="x"))  # (B, t, h, w, C), h split
     video = vae.decode(z)                                     # (B, T, H, W, 3), H split
@@ -21,38 +27,30 @@ double it once partitioned.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: F401 (AxisType: the docstring's)
 
-__all__ = ["replicate", "video_sharding"]
-
-
-def _automatic_mesh(mesh: Mesh) -> Mesh:
-    """``mesh`` with every axis automatic. ``jax.make_mesh`` makes explicit axes by default, whose
-    arrays carry their split in their type: reshapes and pads must then say how the split goes
-    through them, which GroupNorm's group statistics and the encoder's downsampling pad do not
-    (a ShardingTypeError). On automatic axes XLA's partitioner propagates the split, as for any
-    jitted function; same devices, same split, no data moved."""
-    types = getattr(mesh, "axis_types", None)
-    if types is None or all(t == AxisType.Auto for t in types):
-        return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+__all__ = ["replicate", "video_sharding", "explicit_axes_hint"]
 
 
-def automatic(x: jax.Array) -> jax.Array:
-    """``x`` as is, or, when it is split over a mesh with explicit axes, the same split over the
-    automatic version of that mesh (see ``_automatic_mesh``): what ``encode`` and ``decode`` do
-    with their input, so that an array placed with the user's own explicit mesh works too."""
-    sharding = getattr(x, "sharding", None)
-    if not isinstance(sharding, NamedSharding):
-        return x
-    mesh = _automatic_mesh(sharding.mesh)
-    if mesh is sharding.mesh:
-        return x
-    return jax.device_put(x, NamedSharding(mesh, sharding.spec))
+@contextlib.contextmanager
+def explicit_axes_hint(what: str) -> Iterator[None]:
+    """Around an encode or decode: jax's sharding type error for an input split over explicit
+    mesh axes (``jax.make_mesh``'s default) becomes a ValueError that says how to build the mesh."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 -- only jax's ShardingTypeError (a private class) is replaced
+        if type(e).__name__ != "ShardingTypeError":
+            raise
+        raise ValueError(
+            f"{what}: the input is split over mesh axes of the explicit kind, which cogvae's encode and decode do "
+            "not support (a reshape or pad of a split dimension needs its split spelled out); build the mesh with "
+            "automatic axes: jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names)). "
+            f"jax said: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 def replicate(vae: nnx.Module, mesh: Mesh) -> nnx.Module:
@@ -62,7 +60,7 @@ def replicate(vae: nnx.Module, mesh: Mesh) -> nnx.Module:
     again. Returns ``vae``.
     """
     state = nnx.state(vae)
-    nnx.update(vae, jax.device_put(state, NamedSharding(_automatic_mesh(mesh), PartitionSpec())))
+    nnx.update(vae, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
     return vae
 
 
@@ -81,4 +79,4 @@ def video_sharding(
         raise ValueError(f"mesh axes {unknown} are not in the mesh's axes {mesh.axis_names}")
     if len(set(names)) != len(names):
         raise ValueError(f"a mesh axis may split one dimension only, got batch={batch} height={height} width={width}")
-    return NamedSharding(_automatic_mesh(mesh), PartitionSpec(batch, None, height, width, None))
+    return NamedSharding(mesh, PartitionSpec(batch, None, height, width, None))

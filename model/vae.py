@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from .config import VAEConfig
+from .sharding import explicit_axes_hint
 from .layers import CausalConv3d, Conv3d, DownBlock3D, GroupNorm, MidBlock3D, SpatialNorm3D, UpBlock3D, checkpointed, conv_impl_scope, double_valid, halve_valid, lowering
 
 Array = jax.Array
@@ -582,19 +583,14 @@ def _as_array(x, method: str, what: str):
     """A jax or numpy array (or tracer) as is; anything else array-like (a nested list, a CPU
     torch tensor, as diffusers users hold them) as a numpy array, so that its real shape is checked
     and named; what cannot be one (a torch tensor that needs grad, on a GPU) is a TypeError that
-    says what to pass. An array split over a mesh with explicit axes (``jax.make_mesh``'s default)
-    is given the same split on an automatic mesh: see ``sharding.automatic``."""
+    says what to pass."""
     if isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, jax.core.Tracer):
-        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-            from .sharding import automatic
-
-            return automatic(x)
         return x
     try:
         return np.asarray(x)
     except Exception as e:  # noqa: BLE001 -- torch's own refusals (grad, device) say why
         raise TypeError(f"{method}: expected a {what} array (jax or numpy), got {type(x).__name__} that cannot be "
-                        f"read as one ({e}); pass e.g. jnp.asarray(x.detach().cpu().numpy())") from None
+                        f"read as one ({e}); pass e.g. jnp.asarray(x.detach().float().cpu().numpy())") from None
 
 
 def _check_input(x, channels: int, method: str, what: str, layout: str):
@@ -841,6 +837,10 @@ class AutoencoderKLCogVideoX(nnx.Module):
     def _run_batches(self, kind: str, x: Array, batch: int, compiled: bool, valid) -> Array:
         """diffusers' frame-batch loop: ``max(T // batch, 1)`` batches, the remainder in the first,
         conv caches carried from batch to batch; outputs concatenated in time."""
+        with explicit_axes_hint(kind):  # an input split over explicit mesh axes: say how to build the mesh
+            return self._run_batches_in(kind, x, batch, compiled, valid)
+
+    def _run_batches_in(self, kind: str, x: Array, batch: int, compiled: bool, valid) -> Array:
         batches = frame_batches(x.shape[1], batch)
         if not compiled:
             step = _batch_step(self, kind)

@@ -45,6 +45,20 @@ def test_a_key_given_twice_in_config_json_is_an_error(tmp_path):
             read(path)
 
 
+def test_the_writers_diffusers_version_is_kept_as_written_and_never_compared(tmp_path):
+    """Bookkeeping, not a setting: kept (any value diffusers reads, a number too) for the exported
+    config.json, and two configs of one network are equal whichever diffusers wrote them."""
+    for version in ("0.30.0.dev0", 0.3):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(PUBLISHED["cogvideox-2b"] | {"_diffusers_version": version}))
+        cfg = VAEConfig.from_json_file(path)
+        assert cfg.diffusers_version == version and cfg.to_diffusers_config()["_diffusers_version"] == version
+        assert cfg == PRESETS["cogvideox-2b"] and hash(cfg) == hash(PRESETS["cogvideox-2b"])
+        assert "diffusers_version" not in cfg and "_diffusers_version" not in cfg.keys()
+        assert cfg.replace(scaling_factor=0.7).diffusers_version == version
+    assert "_diffusers_version" not in PRESETS["cogvideox-2b"].to_diffusers_config()
+
+
 def test_other_model_class_is_an_error():
     cfg = {"_class_name": "AutoencoderKL", "in_channels": 3}
     with pytest.raises(ConfigError, match="'AutoencoderKL', not 'AutoencoderKLCogVideoX': not a CogVideoX VAE"):

@@ -693,7 +693,8 @@ def test_inspect_lists_every_tensor_then_exits_3_naming_what_convert_would_refus
         "float16, float32)",
         f"{f}: tensor 'encoder.conv_in.conv.bias': shape mismatch: source shape (7,), expected (8,) (model parameter "
         "'encoder.conv_in.conv.bias' has shape (8,))",
-        f"{f}: tensor 'encoder.conv_out.conv.bias': dtype float64 not allowed (allowed: bfloat16, float16, float32)",
+        f"{f}: tensor 'encoder.conv_out.conv.bias': dtype float64 not allowed (allowed: bfloat16, float16, float32); "
+        "cogvae-convert --dtype float32 casts it",
         f"{f}: tensor 'foo.bar': no mapping rule matches this key",
         f"{f}: missing tensor for model parameter 'decoder.conv_out.conv.bias' (3,) (expected source key "
         "'decoder.conv_out.conv.bias')",

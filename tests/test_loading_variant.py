@@ -189,3 +189,37 @@ def test_a_float64_source_is_cast_when_a_dtype_is_given(tmp_path):
     save_safetensors(sd, tmp_path / "vae" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(ConversionError, match=r"'decoder.conv_out.conv.bias': does not fit float32: 1 of 3"):
         load(tmp_path, dtype="float32")
+
+
+@pytest.mark.parametrize("index_name, diffusers_reads_the_index", [
+    ("diffusion_pytorch_model.safetensors.index.fp16.json", True),   # diffusers' own spelling
+    ("diffusion_pytorch_model.safetensors.fp16.index.json", True),   # its older one (_fetch_index_file_legacy)
+    ("diffusion_pytorch_model.fp16.safetensors.index.json", False),  # one diffusers never reads
+])
+def test_variant_weights_are_the_ones_diffusers_loads(tmp_path, index_name, diffusers_reads_the_index):
+    """An fp16 variant with sharded weights (the shards' values) and a single file (the shards'
+    values + 1): cogvae converts what ``from_pretrained(variant="fp16")`` loads, whichever index
+    spelling the folder has."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+
+    from cogvae.converter.loading import find_diffusers_vae
+    from cogvae.converter.st_io import save_safetensors
+
+    ref = diffusers_vae(seed=7, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
+    ref = ref.to(torch.float16)
+    vae_dir = tmp_path / "vae"
+    ref.save_pretrained(vae_dir, safe_serialization=True, variant="fp16", max_shard_size="20KB")
+    (vae_dir / "diffusion_pytorch_model.safetensors.index.fp16.json").rename(vae_dir / index_name)
+    sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+    single = {k: v + np.float16(1) for k, v in sd.items()}
+    save_safetensors(single, vae_dir / "diffusion_pytorch_model.fp16.safetensors")
+    theirs = AutoencoderKLCogVideoX.from_pretrained(vae_dir, variant="fp16", torch_dtype=torch.float16).state_dict()
+    want = sd if diffusers_reads_the_index else single
+    k = "decoder.conv_out.conv.bias"
+    np.testing.assert_array_equal(theirs[k].numpy(), want[k])  # what diffusers chose
+    found = find_diffusers_vae(tmp_path, variant="fp16").weights_path.name
+    assert found == (index_name if diffusers_reads_the_index else "diffusion_pytorch_model.fp16.safetensors")
+    back = export_tensors(state_to_flat_dict(nnx.state(load(tmp_path, variant="fp16"), nnx.Param)), load_mapping())
+    for key, v in want.items():
+        np.testing.assert_array_equal(back[key], v)

@@ -415,7 +415,7 @@ def test_lists_and_torch_tensors_are_read_as_arrays():
     np.testing.assert_array_equal(np.asarray(ours.decode(torch.from_numpy(z))), want)
     with pytest.raises(ValueError, match=r"decode: expected a 5-D latent .* got shape \(2, 3, 4, 4\)"):
         ours.decode(z[0].tolist())
-    with pytest.raises(TypeError, match=r"decode: expected a latent array .* got Tensor .*x\.detach\(\)\.cpu\(\)"):
+    with pytest.raises(TypeError, match=r"decode: expected a latent array .* got Tensor .*x\.detach\(\)\.float\(\)\.cpu\(\)"):
         ours.decode(torch.from_numpy(z).requires_grad_())
 
 

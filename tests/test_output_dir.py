@@ -233,3 +233,36 @@ def test_an_output_whose_folder_cannot_take_a_temporary_sibling_says_so(tmp_path
     assert code == 4, err
     assert f"cannot create a temporary folder in {tmp_path} (Read-only file system)" in err
     assert f"so {tmp_path} must be writable" in err
+
+
+@pytest.mark.parametrize("command, failing", [("export", "diffusion_pytorch_model.safetensors"),
+                                              ("convert", "params.msgpack"), ("convert", "COMPLETE")])
+def test_a_sync_that_reports_a_failed_write_stops_the_output(tmp_path, monkeypatch, command, failing):
+    """fsync is where a delayed write failure shows (EIO, or ENOSPC on NFS): the output is not
+    renamed into place, exit 4 names the file, nothing is left. The failure is faked (os.fsync
+    raises EIO for that one file): a failing disk cannot be had here."""
+    import errno
+
+    from cogvae.converter.cli import cli
+
+    real = os.fsync
+
+    def fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/" + failing):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out"
+    args = (["export-diffusers", str(_converted(tmp_path)), "--out", str(out)] if command == "export"
+            else ["convert", "--out", str(out), "-q"])
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 4, r.output
+    assert f"/{failing}: data not written to disk: Input/output error" in r.stderr, r.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def _converted(tmp_path: Path) -> Path:
+    code, err = _convert("--out", str(tmp_path / "ckpt"))
+    assert code == 0, err
+    return tmp_path / "ckpt"

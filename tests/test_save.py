@@ -471,6 +471,9 @@ def test_export_gives_back_the_source_config_and_keeps_other_variants(tiny_model
     with pytest.raises(OutputError, match=r"holds weights of other variants \(diffusion_pytorch_model.safetensors\) "
                                           r"for another config"):
         export_diffusers(tiny_model, out, dtype="float16", variant="fp16", overwrite=True)
+    (out / "config.json").write_text(json.dumps(other | {"scaling_factor": 0.7, "from_a_newer_diffusers": 1}))
+    with pytest.raises(OutputError, match=r"but its config.json cannot be read to tell whether they fit"):
+        export_diffusers(tiny_model, out, dtype="float16", variant="fp16", overwrite=True)
     assert (out / WEIGHTS).read_bytes() == fp32  # untouched
 
 

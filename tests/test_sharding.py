@@ -79,6 +79,15 @@ def test_sharded_decode_and_encode_match_diffusers(sharded, reference, case):
     assert r["traces_on_second_call"] == 0
 
 
+def test_a_mesh_with_explicit_axes_is_refused_saying_how_to_build_one(sharded):
+    """jax.make_mesh makes explicit axes by default; a batch split over them fails in jax's
+    sharding types (GroupNorm's reshape), and decode says to build the mesh with automatic axes."""
+    report, _ = sharded
+    message = report["explicit_axes_error"] or ""
+    assert message.startswith("decode: the input is split over mesh axes of the explicit kind"), message
+    assert "axis_types=(jax.sharding.AxisType.Auto,) * len(names)" in message and "jax said: " in message
+
+
 def test_height_split_divides_per_device_memory(sharded):
     """The real 2b decoder's kernels (XLA's compile-time analysis, fp32), height split over 4
     devices: each device holds about a quarter of the unsplit temporaries and outputs. (Before
