@@ -39,6 +39,7 @@ import ml_dtypes
 from cogvae.model import ConfigError, VAEConfig
 
 from .hub import UnreadableError, local_path, unreadable
+from . import interrupts
 from .layout import (CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME, WEIGHTS_NAME,
                      read_json)
 from .st_io import aligned_empty
@@ -267,12 +268,42 @@ def _sibling_prefix(out: Path, kind: str) -> str:
     return f".{name}.{kind}-"
 
 
+#: A temporary sibling without an owner file is one only for the instant between its owner file's
+#: removal and the swap (or the owner file's return into a swapped-out old output); one this old
+#: was left by a killed run (or an older cogvae, which removed the owner file for longer).
+OWNERLESS_STALE_S = 600.0
+
+
 def _owner_stale(d: Path, host: str) -> bool:
     try:
         owner_host, pid = (d / OWNER_FILE).read_text().split()
         return owner_host == host and not _pid_alive(int(pid))
+    except FileNotFoundError:
+        try:
+            return time.time() - d.stat().st_mtime > OWNERLESS_STALE_S
+        except OSError:
+            return False
     except (OSError, ValueError):
         return False
+
+
+def _remove_owner_last(d: Path) -> None:
+    """Delete the folder ``d``, its owner file last: a run killed midway leaves the rest with the
+    owner file, which the next run recognises as stale and finishes deleting."""
+    try:
+        children = [c for c in d.iterdir() if c.name != OWNER_FILE]
+    except OSError:
+        return
+    for c in children:
+        if c.is_dir() and not c.is_symlink():
+            shutil.rmtree(c, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                c.unlink()
+    with contextlib.suppress(OSError):
+        (d / OWNER_FILE).unlink()
+    with contextlib.suppress(OSError):
+        d.rmdir()
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
@@ -296,7 +327,7 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
                     os.rename(d / "old", out)  # the killed run never put its new output in place
                 except OSError:
                     continue  # left as it is: nothing is deleted that could not be put back
-            shutil.rmtree(d, ignore_errors=True)
+            _remove_owner_last(d)
             removed.append(d)
     return removed
 
@@ -414,11 +445,13 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
             if f.is_file() and not f.is_symlink():
                 _fsync_path(f)
         _fsync_path(tmp, directory=True)
+        interrupts.check()  # a Ctrl-C CPython discarded: the output the user meant to keep stays
         _preflight(out, overwrite, replaces)  # it may have appeared meanwhile
         try:
             (tmp / OWNER_FILE).unlink()
             if out.exists() and _exchange(tmp, out):
-                old = tmp  # now holds the previous output
+                old = tmp  # now holds the previous output: owned again, so a kill leaves it to the next run
+                (old / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
             else:
                 if out.exists():
                     old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "old"), dir=out.parent))
@@ -432,7 +465,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
         except OSError:
             pass
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_owner_last(old)
     except BaseException:
         aside = old is not None and old != tmp
         if aside and (old / "old").exists() and not out.exists():
@@ -654,8 +687,16 @@ def _check_free_space(folder: Path, need: int) -> None:
     if free < need:
         import errno
 
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the checkpoint needs {need / 1e9:.2f} GB, "
-                                    f"{free / 1e9:.2f} GB free at {folder.parent}")
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the checkpoint needs {_size(need)}, "
+                                    f"{_size(free)} free at {folder.parent}")
+
+
+def _size(n: int) -> str:
+    """``1.73 GB``, ``2.1 MB``, ``512 B``: the unit that shows the figure (a tiny file system too)."""
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= k:
+            return f"{n / k:.2f} {unit}"
+    return f"{n} B"
 
 
 def write_into(

@@ -6,6 +6,7 @@ adds one line per problem) with a documented exit code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -87,13 +88,45 @@ def _run(fn, *args: Any, **kwargs: Any) -> Any:
         _fail(e)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the command is, so that its cleanup runs as for Ctrl-C (temporary
-    folders, an unfinished output); Python's default would end the process on the spot."""
+from .interrupts import Terminated  # noqa: E402 (re-exported: cli.Terminated)
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
+# In a console script (not in-process, as under click's CliRunner): the real stderr while an
+# interrupt's cleanup runs with stderr muted (see _on_signal), else None.
+_CONSOLE_SCRIPT = False
+_muted_stderr: Optional[int] = None
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGTERM and SIGINT: noted (``interrupts``: an exception raised where CPython discards it
+    is honoured later), then raised where the command is, so that its cleanup runs. In a console
+    script stderr is muted until the command's one ``Error:`` line: an interrupted Orbax write or
+    read makes tensorstore's threads print a traceback per chunk in flight ("Event loop is
+    closed"), hundreds of lines around the one that matters."""
+    import signal
+
+    from . import interrupts
+
+    global _muted_stderr
+    interrupts.note(signum)
+    if _CONSOLE_SCRIPT and _muted_stderr is None:
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
+            saved = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+            _muted_stderr = saved
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _unmute_stderr() -> None:
+    global _muted_stderr
+    if _muted_stderr is not None:
+        with contextlib.suppress(OSError):
+            os.dup2(_muted_stderr, 2)
+            os.close(_muted_stderr)
+        _muted_stderr = None
 
 
 class _Interruptible:
@@ -105,21 +138,30 @@ class _Interruptible:
         import signal
         import threading
 
-        previous = None
+        from . import interrupts
+
+        previous = {}
         if threading.current_thread() is threading.main_thread():
-            try:
-                previous = signal.signal(signal.SIGTERM, _on_sigterm)
-            except (ValueError, OSError):  # pragma: no cover - no signals here (an embedding host)
-                previous = None
+            interrupts.reset()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    previous[signum] = signal.signal(signum, _on_signal)
+                except (ValueError, OSError):  # pragma: no cover - no signals here (an embedding host)
+                    pass
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            interrupts.check()  # one raised where CPython discarded it: the command must not end as a success
+            return result
         except KeyboardInterrupt as e:  # (its message, when there is one, says what was kept)
+            _unmute_stderr()
             what = "terminated" if isinstance(e, Terminated) else "interrupted"
-            click.echo(f"Error: {what}" + (f": {e.args[0]}" if e.args and e.args[0] else ""), err=True)
+            with contextlib.suppress(OSError, ValueError):  # a closed stderr: the exit code says it
+                click.echo(f"Error: {what}" + (f": {e.args[0]}" if e.args and e.args[0] else ""), err=True)
             ctx.exit(EXIT_TERMINATED if isinstance(e, Terminated) else EXIT_INTERRUPTED)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            _unmute_stderr()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 class _Command(_Interruptible, click.Command):
@@ -147,12 +189,39 @@ def _output_path(out: str | os.PathLike) -> Path:
     return path
 
 
+_stdout_gone = False
+
+
+def _out(text: str) -> None:
+    """One line of a command's output on stdout. A reader that went away (``| head -1``: EPIPE)
+    ends the output, not the command, whose exit code still says how it went (click would exit 1,
+    which means a failed validation); stdout is then pointed at /dev/null so that nothing more,
+    nor the interpreter's last flush, fails on it. Any other failure to write is exit 4."""
+    global _stdout_gone
+    if _stdout_gone:
+        return
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone = True
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+    except (OSError, ValueError) as e:
+        from .checkpoint import OutputError
+
+        _fail(OutputError(f"cannot write to stdout: {getattr(e, 'strerror', None) or e}"))
+
+
 def _emit_json(data: Any) -> None:
     """Strict JSON on stdout: a non-finite float anywhere becomes a string ('nan', 'inf'), so
-    ``jq`` or ``JSON.parse`` can read the report of a diverged model too."""
+    ``jq`` or ``JSON.parse`` can read the report of a diverged model too. Written as ``_out``
+    writes (a full disk is exit 4)."""
     from .verify import _strict_json
 
-    click.echo(json.dumps(_strict_json(data), indent=2, default=str, allow_nan=False))
+    _out(json.dumps(_strict_json(data), indent=2, default=str, allow_nan=False))
 
 
 def _human_size(n: int) -> str:
@@ -280,10 +349,10 @@ def _do_convert(source, out, subfolder, revision, variant, dtype, fmt, no_valida
         _emit_json(summary)
         return
     if not quiet:
-        click.echo(str(out))
+        _out(str(out))
     if summary.get("push"):  # a result, not progress: shown with --quiet too
         for line in _push_lines(summary["push"], revision=push_revision, create_pr=create_pr):
-            click.echo(line)
+            _out(line)
 
 
 @click.command("cogvae-convert", cls=_Command, help=CONVERT_HELP, epilog=EXIT_EPILOG,
@@ -363,7 +432,7 @@ def export_diffusers_command(ckpt, out, fmt, revision, token, dtype, variant, ov
     out = _run(_output_path, out)
     summary = _run(export_diffusers, ckpt, out, format=fmt, overwrite=overwrite, revision=revision, token=token,
                    dtype=dtype, variant=variant)
-    _emit_json(summary) if as_json else click.echo(str(out))
+    _emit_json(summary) if as_json else _out(str(out))
 
 
 # ----------------------------------------------------------------------------------------
@@ -506,12 +575,12 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
     if as_json:
         _emit_json(data)
     else:
-        click.echo(f"{data['kind']}: {data['path']} ({data['num_tensors']} tensors)")
+        _out(f"{data['kind']}: {data['path']} ({data['num_tensors']} tensors)")
         for r in data["tensors"]:
             other = r.get("target") or r.get("diffusers_key") or "-"
             problem = f"  PROBLEM: {r['problem']}" if r.get("problem") else ""
             what = f"{tuple(r['shape'])} {r['dtype']}" if r["shape"] is not None else "(unreadable)"
-            click.echo(f"{r['key']}  ->  {other}  [{r['rule'] or 'NO RULE'}]  {what}{problem}")
+            _out(f"{r['key']}  ->  {other}  [{r['rule'] or 'NO RULE'}]  {what}{problem}")
     if data["problems"]:  # the listing is complete; the exit code says cogvae-convert would refuse this source
         n = len(data["problems"])
         click.echo(f"Error: {data['path']}: {n} problem(s) that cogvae-convert would refuse:", err=True)
@@ -595,7 +664,7 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
     if as_json:
         _emit_json(report.to_dict())
     else:
-        click.echo(report.format_text())
+        _out(report.format_text())
     if not report.ok:
         sys.exit(EXIT_VALIDATION)
 
@@ -638,8 +707,51 @@ def push_command(ckpt, repo_id, private, revision, create_pr, dry_run, with_diff
         lines.insert(len(lines) - 1 if dry_run else len(lines),
                      f"not uploaded: {len(skipped)} file(s) not in the COMPLETE manifest: {shown}")
     for line in lines:
-        click.echo(line)
+        _out(line)
+
+
+def _entry(command: click.Command) -> None:
+    """A console script's entry: ``command``, except that a command ended by Ctrl-C or SIGTERM
+    (after its cleanup, with its one ``Error:`` line) leaves at once with its exit code: the
+    interpreter's teardown could crash (exit 139) on a library's worker thread still running,
+    such as an Orbax write abandoned by the interrupt."""
+    global _CONSOLE_SCRIPT
+    _CONSOLE_SCRIPT = True
+    # A standard stream closed by the caller (``2>&-``): /dev/null in its place, or the first file
+    # this process opens would take its number, and whatever writes to stderr (a library's
+    # logging) would write into that file, a weights file say. Python sets such a sys.stderr to
+    # None, and print(file=None) writes to stdout: progress would corrupt a --json summary.
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_RDWR)
+                if devnull != fd:
+                    os.dup2(devnull, fd)
+                    os.close(devnull)
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+    try:
+        command.main()
+    except SystemExit as e:
+        if e.code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(e.code)
+        raise
+
+
+def main() -> None:
+    """The ``cogvae`` console script."""
+    _entry(cli)
+
+
+def convert_main() -> None:
+    """The ``cogvae-convert`` console script."""
+    _entry(convert_command)
 
 
 if __name__ == "__main__":  # `python -m cogvae.converter.cli ...` is the `cogvae` command group
-    cli()
+    main()

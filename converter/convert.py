@@ -27,6 +27,7 @@ import numpy as np
 
 from cogvae.model import VAEConfig
 
+from . import interrupts
 from .checkpoint import (
     FORMATS,
     CheckpointError,
@@ -82,16 +83,52 @@ class _Progress:
     def __init__(self, quiet: bool):
         self.quiet = quiet
 
+    # Progress is best effort: a stderr that is closed, full or a closed pipe (``2>&-``,
+    # ``2>&1 | head -1``) silences it; the conversion and its --json summary go on.
     def log(self, msg: str) -> None:
-        if not self.quiet:
-            print(msg, file=sys.stderr, flush=True)
+        if not self.quiet and sys.stderr is not None:  # (None: print would write to stdout)
+            try:
+                print(msg, file=sys.stderr, flush=True)
+            except (OSError, ValueError, AttributeError):
+                self.quiet = True
 
     def bar(self, length: int, label: str):
-        if self.quiet:
+        if self.quiet or sys.stderr is None:
             return _NoBar()
         import click
 
-        return click.progressbar(length=length, label=label, file=sys.stderr, show_pos=True, width=30)
+        return _BestEffortBar(self, lambda: click.progressbar(length=length, label=label, file=sys.stderr,
+                                                              show_pos=True, width=30))
+
+
+class _BestEffortBar:
+    """A click progress bar that goes quiet (and quiets its ``_Progress``) when stderr fails."""
+
+    def __init__(self, progress: "_Progress", make):
+        self.progress, self.bar = progress, None
+        try:
+            self.bar = make().__enter__()
+        except (OSError, ValueError, AttributeError):
+            progress.quiet = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            try:
+                self.bar.__exit__(*exc)
+            except (OSError, ValueError, AttributeError):
+                self.progress.quiet = True
+        return False
+
+    def update(self, n: int, current_item: Any = None) -> None:
+        if self.bar is None:
+            return
+        try:
+            self.bar.update(n, current_item)
+        except (OSError, ValueError, AttributeError):
+            self.bar, self.progress.quiet = None, True
 
 
 class _NoBar:
@@ -437,6 +474,9 @@ def convert(
                 validation = validate_checkpoint_dir(tmp, config, formats, expected)
                 timings["validate"] = time.perf_counter() - t0
                 ui.log(_format_validation(validation))
+                # an interrupt during the read-back can come back wrapped as a read error (Orbax,
+                # tensorstore): a cancelled run is not a failed validation
+                interrupts.check()
                 if not validation["ok"]:
                     raise ValidationError(
                         f"{out}: validation failed: " + "; ".join(validation["problems"]), validation)

@@ -437,7 +437,7 @@ def test_non_float_dtype(small_sd, mapping):
         _convert(sd, targets, mapping)
     assert _problems(ei) == [
         f"{SRC}: tensor 'encoder.norm_out.weight': dtype float64 not allowed "
-        "(allowed: bfloat16, float16, float32)",
+        "(allowed: bfloat16, float16, float32); cast it with dtype= (cogvae-convert --dtype float32)",
         f"{SRC}: tensor 'encoder.norm_out.bias': dtype int32 is not floating point "
         "(allowed: bfloat16, float16, float32)",
     ]

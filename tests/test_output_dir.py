@@ -266,3 +266,52 @@ def _converted(tmp_path: Path) -> Path:
     code, err = _convert("--out", str(tmp_path / "ckpt"))
     assert code == 0, err
     return tmp_path / "ckpt"
+
+
+def test_a_swapped_out_old_output_is_owned_until_it_is_gone(tmp_path, monkeypatch):
+    """After the swap the temporary sibling holds the previous output; a run killed while deleting
+    it left a full copy (1.7 GB at 2b) that no later run removed, as it had no owner file. It is
+    owned again at once and its owner file goes last (recorded at the delete; nothing faked)."""
+    out = tmp_path / "ck"
+    assert _convert("--out", str(out), "--format", "msgpack", "--no-validate")[0] == 0
+    seen = []
+    real = ck._remove_owner_last
+
+    def record(d):
+        seen.append((d.name, (d / ck.OWNER_FILE).read_text().split()[1], (d / "params.msgpack").exists()))
+        real(d)
+
+    monkeypatch.setattr(ck, "_remove_owner_last", record)
+    assert _convert("--out", str(out), "--format", "msgpack", "--no-validate", "--overwrite")[0] == 0
+    assert len(seen) == 1 and seen[0][0].startswith(".ck.") and seen[0][1:] == (str(os.getpid()), True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_an_ownerless_leftover_is_removed_once_it_is_old(tmp_path):
+    """A leftover without an owner file (a run killed in the instant it had none, or by an older
+    cogvae): one that old is removed by the next run; a fresh one may belong to a run now
+    swapping, and stays."""
+    import time
+
+    old, fresh = tmp_path / ".ck.tmp-killedlongago", tmp_path / ".ck.tmp-swappingnow"
+    for d in (old, fresh):
+        (d / "orbax").mkdir(parents=True)
+        (d / "COMPLETE").write_text("{}")
+    t = time.time() - ck.OWNERLESS_STALE_S - 60
+    os.utime(old, (t, t))
+    assert _convert("--out", str(tmp_path / "ck"), "--format", "msgpack", "--no-validate")[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ck.tmp-swappingnow", "ck"]
+
+
+def test_a_file_system_too_small_says_how_much_in_a_unit_that_shows_it(tmp_path, monkeypatch):
+    """A 2 MB file system said "needs 0.00 GB, 0.00 GB free". Faked: disk_usage reports 500 kB
+    free (a real small file system needs a mount)."""
+    import collections
+    import shutil
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2_000_000, 1_500_000, 500_000))
+    code, err = _convert("--out", str(tmp_path / "ck"))
+    assert code == 4, err
+    assert "the checkpoint needs " in err and " MB, 500.00 kB free at " in err, err
+    assert list(tmp_path.iterdir()) == []
