@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import click
 
+from .interrupts import Terminated  # (also cli.Terminated)
+
 __all__ = ["cli", "convert_command", "EXIT_CODES"]
 
 EXIT_OK, EXIT_VALIDATION, EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT, EXIT_NETWORK = 0, 1, 2, 3, 4, 5
@@ -86,9 +88,6 @@ def _run(fn, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 -- mapped to one line + exit code, or re-raised
         _fail(e)
-
-
-from .interrupts import Terminated  # noqa: E402 (re-exported: cli.Terminated)
 
 
 # In a console script (not in-process, as under click's CliRunner): the real stderr while an
@@ -162,6 +161,8 @@ class _Interruptible:
             _unmute_stderr()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            if previous:
+                interrupts.reset()  # what was noted belonged to this command (a later call from Python must not see it)
 
 
 class _Command(_Interruptible, click.Command):

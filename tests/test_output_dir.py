@@ -301,17 +301,3 @@ def test_an_ownerless_leftover_is_removed_once_it_is_old(tmp_path):
     os.utime(old, (t, t))
     assert _convert("--out", str(tmp_path / "ck"), "--format", "msgpack", "--no-validate")[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ck.tmp-swappingnow", "ck"]
-
-
-def test_a_file_system_too_small_says_how_much_in_a_unit_that_shows_it(tmp_path, monkeypatch):
-    """A 2 MB file system said "needs 0.00 GB, 0.00 GB free". Faked: disk_usage reports 500 kB
-    free (a real small file system needs a mount)."""
-    import collections
-    import shutil
-
-    usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(2_000_000, 1_500_000, 500_000))
-    code, err = _convert("--out", str(tmp_path / "ck"))
-    assert code == 4, err
-    assert "the checkpoint needs " in err and " MB, 500.00 kB free at " in err, err
-    assert list(tmp_path.iterdir()) == []
