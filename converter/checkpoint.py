@@ -687,15 +687,15 @@ def _check_free_space(folder: Path, need: int) -> None:
     if free < need:
         import errno
 
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the checkpoint needs {_size(need)}, "
-                                    f"{_size(free)} free at {folder.parent}")
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: the checkpoint needs {human_size(need)}, "
+                                    f"{human_size(free)} free at {folder.parent}")
 
 
-def _size(n: int) -> str:
-    """``1.73 GB``, ``2.1 MB``, ``512 B``: the unit that shows the figure (a tiny file system too)."""
+def human_size(n: int) -> str:
+    """``1.7 GB``, ``2.1 MB``, ``512 B``: the unit that shows the figure (a tiny file system too)."""
     for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= k:
-            return f"{n / k:.2f} {unit}"
+            return f"{n / k:.1f} {unit}"
     return f"{n} B"
 
 

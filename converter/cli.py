@@ -225,13 +225,6 @@ def _emit_json(data: Any) -> None:
     _out(json.dumps(_strict_json(data), indent=2, default=str, allow_nan=False))
 
 
-def _human_size(n: int) -> str:
-    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= k:
-            return f"{n / k:.1f} {unit}"
-    return f"{n} B"
-
-
 def _push_lines(result: dict, *, revision: Optional[str] = None, create_pr: bool = False) -> list[str]:
     """What a push did (or, a dry run, would do), as text: a dry run lists every file with its size
     and the total; a real push gives the commit (or pull request) URL and what it removed."""
@@ -243,8 +236,10 @@ def _push_lines(result: dict, *, revision: Optional[str] = None, create_pr: bool
     elif revision:
         target += f" (branch {revision})"
     if result.get("dry_run"):
+        from .checkpoint import human_size
+
         width = len(f"{total:,}")  # the widest number
-        lines = [f"would upload {len(files)} file(s), {_human_size(total)}, to {target}:"]
+        lines = [f"would upload {len(files)} file(s), {human_size(total)}, to {target}:"]
         lines += [f"  {int(f.get('size') or 0):>{width},}  {f.get('path')}" for f in files]
         lines.append(f"  {total:>{width},}  bytes in all")
         lines.append("dry run: nothing uploaded (the repo was not read, so the files of a previous checkpoint "

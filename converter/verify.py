@@ -492,6 +492,16 @@ def _as_float(a: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
+def _value_checks(params: dict[str, np.ndarray]) -> tuple[list[dict], list[dict]]:
+    """Per tensor, in key order: the dtypes cogvae does not store ({key, dtype}) and the
+    non-finite values ({key, nan, inf, size})."""
+    from .engine import ALLOWED_DTYPES
+
+    bad = [{"key": k, "dtype": params[k].dtype.name} for k in sorted(params)
+           if params[k].dtype.name not in ALLOWED_DTYPES]
+    return bad, [nf for nf in (_nonfinite(k, params[k]) for k in sorted(params)) if nf]
+
+
 def _nonfinite(key: str, a: np.ndarray) -> Optional[dict]:
     if a.dtype.kind not in "fc" and a.dtype.name != "bfloat16":
         return None
@@ -677,14 +687,8 @@ def verify_checkpoint(
 
     from .engine import ALLOWED_DTYPES
 
-    for k in sorted(params):
-        a = params[k]
-        report.dtypes[k] = a.dtype.name
-        if a.dtype.name not in ALLOWED_DTYPES:
-            report.bad_dtypes.append({"key": k, "dtype": a.dtype.name})
-        nf = _nonfinite(k, a)
-        if nf:
-            report.nonfinite.append(nf)
+    report.dtypes = {k: params[k].dtype.name for k in sorted(params)}
+    report.bad_dtypes, report.nonfinite = _value_checks(params)
 
     if reference is not None:
         ref = _load(reference, fmt=None, subfolder=reference_subfolder, variant=reference_variant, mapping=mapping,
@@ -696,15 +700,11 @@ def verify_checkpoint(
         # The source's dtypes and values are checked per tensor above; the reference's are checked
         # here, since _load leaves those problems to the per-tensor checks: a comparison with a
         # reference holding NaN, or integer tensors, would otherwise pass (every change NaN or inf).
-        for k in sorted(ref.params):
-            a = ref.params[k]
-            if a.dtype.name not in ALLOWED_DTYPES:
-                report.load_problems.append(f"reference: tensor {k!r}: dtype {a.dtype.name} not allowed "
-                                            f"(allowed: {', '.join(sorted(ALLOWED_DTYPES))})")
-            nf = _nonfinite(k, a)
-            if nf:
-                report.load_problems.append(f"reference: tensor {k!r}: {nf['nan']} NaN and {nf['inf']} inf "
-                                            f"of {nf['size']} values")
+        bad, nonfinite = _value_checks(ref.params)
+        report.load_problems += [f"reference: tensor {b['key']!r}: dtype {b['dtype']} not allowed (allowed: "
+                                 f"{', '.join(sorted(ALLOWED_DTYPES))})" for b in bad]
+        report.load_problems += [f"reference: tensor {n['key']!r}: {n['nan']} NaN and {n['inf']} inf of {n['size']} "
+                                 "values" for n in nonfinite]
         report.reference_loaded = ref.config is not None and bool(ref.params)
         if ref.unreachable is not None:
             report.input_errors.append(type(ref.unreachable)(f"reference: {ref.unreachable}"))

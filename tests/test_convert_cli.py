@@ -437,7 +437,7 @@ def test_too_little_disk_space_is_an_output_error_before_writing(tiny, tmp_path,
     assert code == 4
     assert stderr.strip().startswith(f"Error: {out}: cannot write checkpoint: No space left on device: the checkpoint needs ")
     # in a unit that shows the figure (this said "0.00 GB free")
-    assert " MB, 1.00 kB free at " in stderr and sorted(p.name for p in tmp_path.iterdir()) == []
+    assert " MB, 1.0 kB free at " in stderr and sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("fmt", ["msgpack", "orbax"])
