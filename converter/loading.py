@@ -98,10 +98,10 @@ def _find_in(root: Path, subfolder: str, variant: Optional[str]) -> DiffusersSou
             raise SourceError(f"{why}: cannot read the VAE config")
         if (folder / "config.json").is_file():
             weights = weights_in(folder, variant)
-            broken = [w for w in (_not_a_file(folder / n) for n in weights_names(variant)) if w]
-            if weights is None and broken:  # not "no such file" for one that is there: say what is wrong
-                raise SourceError(f"{'; '.join(broken)}: cannot read the VAE weights")
             if weights is None:
+                broken = [w for w in (_not_a_file(folder / n) for n in weights_names(variant)) if w]
+                if broken:  # not "no such file" for one that is there: say what is wrong with it
+                    raise SourceError(f"{'; '.join(broken)}: cannot read the VAE weights")
                 found = sorted(p.name for p in folder.glob(f"{WEIGHTS_NAME}*"))
                 hint = f" (found: {', '.join(found)})" if found else ""
                 want = WEIGHTS_NAME + (f".{variant}" if variant else "") + ".safetensors[.index.json]"

@@ -32,25 +32,39 @@ from typing import Iterator, Optional
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: F401 (AxisType: the docstring's)
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 __all__ = ["replicate", "video_sharding", "explicit_axes_hint"]
 
 
+def _split_over_explicit_axes(x) -> bool:
+    """Whether ``x`` (an array or a tracer) is split over a mesh axis of the explicit kind."""
+    try:
+        sharding = jax.typeof(x).sharding
+    except Exception:  # noqa: BLE001 -- not a jax value (numpy), or a jax without sharding types
+        return False
+    mesh = getattr(sharding, "mesh", None)
+    used = {n for p in getattr(sharding, "spec", ()) or () if p is not None for n in (p if isinstance(p, tuple) else (p,))}
+    return any(t == AxisType.Explicit and name in used
+               for name, t in zip(getattr(mesh, "axis_names", ()), getattr(mesh, "axis_types", ()) or ()))
+
+
 @contextlib.contextmanager
-def explicit_axes_hint(what: str) -> Iterator[None]:
-    """Around an encode or decode: jax's sharding type error for an input split over explicit
-    mesh axes (``jax.make_mesh``'s default) becomes a ValueError that says how to build the mesh."""
+def explicit_axes_hint(what: str, x) -> Iterator[None]:
+    """Around an encode or decode of ``x``: when ``x`` is split over explicit mesh axes
+    (``jax.make_mesh``'s default), jax's failure on the first reshape or pad of a split dimension
+    (a ShardingTypeError; an IndexError in jax 0.11's reshape rule) becomes a ValueError that says
+    how to build the mesh. Any other input's errors pass through as they are."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 -- only jax's ShardingTypeError (a private class) is replaced
-        if type(e).__name__ != "ShardingTypeError":
+    except Exception as e:  # noqa: BLE001 -- re-raised unless x is split over explicit axes
+        if not _split_over_explicit_axes(x):
             raise
         raise ValueError(
             f"{what}: the input is split over mesh axes of the explicit kind, which cogvae's encode and decode do "
             "not support (a reshape or pad of a split dimension needs its split spelled out); build the mesh with "
             "automatic axes: jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names)). "
-            f"jax said: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+            f"jax said: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def replicate(vae: nnx.Module, mesh: Mesh) -> nnx.Module:

@@ -584,7 +584,7 @@ def _as_array(x, method: str, what: str):
     torch tensor, as diffusers users hold them) as a numpy array, so that its real shape is checked
     and named; what cannot be one (a torch tensor that needs grad, on a GPU) is a TypeError that
     says what to pass."""
-    if isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, jax.core.Tracer):
+    if isinstance(x, (jax.Array, np.ndarray)):  # (a tracer is a jax.Array)
         return x
     try:
         return np.asarray(x)
@@ -837,7 +837,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
     def _run_batches(self, kind: str, x: Array, batch: int, compiled: bool, valid) -> Array:
         """diffusers' frame-batch loop: ``max(T // batch, 1)`` batches, the remainder in the first,
         conv caches carried from batch to batch; outputs concatenated in time."""
-        with explicit_axes_hint(kind):  # an input split over explicit mesh axes: say how to build the mesh
+        with explicit_axes_hint(kind, x):  # an input split over explicit mesh axes: say how to build the mesh
             return self._run_batches_in(kind, x, batch, compiled, valid)
 
     def _run_batches_in(self, kind: str, x: Array, batch: int, compiled: bool, valid) -> Array:
