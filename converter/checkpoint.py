@@ -439,12 +439,15 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
     old = None
     try:
         yield tmp
-        # every file's data on disk before the rename makes the output visible (the checkpoint
-        # writer syncs its files already; an export's config and weights were not)
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file() and not f.is_symlink():
-                _fsync_path(f)
-        _fsync_path(tmp, directory=True)
+        # every file's data on disk before the rename makes the output visible; a failed delayed
+        # write shows here (EIO, ENOSPC) and stops the output
+        try:
+            for f in sorted(tmp.rglob("*")):
+                if f.is_file() and not f.is_symlink():
+                    _fsync_path(f)
+            _fsync_path(tmp, directory=True)
+        except OSError as e:  # an output problem for every writer (the message names the file)
+            raise OutputError(f"{given}: cannot write: {e.strerror or e}") from None
         interrupts.check()  # a Ctrl-C CPython discarded: the output the user meant to keep stays
         _preflight(out, overwrite, replaces)  # it may have appeared meanwhile
         try:
@@ -650,8 +653,6 @@ def _stream_msgpack(path: Path, params: dict[str, np.ndarray], packer, also: Cal
                     w(part)
 
         walk(nest(params))
-        f.flush()
-    _fsync_path(path)  # a failed delayed write raises, naming the file
 
 
 def _manifest(folder: Path, formats: Iterable[str], known_sha: dict[str, str]) -> dict[str, Any]:
@@ -732,14 +733,13 @@ def write_into(
 
 
 def finish_into(folder: Path, formats: Iterable[str], provenance: dict, known_sha: dict[str, str]) -> dict:
-    """Write provenance and, last, the ``COMPLETE`` manifest (after fsyncing every file)."""
+    """Write provenance and, last, the ``COMPLETE`` manifest. ``folder`` is an
+    ``atomic_output_dir``'s temporary folder, which syncs every file to disk before the rename
+    that makes the checkpoint visible."""
     _write_json(folder / PROVENANCE_NAME, provenance)
     manifest = _manifest(folder, normalize_formats(formats), known_sha)
-    for rel in manifest["files"]:
-        _fsync_path(folder / rel)
     _slow_write_hook()
     _write_json(folder / MANIFEST_NAME, manifest)
-    _fsync_path(folder / MANIFEST_NAME)
     return manifest
 
 

@@ -287,8 +287,8 @@ def _other_variants(out: Path, variant: Optional[str], config: Any) -> list[str]
     try:
         if not out.is_dir() or not _is_diffusers_export(out):
             return []  # not a diffusers folder: atomic_output_dir says what --overwrite may replace
-        others = sorted(p.name for p in out.iterdir()
-                        if p.is_file() and weights_variant(p.name)[0] and weights_variant(p.name)[1] != variant)
+        found = {p.name: weights_variant(p.name) for p in out.iterdir() if p.is_file()}
+        others = sorted(name for name, (is_weights, v) in found.items() if is_weights and v != variant)
     except OSError:
         return []  # atomic_output_dir reports the folder it cannot look into
     if not others:

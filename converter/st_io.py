@@ -190,7 +190,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             return
         if strict:
             raise _error(self.path, "bad safetensors file", problems)
-        self.problems = _error(self.path, "bad safetensors file", problems).problems
+        self.problems = [f"{self.path}: {p}" for p in problems]
         # not readable: an entry with a bad field, one given twice (which one was meant?), one past the end
         for key in [k for k in header if k not in self._entries] + duplicates + past:
             self._entries.pop(key, None)
