@@ -193,9 +193,9 @@ def _is_replaceable_checkpoint(folder: Path) -> bool:
 
 
 #: What ``overwrite`` may replace, by kind of output: an empty folder, or one of the same kind.
-_REPLACEABLE = {"checkpoint": ("a cogvae checkpoint (every file listed by its COMPLETE manifest)",
+_REPLACEABLE = {"checkpoint": ("a cogvae checkpoint", "every file listed by its COMPLETE manifest",
                                _is_replaceable_checkpoint),
-                "diffusers": ("a diffusers model folder (config.json and diffusion_pytorch_model files only)",
+                "diffusers": ("a diffusers model folder", "config.json and diffusion_pytorch_model files only",
                               _is_diffusers_export)}
 
 
@@ -215,7 +215,7 @@ def _preflight(out: Path, overwrite: bool, replaces: str = "checkpoint") -> None
             raise OutputError(f"{out}: output exists and is not a folder; refusing to replace it")
         # --overwrite deletes the old folder: only ever one this kind of output wrote, so that a
         # mistyped --out (the source pipeline, a project folder, ~) is never wiped.
-        what, ok = _REPLACEABLE[replaces]
+        what, means, ok = _REPLACEABLE[replaces]
         try:
             entries = sorted(p.name for p in out.iterdir())
             replaceable = not entries or ok(out)
@@ -223,8 +223,8 @@ def _preflight(out: Path, overwrite: bool, replaces: str = "checkpoint") -> None
             raise OutputError(f"{out}: cannot read the existing output folder: {e.strerror or e}") from None
         if not replaceable:
             shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
-            raise OutputError(f"{out}: exists and is not {what} (it holds {shown}); --overwrite only replaces "
-                              f"{what} or an empty folder: remove it yourself or pick another output folder")
+            raise OutputError(f"{out}: exists and is not {what} ({means}; it holds {shown}); --overwrite only "
+                              f"replaces {what} or an empty folder: remove it yourself or pick another output folder")
 
 
 def check_not_source(out: str | os.PathLike, source: str | os.PathLike) -> None:

@@ -42,7 +42,7 @@ from .checkpoint import (
     OutputError,
 )
 from .loading import SourceError, find_diffusers_vae, resolve_dtype
-from .mapping import Mapping, load_mapping
+from .mapping import Mapping, load_mapping, provenance_entry
 
 __all__ = ["convert", "ValidationError", "default_source", "DEFAULT_SOURCE_ID", "validate_checkpoint_dir"]
 
@@ -483,7 +483,10 @@ def convert(
             else:
                 validation = {"skipped": True}
 
-            input_info = [{"path": str(p), "name": p.relative_to(src.folder).as_posix(), "size": p.stat().st_size,
+            # A Hub source's files by their paths in the repo (the commit says which): their place
+            # in this machine's Hub cache would name the user's folders in a pushed provenance.json.
+            input_info = [{"path": p.relative_to(folder).as_posix() if is_hub else str(p),
+                           "name": p.relative_to(src.folder).as_posix(), "size": p.stat().st_size,
                            "sha256": hashes[p].result()} for p in input_files]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -498,10 +501,10 @@ def convert(
                 # whatever ``subfolder`` asked for, as diffusers' from_pretrained of a VAE repo)
                 "subfolder": "" if src.folder == folder else src.folder.relative_to(folder).as_posix(),
                 "variant": variant,
-                "folder": str(src.folder),
+                **({} if is_hub else {"folder": str(src.folder)}),
                 "files": input_info,
             },
-            "mapping": {"path": str(mapping.path), "sha256": mapping.sha256},
+            "mapping": provenance_entry(mapping),
             "versions": _versions(),
             "dtype": {"requested": np_dtype, "stored": stored},
             "formats": list(formats),

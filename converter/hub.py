@@ -438,6 +438,33 @@ def _hub_error(e: BaseException, repo_id: str, revision: Optional[str], cache: s
     return HubError(f"{where}: download failed: {type(e).__name__}: {e}")
 
 
+def _unreachable(repo_id: str, commit: Optional[str], cache: str, token) -> bool:
+    """Whether a request pinned to ``commit`` would find the Hub unreachable, asked with one quick
+    request first. huggingface_hub asks for a commit's file listing (unless it has one cached)
+    with its retrying backoff: about 23 s and eleven warning lines before it falls back to the
+    cache when there is no connection, where an unpinned request falls back at once. So a pinned
+    request is preceded by a ``repo_info`` (one try), and reads only the cache when that cannot
+    connect. Any answer from the Hub, an HTTP error included, leaves the request as it was."""
+    from huggingface_hub import constants
+
+    if not commit or not _COMMIT.match(commit) or constants.is_offline_mode() \
+            or _cached_listing(repo_id, commit, cache) is not None:
+        return False
+    try:
+        from httpx2 import ConnectError, TimeoutException  # huggingface_hub's HTTP client
+    except ImportError:  # pragma: no cover - an older huggingface_hub (requests): keep its behaviour
+        return False
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi(token=token).repo_info(repo_id, revision=commit, repo_type="model")
+    except (ConnectError, TimeoutException):
+        return True
+    except Exception:  # noqa: BLE001 - the Hub answered (or failed otherwise): the request says how
+        return False
+    return False
+
+
 def _download(repo_id: str, revision: Optional[str], patterns: list[str], cache: str, token, quiet: bool) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -445,6 +472,8 @@ def _download(repo_id: str, revision: Optional[str], patterns: list[str], cache:
                   allow_patterns=patterns, library_name="cogvae")
     if token is not None:
         kwargs["token"] = token
+    if _unreachable(repo_id, revision, cache, token):
+        kwargs["local_files_only"] = True  # what the request would fall back to, without the retries
     if quiet:
         kwargs["tqdm_class"] = _silent_tqdm()
     try:

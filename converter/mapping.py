@@ -240,6 +240,19 @@ def default_mapping_path() -> Path:
     return Path(str(res))
 
 
+def provenance_entry(mapping: "Mapping") -> dict:
+    """The mapping as ``provenance.json`` records it: its sha256, and its path, the packaged one
+    by its package name (a path into site-packages or a clone says nothing about the mapping
+    that its sha256 does not, and names a local user's folders in a pushed repo)."""
+    path = str(mapping.path)
+    try:
+        if Path(path).resolve() == default_mapping_path().resolve():
+            path = f"cogvae.mappings/{DEFAULT_MAPPING}"
+    except (OSError, RuntimeError):  # not a file path (a parsed string): as it is
+        pass
+    return {"path": path, "sha256": mapping.sha256}
+
+
 def _validate_rule(raw: Any, index: int, where_label: str, problems: list[str]) -> Rule | None:
     if not isinstance(raw, dict):
         problems.append(f"{where_label}: rule #{index} must be a mapping, got {type(raw).__name__}")

@@ -25,7 +25,9 @@ malformed repo id (:class:`PushUsageError`), and for a real push through hugging
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -303,9 +305,12 @@ def _commit_message(provenance: dict) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-def model_card_text(repo_id: str, config: dict, provenance: dict, *, diffusers: bool = False) -> str:
+def model_card_text(repo_id: str, config: dict, provenance: dict, *, diffusers: bool = False,
+                    revision: Optional[str] = None) -> str:
     """The README.md (YAML metadata + markdown) for a converted checkpoint pushed to ``repo_id``;
-    ``diffusers``: the push also holds the weights in diffusers' format."""
+    ``diffusers``: the push also holds the weights in diffusers' format; ``revision``: the branch
+    it is pushed to (or a pull request's base), which the card's code and commands then name (they
+    would otherwise read the repo's main branch: other weights)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     origin = provenance_origin(provenance)
@@ -338,6 +343,15 @@ def model_card_text(repo_id: str, config: dict, provenance: dict, *, diffusers: 
         sub = src.get("subfolder") if isinstance(src, dict) and not src.get("saved_from") else None
         if isinstance(sub, str) and sub.strip("/") not in ("", "vae"):
             ref += f" --reference-subfolder {sub.strip('/')}"
+        # converted with --variant: the base's weights of that variant (without it, a repo
+        # holding only variant weights has none to compare, one with both the fp32 ones)
+        variant = src.get("variant") if isinstance(src, dict) and not src.get("saved_from") else None
+        if isinstance(variant, str) and variant:
+            ref += f" --reference-variant {shlex.quote(variant)}"
+    branch = revision if revision and revision != "main" else None
+    rev_arg = f", revision={json.dumps(branch)}" if branch else ""
+    rev_opt = f" --revision {shlex.quote(branch)}" if branch else ""
+    load_line = f"vae = load(REPO_ID{rev_arg})"
     arch = ", ".join(f"{k}={config[k]}" for k in ("block_out_channels", "latent_channels", "layers_per_block",
                                                   "scaling_factor") if k in config)
     dfile = dusage = ""
@@ -350,7 +364,7 @@ The repo is also a diffusers VAE (the same `config.json` and weights):
 ```python
 from diffusers import AutoencoderKLCogVideoX
 
-vae = AutoencoderKLCogVideoX.from_pretrained("{repo_id}")
+vae = AutoencoderKLCogVideoX.from_pretrained("{repo_id}"{rev_arg})
 ```
 """
     lic_line = ""
@@ -376,7 +390,7 @@ import jax
 from cogvae.converter import load
 
 REPO_ID = "{repo_id}"
-vae = load(REPO_ID)                          # fetches one format ({first}), checks it against COMPLETE
+{load_line:<45}# fetches one format ({first}), checks it against COMPLETE
 
 # scaled latents (B, t, h, w, {channels}), as a CogVideoX pipeline makes them
 z = jax.random.normal(jax.random.key(0), (1, 2, 8, 8, {channels}))
@@ -386,8 +400,8 @@ z = vae.scale_latents(mean)                  # back to the pipeline's scaled lat
 ```
 
 ```bash
-cogvae verify {repo_id}{ref}   # hashes, architecture, finiteness, parity
-cogvae export-diffusers {repo_id} --out vae-diffusers/        # back to diffusers files
+cogvae verify {repo_id}{rev_opt}{ref}   # hashes, architecture, finiteness, parity
+cogvae export-diffusers {repo_id}{rev_opt} --out vae-diffusers/        # back to diffusers files
 ```
 {dusage}{lic_line}"""
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
@@ -411,26 +425,28 @@ def _unlisted(ckpt: Path, listed: list[str]) -> list[str]:
     return sorted(out)
 
 
-def _plan(ckpt: Path, repo_id: str, listed: list[str], diffusers: Optional[Path]) -> tuple[list[dict], str]:
+def _plan(ckpt: Path, repo_id: str, listed: list[str], diffusers: Optional[Path], revision: Optional[str] = None
+          ) -> tuple[list[dict], str]:
     try:
         files = [{"path": rel, "size": (ckpt / rel).stat().st_size} for rel in listed]
     except OSError as e:
         raise _unreadable(ckpt, e) from None
     card = model_card_text(repo_id, _read_json(ckpt / CONFIG_NAME), _read_json(ckpt / PROVENANCE_NAME),
-                           diffusers=diffusers is not None)
+                           diffusers=diffusers is not None, revision=revision)
     files.append({"path": "README.md", "size": len(card.encode("utf-8"))})
     if diffusers is not None:
         files.append({"path": DIFFUSERS_WEIGHTS, "size": Path(diffusers).stat().st_size})
     return sorted(files, key=lambda f: f["path"]), card
 
 
-def plan_upload(ckpt_dir: str | os.PathLike, repo_id: str, *, diffusers: Optional[Path] = None
-                ) -> tuple[list[dict], str]:
+def plan_upload(ckpt_dir: str | os.PathLike, repo_id: str, *, diffusers: Optional[Path] = None,
+                revision: Optional[str] = None) -> tuple[list[dict], str]:
     """([{path, size}] of every file to upload, README.md included; the model card text): the files
     the checkpoint's manifest lists, the card, and (``diffusers``: an exported diffusers weights
-    file) ``DIFFUSERS_WEIGHTS``. Files of the folder the manifest does not list are not uploaded."""
+    file) ``DIFFUSERS_WEIGHTS``. Files of the folder the manifest does not list are not uploaded.
+    ``revision``: the branch pushed to, which the card names."""
     ckpt = local_path(ckpt_dir)  # ~ expanded, as every path cogvae takes
-    return _plan(ckpt, repo_id, _check_checkpoint(ckpt), diffusers)
+    return _plan(ckpt, repo_id, _check_checkpoint(ckpt), diffusers, revision)
 
 
 def _export_weights(ckpt: Path, into: Path) -> Path:
@@ -595,7 +611,8 @@ def push_checkpoint(
     listed = _check_checkpoint(ckpt, hashes=True)
     with tempfile.TemporaryDirectory(prefix="cogvae-push-") as tmp:
         diffusers = _export_weights(ckpt, Path(tmp)) if with_diffusers else None
-        files, card = _plan(ckpt, repo_id, listed, diffusers)
+        # a pull request's card lands on its base branch when merged: the same revision
+        files, card = _plan(ckpt, repo_id, listed, diffusers, revision)
         result: dict[str, Any] = {"repo_id": repo_id, "files": files, "not_uploaded": _unlisted(ckpt, listed),
                                   "dry_run": dry_run, "model_card": card}
         if dry_run:

@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .engine import ConversionError, architecture_problems, cast_checked, expected_shapes, path_to_str, value_problem
 from .layout import VARIANT_NAME, read_json, single_weights_name
-from .mapping import Mapping, load_mapping
+from .mapping import Mapping, load_mapping, provenance_entry
 
 __all__ = ["model_params", "save", "export_diffusers"]
 
@@ -261,7 +261,7 @@ def save(
         provenance = {
             "source": {**source, "saved_from": IN_MEMORY},
             "base": origin,
-            "mapping": {"path": str(mapping.path), "sha256": mapping.sha256},
+            "mapping": provenance_entry(mapping),
             "versions": _versions(),
             "dtype": {"requested": None if dtype is None else stored[0], "stored": stored},
             "formats": list(formats),

@@ -289,10 +289,33 @@ def _lenient_convert(tensors: Any, mapping: Any) -> dict[str, np.ndarray]:
     return out
 
 
-def _load(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, variant: Optional[str],
-          mapping: Any, revision: Optional[str] = None, token: Optional[str] = None,
-          options: tuple[str, str, str] = ("--subfolder", "--variant", "--revision"),
-          diffusers_copy: bool = True) -> _Loaded:
+def _load(source: str | os.PathLike, *, options: tuple[str, str, str] = ("--subfolder", "--variant", "--revision"),
+          **kwargs: Any) -> _Loaded:
+    """:func:`_load_side`, its hints naming this side's options: the loaders' messages say "pass
+    --subfolder" or "pass --variant", which for the reference are --reference-subfolder and
+    --reference-variant (--variant there would change the source)."""
+    import copy
+    import re
+
+    got = _load_side(source, options=options, **kwargs)
+
+    def renamed(text: str) -> str:
+        for plain, own in zip(("--subfolder", "--variant"), options[:2]):
+            text = re.sub(rf"\bpass {plain}\b", f"pass {own}", text)
+        return text
+
+    got.problems = [renamed(p) for p in got.problems]
+    if got.unreachable is not None and renamed(str(got.unreachable)) != str(got.unreachable):
+        e = copy.copy(got.unreachable)
+        e.args = (renamed(str(got.unreachable)),)
+        got.unreachable = e
+    return got
+
+
+def _load_side(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str, variant: Optional[str],
+               mapping: Any, revision: Optional[str] = None, token: Optional[str] = None,
+               options: tuple[str, str, str] = ("--subfolder", "--variant", "--revision"),
+               diffusers_copy: bool = True) -> _Loaded:
     """One side of the report. ``options``: the command-line names of ``subfolder``, ``variant``
     and ``revision`` for this side, named when one is given where it does not apply (subfolder
     and variant to a converted checkpoint: refused, never silently ignored; a revision to a local

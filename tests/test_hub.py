@@ -231,6 +231,31 @@ def test_no_network_falls_back_to_the_cache(unreachable_hub, cache, monkeypatch)
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("case", ["weights not cached", "commit not cached"])
+def test_no_network_gives_one_error_without_retries(unreachable_hub, tmp_path, vae_dir, caplog, case):
+    """A request pinned to a commit with no cached file listing (the probe's second request where
+    the cache lacks the weights, or a --revision sha never downloaded): with no connection,
+    huggingface_hub's listing request retries for about 23 s with a warning line per try before it
+    falls back to the cache. One quick repo_info is asked first instead, and the cache read alone.
+    The Hub is a closed local port (real connection errors); the retries are seen in the log."""
+    import logging
+
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, {k: v for k, v in pipeline_files(vae_dir).items() if "safetensors" not in k},
+                 commit=SHA_MAIN)
+    revision = None if case == "weights not cached" else "c" * 40
+    with caplog.at_level(logging.WARNING), pytest.raises(HubError) as e:
+        resolve_source(REPO, revision=revision, cache_dir=cache, quiet=True)
+    if case == "weights not cached":
+        assert str(e.value).startswith(f"{REPO}@{SHA_MAIN}: no vae/diffusion_pytorch_model.safetensors")
+        assert "the cached snapshot is incomplete and the Hub could not be reached; re-run with network access" \
+            in str(e.value)
+    else:
+        assert str(e.value).startswith(f"revision {revision!r} of {REPO} is not in the Hub cache {cache} and the Hub "
+                                       "cannot be reached (no network?)")
+    assert [r.getMessage() for r in caplog.records if "Retry" in r.getMessage()] == []
+
+
 # ---------------------------------------------------------------------------------------------
 # kind, incomplete caches, cached commits, revision / subfolder checks, HTTP errors
 # ---------------------------------------------------------------------------------------------

@@ -116,6 +116,17 @@ def test_push_uploads_checkpoint_and_model_card(ckpt, tmp_path):
     for rel in before:  # byte-identical contents
         assert (api.uploaded / rel).read_bytes() == (ckpt / rel).read_bytes()
     assert _files(ckpt) == before and not (ckpt / "README.md").exists()  # user's folder untouched
+    # A Hub source's provenance names its files by their paths in the repo, and the packaged mapping
+    # by its package name: no folder of this machine (the Hub cache, site-packages, the home folder)
+    # goes into a pushed repo.
+    import cogvae.converter
+
+    local = {str(ckpt.parent), str(Path(cogvae.converter.__file__).resolve().parents[1]), str(Path.home())}
+    prov_text = (api.uploaded / "provenance.json").read_text()
+    assert not [d for d in local if d in prov_text and d not in ("/", "")], prov_text
+    prov = json.loads(prov_text)
+    assert [f["path"] for f in prov["source"]["files"]] == ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    assert "folder" not in prov["source"] and prov["mapping"]["path"] == "cogvae.mappings/cogvideox_vae.yaml"
 
     card = ModelCard.load(api.uploaded / "README.md")
     assert card.data.library_name == "cogvae"
@@ -374,6 +385,15 @@ def test_the_cards_verify_line_names_the_subfolder_the_vae_was_converted_from(su
     card = model_card_text("me/x", TINY_CONFIG, {"source": {"id": SOURCE, "revision": SHA, "is_hub": True,
                                                             "subfolder": subfolder}})
     assert f"cogvae verify me/x --reference {SOURCE}{expected}" in card
+
+
+def test_the_cards_verify_line_names_the_variant_the_vae_was_converted_from():
+    """Converted with --variant fp16: the card's verify line compares with the base's fp16 weights
+    (without --reference-variant a base holding only fp16 weights has none to compare, and one
+    holding both would be compared by its fp32 weights)."""
+    card = model_card_text("me/x", TINY_CONFIG, {"source": {"id": SOURCE, "revision": SHA, "is_hub": True,
+                                                            "subfolder": "vae", "variant": "fp16"}})
+    assert f"cogvae verify me/x --reference {SOURCE} --reference-revision {SHA} --reference-variant fp16   #" in card
 
 
 def test_model_card_of_a_local_source_has_no_base_model():
@@ -645,10 +665,13 @@ def test_a_fine_tune_without_a_hub_origin_is_described_truly(tmp_path, kind):
     assert message == "Upload CogVideoX VAE saved from JAX by cogvae" + (f", based on {base}" if base else "")
 
 
-@pytest.mark.parametrize("which,with_diffusers", [("converted", True), ("fine-tune", False)])
-def test_every_code_block_of_the_card_runs(ckpt, hub_repos, tmp_path, monkeypatch, which, with_diffusers):
+@pytest.mark.parametrize("which,with_diffusers,branch", [("converted", True, None), ("fine-tune", False, None),
+                                                         ("converted", True, "ft")])
+def test_every_code_block_of_the_card_runs(ckpt, hub_repos, tmp_path, monkeypatch, which, with_diffusers, branch):
     """Every code block of the pushed card runs as written: the Python blocks exec'd (their
     imports only), the shell lines run through the real `cogvae` command group (exit 0).
+    ``branch``: pushed to that branch (``--revision ft``) of a repo with no main branch, so code
+    that reads main (the card's before it named the branch) fails.
     Faked, and why: no network, so the pushed files (RecordingApi) are put into a copy of the
     ``hub_repos`` Hub cache under the card's repo id, offline (huggingface_hub's constants patched;
     diffusers reads its own offline switch at import time, so it is patched too), and the card's
@@ -670,8 +693,8 @@ def test_every_code_block_of_the_card_runs(ckpt, hub_repos, tmp_path, monkeypatc
     add_snapshot(cache, base_repo, {p.relative_to(snap).as_posix(): p.resolve() for p in snap.rglob("*")
                                     if p.is_file()}, commit="f" * 40)
     api = RecordingApi(tmp_path / "push")
-    card = push_checkpoint(folder, "me/card", api=api, with_diffusers=with_diffusers)["model_card"]
-    add_snapshot(cache, "me/card", _uploaded_files(api.uploaded), commit="e" * 40)
+    card = push_checkpoint(folder, "me/card", api=api, with_diffusers=with_diffusers, revision=branch)["model_card"]
+    add_snapshot(cache, "me/card", _uploaded_files(api.uploaded), commit="e" * 40, refs=(branch or "main",))
     _offline(monkeypatch, cache)
     monkeypatch.setattr(diffusers.utils.constants, "HF_HUB_OFFLINE", True, raising=False)
     monkeypatch.chdir(tmp_path)
@@ -688,6 +711,8 @@ def test_every_code_block_of_the_card_runs(ckpt, hub_repos, tmp_path, monkeypatc
         assert args[0] == "cogvae", line
         r = CliRunner().invoke(cli, args[1:])
         assert r.exit_code == 0, (line, r.output)
+        if branch:
+            assert f"--revision {branch}" in line
         if "--reference" in args:
             assert f"reference: {base_repo} (" in r.output and f"Hub snapshot {base_commit}" in r.output
 

@@ -102,3 +102,23 @@ def test_the_readmes_command_lines_run_as_written(world):
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, f"{shlex.join(argv)} failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
     assert (here / "cli" / "vae-diffusers" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_every_option_of_every_command_is_in_the_readme():
+    """Each option a command's --help lists is named in the README (a reader finds every flag
+    without reading --help; a flag renamed or added shows up here). Click's own --help and
+    --version are left out."""
+    import click
+
+    from cogvae.converter.cli import cli
+
+    readme = (ROOT / "README.md").read_text()
+    missing = []
+    for name, command in sorted(cli.commands.items()):
+        for param in command.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                flags = [f for f in param.opts + param.secondary_opts if f.startswith("--")]
+                if flags and not any(re.search(rf"{re.escape(f)}(?![\w-])", readme) for f in flags) \
+                        and flags[0] not in ("--help", "--version"):
+                    missing.append(f"{name} {flags[0]}")
+    assert missing == []

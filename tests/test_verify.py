@@ -361,6 +361,36 @@ def test_source_and_reference_each_have_their_own_variant(tmp_path):
     assert res.exit_code == 1 and "tolerance 1e-06" in res.stdout and "RESULT: FAILED" in res.stdout
 
 
+def test_a_hint_for_the_reference_names_the_references_options(good, tmp_path, monkeypatch):
+    """A Hub reference holding only fp16 weights, compared without --reference-variant: the hint
+    says to pass --reference-variant (--variant would change SOURCE, not the reference).
+    Faked, and why: no network; the reference is a real Hub cache (huggingface_hub's layout) read
+    offline."""
+    import shutil
+
+    import huggingface_hub.constants
+    from click.testing import CliRunner
+
+    from _hubcache import add_snapshot, pipeline_files
+    from cogvae.converter.cli import cli
+
+    both = save_tiny_vae(tmp_path / "both" / "vae", fp16_variant=True)
+    only = tmp_path / "fp16" / "vae"
+    only.mkdir(parents=True)
+    for name in ("config.json", "diffusion_pytorch_model.fp16.safetensors"):
+        shutil.copy(both / name, only / name)
+    add_snapshot(tmp_path / "hub", "org/fp16-only", pipeline_files(only), commit="c" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    res = CliRunner().invoke(cli, ["verify", str(good), "--reference", "org/fp16-only", "--no-parity"])
+    assert res.exit_code == 5, res.output  # offline, the cache cannot tell an incomplete snapshot from variant-only
+    assert "pass --reference-variant (e.g. fp16)" in res.stderr and "--variant" not in \
+        res.stderr.replace("--reference-variant", "")
+    res = CliRunner().invoke(cli, ["verify", str(good), "--reference", "org/fp16-only", "--reference-variant", "fp16",
+                                   "--no-parity"])
+    assert res.exit_code == 0, res.output
+
+
 def test_a_checkpoint_replaced_between_hashing_and_reading_is_not_verified(base, vae, good, tmp_path, monkeypatch):
     """verify hashes every file of a local checkpoint, then reads its parameters: a concurrent
     --overwrite in between would have it report on bytes it never hashed. Faked, to make the race
