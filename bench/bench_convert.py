@@ -8,7 +8,10 @@ Creates random full-size diffusers weights in a temp dir (diffusers' default
   the work a converter that records input hashes and an integrity manifest must do at minimum;
 * ``cogvae-convert`` as a subprocess, per format and both, with ``--no-validate`` and with
   validation (the default): wall time, the converter's own in-process time (``--json``
-  timings) and the peak RSS of the converting process (``ru_maxrss`` of the child, ``os.wait4``).
+  timings) and the peak RSS of the converting process (``ru_maxrss`` of the child, ``os.wait4``);
+* ``load`` of the written checkpoint in a fresh process, per format, as stored and with
+  ``dtype=bfloat16``: its time, and the resident memory it adds to a process with jax up (peak,
+  and kept once it returns).
 
 Every figure is the best of ``--runs`` runs (the median is printed too): this 2-core VM's
 first-touch page faults make single runs vary by 2x.
@@ -92,6 +95,38 @@ def run_convert(src: Path, out: Path, args: list[str]) -> dict:
             "rss": rusage.ru_maxrss * 1024}
 
 
+LOAD_CODE = """
+import json, sys, time
+import jax
+from cogvae.converter import load
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+jax.numpy.zeros(1).block_until_ready()  # the backend up: its memory is not the load's
+base = rss()
+open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+t = time.perf_counter()
+vae = load(sys.argv[1], format=sys.argv[2], dtype=sys.argv[3] or None)
+jax.block_until_ready(vae)
+wall = time.perf_counter() - t
+hwm = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+end = rss()
+del vae
+print(json.dumps({"load_s": wall, "peak_bytes": hwm - base, "after_bytes": end - base}))
+"""
+
+
+def run_load(ckpt: Path, fmt: str, dtype: str) -> dict:
+    """``load(ckpt)`` in a fresh process: its time, and the resident memory it adds (the peak, and
+    what stays after it returns) over the process with jax already up (Linux /proc)."""
+    p = subprocess.run([sys.executable, "-c", LOAD_CODE, str(ckpt), fmt, dtype], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    if p.returncode != 0:
+        sys.exit(f"load failed ({p.returncode}):\n{p.stderr}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temp dir, removed)")
@@ -143,11 +178,26 @@ def main() -> int:
                          "x_checked_copy": inproc / base_checked, "peak_rss_bytes": rss, "x_size": rr,
                          "timings": best["timings"], "all_inproc_s": [r["inproc"] for r in rs],
                          "time_ok": ok_t, "rss_ok": ok_r})
+        # load() of what the last case wrote (both formats): the memory a user's process pays
+        print(f"\n{'load (CPU)':26s} {'load s':>7s} {'peak MB':>8s} {'x size':>7s} {'kept MB':>8s}  result")
+        loads = []
+        for fmt, dtype in (("orbax", ""), ("msgpack", ""), ("orbax", "bfloat16"), ("msgpack", "bfloat16")):
+            rs = [run_load(work / "ckpt", fmt, dtype) for _ in range(a.runs)]
+            peak = max(r["peak_bytes"] for r in rs)
+            ok = peak / size <= RSS_TARGET
+            fails += not ok
+            name = f"{fmt}" + (f", dtype={dtype}" if dtype else "")
+            print(f"{name:26s} {min(r['load_s'] for r in rs):7.2f} {peak / 1e6:8.0f} {peak / size:7.3f} "
+                  f"{max(r['after_bytes'] for r in rs) / 1e6:8.0f}  {'rss ok' if ok else 'rss FAIL'}")
+            loads.append({"case": name, "load_s": [r["load_s"] for r in rs], "peak_bytes": peak,
+                          "x_size": peak / size, "kept_bytes": [r["after_bytes"] for r in rs], "rss_ok": ok})
         print(f"\ntargets: converter time <= {TIME_TARGET}x plain copy (in-process, --no-validate cases); "
-              f"peak RSS <= {RSS_TARGET}x checkpoint size (every case; worst of the runs)")
+              f"peak RSS <= {RSS_TARGET}x checkpoint size (every case, loads included: what load adds to a "
+              "process with jax up; worst of the runs)")
         if a.json:
             a.json.write_text(json.dumps({"checkpoint_bytes": size, "cpus": os.cpu_count(), "runs": a.runs,
-                                          "copy_s": plain, "checked_copy_s": checked, "cases": rows}, indent=2))
+                                          "copy_s": plain, "checked_copy_s": checked, "cases": rows,
+                                          "loads": loads}, indent=2))
         return 1 if fails else 0
     finally:
         if a.keep is None:

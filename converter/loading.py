@@ -162,11 +162,12 @@ def load_checkpoint(
     path: str | Path, *, dtype: Any = None, compute_dtype: Any = None, format: Optional[str] = None, verify: bool = True
 ) -> AutoencoderKLCogVideoX:
     """Load a converted cogvae checkpoint folder (see ``cogvae.converter.checkpoint``)."""
-    from .checkpoint import params_to_model, read_checkpoint
+    from .checkpoint import lean_heap_while_loading, params_to_model, read_checkpoint
 
-    config, params, info = read_checkpoint(path, format=format, verify=verify, as_jax=True)
-    return params_to_model(config, params, dtype=dtype, compute_dtype=compute_dtype,
-                           source_name=f"{path} ({info['format']})", adopt=True)
+    with lean_heap_while_loading():  # resident memory near one copy of the weights (see there)
+        config, params, info = read_checkpoint(path, format=format, verify=verify, as_jax=True)
+        return params_to_model(config, params, dtype=dtype, compute_dtype=compute_dtype,
+                               source_name=f"{path} ({info['format']})", adopt=True)
 
 
 def fetch(source: str | Path, *, kind: Optional[str] = None, **kwargs: Any):
@@ -210,10 +211,15 @@ def load(
     path: str | Path,
     dtype: Any = None,
     *,
+    compute_dtype: Any = None,
+    format: Optional[str] = None,
+    verify: bool = True,
+    subfolder: str = "vae",
+    variant: Optional[str] = None,
+    mapping: Optional[Mapping] = None,
     revision: Optional[str] = None,
     token: Optional[str] = None,
     cache_dir: Optional[str | Path] = None,
-    **kwargs: Any,
 ) -> AutoencoderKLCogVideoX:
     """Load a CogVideoX VAE as the bundled NNX model.
 
@@ -230,17 +236,24 @@ def load(
     cached, else Orbax). The model is built abstractly (``nnx.eval_shape``), filled and merged:
     never randomly initialised. ``~`` in a local path is expanded; a local path that cannot be
     read (permission denied, a name too long) raises ``hub.UnreadableError``, a :class:`SourceError`.
+    An option for the other kind of source, set to anything but its default, is refused (never
+    silently ignored).
     """
     from .checkpoint import looks_like_checkpoint
     from .hub import WrongKindError
 
+    if mapping is not None and not isinstance(mapping, Mapping):
+        raise TypeError(f"load(mapping=...): a cogvae.converter.mapping.Mapping (load_mapping(path)), not "
+                        f"{type(mapping).__name__}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"load(verify=...): True or False, not {verify!r}")
+    kwargs = {"subfolder": subfolder, "variant": variant, "mapping": mapping}
     # variant= (or mapping=, a subfolder) asks for diffusers weights: a checkpoint repo is refused
     # after the first, small request, before its parameters are fetched
     diffusers_only = _diffusers_only(kwargs)
     try:
-        hub = fetch(path, kind="diffusers" if diffusers_only else None, subfolder=kwargs.get("subfolder", "vae"),
-                    revision=revision, variant=kwargs.get("variant"), format=kwargs.get("format"),
-                    cache_dir=cache_dir, token=token)
+        hub = fetch(path, kind="diffusers" if diffusers_only else None, subfolder=subfolder,
+                    revision=revision, variant=variant, format=format, cache_dir=cache_dir, token=token)
     except WrongKindError as e:
         if e.found == "checkpoint":
             raise _not_for_checkpoint(e.where, diffusers_only) from None
@@ -248,19 +261,22 @@ def load(
     if hub is not None:
         path = hub.folder
         if hub.kind == "checkpoint":
-            kwargs["format"] = hub.format
+            format = hub.format
     else:
         path = local_path(path)
     is_checkpoint = hub.kind == "checkpoint" if hub is not None else looks_like_checkpoint(path)
     if is_checkpoint:
         if diffusers_only:
             raise _not_for_checkpoint(path, diffusers_only)
-        for k in ("subfolder", "variant", "mapping"):  # the default subfolder, None: not choices for a checkpoint
-            kwargs.pop(k, None)
-        return _fits_compute_dtype(load_checkpoint(path, dtype=dtype, **kwargs))
-    if "format" in kwargs:
-        raise SourceError(f"{path}: not a converted cogvae checkpoint (format= applies to those only)")
-    return _fits_compute_dtype(load_diffusers(path, dtype=dtype, **kwargs))
+        return _fits_compute_dtype(load_checkpoint(path, dtype=dtype, compute_dtype=compute_dtype, format=format,
+                                                   verify=verify))
+    given = [name for name, value, default in (("format=", format, None), ("verify=", verify, True))
+             if value != default]
+    if given:
+        verb = "applies" if len(given) == 1 else "apply"
+        raise SourceError(f"{path}: not a converted cogvae checkpoint ({', '.join(given)} {verb} to those only)")
+    return _fits_compute_dtype(load_diffusers(path, dtype=dtype, compute_dtype=compute_dtype, subfolder=subfolder,
+                                              variant=variant, mapping=mapping))
 
 
 def _fits_compute_dtype(vae):

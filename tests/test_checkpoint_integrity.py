@@ -257,3 +257,77 @@ def test_a_checkpoint_replaced_while_it_is_read_is_read_again_never_mixed(ckpt, 
     assert info["manifest"] == json.loads((out / "COMPLETE").read_text())
     for k, a in got.items():
         assert a.tobytes() == bf16[k].tobytes(), k
+
+
+def test_a_provenance_json_that_is_not_a_regular_file_is_not_read(ckpt, tmp_path):
+    """provenance.json replaced by a FIFO: load used to block on reading it (it is informational:
+    left out when it is not the regular file of the size its manifest lists). A thread writes
+    to the FIFO after 30 s, so a regression fails here instead of hanging the suite."""
+    import os
+    import threading
+
+    d = _copy(ckpt, tmp_path)
+    (d / "provenance.json").unlink()
+    os.mkfifo(d / "provenance.json")
+
+    def unblock():
+        fd = os.open(d / "provenance.json", os.O_WRONLY)
+        os.write(fd, b'{"blocked": true}')
+        os.close(fd)
+
+    timer = threading.Timer(30, unblock)
+    timer.daemon = True
+    timer.start()
+    try:
+        _, _, info = read_checkpoint(d, format="msgpack")
+        assert info["provenance"] == {}
+        load(d, format="msgpack")
+    finally:
+        timer.cancel()
+
+
+def test_unreadable_orbax_metadata_is_named(ckpt, tmp_path):
+    """Orbax returns None for metadata it cannot read; that was a TypeError ('NoneType' object is
+    not iterable). The manifest is redone for the damaged folder, as a tool rewriting files would."""
+    d = _copy(ckpt, tmp_path)
+    (d / "orbax" / "_METADATA").unlink()
+    _edit_manifest(d, lambda m: m["files"].pop("orbax/_METADATA"))
+    with pytest.raises(CheckpointError) as e:
+        load(d, format="orbax")
+    assert "cannot read the Orbax checkpoint's metadata" in str(e.value) and "NoneType" not in str(e.value)
+
+
+def test_inspect_refuses_a_checkpoint_whose_config_is_another_architecture(ckpt, tmp_path):
+    """config.json edited to other block widths, the manifest redone: load and export-diffusers
+    refuse it tensor by tensor; inspect listed it with no problem and exit 0."""
+    import hashlib
+
+    d = _copy(ckpt, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["block_out_channels"] = [2 * c for c in cfg["block_out_channels"]]
+    (d / "config.json").write_text(json.dumps(cfg))
+    data = (d / "config.json").read_bytes()
+    _edit_manifest(d, lambda m: m["files"].__setitem__("config.json", {
+        "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    r = CliRunner().invoke(cli, ["inspect", str(d), "--json"])
+    assert r.exit_code == 3, r.output
+    problems = json.loads(r.stdout)["problems"]
+    assert problems and all("config.json's architecture" in p or "missing" in p for p in problems)
+    assert any("'decoder.conv_in.conv.bias': shape" in p for p in problems)
+
+
+def test_load_takes_every_option_at_its_default_for_either_kind(ckpt):
+    """load(diffusers folder, format=None / verify=True) was refused or a TypeError from an
+    internal function; a default value is accepted for either kind, any other refused, named."""
+    from cogvae.converter.hub import SourceError
+
+    src = default_source()
+    for kind in (src, ckpt):
+        load(kind, format=None, verify=True, subfolder="vae", variant=None, mapping=None, compute_dtype=None)
+    with pytest.raises(SourceError, match=r"not a converted cogvae checkpoint \(verify= applies to those only\)"):
+        load(src, verify=False)
+    with pytest.raises(TypeError, match=r"load\(mapping=...\): a cogvae.converter.mapping.Mapping"):
+        load(src, mapping="x")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dtpye'") as e:
+        load(src, dtpye="bfloat16")
+    assert "load()" in str(e.value)
