@@ -479,15 +479,10 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
         # read_checkpoint checks the files against the manifest, not the weights against the
         # config: a config.json edited to another architecture (and the manifest redone) is what
         # load and export-diffusers refuse, tensor by tensor, so inspect reports it the same way
-        from .engine import expected_shapes
-        from .verify import _compare_keys
+        from .engine import architecture_problems, expected_shapes
 
-        missing, extra, wrong = _compare_keys(params, expected_shapes(config))
-        stored = f"{info['path']} ({info['format']})"
-        problems += [f"{stored}: tensor {m['key']!r}: missing (shape {tuple(m['shape'])} expected)" for m in missing]
-        problems += [f"{stored}: tensor {e['key']!r}: not in the architecture of its config.json" for e in extra]
-        problems += [f"{stored}: tensor {w['key']!r}: shape {tuple(w['shape'])}, config.json's architecture needs "
-                     f"{tuple(w['expected'])}" for w in wrong]
+        problems += architecture_problems({k: tuple(a.shape) for k, a in params.items()}, expected_shapes(config),
+                                          f"{info['path']} ({info['format']})")
         for path in sorted(params):
             a = params[path]
             m = mapping.match_reverse(path)

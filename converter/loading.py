@@ -187,11 +187,11 @@ def fetch(source: str | Path, *, kind: Optional[str] = None, **kwargs: Any):
     return resolve_source(text, kind=kind, **kwargs)
 
 
-def _diffusers_only(kwargs: dict) -> list[str]:
+def _diffusers_only(subfolder: Optional[str], variant: Optional[str], mapping: Optional[Mapping]) -> list[str]:
     """The keywords given to ``load`` that apply to diffusers weights only, not to a converted
     checkpoint (the default ``subfolder``, or the root, is no such choice)."""
-    given = [f"{k}=" for k in ("variant", "mapping") if kwargs.get(k) is not None]
-    if kwargs.get("subfolder") is not None and strip_subfolder(kwargs["subfolder"]) not in ("", "vae"):
+    given = [f"{k}=" for k, v in (("variant", variant), ("mapping", mapping)) if v is not None]
+    if subfolder is not None and strip_subfolder(subfolder) not in ("", "vae"):
         given.insert(0, "subfolder=")
     return given
 
@@ -247,10 +247,9 @@ def load(
                         f"{type(mapping).__name__}")
     if not isinstance(verify, bool):
         raise TypeError(f"load(verify=...): True or False, not {verify!r}")
-    kwargs = {"subfolder": subfolder, "variant": variant, "mapping": mapping}
     # variant= (or mapping=, a subfolder) asks for diffusers weights: a checkpoint repo is refused
     # after the first, small request, before its parameters are fetched
-    diffusers_only = _diffusers_only(kwargs)
+    diffusers_only = _diffusers_only(subfolder, variant, mapping)
     try:
         hub = fetch(path, kind="diffusers" if diffusers_only else None, subfolder=subfolder,
                     revision=revision, variant=variant, format=format, cache_dir=cache_dir, token=token)

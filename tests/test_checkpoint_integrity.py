@@ -312,8 +312,11 @@ def test_inspect_refuses_a_checkpoint_whose_config_is_another_architecture(ckpt,
     r = CliRunner().invoke(cli, ["inspect", str(d), "--json"])
     assert r.exit_code == 3, r.output
     problems = json.loads(r.stdout)["problems"]
-    assert problems and all("config.json's architecture" in p or "missing" in p for p in problems)
+    assert problems and all("the config's architecture has" in p or p.endswith(": missing") for p in problems)
     assert any("'decoder.conv_in.conv.bias': shape" in p for p in problems)
+    with pytest.raises(CheckpointError) as e:  # the same lines load refuses it with
+        load(d)
+    assert [p for p in problems if p not in str(e.value)] == []
 
 
 def test_load_takes_every_option_at_its_default_for_either_kind(ckpt):
