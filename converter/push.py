@@ -390,7 +390,7 @@ import jax
 from cogvae.converter import load
 
 REPO_ID = "{repo_id}"
-{load_line:<45}# fetches one format ({first}), checks it against COMPLETE
+{load_line:<44} # fetches one format ({first}), checks it against COMPLETE
 
 # scaled latents (B, t, h, w, {channels}), as a CogVideoX pipeline makes them
 z = jax.random.normal(jax.random.key(0), (1, 2, 8, 8, {channels}))

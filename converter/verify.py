@@ -292,8 +292,9 @@ def _lenient_convert(tensors: Any, mapping: Any) -> dict[str, np.ndarray]:
 def _load(source: str | os.PathLike, *, options: tuple[str, str, str] = ("--subfolder", "--variant", "--revision"),
           **kwargs: Any) -> _Loaded:
     """:func:`_load_side`, its hints naming this side's options: the loaders' messages say "pass
-    --subfolder" or "pass --variant", which for the reference are --reference-subfolder and
-    --reference-variant (--variant there would change the source)."""
+    --subfolder" or "pass --variant" (and name an empty "--revision ''"), which for the reference
+    are --reference-subfolder, --reference-variant and --reference-revision (--variant there would
+    change the source)."""
     import copy
     import re
 
@@ -302,7 +303,7 @@ def _load(source: str | os.PathLike, *, options: tuple[str, str, str] = ("--subf
     def renamed(text: str) -> str:
         for plain, own in zip(("--subfolder", "--variant"), options[:2]):
             text = re.sub(rf"\bpass {plain}\b", f"pass {own}", text)
-        return text
+        return text.replace("(--revision '')", f"({options[2]} '')")  # resolve_source's empty revision
 
     got.problems = [renamed(p) for p in got.problems]
     if got.unreachable is not None and renamed(str(got.unreachable)) != str(got.unreachable):

@@ -396,6 +396,14 @@ def test_the_cards_verify_line_names_the_variant_the_vae_was_converted_from():
     assert f"cogvae verify me/x --reference {SOURCE} --reference-revision {SHA} --reference-variant fp16   #" in card
 
 
+def test_the_cards_load_line_keeps_its_comment_apart_for_a_long_branch_name():
+    card = model_card_text("me/x", TINY_CONFIG, {"source": SOURCE, "revision": SHA, "is_hub": True},
+                           revision="finetune-2026-v2-long")
+    assert 'vae = load(REPO_ID, revision="finetune-2026-v2-long") # fetches one format' in card
+    assert "vae = load(REPO_ID, revision=" in model_card_text("me/x", TINY_CONFIG, {}, revision="ft")
+    assert "vae = load(REPO_ID)                          # fetches" in model_card_text("me/x", TINY_CONFIG, {})
+
+
 def test_model_card_of_a_local_source_has_no_base_model():
     card = ModelCard(model_card_text("me/x", {}, {"source": "/data/CogVideoX-2b"}))
     assert card.data.base_model is None and card.data.license is None

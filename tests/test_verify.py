@@ -389,6 +389,9 @@ def test_a_hint_for_the_reference_names_the_references_options(good, tmp_path, m
     res = CliRunner().invoke(cli, ["verify", str(good), "--reference", "org/fp16-only", "--reference-variant", "fp16",
                                    "--no-parity"])
     assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["verify", str(good), "--reference", "org/fp16-only", "--reference-revision", "",
+                                   "--no-parity"])
+    assert res.exit_code == 3 and "the revision is empty (--reference-revision '')" in res.stderr, res.output
 
 
 def test_a_checkpoint_replaced_between_hashing_and_reading_is_not_verified(base, vae, good, tmp_path, monkeypatch):
