@@ -196,15 +196,19 @@ _NO_SOURCE = "<in-memory model>"
 
 
 def _origin_record(src: Any, provenance: dict) -> dict:
-    """{"id", "revision", "is_hub", "kind"} of one source entry of provenance.json: a string
-    (the flat layout, its revision and is_hub beside it in ``provenance``) or a dict."""
+    """{"id", "revision", "is_hub", "kind", "subfolder", "variant"} of one source entry of
+    provenance.json: a string (the flat layout, its revision and is_hub beside it in
+    ``provenance``) or a dict; ``subfolder`` and ``variant``: the pipeline subfolder and weights
+    variant a conversion read (None where not recorded)."""
     rev = provenance.get("revision")
     is_hub = provenance.get("is_hub")
-    kind = None
+    kind = sub = variant = None
     if isinstance(src, dict):
         rev = src.get("revision", rev)
         is_hub = src.get("is_hub", is_hub)
         kind = src.get("kind") if src.get("kind") in ("diffusers", "checkpoint") else None
+        sub = src.get("subfolder") if isinstance(src.get("subfolder"), str) else None
+        variant = src.get("variant") if isinstance(src.get("variant"), str) and src.get("variant") else None
         src = src.get("source_id") or src.get("repo_id") or src.get("id") or src.get("path")
     src = src or provenance.get("source_id") or provenance.get("repo_id")
     if src is not None and not isinstance(src, str):
@@ -212,12 +216,13 @@ def _origin_record(src: Any, provenance: dict) -> dict:
     if src == _NO_SOURCE:
         src = None
     if not src:
-        return {"id": None, "revision": None, "is_hub": False, "kind": None}
+        return {"id": None, "revision": None, "is_hub": False, "kind": None, "subfolder": None, "variant": None}
     if is_hub is None:
         from .hub import looks_like_repo_id
 
         is_hub = looks_like_repo_id(src) and not Path(src).exists()
-    return {"id": src, "revision": rev if isinstance(rev, str) else None, "is_hub": bool(is_hub), "kind": kind}
+    return {"id": src, "revision": rev if isinstance(rev, str) else None, "is_hub": bool(is_hub), "kind": kind,
+            "subfolder": sub, "variant": variant}
 
 
 def provenance_origin(provenance: dict) -> dict:
@@ -227,11 +232,12 @@ def provenance_origin(provenance: dict) -> dict:
     Layouts: flat (``{"source": "org/name", "revision": ..., "is_hub": ...}``), nested (``"source":
     {"id" | "source_id" | "repo_id" | "path", "revision", "is_hub"}``, what ``cogvae-convert``
     writes), and ``save``'s (the nested one plus ``"saved_from"`` and ``"origin"``).
-    Returns ``{"id", "revision", "is_hub", "kind", "saved", "root"}``: ``id`` is what the model
-    card names as its base (a conversion's source; for a save, the nearest Hub repo among its
+    Returns ``{"id", "revision", "is_hub", "kind", "subfolder", "variant", "saved", "root"}``: ``id``
+    is what the model card names as its base (a conversion's source; for a save, the nearest Hub repo among its
     ancestors, else its local base; None when unknown), ``kind`` 'diffusers', 'checkpoint' or None,
     ``saved`` whether ``save`` wrote it, ``root`` the ``{"id", "revision", "is_hub"}`` the weights
-    first came from (the converted diffusers model, whose licence they keep).
+    first came from (the converted diffusers model, whose licence they keep); ``subfolder`` and
+    ``variant`` what the conversion read of ``id`` (carried over by ``save`` from a local base).
     """
     src: Any = provenance.get("source")
     out = _origin_record(src, provenance)
@@ -339,15 +345,14 @@ def model_card_text(repo_id: str, config: dict, provenance: dict, *, diffusers: 
         ref = f" --reference {source_id}"
         if origin["revision"]:
             ref += f" --reference-revision {origin['revision']}"
-        src = provenance.get("source")
-        sub = src.get("subfolder") if isinstance(src, dict) and not src.get("saved_from") else None
-        if isinstance(sub, str) and sub.strip("/") not in ("", "vae"):
+        # (a fine-tune saved from a local conversion of the base carries them over; see save)
+        sub = origin["subfolder"]
+        if sub is not None and sub.strip("/") not in ("", "vae"):
             ref += f" --reference-subfolder {sub.strip('/')}"
         # converted with --variant: the base's weights of that variant (without it, a repo
         # holding only variant weights has none to compare, one with both the fp32 ones)
-        variant = src.get("variant") if isinstance(src, dict) and not src.get("saved_from") else None
-        if isinstance(variant, str) and variant:
-            ref += f" --reference-variant {shlex.quote(variant)}"
+        if origin["variant"]:
+            ref += f" --reference-variant {shlex.quote(origin['variant'])}"
     branch = revision if revision and revision != "main" else None
     rev_arg = f", revision={json.dumps(branch)}" if branch else ""
     rev_opt = f" --revision {shlex.quote(branch)}" if branch else ""

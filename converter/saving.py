@@ -125,7 +125,9 @@ def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = No
 
     text = os.fspath(base)
     path = local_path(text)
-    keep = ("id", "revision", "is_hub")
+    # a local conversion's subfolder and variant too: the card of a fine-tune of it compares with
+    # the base's weights the conversion read
+    keep = ("id", "revision", "is_hub", "subfolder", "variant")
 
     def origin_of(prov_path: Path, where: str) -> tuple[dict, dict]:
         """(what the checkpoint's card names as its base, its root source) from its provenance.json."""

@@ -404,6 +404,23 @@ def test_the_cards_load_line_keeps_its_comment_apart_for_a_long_branch_name():
     assert "vae = load(REPO_ID)                          # fetches" in model_card_text("me/x", TINY_CONFIG, {})
 
 
+def test_a_fine_tune_of_a_variant_conversion_keeps_the_variant_in_its_cards_verify_line(ckpt, tmp_path):
+    """save(model, out, base=<a local checkpoint converted with --variant fp16 from a Hub repo>):
+    the fine-tune's card compares with the base's fp16 weights (and subfolder), as the converted
+    checkpoint's own card does; the variant was dropped on the way."""
+    from cogvae.converter import load, save
+    from cogvae.converter.checkpoint import read_checkpoint, write_checkpoint
+
+    config, params, _ = read_checkpoint(ckpt, format="msgpack")
+    prov = json.loads((ckpt / "provenance.json").read_text())
+    prov["source"] |= {"variant": "fp16", "subfolder": "vae_x"}
+    base = write_checkpoint(tmp_path / "base", params, config, formats=("msgpack",), provenance=prov)
+    save(load(base), tmp_path / "ft", base=base, validate=False, formats="msgpack")
+    card = model_card_text("me/ft", TINY_CONFIG, json.loads((tmp_path / "ft" / "provenance.json").read_text()))
+    assert (f"cogvae verify me/ft --reference {SOURCE} --reference-revision {SHA} --reference-subfolder vae_x "
+            "--reference-variant fp16   #") in card
+
+
 def test_model_card_of_a_local_source_has_no_base_model():
     card = ModelCard(model_card_text("me/x", {}, {"source": "/data/CogVideoX-2b"}))
     assert card.data.base_model is None and card.data.license is None
