@@ -26,6 +26,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from cogvae.model import VAEConfig
+from cogvae.model.config import ConfigError
 
 from . import interrupts
 from .checkpoint import (
@@ -43,6 +44,7 @@ from .checkpoint import (
 )
 from .loading import SourceError, find_diffusers_vae, resolve_dtype
 from .mapping import Mapping, load_mapping, provenance_entry
+from .st_io import SafetensorsError
 
 __all__ = ["convert", "ValidationError", "default_source", "DEFAULT_SOURCE_ID", "validate_checkpoint_dir"]
 
@@ -70,11 +72,6 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             out[dist] = None
     return out
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class _Progress:
@@ -422,24 +419,32 @@ def convert(
         check_not_source(out, folder)  # --out = the pipeline folder would replace what is read
         src = find_diffusers_vae(folder, subfolder=subfolder, variant=variant)
         # an unknown config key is reported together with the weights' problems (one error)
-        config, config_error = VAEConfig.from_json_file_ignoring_unknown(src.config_path)
+        try:  # read once: the bytes parsed are the bytes hashed into provenance.json
+            config_bytes = src.config_path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{src.config_path}: cannot read config: {e}") from None
+        config, config_error = VAEConfig.from_json_file_ignoring_unknown(src.config_path, raw=config_bytes)
         timings["resolve"] = time.perf_counter() - t0
         ui.log(f"source: {source_id}" + (f" @ {resolved_rev}" if resolved_rev else "") + f" ({src.folder})")
 
+        from .st_io import open_safetensors
+
+        # opened despite problems with the files (a missing shard, ...): they are reported
+        # together with every problem of the readable tensors, in one error. Each file is read
+        # (and hashed) through the descriptor its header came from: a source replaced on disk
+        # meanwhile cannot mix two files, and one written in place is refused below.
+        tensors = open_safetensors(src.weights_path, strict=False)
         input_files = [src.config_path] + list(src.weight_files)
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # hashing overlaps the conversion
-        hashes = {p: pool.submit(_sha256, p) for p in input_files}
+        hashes = {src.config_path: pool.submit(hashlib.sha256(config_bytes).hexdigest)}
+        hashes.update({p: pool.submit(tensors.file_sha256, p) for p in input_files[1:]})
         try:
             from cogvae.model import abstract_model
             from flax import nnx
 
             from .engine import convert_flat, path_to_str, with_config_problems
-            from .st_io import open_safetensors
 
             t0 = time.perf_counter()
-            # opened despite problems with the files (a missing shard, ...): they are reported
-            # together with every problem of the readable tensors, in one error
-            tensors = open_safetensors(src.weights_path, strict=False)
             keys = list(tensors.keys())
             _, abstract_state = nnx.split(abstract_model(config))
             with ui.bar(len(keys), "converting") as bar, with_config_problems(config_error, src.config_path):
@@ -447,6 +452,13 @@ def convert(
                                     source_name=str(src.weights_path), on_tensor=lambda _k: bar.update(1),
                                     file_of=getattr(tensors, "file_of", None), source_problems=tensors.problems,
                                     unreadable=tensors.unreadable)
+            for future in hashes.values():  # the digests are of the bytes converted only if unchanged
+                future.exception()
+            changed = tensors.change_problems()
+            if changed:
+                raise SafetensorsError(changed[0] if len(changed) == 1 else
+                                       f"{src.weights_path}: source changed while being read:\n  "
+                                       + "\n  ".join(changed), changed)
             del abstract_state
             params: dict[str, np.ndarray] = {}
             for path in list(flat):  # contiguous, one tensor at a time (the transposed source is freed)
@@ -486,10 +498,12 @@ def convert(
             # A Hub source's files by their paths in the repo (the commit says which): their place
             # in this machine's Hub cache would name the user's folders in a pushed provenance.json.
             input_info = [{"path": p.relative_to(folder).as_posix() if is_hub else str(p),
-                           "name": p.relative_to(src.folder).as_posix(), "size": p.stat().st_size,
+                           "name": p.relative_to(src.folder).as_posix(),
+                           "size": len(config_bytes) if p == src.config_path else tensors.file_size(p),
                            "sha256": hashes[p].result()} for p in input_files]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            tensors.close()
 
         provenance = {
             "source": {

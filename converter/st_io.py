@@ -11,6 +11,7 @@ line, naming the file and the tensor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,24 @@ _DTYPES = {
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100_000_000  # the safetensors library's limit
+
+
+def _pread_all(fd: int, n: int, pos: int) -> bytes:
+    """Up to ``n`` bytes at ``pos`` (fewer only at the end of the file)."""
+    parts, done = [], 0
+    while done < n:
+        got = os.pread(fd, n - done, pos + done)
+        if not got:
+            break
+        parts.append(got)
+        done += len(got)
+    return b"".join(parts)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    """What changes when a file is written: its size and modification time (not its ctime, which
+    also changes when the file is merely unlinked or renamed over: replaced, not written)."""
+    return (st.st_size, st.st_mtime_ns)
 
 
 #: XLA's CPU client adopts a host buffer without copying when it is 64-byte aligned; numpy's
@@ -149,21 +168,41 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         self.path = Path(path)
         self.problems: list[str] = []
         self.unreadable: dict[str, Path] = {}
+        self._fd: Optional[int] = None
+        self._mm = None
+        # One descriptor, opened here and kept: the header, every tensor and the file's digest are
+        # read from it, so a source replaced on disk mid-conversion (a re-download renaming a new
+        # file into place) cannot mix two files' bytes; an edit of the file in place is caught by
+        # change_problems (its size and mtime against these).
         try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise SafetensorsError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
-                (n,) = struct.unpack("<Q", head)
-                if n > min(size - 8, _MAX_HEADER):
-                    raise SafetensorsError(
-                        f"{self.path}: garbage or truncated safetensors header (declares {n} header bytes, "
-                        f"file has {size})"
-                    )
-                raw = f.read(n)
+            self._fd = os.open(self.path, os.O_RDONLY)
+            st = os.fstat(self._fd)
+            self._stat = _identity(st)
+            size = st.st_size
+            head = _pread_all(self._fd, 8, 0)
+            if len(head) < 8:
+                raise SafetensorsError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, _MAX_HEADER):
+                raise SafetensorsError(
+                    f"{self.path}: garbage or truncated safetensors header (declares {n} header bytes, "
+                    f"file has {size})"
+                )
+            raw = _pread_all(self._fd, n, 8)
         except OSError as e:
+            self.close()
             raise SafetensorsError(f"{self.path}: cannot read: {e.strerror or e}") from None
+        except BaseException:
+            self.close()
+            raise
+        self.size = size
+        try:
+            self._parse(raw, n, size, strict)
+        except BaseException:
+            self.close()
+            raise
+
+    def _parse(self, raw: bytes, n: int, size: int, strict: bool) -> None:
         duplicates: list[str] = []
         try:
             header = _strict_json(raw.decode("utf-8"), duplicates)
@@ -185,7 +224,6 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             else:
                 spans.append(span)
         past = self._check_coverage(spans, data_size, all_spans, problems)
-        self._mm = None
         if not problems:
             return
         if strict:
@@ -274,10 +312,17 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             problems.append(f"{data_size - pos} trailing data byte(s) {after}: file not fully covered")
         return past
 
-    def _map(self) -> np.memmap:
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            raise SafetensorsError(f"{self.path}: closed")
+        return self._fd
+
+    def _map(self) -> np.ndarray:
         if self._mm is None:
-            size = self.path.stat().st_size
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+            # mapped from the descriptor the header came from (the same file, even if the path
+            # has been replaced since)
+            self._mm = (np.memmap(os.fdopen(os.dup(self._descriptor()), "rb"), dtype=np.uint8, mode="r")
+                        if self.size else np.zeros(0, np.uint8))
         return self._mm
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -289,24 +334,83 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         return self[key]
 
     def read_tensor(self, key: str) -> np.ndarray:
-        """A fresh, writable copy of one tensor read with ``pread`` (no memory map kept resident)."""
+        """A fresh, writable copy of one tensor read with ``pread`` (no memory map kept resident)
+        from the descriptor the header was read from."""
         dt, shape, start, end = self._entries[key]
         out = aligned_empty(shape, dt)
         view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = self._descriptor()
         try:
             pos, n = self._data_start + start, end - start
             done = 0
             while done < n:
                 got = os.preadv(fd, [view[done:]], pos + done)
                 if got <= 0:
-                    raise SafetensorsError(f"{self.path}: tensor {key!r}: file ended early (truncated file)")
+                    raise SafetensorsError(f"{self.path}: tensor {key!r}: file ended early (truncated file"
+                                           f"{self._changed_note()})")
                 done += got
         except OSError as e:
             raise SafetensorsError(f"{self.path}: tensor {key!r}: cannot read: {e.strerror or e}") from None
-        finally:
-            os.close(fd)
         return out
+
+    def file_sha256(self, path: str | os.PathLike) -> str:
+        """``sha256()`` (the one file this object reads; the mapping interface the sharded set shares)."""
+        return self.sha256()
+
+    def file_size(self, path: str | os.PathLike) -> int:
+        return self.size
+
+    def sha256(self) -> str:
+        """The SHA-256 of the file this object reads (its descriptor, not whatever the path names now)."""
+        h = hashlib.sha256()
+        fd, pos, chunk = self._descriptor(), 0, 1 << 22
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        while True:
+            got = os.preadv(fd, [view], pos)
+            if got <= 0:
+                break
+            h.update(view[:got])
+            pos += got
+        return h.hexdigest()
+
+    def _changed_note(self) -> str:
+        try:
+            now = _identity(os.fstat(self._descriptor()))
+        except (OSError, SafetensorsError):
+            return ""
+        return "; it changed while being read" if now != self._stat else ""
+
+    def change_problems(self) -> list[str]:
+        """``[problem]`` when the file was modified since it was opened (its size or mtime
+        changed: written in place while being read, so what was read may mix old and new bytes);
+        ``[]`` when it was not. A file replaced by a rename is not a change: the old one is read."""
+        now = _identity(os.fstat(self._descriptor()))
+        if now == self._stat:
+            return []
+        return [f"{self.path}: the file changed while it was being read (size {self._stat[0]} -> {now[0]} "
+                "bytes, or its modification time changed): what was read may mix old and new contents; "
+                "convert again once it is no longer being written"]
+
+    def close(self) -> None:
+        """Release the descriptor (and the memory map). Arrays from ``read_tensor`` stay valid;
+        arrays from ``self[key]`` are views of the map and must not be used after."""
+        self._mm = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> "SafetensorsFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def dtype_of(self, key: str) -> np.dtype:
         return self._entries[key][0]
@@ -336,17 +440,19 @@ def _bad_shard_name(name: str) -> Optional[str]:
     return None
 
 
-def read_index(index_path: str | os.PathLike) -> dict[str, Path]:
+def read_index(index_path: str | os.PathLike, *, raw: Optional[bytes] = None) -> dict[str, Path]:
     """The ``weight_map`` of a ``*.safetensors.index.json``: tensor key -> shard file path.
 
     Raises :class:`SafetensorsError` listing every problem, one per line, when the index is not
     JSON, has no ``weight_map`` object, a key is given twice, or a shard name is not a string
     naming a file in the index's own folder (``../x.safetensors``, ``/abs/x``, ``sub/x`` are refused).
+    ``raw``: the index file's bytes, already read.
     """
     path = Path(index_path)
     duplicates: list[str] = []
     try:
-        index = _strict_json(path.read_text(encoding="utf-8"), duplicates)
+        raw = path.read_bytes() if raw is None else raw
+        index = _strict_json(raw.decode("utf-8"), duplicates)
     except OSError as e:
         raise SafetensorsError(f"{path}: cannot read safetensors index: {e.strerror or e}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
@@ -394,10 +500,14 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
         index raises SafetensorsError either way."""
         self.path = Path(index_path)
         self.unreadable: dict[str, Path] = {}
-        weight_map = read_index(self.path)
+        self._shards: dict[Path, SafetensorsFile] = {}
+        try:  # read once: the index that is parsed is the one hashed (sha256)
+            self._index_bytes = self.path.read_bytes()
+        except OSError as e:
+            raise SafetensorsError(f"{self.path}: cannot read safetensors index: {e.strerror or e}") from None
+        weight_map = read_index(self.path, raw=self._index_bytes)
         self.shard_paths = sorted(set(weight_map.values()))
         problems: list[str] = []  # each names its file: a shard's path, or a shard's name for the index
-        self._shards: dict[Path, SafetensorsFile] = {}
         for p in self.shard_paths:
             try:
                 missing = not p.exists()
@@ -461,6 +571,33 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
 
     def read_tensor(self, key: str) -> np.ndarray:
         return self._where[key].read_tensor(key)
+
+    def file_sha256(self, path: str | os.PathLike) -> str:
+        """The SHA-256 of the index (its bytes as parsed) or of one opened shard (as read)."""
+        p = Path(path)
+        if p == self.path:
+            return hashlib.sha256(self._index_bytes).hexdigest()
+        if p not in self._shards:
+            raise SafetensorsError(f"{p}: not an opened shard of {self.path}")
+        return self._shards[p].sha256()
+
+    def file_size(self, path: str | os.PathLike) -> int:
+        p = Path(path)
+        return len(self._index_bytes) if p == self.path else self._shards[p].size
+
+    def change_problems(self) -> list[str]:
+        """Every opened shard modified since it was opened (see SafetensorsFile.change_problems)."""
+        return [q for shard in self._shards.values() for q in shard.change_problems()]
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+
+    def __enter__(self) -> "ShardedSafetensors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

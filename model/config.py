@@ -326,10 +326,11 @@ class VAEConfig:
         return result
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "VAEConfig":
+    def from_json_file(cls, path: str | Path, *, raw: Optional[bytes] = None) -> "VAEConfig":
+        """``raw``: the file's bytes, already read (a converter hashes the very bytes it parsed)."""
         path = Path(path)
         try:
-            raw = path.read_bytes()
+            raw = path.read_bytes() if raw is None else raw
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config: {e}") from None
         try:  # UTF-8 whatever the locale, as diffusers reads it; every way to be unreadable is one error
@@ -346,18 +347,23 @@ class VAEConfig:
         return cls.from_diffusers_config(data, source=str(path))
 
     @classmethod
-    def from_json_file_ignoring_unknown(cls, path: str | Path) -> tuple["VAEConfig", Optional[ConfigError]]:
+    def from_json_file_ignoring_unknown(cls, path: str | Path, *,
+                                        raw: Optional[bytes] = None) -> tuple["VAEConfig", Optional[ConfigError]]:
         """``from_json_file``, except that a config whose only problems are unknown keys gives the
         config without them, plus the ConfigError naming them (None when there is none): the
         architecture is still known, so a converter can check the weights against it and report
         the unknown keys and every tensor problem in one error. Any other problem raises."""
         try:
-            return cls.from_json_file(path), None
+            raw = Path(path).read_bytes() if raw is None else raw  # read once: parsed twice below
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e}") from None
+        try:
+            return cls.from_json_file(path, raw=raw), None
         except ConfigError as e:
             problems = getattr(e, "problems", None) or []
             if not problems or not all(p.startswith("unknown config key ") for p in problems):
                 raise
-            data = json.loads(Path(path).read_bytes().decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+            data = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
             known = {k: v for k, v in data.items() if k in HANDLED_KEYS or k in IGNORED_KEYS}
             return cls.from_diffusers_config(known, source=str(path)), e
 

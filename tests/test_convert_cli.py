@@ -312,6 +312,75 @@ def _sharded(tmp_path: Path, tiny: Path, tensors: dict) -> tuple[Path, dict[str,
     return src, weight_map
 
 
+def _on_first_read(monkeypatch, action):
+    """Run ``action(path)`` once, when the converter reads its first tensor: what a concurrent
+    writer (a re-download, an editor) does to the source mid-conversion. Faked: the timing only
+    (a monkeypatched read_tensor calls the action); the files, reads and checks are real."""
+    from cogvae.converter import st_io
+
+    real, done = st_io.SafetensorsFile.read_tensor, []
+
+    def read_tensor(self, key):
+        if not done:
+            done.append(key)
+            action(self.path)
+        return real(self, key)
+
+    monkeypatch.setattr(st_io.SafetensorsFile, "read_tensor", read_tensor)
+    return done
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_a_source_replaced_mid_conversion_is_converted_from_the_file_first_opened(
+        tiny, tiny_tensors, tmp_path, monkeypatch, sharded):
+    """A re-download renames a new file over the source while it is converted: every tensor and
+    the recorded sha256 come from the file whose header was read (never a mix of the two)."""
+    import hashlib
+
+    if sharded:
+        src, weight_map = _sharded(tmp_path, tiny, tiny_tensors)
+    else:
+        src = _copy_with(tmp_path, tiny)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.glob("*.safetensors")}
+    other = {k: (v + 1).astype(v.dtype) for k, v in tiny_tensors.items()}
+
+    def replace(path):
+        new = path.with_name(path.name + ".new")
+        save_safetensors({k: other[k] for k in open_safetensors(path)}, new, metadata={"format": "pt"})
+        os.replace(new, path)
+
+    done = _on_first_read(monkeypatch, replace)
+    out = tmp_path / "ckpt"
+    code, _, stderr = _run([str(src), "--out", str(out), "--no-validate", "-q"])
+    assert code == 0, stderr
+    assert done
+    _, params, _ = read_checkpoint(out)
+    for name in ("decoder.conv_in.conv.bias", "encoder.conv_out.conv.bias", "decoder.up_blocks.0.resnets.0.conv1.conv.bias"):
+        np.testing.assert_array_equal(params[name], tiny_tensors[name])
+    files = {f["name"]: f["sha256"] for f in json.loads((out / "provenance.json").read_text())["source"]["files"]}
+    assert {k: v for k, v in files.items() if k.endswith(".safetensors")} == before
+
+
+def test_a_source_written_in_place_mid_conversion_is_refused(tiny, tiny_tensors, tmp_path, monkeypatch):
+    """A file written in place while it is read may have given a mix of old and new bytes: exit 3
+    naming the file, and no checkpoint."""
+    src = _copy_with(tmp_path, tiny)
+    old = time.time() - 3600  # a download finished an hour ago (its times differ from the write's)
+    os.utime(src / WEIGHTS, (old, old))
+
+    def write_in_place(path):
+        with open(path, "r+b") as f:
+            f.seek(-4, os.SEEK_END)
+            f.write(np.float32(7).tobytes())
+
+    _on_first_read(monkeypatch, write_in_place)
+    out = tmp_path / "ckpt"
+    code, _, stderr = _run([str(src), "--out", str(out), "--no-validate", "-q"])
+    assert code == 3, stderr
+    assert f"{src / WEIGHTS}: the file changed while it was being read" in stderr
+    assert not out.exists() and _leftovers(tmp_path, "ckpt") == []
+
+
 def test_a_tensor_problem_in_a_sharded_source_names_its_shard(tiny, tiny_tensors, tmp_path):
     """'names the file and tensor': the shard holding it, not the index."""
     bad = dict(tiny_tensors, **{"decoder.conv_in.conv.bias": np.full_like(tiny_tensors["decoder.conv_in.conv.bias"],
