@@ -219,13 +219,18 @@ def _preflight(out: Path, overwrite: bool, replaces: str = "checkpoint") -> None
         what, means, ok = _REPLACEABLE[replaces]
         try:
             entries = sorted(p.name for p in out.iterdir())
-            replaceable = not entries or ok(out)
+            replaceable = _replaceable(out, replaces)
         except OSError as e:
             raise OutputError(f"{out}: cannot read the existing output folder: {e.strerror or e}") from None
         if not replaceable:
             shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
             raise OutputError(f"{out}: exists and is not {what} ({means}; it holds {shown}); --overwrite only "
                               f"replaces {what} or an empty folder: remove it yourself or pick another output folder")
+
+
+def _replaceable(folder: Path, replaces: str) -> bool:
+    """An empty folder, or an output of the kind ``replaces`` names (what --overwrite may delete)."""
+    return not any(folder.iterdir()) or _REPLACEABLE[replaces][2](folder)
 
 
 def check_not_source(out: str | os.PathLike, source: str | os.PathLike) -> None:
@@ -364,12 +369,13 @@ def _remove_tree(path: Path, *, settle: float = 0.5, timeout: float = 15.0) -> N
             return
 
 
-_RENAME_EXCHANGE = 2  # linux/fs.h
+_RENAME_NOREPLACE = 1  # linux/fs.h
+_RENAME_EXCHANGE = 2
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap the folders at ``a`` and ``b`` (Linux ``renameat2(RENAME_EXCHANGE)``);
-    False where the C library, kernel or file system cannot, so the caller renames in two steps."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux ``renameat2(a, b, flags)``; False where the C library, kernel or file system cannot
+    (the caller then does without); any other failure raises OSError naming ``b``."""
     import ctypes
     import errno
 
@@ -379,12 +385,51 @@ def _exchange(a: Path, b: Path) -> bool:
         return False
     fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # kernel or file system without it
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap the folders at ``a`` and ``b`` (``RENAME_EXCHANGE``); False where the
+    system cannot, so the caller renames in two steps."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_new(tmp: Path, out: Path, given) -> None:
+    """Rename ``tmp`` to ``out``, which must not exist: never replaces anything that appeared at
+    ``out`` since it was checked (a plain rename would replace an empty folder there; a folder
+    of files would be deleted by an exchange). ``RENAME_NOREPLACE`` where the system has it."""
+    import errno
+
+    try:
+        if _renameat2(tmp, out, _RENAME_NOREPLACE):
+            return
+        if out.exists() or out.is_symlink():  # without renameat2: the check closest to the rename
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(out))
+        os.rename(tmp, out)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise OutputError(f"{given}: output already exists: it appeared while the output was being "
+                              "written (pass --overwrite / overwrite=True to replace it)") from None
+        raise
+
+
+def _os_path(out: str | os.PathLike) -> Path:
+    """``out`` as an absolute path naming what the system opens for it: the folders above its last
+    part resolved as the system resolves them (a symlink first, then ``..``: ``link/../x`` is next
+    to the link's target, where readers will look, not next to the link as ``abspath`` has it). The
+    last part is kept, a symlink included (its target is dealt with by the caller)."""
+    s = os.fspath(out)
+    s = os.path.join(os.getcwd(), s) if not os.path.isabs(s) else s
+    s = s.rstrip(os.sep) or os.sep  # "ckpt/" is "ckpt"
+    head, name = os.path.split(s)
+    if name in ("", ".", ".."):
+        return Path(os.path.realpath(s))
+    return Path(os.path.realpath(head)) / name
 
 
 @contextlib.contextmanager
@@ -401,7 +446,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
     """
     given = out
 
-    out = Path(os.path.abspath(local_path(out)))  # "a/.." is "." before anything is made
+    out = _os_path(local_path(out))
     try:
         if out.is_symlink():  # replace what the link points to; the link stays
             _preflight(out, overwrite, replaces)
@@ -437,7 +482,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
         raise OutputError(f"{given}: cannot create a temporary folder in {out.parent} ({e.strerror or e}): the "
                           f"output is written next to where it goes and renamed into place, so {out.parent} "
                           "must be writable") from None
-    old = None
+    old, foreign = None, False
     try:
         yield tmp
         # every file's data on disk before the rename makes the output visible; a failed delayed
@@ -453,16 +498,33 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
         _preflight(out, overwrite, replaces)  # it may have appeared meanwhile
         try:
             (tmp / OWNER_FILE).unlink()
-            if out.exists() and _exchange(tmp, out):
+            if not (overwrite and out.exists()):
+                _rename_new(tmp, out, given)
+            elif _exchange(tmp, out):
                 old = tmp  # now holds the previous output: owned again, so a kill leaves it to the next run
+                if not _replaceable(old, replaces):  # something else was put at ``out`` since the check
+                    foreign = True  # until it is back at ``out``, tmp holds it: never deleted
+                    _exchange(tmp, out)
+                    foreign, old = False, None
+                    raise OutputError(f"{given}: exists and is not {_REPLACEABLE[replaces][0]} (it was put there "
+                                      "while the output was being written); left as it is")
                 (old / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
             else:
-                if out.exists():
-                    old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "old"), dir=out.parent))
-                    (old / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
-                    os.rename(out, old / "old")
-                os.rename(tmp, out)
+                old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "old"), dir=out.parent))
+                (old / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+                os.rename(out, old / "old")
+                if not _replaceable(old / "old", replaces):
+                    os.rename(old / "old", out)
+                    raise OutputError(f"{given}: exists and is not {_REPLACEABLE[replaces][0]} (it was put there "
+                                      "while the output was being written); left as it is")
+                _rename_new(tmp, out, given)
+        except OutputError:
+            raise
         except OSError as e:
+            if foreign:
+                raise OutputError(f"{given}: what was put there while the output was being written is not "
+                                  f"{_REPLACEABLE[replaces][0]}, and could not be put back: it is at {tmp} "
+                                  f"({e.strerror or e})") from None
             raise OutputError(f"{given}: cannot move the finished output into place: {e.strerror or e}") from None
         try:  # the output is in place, its files on disk: the rename's own durability is best effort
             _fsync_path(out.parent, directory=True)
@@ -475,7 +537,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
         if aside and (old / "old").exists() and not out.exists():
             with contextlib.suppress(OSError):  # else left with its owner file: the next run puts it back
                 os.rename(old / "old", out)
-        if tmp.exists():  # the unfinished output or, once swapped in, the previous one
+        if tmp.exists() and not foreign:  # the unfinished output or, once swapped in, the previous one
             _remove_tree(tmp)
         if aside and old.exists() and not (old / "old").exists():
             shutil.rmtree(old, ignore_errors=True)

@@ -301,3 +301,75 @@ def test_an_ownerless_leftover_is_removed_once_it_is_old(tmp_path):
     os.utime(old, (t, t))
     assert _convert("--out", str(tmp_path / "ck"), "--format", "msgpack", "--no-validate")[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ck.tmp-swappingnow", "ck"]
+
+
+def _after_last_check(monkeypatch, action):
+    """Run ``action()`` right after the output's last check before it is moved into place: what
+    another process does in that window. Faked: the timing only (a wrapped ``_preflight``); the
+    folders, renames and swaps are real."""
+    real, calls = ck._preflight, []
+
+    def preflight(out, overwrite, replaces="checkpoint"):
+        real(out, overwrite, replaces)
+        calls.append(out)
+        if len(calls) == 2:  # the first comes before the work, the second just before the move
+            action()
+
+    monkeypatch.setattr(ck, "_preflight", preflight)
+    return calls
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["renameat2", "no-renameat2"])
+def test_a_folder_that_appears_at_the_output_meanwhile_is_never_replaced(tmp_path, monkeypatch, swap):
+    """Without --overwrite, a folder of someone's files put at --out while the checkpoint was
+    being written is left as it is (exit 4): the move used to swap it out and delete it."""
+    if not swap:  # faked: a system without renameat2 (neither the swap nor the no-replace rename)
+        monkeypatch.setattr(ck, "_renameat2", lambda a, b, flags: False)
+    out = tmp_path / "ck"
+
+    def appear():
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+
+    calls = _after_last_check(monkeypatch, appear)
+    code, err = _convert("--out", str(out), "--no-validate", "--format", "msgpack")
+    assert len(calls) == 2
+    assert code == 4 and "output already exists: it appeared while the output was being written" in err, err
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    assert _hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["renameat2", "no-renameat2"])
+def test_overwrite_never_replaces_what_was_put_at_the_output_meanwhile(tmp_path, monkeypatch, swap):
+    """--overwrite replaces a checkpoint; if a folder of other files took its place after the last
+    check, the swap puts that folder back and stops (exit 4) rather than deleting it."""
+    if not swap:  # faked: a file system without the atomic swap
+        monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    out = tmp_path / "ck"
+    assert _convert("--out", str(out), "--no-validate", "--format", "msgpack")[0] == 0
+
+    def replace_by_user_folder():
+        os.rename(out, tmp_path / "moved")
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+
+    calls = _after_last_check(monkeypatch, replace_by_user_folder)
+    code, err = _convert("--out", str(out), "--no-validate", "--overwrite", "--format", "msgpack")
+    assert len(calls) == 2
+    assert code == 4 and "was put there while the output was being written); left as it is" in err, err
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    assert _hidden(tmp_path) == []
+
+
+def test_an_output_path_through_a_symlink_and_dotdot_is_where_readers_find_it(tmp_path):
+    """``--out far/../ck`` with ``far`` a symlink: the system resolves the link first, so readers
+    of that path look next to the link's target. It was written next to the link (``..`` taken
+    away by text), and reading ``far/../ck`` then found nothing."""
+    target = tmp_path / "x" / "y"
+    target.mkdir(parents=True)
+    (tmp_path / "far").symlink_to(target)
+    given = tmp_path / "far" / ".." / "ck"
+    code, err = _convert("--out", str(given), "--no-validate", "--format", "msgpack")
+    assert code == 0, err
+    assert (tmp_path / "x" / "ck").is_dir() and not (tmp_path / "ck").exists()
+    assert read_checkpoint(given)[2]["formats"] == ["msgpack"]
