@@ -76,6 +76,11 @@ class CheckpointError(ValueError):
     """A converted checkpoint that is missing, incomplete or corrupt; the message names the folder."""
 
 
+class ReplacedWhileReadingError(CheckpointError):
+    """The checkpoint was replaced (a conversion or save with --overwrite) each time it was read:
+    not a corrupt checkpoint, one to read again once the writing is done."""
+
+
 class OutputError(OSError):
     """An output location that cannot be used (exists without overwrite, not writable)."""
 
@@ -1254,13 +1259,21 @@ def read_format(folder: str | os.PathLike, fmt: str, *, as_jax: bool = False) ->
 REPLACED_RETRIES = 3
 
 
-def _identity(folder: Path) -> Optional[tuple[int, int]]:
-    """The folder ``folder`` names now (device, inode; through a symlink), None if there is none."""
+def _identity(folder: Path) -> Optional[tuple[int, int, Optional[str]]]:
+    """The checkpoint ``folder`` names now: its device and inode (through a symlink) and the
+    SHA-256 of its manifest (None if unreadable); None if there is no folder. The inode alone is
+    not enough: a file system reuses a freed inode for the next folder made, so a checkpoint
+    swapped out, deleted and replaced again can come back under the same number. The manifest
+    lists every file's sha256, so two checkpoints with one manifest hold the same bytes."""
     try:
         st = os.stat(folder)
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    try:
+        digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
+    except OSError:
+        digest = None
+    return st.st_dev, st.st_ino, digest
 
 
 def read_checkpoint(
@@ -1292,7 +1305,7 @@ def read_checkpoint(
             continue
         if _identity(folder) == before:
             return result
-    raise CheckpointError(f"{folder}: replaced while it was being read, {REPLACED_RETRIES + 1} times in a row (a "
+    raise ReplacedWhileReadingError(f"{folder}: replaced while it was being read, {REPLACED_RETRIES + 1} times in a row (a "
                           "conversion or save with --overwrite writing it over and over?); read it when it is done")
 
 

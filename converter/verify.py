@@ -322,7 +322,8 @@ def _load_side(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str,
     and variant to a converted checkpoint: refused, never silently ignored; a revision to a local
     folder). ``diffusers_copy``: also fetch a Hub checkpoint's diffusers copy (the source's, which
     is compared; never the reference's)."""
-    from .checkpoint import CheckpointError, _identity, check_files, looks_like_checkpoint, read_checkpoint
+    from .checkpoint import (CheckpointError, ReplacedWhileReadingError, _identity, check_files, looks_like_checkpoint,
+                             read_checkpoint)
     from .hub import UnreadableError, input_exists, local_path, strip_subfolder
     from .loading import SourceError
     from .loading import not_for_checkpoint as refusal
@@ -380,6 +381,11 @@ def _load_side(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str,
         return unreachable(SourceError(f"{text}: not a folder (expected a converted checkpoint, or a diffusers "
                                        "VAE or pipeline folder)"))
 
+    def replaced() -> _Loaded:
+        got.config, got.params = None, {}
+        return unreachable(SourceError(f"{text}: replaced while it was being verified (a conversion or "
+                                       "save with --overwrite?); verify it again when that is done"))
+
     if looks_like_checkpoint(path):
         got.kind = "converted checkpoint"
         if given:
@@ -392,12 +398,14 @@ def _load_side(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str,
                 check_files(path)
             got.config, got.params, info = read_checkpoint(path, format=fmt, verify=not local)
             if _identity(path) != before:  # hashed one checkpoint, read another (a concurrent --overwrite)
-                got.config, got.params = None, {}
-                return unreachable(SourceError(f"{text}: replaced while it was being verified (a conversion or "
-                                               "save with --overwrite?); verify it again when that is done"))
+                return replaced()
         except UnreadableError as e:  # permission denied: an input problem, not a corrupt checkpoint
             return unreachable(e)
         except CheckpointError as e:
+            # a file gone or changed because the whole checkpoint was replaced meanwhile is not a
+            # corrupt checkpoint: an input to verify again (exit 3), not a failed check (exit 1)
+            if isinstance(e, ReplacedWhileReadingError) or _identity(path) != before:
+                return replaced()
             got.problems.append(str(e))
             return got
         got.detail = (got.detail + ", " if got.detail else "") + f"{info['format']} format"

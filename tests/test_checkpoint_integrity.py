@@ -6,6 +6,7 @@ do not fit the config, and casts that overflow. Each case is a real checkpoint w
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -254,6 +255,44 @@ def test_a_checkpoint_replaced_while_it_is_read_is_read_again_never_mixed(ckpt, 
     got_config, got, info = read_checkpoint(out, format=fmt)
     assert len(calls) == 2 and got_config == config
     assert {a.dtype.name for a in got.values()} == {"bfloat16"}  # the new checkpoint, read whole
+    assert info["manifest"] == json.loads((out / "COMPLETE").read_text())
+    for k, a in got.items():
+        assert a.tobytes() == bf16[k].tobytes(), k
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "msgpack"])
+def test_a_checkpoint_replaced_under_the_same_inode_is_read_again(ckpt, tmp_path, monkeypatch, fmt):
+    """A checkpoint swapped out and deleted can be followed by a new folder under the very inode
+    number the reader saw first (ext4 reuses freed inodes), so (device, inode) before and after
+    did not show the swap: bytes of one checkpoint came back with the other's manifest. Faked, as
+    the kernel's inode reuse cannot be forced: the new checkpoint's files are moved into the same
+    folder (same inode, as a reused one would have) just after the hashes were checked. It is
+    read again, whole."""
+    import ml_dtypes
+
+    import cogvae.converter.checkpoint as ck
+
+    out = _copy(ckpt, tmp_path)
+    config, params, _ = read_checkpoint(out)
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in params.items()}
+    new = tmp_path / "new"
+    write_checkpoint(new, bf16, config, formats=("orbax", "msgpack"), provenance={"source": "swap"})
+    real, calls = ck.read_format, []
+    inode = os.stat(out).st_ino
+
+    def racing(folder, format, **kw):
+        calls.append(format)
+        if len(calls) == 1:
+            for p in list(out.iterdir()):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            for p in new.iterdir():
+                os.rename(p, out / p.name)
+            assert os.stat(out).st_ino == inode
+        return real(folder, format, **kw)
+
+    monkeypatch.setattr(ck, "read_format", racing)
+    _, got, info = read_checkpoint(out, format=fmt)
+    assert len(calls) == 2
     assert info["manifest"] == json.loads((out / "COMPLETE").read_text())
     for k, a in got.items():
         assert a.tobytes() == bf16[k].tobytes(), k

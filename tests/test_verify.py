@@ -426,6 +426,41 @@ def test_a_checkpoint_replaced_between_hashing_and_reading_is_not_verified(base,
     assert res.exit_code == 3 and "replaced while it was being verified" in res.stderr
 
 
+def test_a_checkpoint_replaced_while_it_is_hashed_is_an_input_error(base, vae, good, tmp_path, monkeypatch):
+    """A concurrent --overwrite while verify hashes the files: a file of the new checkpoint does
+    not match the old manifest, or a file is gone. That was reported as a corrupt checkpoint
+    (FAILED, exit 1); it is a checkpoint to verify again (exit 3). Faked, for the timing: the
+    hashing is wrapped so that a real write_checkpoint(overwrite=True) lands after its first file."""
+    import shutil
+    import threading
+
+    from click.testing import CliRunner
+
+    import cogvae.converter.checkpoint as ck
+    from cogvae.converter.cli import cli
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(good, out)
+    config, params, _ = ck.read_checkpoint(out)
+    other = {k: v * np.float32(2) for k, v in params.items()}
+    real, lock, calls = ck._sha256, threading.Lock(), []
+
+    def hash_then_replace(path):
+        digest = real(path)
+        with lock:  # only the first call writes; the write's own hashing comes through here too
+            first = not calls
+            calls.append(path)
+        if first:
+            ck.write_checkpoint(out, other, config, formats=("orbax", "msgpack"), provenance={"source": "swap"},
+                                overwrite=True)
+        return digest
+
+    monkeypatch.setattr(ck, "_sha256", hash_then_replace)
+    res = CliRunner().invoke(cli, ["verify", str(out), "--no-parity"])
+    assert calls and res.exit_code == 3, res.output
+    assert f"{out}: replaced while it was being verified" in res.stderr
+
+
 def test_a_reference_with_nan_or_integer_tensors_fails(base, vae, good):
     """A reference is checked as the source is: its NaN and its integer tensors are named, and the
     run fails. Comparing with it used to pass (every relative change NaN or inf), since only the
