@@ -917,15 +917,18 @@ class AutoencoderKLCogVideoX(nnx.Module):
         self,
         x: Array,
         sample_posterior: bool = False,
-        rng: Optional[jax.Array] = None,
-        *,
         return_dict: Optional[bool] = None,
         generator: Optional[jax.Array] = None,
+        *,
+        rng: Optional[jax.Array] = None,
         compiled: bool = True,
     ):
         """diffusers' ``forward``: x (B, T, H, W, C) -> reconstruction (B, T', H, W, C): encode, take
         the posterior's mode (or, with ``sample_posterior``, a sample drawn with the jax.random key
-        ``rng``, diffusers' ``generator``), decode. ``return_dict`` as in ``decode``."""
+        ``generator``, also accepted as ``rng``), decode. ``return_dict`` as in ``decode``.
+
+        The positional order is diffusers' ``forward(sample, sample_posterior, return_dict,
+        generator)``, so ported code such as ``vae(x, False, False)[0]`` means what it meant there."""
         posterior = self.encode(x, compiled=compiled)
         if sample_posterior:
             z = posterior.sample(_key(rng, generator, "sample_posterior=True"))

@@ -148,6 +148,11 @@ def test_forward_sample_posterior_and_return_dict_match_diffusers(jax_noise_in_d
     (video_only,) = ours.decode(zj, return_dict=False)
     assert_parity(video_only, decoded, "decode return_dict=False")
     assert_parity(ours.decode(zj), decoded, "decode default: the array")
+    # diffusers' positional order, forward(sample, sample_posterior, return_dict, generator):
+    # ported code such as vae(x, False, False)[0] means here what it means there
+    (positional,) = ours(to_bthwc(x), False, False)
+    assert_parity(positional, plain, "forward(x, False, False)")
+    assert_parity(ours(to_bthwc(x), True, True, key).sample, sampled, "forward(x, True, True, generator)")
 
 
 @pytest.mark.parametrize(
