@@ -215,6 +215,26 @@ def test_parity_failure_is_reported(good, monkeypatch, key, op):
     assert f"    {op} of " in r.format_text() and "FAILED" in r.format_text()
 
 
+def test_an_exported_tensor_diffusers_does_not_get_is_named(good, monkeypatch):
+    """The diffusers reference is built on torch's meta device (its random init would only be
+    overwritten) and given the exported tensors: one the export leaves out must be named as
+    missing, never run as a meta tensor. Faked: the export is wrapped to drop one tensor, as an
+    export bug would."""
+    from cogvae.converter import engine
+
+    real = engine.export_tensors
+
+    def dropping(*args, **kwargs):
+        out = real(*args, **kwargs)
+        del out["decoder.conv_out.conv.bias"]
+        return out
+
+    monkeypatch.setattr(engine, "export_tensors", dropping)
+    r = verify_checkpoint(good)
+    assert not r.ok and r.parity == {
+        "status": "failed", "reason": "diffusers rejects the exported weights: missing 'decoder.conv_out.conv.bias'"}
+
+
 def test_a_diverged_model_gives_strict_json_at_every_depth(base, vae, good):
     """Finite weights can still make the decode non-finite (a kernel scaled by 1e37 overflows
     fp32): verify must fail, and ``--json`` must stay strict JSON down to each parity case's
