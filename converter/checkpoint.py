@@ -31,7 +31,7 @@ import time
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
@@ -1276,8 +1276,16 @@ def _identity(folder: Path) -> Optional[tuple[int, int, Optional[str]]]:
     return st.st_dev, st.st_ino, digest
 
 
+class TensorMeta(NamedTuple):
+    """A stored tensor's shape and dtype, without its values (``read_checkpoint(values=False)``)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
 def read_checkpoint(
-    path: str | os.PathLike, format: Optional[str] = None, *, verify: bool = True, as_jax: bool = False
+    path: str | os.PathLike, format: Optional[str] = None, *, verify: bool = True, as_jax: bool = False,
+    values: bool = True,
 ) -> tuple[VAEConfig, dict[str, Any], dict[str, Any]]:
     """Read a converted checkpoint -> ``(config, {dotted_path: np.ndarray}, info)``.
 
@@ -1288,6 +1296,9 @@ def read_checkpoint(
     ``info``: ``{'path', 'format', 'formats', 'manifest', 'provenance'}``. ``as_jax``: jax arrays
     on the default device instead of numpy arrays (see :func:`read_format`). ``~`` in ``path`` is
     expanded; a file that cannot be read raises :class:`UnreadableCheckpointError`.
+    ``values=False``: each parameter is a :class:`TensorMeta` (shape, dtype) read from the format's
+    metadata, the tensor bytes left unread (``inspect``; with ``verify=False`` too, only the file
+    sizes are checked against the manifest).
 
     Files are read by path, so a checkpoint replaced meanwhile (``--overwrite`` swaps the whole
     folder in one rename) could give the hashes of one and the bytes of the other: the folder
@@ -1298,7 +1309,7 @@ def read_checkpoint(
     for _attempt in range(REPLACED_RETRIES + 1):
         before = _identity(folder)
         try:
-            result = _read_checkpoint_once(folder, format, verify, as_jax)
+            result = _read_checkpoint_once(folder, format, verify, as_jax, values)
         except Exception as e:  # noqa: BLE001 - a file gone mid-read: the checkpoint was replaced, read it again
             if isinstance(e, AssertionError) or before is None or _identity(folder) in (before, None):
                 raise
@@ -1309,7 +1320,7 @@ def read_checkpoint(
                           "conversion or save with --overwrite writing it over and over?); read it when it is done")
 
 
-def _read_checkpoint_once(folder: Path, format: Optional[str], verify: bool, as_jax: bool
+def _read_checkpoint_once(folder: Path, format: Optional[str], verify: bool, as_jax: bool, values: bool = True
                           ) -> tuple[VAEConfig, dict[str, Any], dict[str, Any]]:
     manifest = _read_manifest(folder)
     formats = manifest.get("formats") or []
@@ -1339,7 +1350,11 @@ def _read_checkpoint_once(folder: Path, format: Optional[str], verify: bool, as_
                for k, (_shape, dt) in sorted(format_meta(folder, format).items()) if np.dtype(dt).name not in ALLOWED_DTYPES]
         if bad:
             raise _unfit(folder, bad)
-    params = read_format(folder, format, as_jax=as_jax)
+    if values:
+        params = read_format(folder, format, as_jax=as_jax)
+    else:
+        params = {k: TensorMeta(tuple(int(n) for n in shape), np.dtype(dt))
+                  for k, (shape, dt) in format_meta(folder, format).items()}
     provenance = {}
     try:
         # only a regular file of the size the manifest lists: a FIFO would block the read and a

@@ -475,7 +475,10 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
     if looks_like_checkpoint(source):
         if given:
             raise not_for_checkpoint(source)
-        config, params, info = read_checkpoint(source, format=hub.format if hub is not None else None)
+        # shapes and dtypes from the format's metadata, and the files' sizes against the manifest:
+        # no tensor bytes are read (their hashes and values are verify's)
+        config, params, info = read_checkpoint(source, format=hub.format if hub is not None else None,
+                                               verify=False, values=False)
         # read_checkpoint checks the files against the manifest, not the weights against the
         # config: a config.json edited to another architecture (and the manifest redone) is what
         # load and export-diffusers refuse, tensor by tensor, so inspect reports it the same way
@@ -566,7 +569,8 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
     the mapping rule that handles it, where it goes (or comes from), shape and dtype. Exit code 3,
     after the whole listing, when cogvae-convert would refuse the tensors (a broken file, no rule,
     wrong rank, shape or dtype, not in the config's architecture, or missing), each named with its
-    file on stderr. Only headers are read: values (NaN, Inf) are checked by convert and verify.
+    file on stderr. Only headers and metadata are read (a checkpoint's files are checked against
+    its manifest by size): hashes and values (NaN, Inf) are checked by convert and verify.
 
     \b
     Examples:
