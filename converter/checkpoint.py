@@ -25,6 +25,7 @@ import re
 import queue
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -565,6 +566,37 @@ def _remove_created(created: list[Path]) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+def _late_callback_on_a_closed_loop(unraisable) -> bool:
+    """Whether an unraisable exception is tensorstore completing a read for an event loop that
+    is closed: Orbax runs each restore in its own ``asyncio.run``, and when one read fails (a
+    checkpoint replaced mid-read, read again by ``read_checkpoint``) the loop closes while the
+    other reads are still in flight; each of them then calls ``loop.call_soon_threadsafe`` from
+    a tensorstore thread, which raises with no Python caller. Nothing is lost: their results
+    belonged to the failed read."""
+    import traceback
+
+    exc = unraisable.exc_value
+    frames = [f.name for f in traceback.extract_tb(unraisable.exc_traceback)]
+    return (unraisable.object is None and type(exc) is RuntimeError and str(exc) == "Event loop is closed"
+            and frames == ["call_soon_threadsafe", "_check_closed"])
+
+
+def _drop_late_callbacks_on_closed_loops() -> None:
+    """Keep those callbacks (see :func:`_late_callback_on_a_closed_loop`) off stderr: one failed
+    Orbax read printed hundreds of "RuntimeError: Event loop is closed" tracebacks. Every other
+    unraisable exception goes to the hook that was there. Installed once per process."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_cogvae_filter", False):
+        return
+
+    def hook(unraisable):
+        if not _late_callback_on_a_closed_loop(unraisable):
+            previous(unraisable)
+
+    hook._cogvae_filter = True
+    sys.unraisablehook = hook
+
+
 def _orbax_checkpointer():
     import jax
     import orbax.checkpoint as ocp
@@ -577,6 +609,7 @@ def _orbax_checkpointer():
         (np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False)),
     )
     handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+    _drop_late_callbacks_on_closed_loops()
     return ocp.Checkpointer(handler)
 
 

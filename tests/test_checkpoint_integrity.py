@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -402,3 +403,38 @@ def test_inspect_of_a_checkpoint_reads_shapes_and_dtypes_not_tensor_bytes(ckpt, 
     assert {x["key"]: (tuple(x["shape"]), x["dtype"]) for x in data["tensors"]} == \
         {k: (a.shape, a.dtype.name) for k, a in params.items()}
     assert reads == []
+
+
+def test_only_late_reads_for_a_closed_event_loop_are_kept_off_stderr(monkeypatch):
+    """A failed Orbax read (a checkpoint replaced mid-read, read again) closes its event loop while
+    tensorstore still completes the other reads: each calls ``loop.call_soon_threadsafe`` from a
+    native thread and Python prints "RuntimeError: Event loop is closed" as an unraisable
+    exception, hundreds of times per retried read. Those are dropped; every other unraisable
+    exception still reaches the previous hook. Faked: the native caller, by passing the hook the
+    exception a closed loop really raises (its traceback from call_soon_threadsafe on, as a call
+    from C has no Python frame above it)."""
+    import asyncio
+    import types
+
+    import cogvae.converter.checkpoint as ck
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    ck._drop_late_callbacks_on_closed_loops()
+    ck._drop_late_callbacks_on_closed_loops()  # installed once: the hook is not wrapped twice
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        late = e
+    unraisable = types.SimpleNamespace(exc_type=RuntimeError, exc_value=late, exc_traceback=late.__traceback__.tb_next,
+                                       err_msg=None, object=None)
+    sys.unraisablehook(unraisable)
+    assert seen == []
+    other = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("boom"), exc_traceback=None,
+                                  err_msg=None, object=None)
+    from_python = types.SimpleNamespace(**{**vars(unraisable), "exc_traceback": late.__traceback__})
+    sys.unraisablehook(other)
+    sys.unraisablehook(from_python)  # raised under a Python caller: not the native callback, kept
+    assert seen == [other, from_python]
