@@ -981,9 +981,12 @@ def _blocking_folder(folder: Path, p: Path) -> Path:
     return p.parent
 
 
-def _verify_files(folder: Path, manifest: dict, prefixes: Iterable[str], hashes: bool, only: bool = False) -> None:
+def _verify_files(folder: Path, manifest: dict, prefixes: Iterable[str], hashes: bool, only: bool = False,
+                  opened: bool = False) -> None:
     """Every file the manifest lists must be there with its size (``only``: just those under
-    ``prefixes``), and with ``hashes`` those under ``prefixes`` must have its sha256."""
+    ``prefixes``), and with ``hashes`` those under ``prefixes`` must have its sha256. ``opened``
+    (without ``hashes``): those are opened for reading, so that one that cannot be read is named
+    as the hashing names it, not later by the format's reader."""
     problems = []
     prefixes = tuple(prefixes)
     for rel, meta in manifest["files"].items():
@@ -1005,6 +1008,11 @@ def _verify_files(folder: Path, manifest: dict, prefixes: Iterable[str], hashes:
                 raise unreadable(p, e, UnreadableCheckpointError) from None
             if digest != meta.get("sha256"):
                 problems.append(f"{rel}: sha256 differs from the manifest (corrupt file)")
+        elif opened and rel.startswith(prefixes):
+            try:
+                os.close(os.open(p, os.O_RDONLY | os.O_NONBLOCK))  # (a FIFO put there since: no wait)
+            except OSError as e:  # unreadable, not corrupt
+                raise unreadable(p, e, UnreadableCheckpointError) from None
     if problems:
         raise CheckpointError(_listed(f"{folder}: corrupt checkpoint", problems))
 
@@ -1364,7 +1372,7 @@ def _read_checkpoint_once(folder: Path, format: Optional[str], verify: bool, as_
     if format not in formats:
         raise CheckpointError(f"{folder}: holds no {format} parameters (formats: {', '.join(formats) or 'none'})")
     want = (CONFIG_NAME, FORMAT_PREFIX[format])
-    _verify_files(folder, manifest, want, hashes=verify, only=True)
+    _verify_files(folder, manifest, want, hashes=verify, only=True, opened=True)
     prefix = FORMAT_PREFIX[format]
     if prefix.endswith("/"):  # Orbax reads whatever its folder holds: all of it must be what was checked
         unlisted = sorted(rel for rel in (p.relative_to(folder).as_posix() for p in (folder / prefix).rglob("*")
