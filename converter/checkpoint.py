@@ -1176,8 +1176,25 @@ def iter_msgpack(path: str | os.PathLike, *, data: bool = True) -> Iterator[tupl
             raise ValueError("file ended early (truncated msgpack)")
 
 
+class _NoItemMetadataWarning:
+    """A logging filter for Orbax's "Failed to get item metadata from directory" warning: when
+    its metadata cannot be read, :func:`_orbax_tree_meta` raises a CheckpointError naming the
+    folder, so the warning would be a second, vaguer line before the one ``Error:`` line."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return not str(record.msg).startswith("Failed to get item metadata from directory")
+
+
 def _orbax_tree_meta(ckptr, path: Path):
-    meta = ckptr.metadata(path)
+    import logging
+
+    absl = logging.getLogger("absl")
+    absl.addFilter(_NoItemMetadataWarning)
+    try:
+        meta = ckptr.metadata(path)
+    finally:
+        absl.removeFilter(_NoItemMetadataWarning)
     tree_meta = getattr(meta, "item_metadata", meta)
     tree = getattr(tree_meta, "tree", tree_meta)
     if not isinstance(tree, Mapping):  # Orbax returns None (and logs a warning) when it cannot read it

@@ -335,6 +335,15 @@ def test_unreadable_orbax_metadata_is_named(ckpt, tmp_path):
     with pytest.raises(CheckpointError) as e:
         load(d, format="orbax")
     assert "cannot read the Orbax checkpoint's metadata" in str(e.value) and "NoneType" not in str(e.value)
+    # In a real process (Orbax logs through absl to stderr): the Error line alone, without Orbax's
+    # "Failed to get item metadata" warning before it
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", "from cogvae.converter.cli import cli; cli()", "inspect", str(d)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3
+    assert r.stderr == f"Error: {d}/orbax: cannot read the Orbax checkpoint's metadata (its _METADATA or OCDBT " \
+                       "files are damaged or missing)\n", r.stderr
 
 
 def test_inspect_refuses_a_checkpoint_whose_config_is_another_architecture(ckpt, tmp_path):
