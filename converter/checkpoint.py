@@ -1327,11 +1327,34 @@ def _identity(folder: Path) -> Optional[tuple[int, int, Optional[str]]]:
         st = os.stat(folder)
     except OSError:
         return None
+    return st.st_dev, st.st_ino, _manifest_digest(folder / MANIFEST_NAME)
+
+
+_MANIFEST_DIGEST_LIMIT = 64 << 20  # a manifest lists a few dozen files: far below this
+
+
+def _manifest_digest(path: Path) -> Optional[str]:
+    """SHA-256 of the manifest at ``path`` when it is a regular file of sane size, else None. It
+    runs before ``_read_manifest`` refuses anything else: opened without waiting (a FIFO there
+    would block a plain read) and never read past its size (a link to /dev/zero never ends)."""
+    import stat
+
     try:
-        digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
-        digest = None
-    return st.st_dev, st.st_ino, digest
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MANIFEST_DIGEST_LIMIT:
+            return None
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+        return digest.hexdigest()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 class TensorMeta(NamedTuple):

@@ -447,3 +447,43 @@ def test_only_late_reads_for_a_closed_event_loop_are_kept_off_stderr(monkeypatch
     sys.unraisablehook(other)
     sys.unraisablehook(from_python)  # raised under a Python caller: not the native callback, kept
     assert seen == [other, from_python]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_manifest_that_is_not_a_regular_file_is_refused_without_reading_it(ckpt, tmp_path, kind):
+    """COMPLETE as a FIFO or a link to /dev/zero: the check for a checkpoint replaced mid-read
+    hashed the manifest before anything checked it is a regular file, so read_checkpoint, inspect
+    and verify blocked on the FIFO or read /dev/zero without end. They refuse it at once: "no
+    COMPLETE manifest". A thread writes to the FIFO after 30 s, so a regression fails here
+    instead of hanging the suite."""
+    import threading
+
+    d = _copy(ckpt, tmp_path)
+    (d / "COMPLETE").unlink()
+    if kind == "fifo":
+        os.mkfifo(d / "COMPLETE")
+    else:
+        os.symlink("/dev/zero", d / "COMPLETE")
+    blocked = []
+
+    def unblock():
+        blocked.append(True)
+        fd = os.open(d / "COMPLETE", os.O_WRONLY | os.O_NONBLOCK)
+        os.write(fd, b"{}")
+        os.close(fd)
+
+    timer = threading.Timer(30, unblock) if kind == "fifo" else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    try:
+        with pytest.raises(CheckpointError, match="no COMPLETE manifest"):
+            read_checkpoint(d)
+        r = CliRunner().invoke(cli, ["inspect", str(d)])
+        assert r.exit_code == 3 and "no COMPLETE manifest" in r.stderr, r.output
+        r = CliRunner().invoke(cli, ["verify", str(d), "--no-parity"])
+        assert r.exit_code == 1 and "no COMPLETE manifest" in r.output, r.output  # FAILED, as before
+    finally:
+        if timer:
+            timer.cancel()
+    assert blocked == []
