@@ -507,19 +507,31 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
             if not (overwrite and out.exists()):
                 _rename_new(tmp, out, given)
             elif _exchange(tmp, out):
-                old = tmp  # now holds the previous output: owned again, so a kill leaves it to the next run
-                if not _replaceable(old, replaces):  # something else was put at ``out`` since the check
-                    foreign = True  # until it is back at ``out``, tmp holds it: never deleted
+                # tmp now holds what was at ``out``: never deleted until it is known to be the output
+                # --overwrite may replace (something else may have been put there since the check:
+                # a file, a folder that cannot be read, which _replaceable raises for)
+                foreign = True
+                try:
+                    ok = tmp.is_dir() and not tmp.is_symlink() and _replaceable(tmp, replaces)
+                except OSError:
+                    ok = False
+                if not ok:
                     _exchange(tmp, out)
-                    foreign, old = False, None
+                    foreign = False
                     raise OutputError(f"{given}: exists and is not {_REPLACEABLE[replaces][0]} (it was put there "
                                       "while the output was being written); left as it is")
+                foreign, old = False, tmp  # the previous output: owned again, so a kill leaves it to the next run
                 (old / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
             else:
                 old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "old"), dir=out.parent))
                 (old / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
                 os.rename(out, old / "old")
-                if not _replaceable(old / "old", replaces):
+                try:  # (as above: a file, or a folder that cannot be read, is not ours to delete)
+                    ok = (old / "old").is_dir() and not (old / "old").is_symlink() and _replaceable(old / "old",
+                                                                                                    replaces)
+                except OSError:
+                    ok = False
+                if not ok:
                     os.rename(old / "old", out)
                     raise OutputError(f"{given}: exists and is not {_REPLACEABLE[replaces][0]} (it was put there "
                                       "while the output was being written); left as it is")

@@ -339,25 +339,45 @@ def test_a_folder_that_appears_at_the_output_meanwhile_is_never_replaced(tmp_pat
     assert _hidden(tmp_path) == []
 
 
+@pytest.mark.parametrize("what", ["folder", "file", "unlistable folder"])
 @pytest.mark.parametrize("swap", [True, False], ids=["renameat2", "no-renameat2"])
-def test_overwrite_never_replaces_what_was_put_at_the_output_meanwhile(tmp_path, monkeypatch, swap):
-    """--overwrite replaces a checkpoint; if a folder of other files took its place after the last
-    check, the swap puts that folder back and stops (exit 4) rather than deleting it."""
+def test_overwrite_never_replaces_what_was_put_at_the_output_meanwhile(tmp_path, monkeypatch, swap, what):
+    """--overwrite replaces a checkpoint; if something else took its place after the last check
+    (a folder of other files, a file, a folder whose listing fails), the swap puts it back and
+    stops (exit 4) rather than deleting it. A file, or a folder that could not be listed, was
+    deleted (or left hidden) behind a "cannot move the finished output" error, the new checkpoint
+    in place. Faked for the unlistable folder: the listing, to fail as it does without read
+    permission (root reads anything here)."""
     if not swap:  # faked: a file system without the atomic swap
         monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
     out = tmp_path / "ck"
     assert _convert("--out", str(out), "--no-validate", "--format", "msgpack")[0] == 0
 
-    def replace_by_user_folder():
+    def replace_by_user_things():
         os.rename(out, tmp_path / "moved")
+        if what == "file":
+            out.write_text("mine")
+            return
         out.mkdir()
         (out / "notes.txt").write_text("mine")
+        if what == "unlistable folder":
+            real = ck._replaceable
 
-    calls = _after_last_check(monkeypatch, replace_by_user_folder)
+            def unlistable(folder, replaces):
+                if (folder / "notes.txt").exists():
+                    raise PermissionError(13, "Permission denied", str(folder))
+                return real(folder, replaces)
+
+            monkeypatch.setattr(ck, "_replaceable", unlistable)
+
+    calls = _after_last_check(monkeypatch, replace_by_user_things)
     code, err = _convert("--out", str(out), "--no-validate", "--overwrite", "--format", "msgpack")
     assert len(calls) == 2
     assert code == 4 and "was put there while the output was being written); left as it is" in err, err
-    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+    if what == "file":
+        assert out.read_text() == "mine"
+    else:
+        assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
     assert _hidden(tmp_path) == []
 
 
