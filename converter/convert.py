@@ -434,7 +434,7 @@ def convert(
         # (and hashed) through the descriptor its header came from: a source replaced on disk
         # meanwhile cannot mix two files, and one written in place is refused below.
         tensors = open_safetensors(src.weights_path, strict=False)
-        input_files = [src.config_path] + list(src.weight_files)
+        input_files = [src.config_path, *tensors.files]  # the shards of the index as it was read
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # hashing overlaps the conversion
         hashes = {src.config_path: pool.submit(hashlib.sha256(config_bytes).hexdigest)}
         hashes.update({p: pool.submit(tensors.file_sha256, p) for p in input_files[1:]})

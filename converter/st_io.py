@@ -321,8 +321,11 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         if self._mm is None:
             # mapped from the descriptor the header came from (the same file, even if the path
             # has been replaced since)
-            self._mm = (np.memmap(os.fdopen(os.dup(self._descriptor()), "rb"), dtype=np.uint8, mode="r")
-                        if self.size else np.zeros(0, np.uint8))
+            if self.size:
+                with os.fdopen(os.dup(self._descriptor()), "rb") as f:  # the map keeps its own reference
+                    self._mm = np.memmap(f, dtype=np.uint8, mode="r")
+            else:
+                self._mm = np.zeros(0, np.uint8)
         return self._mm
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -359,6 +362,11 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
 
     def file_size(self, path: str | os.PathLike) -> int:
         return self.size
+
+    @property
+    def files(self) -> list[Path]:
+        """The files this object reads: this one."""
+        return [self.path]
 
     def sha256(self) -> str:
         """The SHA-256 of the file this object reads (its descriptor, not whatever the path names now)."""
@@ -583,7 +591,17 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
 
     def file_size(self, path: str | os.PathLike) -> int:
         p = Path(path)
-        return len(self._index_bytes) if p == self.path else self._shards[p].size
+        if p == self.path:
+            return len(self._index_bytes)
+        if p not in self._shards:
+            raise SafetensorsError(f"{p}: not an opened shard of {self.path}")
+        return self._shards[p].size
+
+    @property
+    def files(self) -> list[Path]:
+        """The files this object reads: the index, then the shards named by the index as it was
+        parsed (not as a second read of it finds them: it may have been replaced since)."""
+        return [self.path, *self.shard_paths]
 
     def change_problems(self) -> list[str]:
         """Every opened shard modified since it was opened (see SafetensorsFile.change_problems)."""

@@ -361,6 +361,48 @@ def test_a_source_replaced_mid_conversion_is_converted_from_the_file_first_opene
     assert {k: v for k, v in files.items() if k.endswith(".safetensors")} == before
 
 
+def test_a_sharded_source_resharded_mid_conversion_records_the_shards_it_read(tiny, tiny_tensors, tmp_path,
+                                                                              monkeypatch):
+    """A re-download with another sharding (a new index and new shard files) lands while a
+    sharded source is converted: the files recorded in provenance.json are the index and shards
+    that were read, with their sha256. They came from a second read of the index, which named
+    the new shards: a KeyError traceback."""
+    import hashlib
+
+    src, _ = _sharded(tmp_path, tiny, tiny_tensors)
+    index = src / "diffusion_pytorch_model.safetensors.index.json"
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in [index, *src.glob("*.safetensors")]}
+
+    def reshard(_index):
+        keys, weight_map = sorted(tiny_tensors), {}
+        for i in range(2):
+            name = f"model-{i + 1:05d}-of-00002.safetensors"
+            save_safetensors({k: tiny_tensors[k] for k in keys[i::2]}, src / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in keys[i::2]})
+        new = index.with_name(index.name + ".new")
+        new.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        os.replace(new, index)
+
+    # Faked: the timing only, right after the index and shards are opened (a wrapped __init__)
+    from cogvae.converter import st_io
+
+    real, done = st_io.ShardedSafetensors.__init__, []
+
+    def opened(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        done.append(True)
+        reshard(self.path)
+
+    monkeypatch.setattr(st_io.ShardedSafetensors, "__init__", opened)
+    out = tmp_path / "ckpt"
+    code, _, stderr = _run([str(src), "--out", str(out), "--no-validate", "-q"])
+    assert done == [True] and code == 0, stderr
+    files = {f["name"]: f["sha256"] for f in json.loads((out / "provenance.json").read_text())["source"]["files"]}
+    files.pop("config.json")
+    assert files == before
+
+
 def test_a_source_written_in_place_mid_conversion_is_refused(tiny, tiny_tensors, tmp_path, monkeypatch):
     """A file written in place while it is read may have given a mix of old and new bytes: exit 3
     naming the file, and no checkpoint."""

@@ -512,3 +512,24 @@ def test_lenient_reader_keeps_the_readable_tensors(tmp_path):
     assert s.problems == [f"{tmp_path / A}: missing shard file (named in the index)"]
     assert s.file_of("x") == tmp_path / A and s.file_of("z") == tmp_path / B
     np.testing.assert_array_equal(s.read_tensor("z"), Z)
+
+
+def test_a_mapped_file_leaves_no_unclosed_file_object(tmp_path):
+    """Tensors read through the memory map (``f[key]``: inspect, verify, load) map the descriptor
+    the header came from; the file object wrapping its duplicate was never closed, a
+    ResourceWarning on every such read. The map stays readable after the object is closed."""
+    import gc
+    import warnings
+
+    from cogvae.converter.st_io import open_safetensors, save_safetensors
+
+    path = tmp_path / "a.safetensors"
+    save_safetensors({"a": np.arange(6, dtype=np.float32)}, path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        f = open_safetensors(path)
+        np.testing.assert_array_equal(f["a"], np.arange(6, dtype=np.float32))
+        gc.collect()
+        f.close()
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
