@@ -239,6 +239,16 @@ def _replaceable(folder: Path, replaces: str) -> bool:
     return not any(folder.iterdir()) or _REPLACEABLE[replaces][2](folder)
 
 
+def _may_replace(path: Path, replaces: str) -> bool:
+    """Whether what was moved away from the output is one --overwrite may delete: a real folder
+    (not a file, not a link) that :func:`_replaceable` accepts; False for one that cannot be
+    listed (something else put there meanwhile is never deleted)."""
+    try:
+        return path.is_dir() and not path.is_symlink() and _replaceable(path, replaces)
+    except OSError:
+        return False
+
+
 def check_not_source(out: str | os.PathLike, source: str | os.PathLike) -> None:
     """Refuse an output folder that is the source folder or holds it: writing it would replace
     (with --overwrite, delete) the files being read."""
@@ -511,11 +521,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
                 # --overwrite may replace (something else may have been put there since the check:
                 # a file, a folder that cannot be read, which _replaceable raises for)
                 foreign = True
-                try:
-                    ok = tmp.is_dir() and not tmp.is_symlink() and _replaceable(tmp, replaces)
-                except OSError:
-                    ok = False
-                if not ok:
+                if not _may_replace(tmp, replaces):
                     _exchange(tmp, out)
                     foreign = False
                     raise OutputError(f"{given}: exists and is not {_REPLACEABLE[replaces][0]} (it was put there "
@@ -526,12 +532,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, replac
                 old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out, "old"), dir=out.parent))
                 (old / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
                 os.rename(out, old / "old")
-                try:  # (as above: a file, or a folder that cannot be read, is not ours to delete)
-                    ok = (old / "old").is_dir() and not (old / "old").is_symlink() and _replaceable(old / "old",
-                                                                                                    replaces)
-                except OSError:
-                    ok = False
-                if not ok:
+                if not _may_replace(old / "old", replaces):
                     os.rename(old / "old", out)
                     raise OutputError(f"{given}: exists and is not {_REPLACEABLE[replaces][0]} (it was put there "
                                       "while the output was being written); left as it is")
