@@ -1410,8 +1410,9 @@ def read_checkpoint(
             continue
         if _identity(folder) == before:
             return result
-    raise ReplacedWhileReadingError(f"{folder}: replaced while it was being read, {REPLACED_RETRIES + 1} times in a row (a "
-                          "conversion or save with --overwrite writing it over and over?); read it when it is done")
+    raise ReplacedWhileReadingError(f"{folder}: replaced while it was being read, {REPLACED_RETRIES + 1} times in a "
+                                    "row (a conversion or save with --overwrite writing it over and over?); read it "
+                                    "when it is done")
 
 
 def _read_checkpoint_once(folder: Path, format: Optional[str], verify: bool, as_jax: bool, values: bool = True
