@@ -235,6 +235,9 @@ class TilingConfig:
 DIFFUSERS_REDUCED_AXES = (1, 2, 4)
 # diffusers' axis d of a (B, C, T, H, W) tensor is axis _FROM_DIFFUSERS_AXIS[d] of (B, T, H, W, C).
 _FROM_DIFFUSERS_AXIS = (0, 4, 1, 2, 3)
+# nll()'s defaults: None is a value there (every axis, as torch.sum(dim=None) in diffusers)
+_DEFAULT_DIMS = object()
+_NO_AXIS = object()
 
 
 def _key(rng, generator, what: str):
@@ -295,17 +298,23 @@ class DiagonalGaussianDistribution(NamedTuple):
             )
         return 0.5 * jnp.sum(terms, axis=DIFFUSERS_REDUCED_AXES)
 
-    def nll(self, sample: Array, dims: Optional[Any] = None, *, axis: Optional[Any] = None) -> Array:
+    def nll(self, sample: Array, dims: Any = _DEFAULT_DIMS, *, axis: Any = _NO_AXIS) -> Array:
         """diffusers' ``nll(sample, dims=[1, 2, 3])``: ``dims`` numbers the axes as diffusers' (B, C,
         T, H, W) tensors do, so a call ported from diffusers (keyword or positional) reduces the
         same axes; the result keeps the others in this layout's order (B, T, H, W, C). Or
-        ``axis``: the axes of this layout directly. Default: diffusers' [1, 2, 3], a (B, w) result
-        (see ``DIFFUSERS_REDUCED_AXES``)."""
-        if dims is not None and axis is not None:
+        ``axis``: the axes of this layout directly (``None``: all, as in NumPy). Default:
+        diffusers' [1, 2, 3], a (B, w) result (see ``DIFFUSERS_REDUCED_AXES``). ``dims=None`` or an
+        empty ``dims`` sums every axis to a scalar, as ``torch.sum`` does with them in diffusers."""
+        if dims is not _DEFAULT_DIMS and axis is not _NO_AXIS:
             raise TypeError("nll: pass dims (diffusers' axis numbers) or axis (this layout's), not both")
-        if axis is None:
-            dims = (1, 2, 3) if dims is None else tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
-            axis = tuple(_FROM_DIFFUSERS_AXIS[int(d) % 5] for d in dims)
+        if axis is _NO_AXIS:
+            dims = (1, 2, 3) if dims is _DEFAULT_DIMS else dims
+            if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+                # torch.sum(x, dim=None) and torch.sum(x, dim=[]) both reduce every axis
+                axis = None
+            else:
+                dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
+                axis = tuple(_FROM_DIFFUSERS_AXIS[int(d) % 5] for d in dims)
         # a Python float (weakly typed, as diffusers' NumPy scalar is to torch): a bf16 posterior gives a bf16 nll
         terms = float(np.log(2.0 * np.pi)) + self.logvar + jnp.square(sample - self.mean) / self.var
         return 0.5 * jnp.sum(terms, axis=axis)

@@ -494,3 +494,22 @@ def test_nll_takes_diffusers_dims(dims):
         assert_parity(per_width(post.nll(other.mean, dims)), as_ref(want), "posterior nll(sample, [1, 2, 3])")
     with pytest.raises(TypeError, match="not both"):
         post.nll(other.mean, dims=dims, axis=1)
+
+
+@pytest.mark.parametrize("dims", [None, [], ()], ids=["None", "empty-list", "empty-tuple"])
+def test_nll_with_no_dims_sums_every_axis_as_diffusers(dims):
+    """diffusers passes ``dims`` to ``torch.sum``, which reduces every axis for ``dim=None`` and
+    for an empty list: a scalar. ``None`` used to mean the default [1, 2, 3] here, a (B, w) array,
+    and an empty list reduced nothing. The value is one sum over every element (relative bound:
+    the fp32 rounding of a sum of many terms, not the per-pixel absolute one)."""
+    ref, ours = pair()
+    x, y = video(5, seed=1), video(5, seed=2)
+    with torch.no_grad():
+        dx, dy = ref.encode(x).latent_dist, ref.encode(y).latent_dist
+    post, other = ours.encode(to_bthwc(x)), ours.encode(to_bthwc(y))
+    want = dx.nll(dy.mean, dims=dims)
+    for got in (post.nll(other.mean, dims=dims), post.nll(other.mean, dims)):
+        assert got.shape == want.shape == ()
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(post.nll(other.mean, axis=None)))
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    assert post.nll(other.mean, axis=()).shape == post.mean.shape  # axis: NumPy's meaning, () keeps all
