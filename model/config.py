@@ -66,7 +66,8 @@ HANDLED_KEYS = frozenset(
 # Bookkeeping that diffusers' ConfigMixin writes; it does not affect the network.
 IGNORED_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
 
-_ACTIVATIONS = ("silu", "swish")
+# diffusers' get_activation names (ACT2CLS); the resnets apply the one a config names
+_ACTIVATIONS = ("swish", "silu", "mish", "gelu", "relu")
 
 
 _DOWN_BLOCK = "CogVideoXDownBlock3D"
@@ -171,8 +172,8 @@ def _act_fn(v):
     if isinstance(v, str) and v in _ACTIVATIONS:
         return v, None
     if isinstance(v, str):
-        return v, f"unsupported activation {v!r} (only 'silu'/'swish')"
-    return v, "must be the name of an activation ('silu'/'swish')"
+        return v, f"unsupported activation {v!r} (one of {', '.join(map(repr, _ACTIVATIONS))}, as diffusers)"
+    return v, f"must be the name of an activation ({', '.join(map(repr, _ACTIVATIONS))})"
 
 
 def _temporal_ratio(v):

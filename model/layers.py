@@ -516,6 +516,17 @@ def _resize_zq(x: Array, size: tuple[int, int, int]) -> Array:
     return nearest_resize(x, (t, h, w))
 
 
+def _gelu(x: Array) -> Array:
+    # torch.nn.GELU() defaults to the exact (erf) form; jax.nn.gelu to the tanh approximation
+    return jax.nn.gelu(x, approximate=False)
+
+
+# diffusers' get_activation (models/activations.py ACT2CLS): the names a config's act_fn may take,
+# used by every resnet. The encoder's and decoder's conv_act before conv_out is SiLU whatever the
+# config says (diffusers hard-codes nn.SiLU() there). Each maps 0 to 0, so masked padding stays 0.
+ACTIVATIONS = {"swish": jax.nn.silu, "silu": jax.nn.silu, "mish": jax.nn.mish, "gelu": _gelu, "relu": jax.nn.relu}
+
+
 class ResnetBlock3D(nnx.Module):
     """diffusers ``CogVideoXResnetBlock3D`` (temb_channels=0, dropout 0, no conv shortcut flag).
 
@@ -530,11 +541,15 @@ class ResnetBlock3D(nnx.Module):
         groups: int,
         eps: float,
         spatial_norm_dim: Optional[int] = None,
+        act_fn: str = "silu",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if act_fn not in ACTIVATIONS:
+            raise ValueError(f"unsupported activation {act_fn!r} (one of {', '.join(ACTIVATIONS)})")
+        self.act_fn = act_fn  # diffusers' non_linearity (the config's act_fn)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.spatial = spatial_norm_dim is not None
@@ -560,13 +575,13 @@ class ResnetBlock3D(nnx.Module):
             h, new["norm1"] = self.norm1(x, zq, cache.get("norm1"), valid)
         else:
             h = self.norm1(x, valid)
-        h = jax.nn.silu(h)
+        h = ACTIVATIONS[self.act_fn](h)
         h, new["conv1"] = self.conv1(h, cache.get("conv1"), valid)
         if self.spatial:
             h, new["norm2"] = self.norm2(h, zq, cache.get("norm2"), valid)
         else:
             h = self.norm2(h, valid)
-        h = jax.nn.silu(h)
+        h = ACTIVATIONS[self.act_fn](h)
         h, new["conv2"] = self.conv2(h, cache.get("conv2"), valid)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
@@ -681,6 +696,7 @@ class DownBlock3D(nnx.Module):
         groups: int,
         add_downsample: bool,
         compress_time: bool,
+        act_fn: str = "silu",
         dtype,
         param_dtype,
         rngs,
@@ -688,7 +704,9 @@ class DownBlock3D(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.resnets = nnx.List(
             [
-                ResnetBlock3D(in_channels if i == 0 else out_channels, out_channels, groups=groups, eps=eps, **kw)
+                ResnetBlock3D(
+                    in_channels if i == 0 else out_channels, out_channels, groups=groups, eps=eps, act_fn=act_fn, **kw
+                )
                 for i in range(num_layers)
             ]
         )
@@ -711,12 +729,24 @@ class MidBlock3D(nnx.Module):
     """diffusers ``CogVideoXMidBlock3D``: resnets at constant width (SpatialNorm in the decoder)."""
 
     def __init__(
-        self, channels: int, *, num_layers: int, eps: float, groups: int, spatial_norm_dim, dtype, param_dtype, rngs
+        self,
+        channels: int,
+        *,
+        num_layers: int,
+        eps: float,
+        groups: int,
+        spatial_norm_dim,
+        act_fn: str = "silu",
+        dtype,
+        param_dtype,
+        rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.resnets = nnx.List(
             [
-                ResnetBlock3D(channels, channels, groups=groups, eps=eps, spatial_norm_dim=spatial_norm_dim, **kw)
+                ResnetBlock3D(
+                    channels, channels, groups=groups, eps=eps, spatial_norm_dim=spatial_norm_dim, act_fn=act_fn, **kw
+                )
                 for _ in range(num_layers)
             ]
         )
@@ -740,6 +770,7 @@ class UpBlock3D(nnx.Module):
         spatial_norm_dim: int,
         add_upsample: bool,
         compress_time: bool,
+        act_fn: str = "silu",
         dtype,
         param_dtype,
         rngs,
@@ -753,6 +784,7 @@ class UpBlock3D(nnx.Module):
                     groups=groups,
                     eps=eps,
                     spatial_norm_dim=spatial_norm_dim,
+                    act_fn=act_fn,
                     **kw,
                 )
                 for i in range(num_layers)

@@ -97,12 +97,19 @@ class Encoder3D(nnx.Module):
                     groups=cfg.norm_num_groups,
                     add_downsample=i != len(ch) - 1,
                     compress_time=i < cfg.temporal_compress_level,
+                    act_fn=cfg.act_fn,
                     **kw,
                 )
             )
         self.down_blocks = nnx.List(blocks)
         self.mid_block = MidBlock3D(
-            ch[-1], num_layers=2, eps=cfg.norm_eps, groups=cfg.norm_num_groups, spatial_norm_dim=None, **kw
+            ch[-1],
+            num_layers=2,
+            eps=cfg.norm_eps,
+            groups=cfg.norm_num_groups,
+            spatial_norm_dim=None,
+            act_fn=cfg.act_fn,
+            **kw,
         )
         # diffusers hard-codes eps=1e-6 here.
         self.norm_out = GroupNorm(cfg.norm_num_groups, ch[-1], eps=1e-6, **kw)
@@ -119,7 +126,7 @@ class Encoder3D(nnx.Module):
             if block.downsamplers is not None:
                 valid = halve_valid(valid)
         h, new["mid_block"] = self.mid_block(h, None, cache.get("mid_block"), valid)
-        h = jax.nn.silu(self.norm_out(h, valid))
+        h = jax.nn.silu(self.norm_out(h, valid))  # diffusers' conv_act: nn.SiLU() whatever act_fn is
         h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"), valid)
         return h, new
 
@@ -133,7 +140,13 @@ class Decoder3D(nnx.Module):
         zc = cfg.latent_channels
         self.conv_in = CausalConv3d(zc, rch[0], 3, **kw)
         self.mid_block = MidBlock3D(
-            rch[0], num_layers=2, eps=cfg.norm_eps, groups=cfg.norm_num_groups, spatial_norm_dim=zc, **kw
+            rch[0],
+            num_layers=2,
+            eps=cfg.norm_eps,
+            groups=cfg.norm_num_groups,
+            spatial_norm_dim=zc,
+            act_fn=cfg.act_fn,
+            **kw,
         )
         blocks = []
         out_ch = rch[0]
@@ -149,6 +162,7 @@ class Decoder3D(nnx.Module):
                     spatial_norm_dim=zc,
                     add_upsample=i != len(rch) - 1,
                     compress_time=i < cfg.temporal_compress_level,
+                    act_fn=cfg.act_fn,
                     **kw,
                 )
             )
@@ -168,7 +182,7 @@ class Decoder3D(nnx.Module):
             if block.upsamplers is not None:
                 valid = double_valid(valid)
         h, new["norm_out"] = self.norm_out(h, z, cache.get("norm_out"), valid)
-        h = jax.nn.silu(h)
+        h = jax.nn.silu(h)  # diffusers' conv_act: nn.SiLU() whatever act_fn is
         h, new["conv_out"] = self.conv_out(h, cache.get("conv_out"), valid)
         return h, new
 

@@ -70,7 +70,7 @@ def test_other_model_class_is_an_error():
     [
         (dict(latent_channels=16, use_quant_conv=True), "need latent_channels == out_channels"),
         (dict(latent_channels=16, use_post_quant_conv=True), "need latent_channels == out_channels"),
-        (dict(act_fn="gelu"), "unsupported activation 'gelu'"),
+        (dict(act_fn="tanh"), "unsupported activation 'tanh' (one of 'swish', 'silu', 'mish', 'gelu', 'relu'"),
         (dict(norm_num_groups=5), "not divisible by norm_num_groups=5"),
         (dict(norm_num_groups=3, block_out_channels=(6, 8, 9, 10)), "8, 10 are not divisible by norm_num_groups=3"),
         (dict(block_out_channels=(128, 256)), "down_block_types: has 4 entries, but block_out_channels has 2"),
