@@ -447,7 +447,7 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
     lacks). A checkpoint with such problems is refused by ``read_checkpoint`` before listing."""
     from .checkpoint import looks_like_checkpoint, read_checkpoint
     from .hub import local_path
-    from .loading import fetch, find_diffusers_vae
+    from .loading import fetch, find_diffusers_vae, refuse_a_file
     from .mapping import load_mapping
     from .st_io import open_safetensors
     from .transforms import TransformError
@@ -472,6 +472,8 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
             raise not_for_checkpoint(e.where or source) from None
         raise
     source = hub.folder if hub is not None else local_path(source)
+    if hub is None:
+        refuse_a_file(source, bool(given))
     if looks_like_checkpoint(source):
         if given:
             raise not_for_checkpoint(source)

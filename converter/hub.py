@@ -75,6 +75,21 @@ def local_path(path: str | os.PathLike) -> Path:
     return Path(os.path.expanduser(os.fspath(path)))
 
 
+def not_a_folder(shown: str | os.PathLike, expected: str) -> str:
+    """The message for an input that is there but is not a folder: ``shown`` as the user gave it.
+    A file of a model folder (its safetensors, config.json or COMPLETE, which a user may point at
+    directly) also names that folder, the input cogvae takes."""
+    msg = f"{shown}: not a folder (expected {expected})"
+    path = local_path(shown)
+    try:
+        folder = path.resolve().parent
+        if path.is_file() and any((folder / name).is_file() for name in ("config.json", "COMPLETE")):
+            msg += f"; it is a file of the folder {folder}: give that folder"
+    except (OSError, RuntimeError):  # a name the system will not look up: the plain message
+        pass
+    return msg
+
+
 def unreadable(path: str | os.PathLike, e: OSError, cls: type = UnreadableError) -> SourceError:
     """``e``, met looking at or reading the input ``path``, as one line naming it and the reason."""
     return cls(f"{path}: cannot read: {e.strerror or e}")
@@ -578,7 +593,7 @@ def resolve_source(
         if revision is not None:
             raise HubSourceError(f"{text}: --revision applies to Hub repo ids only, not to a local folder")
         if not path.is_dir():
-            raise HubSourceError(f"{text}: not a folder (expected a diffusers VAE or pipeline folder)")
+            raise HubSourceError(not_a_folder(text, "a diffusers VAE or pipeline folder"))
         from .checkpoint import looks_like_checkpoint
 
         found = "checkpoint" if looks_like_checkpoint(path) else "diffusers"

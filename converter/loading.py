@@ -25,6 +25,7 @@ from .hub import (  # SourceError lives with the source resolver (no jax there)
     UnreadableError,
     input_exists,
     local_path,
+    not_a_folder,
     strip_subfolder,
     unreadable,
 )
@@ -69,7 +70,7 @@ def find_diffusers_vae(path: str | Path, *, subfolder: str = "vae", variant: Opt
     if not input_exists(root):
         raise SourceError(f"{root}: no such file or folder")
     if not root.is_dir():
-        raise SourceError(f"{root}: not a folder (expected a diffusers VAE or pipeline folder)")
+        raise SourceError(not_a_folder(root, "a diffusers VAE or pipeline folder"))
     try:
         return _find_in(root, subfolder, variant)
     except OSError as e:
@@ -263,6 +264,7 @@ def load(
             format = hub.format
     else:
         path = local_path(path)
+        refuse_a_file(path, diffusers_only)
     is_checkpoint = hub.kind == "checkpoint" if hub is not None else looks_like_checkpoint(path)
     if is_checkpoint:
         if diffusers_only:
@@ -276,6 +278,15 @@ def load(
         raise SourceError(f"{path}: not a converted cogvae checkpoint ({', '.join(given)} {verb} to those only)")
     return _fits_compute_dtype(load_diffusers(path, dtype=dtype, compute_dtype=compute_dtype, subfolder=subfolder,
                                               variant=variant, mapping=mapping))
+
+
+def refuse_a_file(path: Path, diffusers_only: bool = False) -> None:
+    """A local input that takes either kind of source (``load``, ``inspect``) and is a file: the
+    error names both kinds (or only diffusers' folder, when an option asks for diffusers weights),
+    and the folder when the file is one of a model folder. A missing path is left to the reader."""
+    if input_exists(path) and not path.is_dir():
+        raise SourceError(not_a_folder(path, "a diffusers VAE or pipeline folder" if diffusers_only
+                                       else "a converted cogvae checkpoint, or a diffusers VAE or pipeline folder"))
 
 
 def _fits_compute_dtype(vae):

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .hub import local_path
+from .hub import local_path, not_a_folder
 from .layout import (CONFIG_NAME, DIFFUSERS_WEIGHTS, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME,
                      read_json, weights_in)
 
@@ -119,7 +119,7 @@ def _checked_listing(ckpt: Path, hashes: bool) -> list[str]:
     if not ckpt.exists():
         raise PushInputError(f"{ckpt}: no such folder")
     if not ckpt.is_dir():
-        raise PushInputError(f"{ckpt}: not a folder (expected a converted checkpoint folder)")
+        raise PushInputError(not_a_folder(ckpt, "a converted checkpoint folder"))
     if not os.access(ckpt, os.R_OK | os.X_OK):
         raise PushInputError(f"{ckpt}: cannot read the folder (permission denied); not pushed")
     from .checkpoint import MANIFEST_NAME, CheckpointError, _read_manifest, check_files, is_converted_checkpoint

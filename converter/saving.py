@@ -118,7 +118,7 @@ def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = No
             raise ValueError("base_revision names a revision of a Hub base: pass base= too")
         return None
     from .checkpoint import CheckpointError, check_files, looks_like_checkpoint
-    from .hub import HubError, _looks_local, input_exists, local_path, looks_like_repo_id
+    from .hub import HubError, _looks_local, input_exists, local_path, looks_like_repo_id, not_a_folder
     from .layout import MANIFEST_NAME
     from .loading import SourceError, find_diffusers_vae
     from .push import provenance_origin
@@ -146,8 +146,8 @@ def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = No
                          "(a local folder has no revisions)")
     if exists:
         if not path.is_dir():
-            raise SourceError(f"base {text}: not a folder (expected a converted cogvae checkpoint, or a diffusers "
-                              "VAE or pipeline folder)")
+            raise SourceError("base " + not_a_folder(text, "a converted cogvae checkpoint, or a diffusers VAE or "
+                                                          "pipeline folder"))
         if looks_like_checkpoint(path):
             try:
                 check_files(path, hashes=False)  # a valid manifest, every file it lists there with its size

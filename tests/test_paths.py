@@ -219,6 +219,46 @@ def test_verify_of_what_is_no_model_is_an_input_error(home, tmp_path, what):
     assert res.stdout == ""
 
 
+# command -> (its arguments around the file given, the kinds of folder the message expects)
+BOTH = "a converted cogvae checkpoint, or a diffusers VAE or pipeline folder"
+A_FILE_CASES = {
+    "convert": (["convert", "{f}", "--out", "{out}"], "a diffusers VAE or pipeline folder"),
+    "verify": (["verify", "--no-parity", "{f}"], "a converted checkpoint, or a diffusers VAE or pipeline folder"),
+    "inspect": (["inspect", "{f}"], BOTH),
+    "export-diffusers": (["export-diffusers", "{f}", "--out", "{out}"], "a converted cogvae checkpoint"),
+    "push": (["push", "{f}", "me/x", "--dry-run"], "a converted checkpoint folder"),
+    "load": ("load", BOTH),
+}
+
+
+@pytest.mark.parametrize("given", ["ck/params.msgpack", "ck/COMPLETE", f"src/{WEIGHTS}", "src/config.json"])
+@pytest.mark.parametrize("command", sorted(A_FILE_CASES))
+def test_a_file_of_a_model_folder_names_that_folder(home, tmp_path, command, given):
+    """Nothing faked. Users point at the weights file (or config.json) they see; every command and
+    ``load`` refuse it as before (exit 3, one Error line: a folder is what they take), and the
+    message says which kinds of folder that command takes and names the folder the file is in."""
+    from cogvae.converter import load
+
+    f = home / given
+    argv, expected = A_FILE_CASES[command]
+    needles = (f"{f}: not a folder (expected {expected}); it is a file of the folder {f.parent}: give that folder",)
+    if argv == "load":
+        with pytest.raises(SourceError) as e:
+            load(str(f))
+        assert str(e.value) == needles[0]
+    else:
+        res = CliRunner().invoke(cli, [a.format(f=f, out=tmp_path / "out") for a in argv])
+        _one_error_line(res, 3, *needles)
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_file_of_no_model_folder_is_refused_without_naming_one(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello")
+    res = CliRunner().invoke(cli, ["inspect", str(f)])
+    assert _one_error_line(res, 3) == f"Error: {f}: not a folder (expected {BOTH})"
+
+
 # ----------------------------------------------------------------------------------------
 # B. permission denied (and D: an unreadable --reference)
 # ----------------------------------------------------------------------------------------
