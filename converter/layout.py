@@ -76,6 +76,19 @@ def weights_in(folder: Path, variant: Optional[str] = None) -> Optional[Path]:
     return None
 
 
+def variants_in(folder: Path) -> list[Optional[str]]:
+    """The weights variants ``folder`` holds safetensors weights of (None: the plain weights), as
+    :func:`weights_in` finds them; for the error that names what a folder has instead."""
+    found: set[Optional[str]] = set()
+    pattern = re.compile(rf"{re.escape(WEIGHTS_NAME)}\.(?:safetensors\.(?:index\.)?)?([^.]+?)"
+                         rf"(?:-\d+-of-\d+)?\.(?:safetensors|json|index\.json|safetensors\.index\.json)")
+    for p in folder.glob(f"{WEIGHTS_NAME}*"):
+        m = pattern.fullmatch(p.name)
+        if m and m.group(1) not in ("safetensors", "index"):
+            found.add(m.group(1))
+    return [v for v in [None, *sorted(found)] if weights_in(folder, v) is not None]
+
+
 def read_json(path: str | Path) -> Any:
     """The JSON in ``path``, decoded as UTF-8 (what diffusers and huggingface_hub write, whatever the
     locale). Raises ``OSError`` when the file cannot be read and ``ValueError`` for anything wrong

@@ -29,7 +29,7 @@ from .hub import (  # SourceError lives with the source resolver (no jax there)
     strip_subfolder,
     unreadable,
 )
-from .layout import WEIGHTS_NAME, weights_in, weights_names
+from .layout import WEIGHTS_NAME, variants_in, weights_in, weights_names
 from .mapping import Mapping, load_mapping
 from .st_io import is_index_file, open_safetensors
 
@@ -106,6 +106,11 @@ def _find_in(root: Path, subfolder: str, variant: Optional[str]) -> DiffusersSou
                 found = sorted(p.name for p in folder.glob(f"{WEIGHTS_NAME}*"))
                 hint = f" (found: {', '.join(found)})" if found else ""
                 want = WEIGHTS_NAME + (f".{variant}" if variant else "") + ".safetensors[.index.json]"
+                others = variants_in(folder)
+                if others:  # safetensors weights of another variant, as diffusers' from_pretrained refuses them
+                    tip = "; ".join(f"variant={v!r} (--variant {v})" if v else "the weights without a variant "
+                                    "(leave out variant / --variant)" for v in others)
+                    raise SourceError(f"{folder}: no {want}{hint}; it has {tip}")
                 raise SourceError(f"{folder}: no {want}{hint}; only safetensors weights are supported")
             return DiffusersSource(folder, folder / "config.json", weights)
     if (root / "model_index.json").is_file():

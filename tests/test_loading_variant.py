@@ -223,3 +223,27 @@ def test_variant_weights_are_the_ones_diffusers_loads(tmp_path, index_name, diff
     back = export_tensors(state_to_flat_dict(nnx.state(load(tmp_path, variant="fp16"), nnx.Param)), load_mapping())
     for key, v in want.items():
         np.testing.assert_array_equal(back[key], v)
+
+
+@pytest.mark.parametrize("has, asked, tip", [
+    (["fp16"], None, "it has variant='fp16' (--variant fp16)"),
+    ([None, "bf16"], "fp16", "it has the weights without a variant (leave out variant / --variant); "
+                             "variant='bf16' (--variant bf16)"),
+    ([None], "fp16", "it has the weights without a variant (leave out variant / --variant)"),
+], ids=["only-fp16", "plain-and-bf16", "only-plain"])
+def test_weights_of_another_variant_are_named_with_the_option_that_reads_them(tmp_path, has, asked, tip):
+    """Real save_pretrained folders (shared weights, one file per variant). Weights of the variant
+    asked for are missing, as diffusers' from_pretrained would refuse them too; the error says
+    which variants the folder has and how to ask for one (it said "only safetensors weights are
+    supported" of a folder holding safetensors of another variant)."""
+    from cogvae.converter.hub import SourceError
+
+    ref = diffusers_vae(seed=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
+    for variant in has:
+        ref.save_pretrained(tmp_path, safe_serialization=True, variant=variant)
+    want = "diffusion_pytorch_model" + (f".{asked}" if asked else "") + ".safetensors[.index.json]"
+    with pytest.raises(SourceError) as e:
+        load(tmp_path, variant=asked)
+    assert str(e.value).startswith(f"{tmp_path}: no {want} (found: ") and str(e.value).endswith(f"; {tip}")
+    for variant in has:
+        load(tmp_path, variant=variant)  # what the tip says works
