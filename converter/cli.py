@@ -308,7 +308,7 @@ def _convert_options(f):
         click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None,
                      help="Upload the finished checkpoint to this Hub model repo."),
         click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
-        click.option("--push-revision", default=None, metavar="BRANCH",
+        click.option("--push-revision", default=None, metavar="BRANCH", callback=lambda c, p, v: _branch(v),
                      help="With --push-to-hub: the branch to push to (--revision names the source's revision)."),
         click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing."),
         click.option("--dry-run", is_flag=True, help="With --push-to-hub: list what would be uploaded, upload nothing."),
@@ -678,11 +678,21 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
         sys.exit(EXIT_VALIDATION)
 
 
+def _branch(value: Optional[str]) -> Optional[str]:
+    """--revision of push, --push-revision of convert: a branch name, refused as a usage error."""
+    from .push import branch_problem
+
+    why = None if value is None else branch_problem(value)
+    if why:
+        raise click.BadParameter(why)
+    return value
+
+
 @cli.command("push", epilog=EXIT_EPILOG)
 @click.argument("ckpt", type=click.Path(path_type=Path, readable=False))  # an unreadable one: exit 3, from push
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private.")
-@click.option("--revision", default=None, help="Branch to push to.")
+@click.option("--revision", default=None, callback=lambda c, p, v: _branch(v), help="Branch to push to.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
 @click.option("--dry-run", is_flag=True, help="List what would be uploaded; upload nothing.")
 @click.option("--with-diffusers", is_flag=True,

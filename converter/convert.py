@@ -400,7 +400,8 @@ def convert(
     if push_to_hub is not None:  # a push that cannot succeed is refused before any work
         from .push import check_push_target
 
-        check_push_target(push_to_hub, dry_run=dry_run, token=token)
+        check_push_target(push_to_hub, dry_run=dry_run, token=token, revision=push_revision,
+                          revision_option="push_revision")
     t_start = time.perf_counter()
     keep_heap_lean()  # peak memory near one copy of the weights (see keep_heap_lean)
     timings: dict[str, float] = {}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import sys
 import tempfile
@@ -73,9 +74,35 @@ class PushInputError(PushError):
     converted checkpoint, a file failing its manifest): bad input, not a Hub failure (exit 3)."""
 
 
-def check_push_target(repo_id: Any, *, dry_run: bool = False, token: Optional[str] = None, api: Any = None) -> None:
-    """Refuse, before any work, a push that cannot succeed: a malformed ``repo_id``
-    (:class:`PushUsageError`); for a real push through huggingface_hub's ``HfApi`` (``api`` is
+# What git (and so the Hub) refuses in a branch name (git check-ref-format): control characters,
+# space, ~ ^ : ? * [ \\, "..", "@{", "//", a leading "-" or "/", a trailing "/", "." or ".lock", a
+# component starting with ".", and "@" alone.
+_BAD_BRANCH = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|^[-/]|/$|\.$|\.lock$|(^|/)\.|^@$")
+
+
+def branch_problem(revision: Any) -> Optional[str]:
+    """Why ``revision`` is not a branch to push to, or None: empty or blank (a CI's unset
+    ``$BRANCH`` would otherwise push to main), or a name git refuses (which would be created, or
+    fail, only at the end of the push)."""
+    if not isinstance(revision, str) or not revision.strip():
+        return f"{revision!r} is not a branch name (leave it out to push to main)"
+    bad = _BAD_BRANCH.search(revision)
+    if bad:
+        return f"{revision!r} is not a valid branch name (git refuses {bad.group(0)!r} in one)"
+    return None
+
+
+def check_branch(revision: Any, option: str = "revision") -> None:
+    """:class:`PushUsageError` naming ``option`` when ``revision`` (None: main) is no branch name."""
+    why = None if revision is None else branch_problem(revision)
+    if why:
+        raise PushUsageError(f"{option}: {why}")
+
+
+def check_push_target(repo_id: Any, *, dry_run: bool = False, token: Optional[str] = None, api: Any = None,
+                      revision: Optional[str] = None, revision_option: str = "revision") -> None:
+    """Refuse, before any work, a push that cannot succeed: a malformed ``repo_id`` or branch
+    ``revision`` (:class:`PushUsageError`; ``revision_option`` names it in the message); for a real push through huggingface_hub's ``HfApi`` (``api`` is
     None, not ``dry_run``), no token (neither ``token`` nor ``huggingface_hub.get_token()``) or
     offline mode (``HF_HUB_OFFLINE=1``) (:class:`PushError`). A dry run calls no API, so it needs neither;
     an injected ``api`` is the caller's, which decides itself."""
@@ -83,6 +110,7 @@ def check_push_target(repo_id: Any, *, dry_run: bool = False, token: Optional[st
 
     if not isinstance(repo_id, str) or not looks_like_repo_id(repo_id):
         raise PushUsageError(f"{repo_id!r}: not a Hub repo id (expected 'org/name')")
+    check_branch(revision, revision_option)
     if dry_run or api is not None:
         return
     import huggingface_hub
@@ -611,7 +639,7 @@ def push_checkpoint(
     ``quiet`` (or a stderr that is not a terminal, such as a CI log) hides huggingface_hub's
     upload progress bars, which would otherwise redraw there with carriage returns.
     """
-    check_push_target(repo_id, dry_run=dry_run, token=token, api=api)  # before hashing and exporting
+    check_push_target(repo_id, dry_run=dry_run, token=token, api=api, revision=revision)  # before hashing, exporting
     ckpt = local_path(ckpt_dir)  # ~ expanded, as every path cogvae takes
     listed = _check_checkpoint(ckpt, hashes=True)
     with tempfile.TemporaryDirectory(prefix="cogvae-push-") as tmp:

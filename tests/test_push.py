@@ -840,6 +840,48 @@ def test_a_malformed_repo_id_is_a_usage_error_before_any_work(ckpt, tmp_path, mo
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("branch, why", [
+    ("", "'' is not a branch name (leave it out to push to main)"),
+    ("  ", "'  ' is not a branch name (leave it out to push to main)"),
+    ("ft v2", "'ft v2' is not a valid branch name (git refuses ' ' in one)"),
+    ("a..b", "'a..b' is not a valid branch name (git refuses '..' in one)"),
+    ("x.lock", "'x.lock' is not a valid branch name (git refuses '.lock' in one)"),
+    ("-x", "'-x' is not a valid branch name (git refuses '-' in one)"),
+])
+def test_a_branch_that_is_none_is_a_usage_error_before_any_work(ckpt, tmp_path, monkeypatch, branch, why):
+    """`--revision ""` (a CI line's unset $BRANCH) pushed to main, and a name git refuses was
+    written into the card and sent to create_branch. Both are refused first, as a malformed repo
+    id is: exit 2 with click's usage line, in `cogvae push --revision` and `cogvae-convert
+    --push-revision` alike; the Python API raises PushUsageError naming its argument. Faked, as
+    above: the first steps of the work fail the test if reached."""
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli, convert_command
+    from cogvae.converter.convert import convert
+    from cogvae.converter.push import PushUsageError
+
+    _no_work(monkeypatch)
+    for dry_run in (True, False):
+        with pytest.raises(PushUsageError) as e:
+            push_checkpoint(ckpt, "me/x", revision=branch, dry_run=dry_run)
+        assert str(e.value) == f"revision: {why}"
+        with pytest.raises(PushUsageError) as e:
+            convert(None, tmp_path / "o", push_to_hub="me/x", push_revision=branch, dry_run=dry_run, quiet=True)
+        assert str(e.value) == f"push_revision: {why}"
+        flags = ["--dry-run"] if dry_run else []
+        for command, argv, option in (
+                (cli, ["push", str(ckpt), "me/x", "--revision", branch, *flags], "--revision"),
+                (convert_command, ["--out", str(tmp_path / "o"), "--push-to-hub", "me/x", "--push-revision", branch,
+                                   *flags], "--push-revision")):
+            r = CliRunner().invoke(command, argv)
+            assert (r.exit_code, r.stdout) == (2, ""), r.output
+            assert r.stderr.endswith(f"\nError: Invalid value for '{option}': {why}\n"), r.stderr
+    assert not (tmp_path / "o").exists()
+    from cogvae.converter.push import branch_problem
+
+    assert [branch_problem(b) for b in ("ft-v2", "feat/x", "v1.0", "main", "ft_2026.11")] == [None] * 5
+
+
 @pytest.mark.parametrize("case", ["no-token", "offline"])
 def test_a_real_push_without_token_or_in_offline_mode_is_refused_before_any_work(ckpt, tmp_path, monkeypatch, case):
     """A real push with no token (none passed, none logged in) or in offline mode is refused first:
