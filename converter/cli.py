@@ -615,6 +615,10 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
               help="Fail when a tensor's relative change (L2 of the change / L2 of the reference tensor) "
                    "against --reference exceeds X (default: report only). A tensor that is all zeros in the "
                    "reference counts as infinitely changed once it moves.")
+@click.option("--max-abs-change", type=float, default=None, metavar="Y",
+              help="With --max-rel-change: a tensor beyond X still passes when no value of it changed by more "
+                   "than Y (as numpy.allclose; e.g. biases all zero in the reference). Alone: fail when a "
+                   "tensor's largest absolute change exceeds Y.")
 @click.option("--top", type=click.IntRange(min=0), default=10, show_default=True,
               help="Changed tensors listed in the text report (--json lists all).")
 @click.option("--format", "fmt", type=click.Choice(["orbax", "msgpack"]), default=None,
@@ -631,7 +635,7 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
                    "fine-tune's base was at.")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN / login).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfolder, variant, revision,
+def verify_command(source, reference, no_parity, max_rel_change, max_abs_change, top, fmt, subfolder, variant, revision,
                    reference_subfolder, reference_variant, reference_revision, token, as_json):
     """Verify a converted checkpoint (a folder, or the Hub repo id of one pushed by `cogvae push`)
     or a diffusers VAE: manifest and hashes, loading, the architecture, dtypes and finite values,
@@ -656,14 +660,15 @@ def verify_command(source, reference, no_parity, max_rel_change, top, fmt, subfo
             given.insert(0, "--reference-subfolder")
         if given:
             raise click.UsageError(f"{', '.join(given)} given without --reference")
-    if max_rel_change is not None:
+    for option, bound in (("--max-rel-change", max_rel_change), ("--max-abs-change", max_abs_change)):
+        if bound is None:
+            continue
         if reference is None:
-            raise click.UsageError("--max-rel-change needs --reference (the gate compares each tensor with it)")
-        if not math.isfinite(max_rel_change) or max_rel_change < 0:
-            raise click.BadParameter(f"must be a finite number >= 0, got {max_rel_change!r}",
-                                     param_hint="'--max-rel-change'")
+            raise click.UsageError(f"{option} needs --reference (the gate compares each tensor with it)")
+        if not math.isfinite(bound) or bound < 0:
+            raise click.BadParameter(f"must be a finite number >= 0, got {bound!r}", param_hint=f"'{option}'")
     report = _run(verify_checkpoint, source, reference, parity=not no_parity, revision=revision, token=token,
-                  max_rel_change=max_rel_change, top=top, format=fmt, subfolder=subfolder, variant=variant,
+                  max_rel_change=max_rel_change, max_abs_change=max_abs_change, top=top, format=fmt, subfolder=subfolder, variant=variant,
                   reference_variant=reference_variant, reference_subfolder=reference_subfolder,
                   reference_revision=reference_revision)
     if report.input_errors:  # nothing to verify: not found (exit 3) or not fetched (exit 5), as the other commands

@@ -18,6 +18,7 @@ Checks:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class VerifyReport:
     nonfinite: list[dict] = field(default_factory=list)  # {key, nan, inf, size}
     changes: list[dict] = field(default_factory=list)  # {key, rel_change, max_abs}, most changed first
     max_rel_change: Optional[float] = None
+    max_abs_change: Optional[float] = None
     over_tolerance: list[str] = field(default_factory=list)
     parity: dict = field(default_factory=dict)  # {status: passed|failed|skipped, ...}
     diffusers_copy: dict = field(default_factory=dict)  # {file, status: identical|differs|skipped, ...}
@@ -132,7 +134,7 @@ class VerifyReport:
                 for d in self.bad_dtypes]
         out += [f"tensor {d['key']!r} has non-finite values: {d['nan']} NaN, {d['inf']} Inf (of {d['size']})"
                 for d in self.nonfinite]
-        out += [f"tensor {k!r} changed by more than {self.max_rel_change:g} relative to the reference"
+        out += [f"tensor {k!r} changed by more than {self._tolerance()}" + self._why_unbounded(k)
                 for k in self.over_tolerance]
         if self.parity.get("status") == "failed":
             out.append(f"parity with diffusers failed: {self.parity.get('reason', '')}".rstrip(": "))
@@ -175,9 +177,25 @@ class VerifyReport:
             "changes": None if self.reference is None else
             [{"key": c["key"], "rel_change": c["rel_change"], "max_abs": c["max_abs"]} for c in self.changes],
             "max_rel_change": self.max_rel_change,
+            "max_abs_change": self.max_abs_change,
             "parity": self.parity,
             "diffusers_copy": self.diffusers_copy or None,
         })
+
+    def _tolerance(self) -> str:
+        """The gate in words: a tensor fails when it changed by more than both bounds given."""
+        parts = ([f"{self.max_rel_change:g} relative to the reference"] if self.max_rel_change is not None else []) \
+            + ([f"{self.max_abs_change:g} in absolute value"] if self.max_abs_change is not None else [])
+        return " and by more than ".join(parts)
+
+    def _why_unbounded(self, key: str) -> str:
+        """For a tensor whose relative change is not a finite number, why (else nothing)."""
+        c = next((c for c in self.changes if c["key"] == key), None)
+        if c is None or math.isfinite(c["rel_change"]):
+            return ""
+        if math.isnan(c["rel_change"]):
+            return " (non-finite values)"
+        return " (all zero in the reference: any change is infinitely large relative to it)"
 
     def format_text(self) -> str:
         L: list[str] = []
@@ -232,11 +250,19 @@ class VerifyReport:
         if self.reference is not None and self.changes:
             worst = self.changes[0]
             n = min(self.top, len(self.changes))
-            tol = f", tolerance {self.max_rel_change:g}" if self.max_rel_change is not None else ""
+            tol = ", tolerance " + ", ".join(
+                ([f"relative {self.max_rel_change:g}"] if self.max_rel_change is not None else [])
+                + ([f"max abs {self.max_abs_change:g}"] if self.max_abs_change is not None else []))
+            tol = "" if tol == ", tolerance " else tol
             add(f"relative change vs reference{tol}: max {_fmt(worst['rel_change'])} ({worst['key']}); "
                 f"top {n} of {len(self.changes)}:")
             for c in self.changes[:n]:
                 add(f"    {_fmt(c['rel_change']):>10}  max abs {_fmt(c['max_abs']):>10}  {c['key']}")
+            if self.over_tolerance:  # the gate's verdict, tensor by tensor (the top list may hold fewer)
+                by_key = {c["key"]: c for c in self.changes}
+                add(f"changed by more than {self._tolerance()}: FAILED: {len(self.over_tolerance)} tensor(s)")
+                listing([f"{_fmt(by_key[k]['rel_change']):>10}  max abs {_fmt(by_key[k]['max_abs']):>10}  {k}"
+                         + self._why_unbounded(k) for k in self.over_tolerance])
         p = self.parity
         if p:
             if p["status"] == "skipped":
@@ -667,6 +693,7 @@ def verify_checkpoint(
     reference_revision: Optional[str] = None,
     top: int = 10,
     max_rel_change: Optional[float] = None,
+    max_abs_change: Optional[float] = None,
     mapping: Any = None,
     revision: Optional[str] = None,
     token: Optional[str] = None,
@@ -681,7 +708,10 @@ def verify_checkpoint(
     the fp32 weights of the same folder; given for a converted checkpoint (other than the default
     subfolder), they are an input error, as in ``load``.
     ``top``: changed tensors listed by ``format_text`` (``to_dict`` lists all). ``max_rel_change``:
-    when set, a tensor whose relative change exceeds it fails the report (default: report only).
+    when set, a tensor whose relative change exceeds it fails the report (default: report only);
+    with ``max_abs_change`` too, only one whose largest absolute change also exceeds that (as
+    ``numpy.allclose``: a tensor all zero in the reference, infinitely changed relative to it once
+    it moves, passes when it moved by little); ``max_abs_change`` alone gates on that only.
     The parity check runs ``source``'s own weights through diffusers and through the NNX model
     (fp32; the compiled decode of 5 latents and encode of 17 frames, over two frame batches each)
     and compares the outputs; ``parity=False`` skips it. ``revision`` (branch, tag or commit)
@@ -698,17 +728,19 @@ def verify_checkpoint(
             given.insert(0, "reference_subfolder")
         if given:
             raise ValueError(f"{', '.join(given)} given without a reference")
-    if max_rel_change is not None:
+    for name, bound in (("max_rel_change", max_rel_change), ("max_abs_change", max_abs_change)):
+        if bound is None:
+            continue
         if reference is None:  # a gate with nothing to compare with would always pass
-            raise ValueError("max_rel_change needs a reference to compare with")
-        if isinstance(max_rel_change, bool) or not math.isfinite(max_rel_change) or max_rel_change < 0:
-            raise ValueError(f"max_rel_change must be a finite number >= 0, got {max_rel_change!r}")
+            raise ValueError(f"{name} needs a reference to compare with")
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not math.isfinite(bound) or bound < 0:
+            raise ValueError(f"{name} must be a finite number >= 0, got {bound!r}")
     keep_heap_lean()  # freed tensors go back to the OS between phases (see keep_heap_lean)
     mapping = mapping or load_mapping()
     src = _load(source, fmt=format, subfolder=subfolder, variant=variant, mapping=mapping, revision=revision,
                 token=token)
     report = VerifyReport(source=src.path, source_kind=src.kind, source_detail=src.detail, top=top,
-                          max_rel_change=max_rel_change, load_problems=list(src.problems),
+                          max_rel_change=max_rel_change, max_abs_change=max_abs_change, load_problems=list(src.problems),
                           source_loaded=src.config is not None and bool(src.params))
     if src.unreachable is not None:
         report.input_errors.append(src.unreachable)
@@ -762,9 +794,12 @@ def verify_checkpoint(
                 (_change(k, params[k], ref.params[k]) for k in sorted(params)
                  if k in ref.params and tuple(params[k].shape) == tuple(ref.params[k].shape)),
                 key=_change_order)
-            if max_rel_change is not None:
-                report.over_tolerance = [c["key"] for c in report.changes
-                                         if not (c["rel_change"] <= max_rel_change)]
+            if max_rel_change is not None or max_abs_change is not None:
+                # as numpy's allclose: within either bound given passes (NaN passes neither)
+                report.over_tolerance = [
+                    c["key"] for c in report.changes
+                    if (max_rel_change is None or not c["rel_change"] <= max_rel_change)
+                    and (max_abs_change is None or not c["max_abs"] <= max_abs_change)]
         del ref  # the reference's weights are not needed for the parity run
 
     fits = (src.config is not None and params and not src.problems and not report.model_missing

@@ -169,6 +169,58 @@ def test_relative_change_puts_the_perturbed_tensor_first(base, vae, good):
     assert r.exit_code == 1 and "holds no orbax parameters" in r.stdout
 
 
+ZERO_KEY = "decoder.norm_out.norm_layer.bias"  # GroupNorm biases start at zero in diffusers
+
+
+def test_the_gate_names_each_tensor_over_it_and_takes_an_absolute_bound(base, vae, good):
+    """A fine-tune of a base whose GroupNorm biases are all zero (diffusers' init): a tiny move of
+    one is an infinite relative change, so --max-rel-change alone failed every such fine-tune, and
+    the text report did not say which tensors failed it. Now each is listed (a zero reference
+    said so), and --max-abs-change passes a tensor that moved by little in absolute terms, as
+    numpy.allclose; a large change still fails."""
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    def finetune(params):
+        assert not params[ZERO_KEY].any()  # what this test is about
+        params[ZERO_KEY] = params[ZERO_KEY] + np.float32(1e-6)
+        params[PERTURBED_KEY] = params[PERTURBED_KEY] * np.float32(1.5)  # a large change
+
+    tuned = make_checkpoint(base / "finetuned", vae, params_hook=finetune, formats=("msgpack",))
+    args = ["verify", str(tuned), "--reference", str(good), "--no-parity", "--top", "0"]
+    r = verify_checkpoint(tuned, good, parity=False, max_rel_change=1e-3)
+    assert sorted(r.over_tolerance) == sorted([ZERO_KEY, PERTURBED_KEY])
+    assert f"tensor {ZERO_KEY!r} changed by more than 0.001 relative to the reference (all zero in the " \
+           "reference: any change is infinitely large relative to it)" in r.problems
+    res = CliRunner().invoke(cli, args + ["--max-rel-change", "1e-3"])
+    assert res.exit_code == 1
+    lines = res.stdout.splitlines()
+    at = lines.index("changed by more than 0.001 relative to the reference: FAILED: 2 tensor(s)")
+    listed = lines[at + 1:at + 3]  # both, whatever --top says
+    assert any(ln.split()[-1] == PERTURBED_KEY for ln in listed)
+    assert any(ln.split()[0] == "inf" and f" {ZERO_KEY} (all zero in the reference" in ln for ln in listed)
+
+    both = verify_checkpoint(tuned, good, parity=False, max_rel_change=1e-3, max_abs_change=1e-5)
+    assert both.over_tolerance == [PERTURBED_KEY]  # the bias moved by 1e-6 <= 1e-5: within the gate
+    assert both.to_dict()["max_abs_change"] == 1e-5
+    res = CliRunner().invoke(cli, args + ["--max-rel-change", "1e-3", "--max-abs-change", "1e-5"])
+    assert res.exit_code == 1 and "changed by more than 0.001 relative to the reference and by more than 1e-05 " \
+                                  "in absolute value: FAILED: 1 tensor(s)" in res.stdout
+    res = CliRunner().invoke(cli, args + ["--max-rel-change", "0.6", "--max-abs-change", "1e-5"])
+    assert res.exit_code == 0, res.stdout  # the 1.5x kernel changed by 0.5 relative
+    alone = verify_checkpoint(tuned, good, parity=False, max_abs_change=1e-5)
+    assert alone.over_tolerance == [PERTURBED_KEY]
+    for bad in (-1.0, float("inf"), float("nan")):
+        res = CliRunner().invoke(cli, args + ["--max-abs-change", str(bad)])
+        assert res.exit_code == 2 and "'--max-abs-change'" in res.stderr
+        with pytest.raises(ValueError, match="max_abs_change must be a finite number >= 0"):
+            verify_checkpoint(tuned, good, parity=False, max_abs_change=bad)
+    res = CliRunner().invoke(cli, ["verify", str(tuned), "--no-parity", "--max-abs-change", "1"])
+    assert res.exit_code == 2 and "--max-abs-change needs --reference" in res.stderr
+    assert verify_checkpoint(tuned, good, parity=False, max_abs_change=np.float32(1)).ok
+
+
 def test_bf16_checkpoint_dtypes_and_parity(base, vae, good):
     def to_bf16(params):
         for k in params:
