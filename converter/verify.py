@@ -250,10 +250,9 @@ class VerifyReport:
         if self.reference is not None and self.changes:
             worst = self.changes[0]
             n = min(self.top, len(self.changes))
-            tol = ", tolerance " + ", ".join(
-                ([f"relative {self.max_rel_change:g}"] if self.max_rel_change is not None else [])
-                + ([f"max abs {self.max_abs_change:g}"] if self.max_abs_change is not None else []))
-            tol = "" if tol == ", tolerance " else tol
+            rel, ab = self.max_rel_change, self.max_abs_change
+            tol = ("" if rel is None and ab is None else f", tolerance max abs {ab:g}" if rel is None
+                   else f", tolerance {rel:g}" + (f" (or max abs {ab:g})" if ab is not None else ""))
             add(f"relative change vs reference{tol}: max {_fmt(worst['rel_change'])} ({worst['key']}); "
                 f"top {n} of {len(self.changes)}:")
             for c in self.changes[:n]:
@@ -802,9 +801,17 @@ def verify_checkpoint(
                     and (max_abs_change is None or not c["max_abs"] <= max_abs_change)]
         del ref  # the reference's weights are not needed for the parity run
 
-    fits = (src.config is not None and params and not src.problems and not report.model_missing
-            and not report.model_extra and not report.model_shape_mismatch and not report.nonfinite
-            and not report.bad_dtypes)
+    unfit = []  # why the parameters cannot run through both models (each named in the report above)
+    if src.config is None or not params or src.problems:
+        unfit.append("the source has load problems")
+    arch = len(report.model_missing) + len(report.model_extra) + len(report.model_shape_mismatch)
+    if arch:
+        unfit.append(f"{arch} tensor(s) missing, extra or of the wrong shape for the model")
+    if report.nonfinite:
+        unfit.append(f"{len(report.nonfinite)} tensor(s) with NaN/Inf")
+    if report.bad_dtypes:
+        unfit.append(f"{len(report.bad_dtypes)} tensor(s) of a dtype the model does not take")
+    fits = not unfit
     if not parity:
         report.parity = {"status": "skipped", "note": "parity check not requested"}
     else:
@@ -818,11 +825,11 @@ def verify_checkpoint(
         elif not report.source_loaded:
             report.parity = {"status": "skipped", "note": "parity check skipped: the source could not be loaded"}
         else:
-            report.parity = {"status": "skipped", "note": "parity check skipped: the parameters do not fit the model"}
+            report.parity = {"status": "skipped", "note": "parity check skipped: " + "; ".join(unfit)}
     if src.diffusers_copy is not None:  # e.g. a repo pushed with --with-diffusers: both halves must agree
         if fits:
             report.diffusers_copy = _compare_diffusers_copy(params, src.diffusers_copy, mapping)
         else:
             report.diffusers_copy = {"file": str(src.diffusers_copy), "status": "skipped",
-                                     "reason": "the parameters do not fit the model"}
+                                     "reason": "; ".join(unfit)}
     return report
