@@ -424,7 +424,8 @@ def export_diffusers_command(ckpt, out, fmt, revision, token, dtype, variant, ov
     from .layout import VARIANT_NAME
 
     if variant is not None and not VARIANT_NAME.fullmatch(variant):
-        raise click.BadParameter("use letters, digits, '_' and '-' (for example fp16)", param_hint="--variant")
+        raise click.BadParameter("letters, digits, '_' and '-', starting with a letter or digit (for example fp16)",
+                                 param_hint="--variant")
     out = _run(_output_path, out)
     summary = _run(export_diffusers, ckpt, out, format=fmt, overwrite=overwrite, revision=revision, token=token,
                    dtype=dtype, variant=variant)
@@ -668,7 +669,8 @@ def verify_command(source, reference, no_parity, max_rel_change, max_abs_change,
         if not math.isfinite(bound) or bound < 0:
             raise click.BadParameter(f"must be a finite number >= 0, got {bound!r}", param_hint=f"'{option}'")
     report = _run(verify_checkpoint, source, reference, parity=not no_parity, revision=revision, token=token,
-                  max_rel_change=max_rel_change, max_abs_change=max_abs_change, top=top, format=fmt, subfolder=subfolder, variant=variant,
+                  max_rel_change=max_rel_change, max_abs_change=max_abs_change, top=top, format=fmt,
+                  subfolder=subfolder, variant=variant,
                   reference_variant=reference_variant, reference_subfolder=reference_subfolder,
                   reference_revision=reference_revision)
     if report.input_errors:  # nothing to verify: not found (exit 3) or not fetched (exit 5), as the other commands

@@ -102,10 +102,11 @@ def check_branch(revision: Any, option: str = "revision") -> None:
 def check_push_target(repo_id: Any, *, dry_run: bool = False, token: Optional[str] = None, api: Any = None,
                       revision: Optional[str] = None, revision_option: str = "revision") -> None:
     """Refuse, before any work, a push that cannot succeed: a malformed ``repo_id`` or branch
-    ``revision`` (:class:`PushUsageError`; ``revision_option`` names it in the message); for a real push through huggingface_hub's ``HfApi`` (``api`` is
-    None, not ``dry_run``), no token (neither ``token`` nor ``huggingface_hub.get_token()``) or
-    offline mode (``HF_HUB_OFFLINE=1``) (:class:`PushError`). A dry run calls no API, so it needs neither;
-    an injected ``api`` is the caller's, which decides itself."""
+    ``revision`` (:class:`PushUsageError`; ``revision_option`` names it in the message); for a
+    real push through huggingface_hub's ``HfApi`` (``api`` is None, not ``dry_run``), no token
+    (neither ``token`` nor ``huggingface_hub.get_token()``) or offline mode (``HF_HUB_OFFLINE=1``)
+    (:class:`PushError`). A dry run calls no API, so it needs neither; an injected ``api`` is the
+    caller's, which decides itself."""
     from .hub import looks_like_repo_id
 
     if not isinstance(repo_id, str) or not looks_like_repo_id(repo_id):

@@ -356,7 +356,8 @@ def export_diffusers(
 
     out = local_path(out)
     if variant is not None and not VARIANT_NAME.fullmatch(variant):
-        raise ValueError(f"variant {variant!r}: use letters, digits, '_' and '-' (for example fp16)")
+        raise ValueError(f"variant {variant!r}: letters, digits, '_' and '-', starting with a letter or digit "
+                         "(for example fp16)")
     weights_name = single_weights_name(variant)
     if dtype is not None:
         from .loading import resolve_dtype
