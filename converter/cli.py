@@ -429,7 +429,14 @@ def export_diffusers_command(ckpt, out, fmt, revision, token, dtype, variant, ov
     out = _run(_output_path, out)
     summary = _run(export_diffusers, ckpt, out, format=fmt, overwrite=overwrite, revision=revision, token=token,
                    dtype=dtype, variant=variant)
-    _emit_json(summary) if as_json else _out(str(out))
+    if as_json:
+        _emit_json(summary)
+        return
+    _out(str(out))
+    if summary.get("kept"):  # the README's fp16-next-to-fp32 layout, or weights of an earlier model left stale
+        with contextlib.suppress(OSError):  # a note; stdout keeps only the folder, for scripts
+            click.echo(f"kept: {', '.join(summary['kept'])} (weights of other variants, already in {out}; "
+                       "not written by this export)", err=True)
 
 
 # ----------------------------------------------------------------------------------------

@@ -496,3 +496,23 @@ def test_export_of_a_model_names_every_problem_at_once_and_refuses_a_state(tiny_
     with pytest.raises(TypeError, match=r"got State \(for an nnx.State, nnx.update the model with it"):
         export_diffusers(nnx.split(tiny_model)[1], tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_export_diffusers_command_says_what_it_kept(tmp_path):
+    """`cogvae export-diffusers --overwrite` into a folder holding another variant's weights keeps
+    them (as above), which its text output did not say: an earlier model's fp16 weights could sit,
+    unnoticed, next to a new model's fp32 ones. stdout stays the folder alone (for scripts); the
+    note goes to stderr, and --json has it as "kept"."""
+    ck = tmp_path / "ck"
+    convert(None, ck, validate=False, quiet=True)
+    out = tmp_path / "vae"
+    r = CliRunner().invoke(cli, ["export-diffusers", str(ck), "--out", str(out), "--dtype", "float16",
+                                 "--variant", "fp16"])
+    assert (r.exit_code, r.stdout, r.stderr) == (0, f"{out}\n", "")  # nothing was there to keep
+    r = CliRunner().invoke(cli, ["export-diffusers", str(ck), "--out", str(out), "--overwrite"])
+    assert (r.exit_code, r.stdout) == (0, f"{out}\n")
+    assert r.stderr == (f"kept: diffusion_pytorch_model.fp16.safetensors (weights of other variants, already in "
+                        f"{out}; not written by this export)\n")
+    r = CliRunner().invoke(cli, ["export-diffusers", str(ck), "--out", str(out), "--overwrite", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["kept"] == ["diffusion_pytorch_model.fp16.safetensors"]
+    assert r.stderr == ""
