@@ -469,6 +469,15 @@ def test_eval_and_train_return_the_model_as_torch_does():
 THIS_AXIS = {0: 0, 1: 4, 2: 1, 3: 2, 4: 3}
 
 
+def two_posteriors():
+    """diffusers' and this model's posteriors of the same two videos: (dx, dy, post, other)."""
+    ref, ours = pair()
+    x, y = video(5, seed=1), video(5, seed=2)
+    with torch.no_grad():
+        dx, dy = ref.encode(x).latent_dist, ref.encode(y).latent_dist
+    return dx, dy, ours.encode(to_bthwc(x)), ours.encode(to_bthwc(y))
+
+
 @pytest.mark.parametrize("dims", [[1, 2, 3], [2, 3, 4], [1, 2, 3, 4], [-1], [3]])
 def test_nll_takes_diffusers_dims(dims):
     """``nll(sample, dims)``, keyword or positional as in diffusers, numbers the axes as diffusers'
@@ -478,11 +487,7 @@ def test_nll_takes_diffusers_dims(dims):
     this layout's order; its values are diffusers' for the default dims (other dims sum the same
     terms over more elements, where fp32 rounding of sums in the thousands exceeds the absolute
     bound made for O(1) outputs)."""
-    ref, ours = pair()
-    x, y = video(5, seed=1), video(5, seed=2)
-    with torch.no_grad():
-        dx, dy = ref.encode(x).latent_dist, ref.encode(y).latent_dist
-    post, other = ours.encode(to_bthwc(x)), ours.encode(to_bthwc(y))
+    dx, dy, post, other = two_posteriors()
     want = dx.nll(dy.mean, dims=dims)
     axes = tuple(THIS_AXIS[d % 5] for d in dims)
     exact = np.asarray(post.nll(other.mean, axis=axes))
@@ -502,11 +507,7 @@ def test_nll_with_no_dims_sums_every_axis_as_diffusers(dims):
     for an empty list: a scalar. ``None`` used to mean the default [1, 2, 3] here, a (B, w) array,
     and an empty list reduced nothing. The value is one sum over every element (relative bound:
     the fp32 rounding of a sum of many terms, not the per-pixel absolute one)."""
-    ref, ours = pair()
-    x, y = video(5, seed=1), video(5, seed=2)
-    with torch.no_grad():
-        dx, dy = ref.encode(x).latent_dist, ref.encode(y).latent_dist
-    post, other = ours.encode(to_bthwc(x)), ours.encode(to_bthwc(y))
+    dx, dy, post, other = two_posteriors()
     want = dx.nll(dy.mean, dims=dims)
     for got in (post.nll(other.mean, dims=dims), post.nll(other.mean, dims)):
         assert got.shape == want.shape == ()
