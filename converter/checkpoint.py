@@ -40,7 +40,7 @@ import ml_dtypes
 
 from cogvae.model import ConfigError, VAEConfig
 
-from .hub import UnreadableError, local_path, not_a_folder, unreadable
+from .hub import CHECKPOINT_FOLDER, UnreadableError, local_path, not_a_folder, unreadable
 from . import interrupts
 from .layout import (CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME, WEIGHTS_NAME,
                      read_json)
@@ -919,7 +919,7 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     except OSError as e:  # a parent that cannot be searched, a name too long
         raise unreadable(folder, e, UnreadableCheckpointError) from None
     if not folder.is_dir():
-        raise CheckpointError(not_a_folder(folder, "a converted cogvae checkpoint"))
+        raise CheckpointError(not_a_folder(folder, CHECKPOINT_FOLDER))
     try:
         listed = mpath.is_file()
     except OSError as e:  # the folder cannot be searched

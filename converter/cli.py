@@ -421,11 +421,10 @@ def export_diffusers_command(ckpt, out, fmt, revision, token, dtype, variant, ov
       cogvae export-diffusers ckpt-ft/ --dtype float16 --variant fp16 --out vae-diffusers/
       cogvae export-diffusers me/cogvideox-2b-vae-jax --out vae-diffusers/
     """
-    from .layout import VARIANT_NAME
+    from .layout import VARIANT_NAME, VARIANT_RULE
 
     if variant is not None and not VARIANT_NAME.fullmatch(variant):
-        raise click.BadParameter("letters, digits, '_' and '-', starting with a letter or digit (for example fp16)",
-                                 param_hint="--variant")
+        raise click.BadParameter(VARIANT_RULE, param_hint="--variant")
     out = _run(_output_path, out)
     summary = _run(export_diffusers, ckpt, out, format=fmt, overwrite=overwrite, revision=revision, token=token,
                    dtype=dtype, variant=variant)
@@ -643,8 +642,8 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
                    "fine-tune's base was at.")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN / login).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def verify_command(source, reference, no_parity, max_rel_change, max_abs_change, top, fmt, subfolder, variant, revision,
-                   reference_subfolder, reference_variant, reference_revision, token, as_json):
+def verify_command(source, reference, no_parity, max_rel_change, max_abs_change, top, fmt, subfolder, variant,
+                   revision, reference_subfolder, reference_variant, reference_revision, token, as_json):
     """Verify a converted checkpoint (a folder, or the Hub repo id of one pushed by `cogvae push`)
     or a diffusers VAE: manifest and hashes, loading, the architecture, dtypes and finite values,
     and parity (its own weights give the same outputs in diffusers and in the NNX model). With

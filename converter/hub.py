@@ -75,6 +75,12 @@ def local_path(path: str | os.PathLike) -> Path:
     return Path(os.path.expanduser(os.fspath(path)))
 
 
+# What ``not_a_folder`` names as expected, by the inputs a command takes
+DIFFUSERS_FOLDER = "a diffusers VAE or pipeline folder"
+CHECKPOINT_FOLDER = "a converted cogvae checkpoint"
+EITHER_FOLDER = f"{CHECKPOINT_FOLDER}, or {DIFFUSERS_FOLDER}"
+
+
 def not_a_folder(shown: str | os.PathLike, expected: str) -> str:
     """The message for an input that is there but is not a folder: ``shown`` as the user gave it.
     A file of a model folder (its safetensors, config.json or COMPLETE, which a user may point at
@@ -593,7 +599,7 @@ def resolve_source(
         if revision is not None:
             raise HubSourceError(f"{text}: --revision applies to Hub repo ids only, not to a local folder")
         if not path.is_dir():
-            raise HubSourceError(not_a_folder(text, "a diffusers VAE or pipeline folder"))
+            raise HubSourceError(not_a_folder(text, DIFFUSERS_FOLDER))
         from .checkpoint import looks_like_checkpoint
 
         found = "checkpoint" if looks_like_checkpoint(path) else "diffusers"

@@ -27,6 +27,7 @@ WEIGHTS_NAME = "diffusion_pytorch_model"
 DIFFUSERS_WEIGHTS = WEIGHTS_NAME + ".safetensors"
 #: what a weights variant written by cogvae may be called (it becomes part of a file name: fp16, bf16, ema)
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+VARIANT_RULE = "letters, digits, '_' and '-', starting with a letter or digit (for example fp16)"
 
 
 def single_weights_name(variant: Optional[str] = None) -> str:

@@ -25,6 +25,8 @@ from .hub import (  # SourceError lives with the source resolver (no jax there)
     UnreadableError,
     input_exists,
     local_path,
+    DIFFUSERS_FOLDER,
+    EITHER_FOLDER,
     not_a_folder,
     strip_subfolder,
     unreadable,
@@ -70,7 +72,7 @@ def find_diffusers_vae(path: str | Path, *, subfolder: str = "vae", variant: Opt
     if not input_exists(root):
         raise SourceError(f"{root}: no such file or folder")
     if not root.is_dir():
-        raise SourceError(not_a_folder(root, "a diffusers VAE or pipeline folder"))
+        raise SourceError(not_a_folder(root, DIFFUSERS_FOLDER))
     try:
         return _find_in(root, subfolder, variant)
     except OSError as e:
@@ -290,8 +292,7 @@ def refuse_a_file(path: Path, diffusers_only: bool = False) -> None:
     error names both kinds (or only diffusers' folder, when an option asks for diffusers weights),
     and the folder when the file is one of a model folder. A missing path is left to the reader."""
     if input_exists(path) and not path.is_dir():
-        raise SourceError(not_a_folder(path, "a diffusers VAE or pipeline folder" if diffusers_only
-                                       else "a converted cogvae checkpoint, or a diffusers VAE or pipeline folder"))
+        raise SourceError(not_a_folder(path, DIFFUSERS_FOLDER if diffusers_only else EITHER_FOLDER))
 
 
 def _fits_compute_dtype(vae):

@@ -37,7 +37,7 @@ from .checkpoint import (
     write_into,
 )
 from .engine import ConversionError, architecture_problems, cast_checked, expected_shapes, path_to_str, value_problem
-from .layout import VARIANT_NAME, read_json, single_weights_name
+from .layout import VARIANT_NAME, VARIANT_RULE, read_json, single_weights_name
 from .mapping import Mapping, load_mapping, provenance_entry
 
 __all__ = ["model_params", "save", "export_diffusers"]
@@ -118,7 +118,7 @@ def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = No
             raise ValueError("base_revision names a revision of a Hub base: pass base= too")
         return None
     from .checkpoint import CheckpointError, check_files, looks_like_checkpoint
-    from .hub import HubError, _looks_local, input_exists, local_path, looks_like_repo_id, not_a_folder
+    from .hub import EITHER_FOLDER, HubError, _looks_local, input_exists, local_path, looks_like_repo_id, not_a_folder
     from .layout import MANIFEST_NAME
     from .loading import SourceError, find_diffusers_vae
     from .push import provenance_origin
@@ -146,8 +146,7 @@ def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = No
                          "(a local folder has no revisions)")
     if exists:
         if not path.is_dir():
-            raise SourceError("base " + not_a_folder(text, "a converted cogvae checkpoint, or a diffusers VAE or "
-                                                          "pipeline folder"))
+            raise SourceError("base " + not_a_folder(text, EITHER_FOLDER))
         if looks_like_checkpoint(path):
             try:
                 check_files(path, hashes=False)  # a valid manifest, every file it lists there with its size
@@ -356,8 +355,7 @@ def export_diffusers(
 
     out = local_path(out)
     if variant is not None and not VARIANT_NAME.fullmatch(variant):
-        raise ValueError(f"variant {variant!r}: letters, digits, '_' and '-', starting with a letter or digit "
-                         "(for example fp16)")
+        raise ValueError(f"variant {variant!r}: {VARIANT_RULE}")
     weights_name = single_weights_name(variant)
     if dtype is not None:
         from .loading import resolve_dtype

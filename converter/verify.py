@@ -349,7 +349,7 @@ def _load_side(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str,
     is compared; never the reference's)."""
     from .checkpoint import (CheckpointError, ReplacedWhileReadingError, _identity, check_files, looks_like_checkpoint,
                              read_checkpoint)
-    from .hub import UnreadableError, input_exists, local_path, not_a_folder, strip_subfolder
+    from .hub import EITHER_FOLDER, UnreadableError, input_exists, local_path, not_a_folder, strip_subfolder
     from .loading import SourceError
     from .loading import not_for_checkpoint as refusal
 
@@ -403,8 +403,7 @@ def _load_side(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str,
         fmt = r.format or fmt
         got.detail = f"Hub snapshot {r.revision}"
     elif not path.is_dir():
-        return unreachable(SourceError(not_a_folder(text, "a converted checkpoint, or a diffusers VAE or "
-                                                    "pipeline folder")))
+        return unreachable(SourceError(not_a_folder(text, EITHER_FOLDER)))
 
     def replaced() -> _Loaded:
         got.config, got.params = None, {}

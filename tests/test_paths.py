@@ -223,7 +223,7 @@ def test_verify_of_what_is_no_model_is_an_input_error(home, tmp_path, what):
 BOTH = "a converted cogvae checkpoint, or a diffusers VAE or pipeline folder"
 A_FILE_CASES = {
     "convert": (["convert", "{f}", "--out", "{out}"], "a diffusers VAE or pipeline folder"),
-    "verify": (["verify", "--no-parity", "{f}"], "a converted checkpoint, or a diffusers VAE or pipeline folder"),
+    "verify": (["verify", "--no-parity", "{f}"], BOTH),
     "inspect": (["inspect", "{f}"], BOTH),
     "export-diffusers": (["export-diffusers", "{f}", "--out", "{out}"], "a converted cogvae checkpoint"),
     "push": (["push", "{f}", "me/x", "--dry-run"], "a converted checkpoint folder"),
