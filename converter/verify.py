@@ -738,7 +738,8 @@ def verify_checkpoint(
     src = _load(source, fmt=format, subfolder=subfolder, variant=variant, mapping=mapping, revision=revision,
                 token=token)
     report = VerifyReport(source=src.path, source_kind=src.kind, source_detail=src.detail, top=top,
-                          max_rel_change=max_rel_change, max_abs_change=max_abs_change, load_problems=list(src.problems),
+                          max_rel_change=max_rel_change, max_abs_change=max_abs_change,
+                          load_problems=list(src.problems),
                           source_loaded=src.config is not None and bool(src.params))
     if src.unreachable is not None:
         report.input_errors.append(src.unreachable)

@@ -314,3 +314,11 @@ def test_convert_cli_bad_config_field_exits_3(bad, needles, tmp_path):
         assert sum(n in line for line in lines) == 1, (n, p.stderr)
     assert len(lines) == (1 if len(bad) == 1 else 1 + len(bad))  # one line per problem
     assert not out.exists()
+
+
+def test_the_config_takes_the_activations_the_model_has():
+    """Every act_fn the config accepts is one the resnets apply, and the other way round."""
+    from cogvae.model import config
+    from cogvae.model.layers import ACTIVATIONS
+
+    assert set(config._ACTIVATIONS) == set(ACTIVATIONS)
