@@ -214,7 +214,8 @@ def main() -> int:
     variants = [parse_variant(v) for v in (a.variant or ["default"])]
     kind = a.kind
     t, h, w = (int(v) for v in (a.latent if kind == "decode" else a.video).lower().split("x"))
-    graphdef, state = nnx.split(abstract_model(config, dtype=dtype, param_dtype=dtype))
+    # what decode/encode pass their kernels: the decoder's (or encoder's) side of the model
+    graphdef, state = V.kernel_split(abstract_model(config, dtype=dtype, param_dtype=dtype), kind)
     frames = V.LATENT_FRAMES_BATCH if kind == "decode" else V.SAMPLE_FRAMES_BATCH
     batches = V.frame_batches(t, frames)
     s0, e0 = batches[0]

@@ -50,6 +50,12 @@ def _uniform(key, shape, dtype, bound):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def per_channel(v: Array, ndim: int) -> Array:
+    """A (C,) parameter shaped (1, ..., 1, C) for an ndim-D channels-last activation: broadcast at
+    equal rank, so the model also runs under ``jax_numpy_rank_promotion="raise"`` (same values)."""
+    return v.reshape((1,) * (ndim - 1) + (-1,))
+
+
 def _conv_params(rngs: nnx.Rngs, kernel_shape: tuple[int, ...], param_dtype) -> tuple[nnx.Param, nnx.Param]:
     """Kernel (..., I, O) and bias with torch's default conv init range, 1/sqrt(fan_in)."""
     bound = 1.0 / np.sqrt(int(np.prod(kernel_shape[:-1])))
@@ -290,7 +296,8 @@ class Conv3d(nnx.Module):
             impl,
             tail=tail,
         )
-        bias = self.bias[...].astype(self.dtype)
+        y = out if not tail else out[0]
+        bias = per_channel(self.bias[...].astype(self.dtype), y.ndim)
         if not tail:
             return out + bias
         y, new_cache = out[0] + bias, out[1]
@@ -330,7 +337,7 @@ class Conv2d(nnx.Module):
             stride=self.stride,
             precision=_precision(self.dtype),
         )
-        return y + self.bias[...].astype(self.dtype)
+        return y + per_channel(self.bias[...].astype(self.dtype), y.ndim)
 
 
 class GroupNorm(nnx.Module):
@@ -381,7 +388,8 @@ class GroupNorm(nnx.Module):
         centred = xf - group_mean(xf)
         var = group_mean(jnp.square(centred))
         y = centred * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        y = y * per_channel(self.scale[...].astype(jnp.float32), y.ndim) \
+            + per_channel(self.bias[...].astype(jnp.float32), y.ndim)
         return y.astype(self.dtype)
 
 

@@ -384,6 +384,28 @@ def _batch_step(vae, kind: str):
     return lambda x, cache, valid: step(vae, x, cache, valid)
 
 
+class _KernelView(nnx.Module):
+    """What the ``kind`` kernels read of a VAE, and nothing else: the encoder and quant_conv, or
+    the decoder and post_quant_conv (the same modules, shared), and whether batches are
+    checkpointed. The kernels are keyed on the graphdef they are given; the whole VAE's also
+    holds its slicing, tiling and frame-batch settings, so toggling ``enable_slicing()``, or
+    tiling on and off, compiled the untiled kernels again. (The kernels also take a whole VAE's
+    graphdef and state, as ``compile_decode_first_batch`` and the benchmarks pass them.)"""
+
+    def __init__(self, vae, kind: str):
+        if kind == "encode":
+            self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+        else:
+            self.decoder, self.post_quant_conv = vae.decoder, vae.post_quant_conv
+        self.gradient_checkpointing = vae.gradient_checkpointing
+
+
+def kernel_split(vae, kind: str):
+    """(graphdef, state) of what the ``kind`` ("encode" or "decode") kernels read of ``vae`` (a
+    model or an abstract one): the arguments ``encode``/``decode`` call them with."""
+    return nnx.split(_KernelView(vae, kind))
+
+
 def _first_fn(kind, impl, graphdef, state, x, valid):
     """The first batch of ``kind``, with no cache (causal padding repeats the first frame)."""
     TRACE_COUNTS[f"{kind}_first"] += 1
@@ -735,8 +757,10 @@ class AutoencoderKLCogVideoX(nnx.Module):
         (the default) pads edge tiles to the full tile size so one compiled function serves every
         tile; False runs each tile at its own size (less work; one compile per distinct tile
         shape). Both give diffusers' tiled result."""
+        if pad_tiles is not None and not isinstance(pad_tiles, (bool, np.bool_)):
+            raise TypeError(f"enable_tiling(pad_tiles=...): True or False, not {pad_tiles!r}")
         t = self.tiling
-        self.use_tiling = True
+        # checked (TilingConfig) before anything changes: a refused call leaves tiling as it was
         self.tiling = TilingConfig(
             tile_sample_min_height=tile_sample_min_height or t.tile_sample_min_height,
             tile_sample_min_width=tile_sample_min_width or t.tile_sample_min_width,
@@ -745,6 +769,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
             spatial_compression=self.config.spatial_compression,
             pad_tiles=t.pad_tiles if pad_tiles is None else bool(pad_tiles),
         )
+        self.use_tiling = True
 
     def disable_tiling(self) -> None:
         self.use_tiling = False
@@ -834,8 +859,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
         return (1 / self.config.scaling_factor) * z
 
     # ------------------------------------------------------------------ encode
-    def _split(self):
-        return nnx.split(self)
+    def _split(self, kind: str):
+        return kernel_split(self, kind)
 
     def _check_encodable(self, height: int, width: int, what: str = "video") -> None:
         """diffusers' Downsample3D pads a side of n pixels to n + 1 and runs a 3x3 conv of stride 2,
@@ -872,7 +897,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
                 out, cache = step(x[:, s:e], cache, valid)
                 outs.append(out)
             return jnp.concatenate(outs, axis=1)
-        graphdef, state = self._split()
+        graphdef, state = self._split(kind)
         k = kernels(nested=traced(x, state, valid))
         s0, e0 = batches[0]
         # The conv lowering and its tail read: a static argument of both kernels.
@@ -974,7 +999,8 @@ class AutoencoderKLCogVideoX(nnx.Module):
         w_a = jnp.asarray((1 - w).astype(np.float32).reshape(shape))
         a_tail = jax.lax.slice_in_dim(a, a.shape[axis] - extent, a.shape[axis], axis=axis)
         b_head = jax.lax.slice_in_dim(b, 0, extent, axis=axis)
-        mixed = (a_tail * w_a + b_head * w_b).astype(b.dtype)
+        # in fp32, explicitly (also under jax_numpy_dtype_promotion="strict"), rounded once to b's dtype
+        mixed = (a_tail.astype(jnp.float32) * w_a + b_head.astype(jnp.float32) * w_b).astype(b.dtype)
         return jax.lax.dynamic_update_slice_in_dim(b, mixed, 0, axis=axis)
 
     def _tiled(self, x: Array, tile_in: tuple[int, int], tile_out: tuple[int, int], factors, run_tile, out_size,

@@ -94,7 +94,7 @@ def main(out_dir: str):
 
     # Per-device memory of the real 2b decoder's two kernels, height split over 1 and 4 devices:
     # XLA's compile-time analysis, from shapes alone.
-    graphdef, state = nnx.split(abstract_model(PRESETS["cogvideox-2b"], dtype=jnp.float32))
+    graphdef, state = V.kernel_split(abstract_model(PRESETS["cogvideox-2b"], dtype=jnp.float32), "decode")
     memory = {}
     tic = time.perf_counter()
     for n in (1, 4):

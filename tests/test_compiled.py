@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -90,6 +91,73 @@ def test_trace_count_does_not_grow_with_encode_batches():
     assert (t5["encode_first"], t5["encode_scan"]) == (0, 1)
 
 
+def test_settings_the_kernels_do_not_read_compile_nothing_again():
+    """Slicing, tiling (on, off, other tile sizes) and frame-batch settings are Python attributes of
+    the VAE; the kernels were keyed on the whole VAE's graphdef, which holds them, so toggling
+    ``enable_slicing()`` (a batch of one never slices) or tiling on and off compiled the same
+    untiled kernels again. They are now keyed on what they read (the encoder or decoder, the
+    quant convs, gradient checkpointing): nothing is traced again. Checkpointing, which changes
+    what is computed, still gets its own kernels."""
+    vae, _ = models()
+    z = jnp.zeros((1, 4, 3, 5, 4))
+    x = jnp.zeros((1, 17, 8, 12, 3))
+    run = lambda: (vae.decode(z).block_until_ready(), vae.encode(x)[0].block_until_ready())  # noqa: E731
+    want = run()
+    _traces(run)
+
+    def toggles():
+        vae.enable_slicing()
+        vae.enable_tiling(tile_sample_min_height=96, tile_sample_min_width=96, pad_tiles=False)
+        vae.num_latent_frames_batch_size = 2  # the default, set again
+        try:
+            return run()  # tiling on, but these inputs are below the tile size: untiled kernels
+        finally:
+            vae.disable_tiling()
+            vae.disable_slicing()
+            vae.tiling = saved  # models() is shared: the next test gets the default tiles back
+
+    saved = vae.tiling
+    assert sum(_traces(toggles).values()) == 0
+    try:
+        vae.enable_gradient_checkpointing()
+        assert _traces(run) == {"encode_first": 1, "encode_scan": 1, "decode_first": 1, "decode_scan": 1}
+    finally:
+        vae.disable_gradient_checkpointing()
+    for a, b in zip(run(), want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("mode", ["rank-promotion-raise", "dtype-promotion-strict"])
+def test_runs_under_jaxs_strict_numpy_modes(mode):
+    """Some codebases set ``jax_numpy_rank_promotion="raise"`` or
+    ``jax_numpy_dtype_promotion="strict"`` globally. Every (C,) bias and GroupNorm parameter was
+    added to (B, T, H, W, C) by rank promotion (every encode and decode raised: checked on one
+    frame batch of each), and the tile blend multiplied bf16 tiles by fp32 weights (a tiled bf16
+    decode raised). The same values result."""
+    fp32, bf16 = models()
+    if mode.startswith("rank"):
+        z, x = jnp.ones((1, 3, 3, 5, 4)), jnp.ones((1, 9, 8, 12, 3)) * 0.5
+        strict = jax.numpy_rank_promotion("raise")
+
+        def run():
+            return fp32.decode(z), fp32.encode(x)[0]
+    else:
+        z = jnp.ones((1, 1, 3, 5, 4), jnp.bfloat16)
+        strict = jax.numpy_dtype_promotion("strict")
+
+        def run():
+            bf16.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=16)
+            try:
+                return (bf16.decode(z),)
+            finally:
+                bf16.disable_tiling()
+    want = run()
+    with strict:
+        got = run()
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_tiles_share_one_compiled_function():
     """Interior and edge tiles (four different sizes here) run through one trace per kernel."""
     vae, _ = models()
@@ -143,6 +211,9 @@ def test_unpadded_tiles_compile_once_per_tile_shape():
     with torch.no_grad():
         expected = ref.decode(z).sample
     vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24, pad_tiles=False)
+    # An unpadded tile runs the untiled kernels, which an earlier test may have compiled for one of
+    # these shapes (the same function of the same shape): count from empty caches.
+    jax.clear_caches()
     try:
         t = _traces(lambda: vae.decode(to_bthwc(z)).block_until_ready())
         # diffusers' loop: 4 x 6 latent tiles (16 x 24 pixels, 4x compression) every 3 rows and

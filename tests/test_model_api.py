@@ -456,6 +456,29 @@ def test_a_tile_too_small_to_move_is_a_clear_error():
         ours.tiling = saved
 
 
+@pytest.mark.parametrize("call, error", [
+    (dict(tile_sample_min_height=-8), ValueError),
+    (dict(tile_overlap_factor_width=1.5), ValueError),
+    (dict(pad_tiles="false"), TypeError),
+    (dict(pad_tiles=None, tile_sample_min_width=-1), ValueError),
+], ids=["negative-height", "overlap-above-1", "pad-tiles-a-string", "negative-width"])
+def test_a_refused_enable_tiling_changes_nothing(call, error):
+    """enable_tiling turned tiling on before checking its arguments: a refused call left the model
+    tiling with its old tile sizes (a later decode came out another size). ``pad_tiles`` was
+    coerced with bool(), so "false" meant True."""
+    _, ours = pair()
+    before = (ours.use_tiling, ours.tiling)
+    with pytest.raises(error):
+        ours.enable_tiling(**call)
+    assert (ours.use_tiling, ours.tiling) == before == (False, ours.tiling)
+    ours.enable_tiling(pad_tiles=np.bool_(False))  # a NumPy bool is a bool
+    try:
+        assert ours.use_tiling and ours.tiling.pad_tiles is False
+    finally:
+        ours.disable_tiling()
+        ours.tiling = before[1]
+
+
 def test_eval_and_train_return_the_model_as_torch_does():
     """``vae = AutoencoderKLCogVideoX.from_pretrained(...).eval()`` is how diffusers users write it;
     NNX's eval() returns None, which left ``vae`` None."""
