@@ -204,16 +204,16 @@ def test_unpadded_tiles_compile_once_per_tile_shape():
     """pad_tiles=False: each distinct tile shape is traced once per kernel, however many tiles
     have it, and the result is diffusers' tiled decode (the padded path's parity is in
     test_parity.py)."""
-    vae, _ = models()
-    ref = diffusers_vae(seed=3, **CONFIG)  # the weights models() converted
+    # A config of its own (other GroupNorm groups): an unpadded tile runs the untiled kernels, and
+    # another test's model could have compiled them for one of these shapes already.
+    ref = diffusers_vae(seed=3, **dict(CONFIG, norm_num_groups=2))
+    vae = model_from_tensors(VAEConfig.from_diffusers_config(dict(ref.config)), state_arrays(ref),
+                             compute_dtype=jnp.float32)
     z = torch.randn(1, 4, 4, 10, 15, generator=torch.Generator().manual_seed(0))
     ref.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24)
     with torch.no_grad():
         expected = ref.decode(z).sample
     vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24, pad_tiles=False)
-    # An unpadded tile runs the untiled kernels, which an earlier test may have compiled for one of
-    # these shapes (the same function of the same shape): count from empty caches.
-    jax.clear_caches()
     try:
         t = _traces(lambda: vae.decode(to_bthwc(z)).block_until_ready())
         # diffusers' loop: 4 x 6 latent tiles (16 x 24 pixels, 4x compression) every 3 rows and
