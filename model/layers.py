@@ -296,8 +296,7 @@ class Conv3d(nnx.Module):
             impl,
             tail=tail,
         )
-        y = out if not tail else out[0]
-        bias = per_channel(self.bias[...].astype(self.dtype), y.ndim)
+        bias = per_channel(self.bias[...].astype(self.dtype), x.ndim)  # the output's rank is x's
         if not tail:
             return out + bias
         y, new_cache = out[0] + bias, out[1]

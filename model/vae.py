@@ -859,9 +859,6 @@ class AutoencoderKLCogVideoX(nnx.Module):
         return (1 / self.config.scaling_factor) * z
 
     # ------------------------------------------------------------------ encode
-    def _split(self, kind: str):
-        return kernel_split(self, kind)
-
     def _check_encodable(self, height: int, width: int, what: str = "video") -> None:
         """diffusers' Downsample3D pads a side of n pixels to n + 1 and runs a 3x3 conv of stride 2,
         which torch refuses for n < 2 ("Kernel size can't be greater than actual input size"); so
@@ -897,7 +894,7 @@ class AutoencoderKLCogVideoX(nnx.Module):
                 out, cache = step(x[:, s:e], cache, valid)
                 outs.append(out)
             return jnp.concatenate(outs, axis=1)
-        graphdef, state = self._split(kind)
+        graphdef, state = kernel_split(self, kind)
         k = kernels(nested=traced(x, state, valid))
         s0, e0 = batches[0]
         # The conv lowering and its tail read: a static argument of both kernels.
