@@ -88,12 +88,27 @@ def not_a_folder(shown: str | os.PathLike, expected: str) -> str:
     msg = f"{shown}: not a folder (expected {expected})"
     path = local_path(shown)
     try:
-        folder = path.resolve().parent
-        if path.is_file() and any((folder / name).is_file() for name in ("config.json", "COMPLETE")):
+        # The folder the name is in, not the one a symlink points into: in the Hub cache a
+        # snapshot's files are links into blobs/, which holds no model folder.
+        folder = Path(os.path.abspath(path)).parent
+        kind = _folder_kind(folder) if path.is_file() else None
+        # Only a folder of a kind the command takes: naming another would send the user on to a
+        # second refusal (a checkpoint's file given to convert, say).
+        if kind is not None and (kind == expected or expected == EITHER_FOLDER):
             msg += f"; it is a file of the folder {folder}: give that folder"
     except (OSError, RuntimeError):  # a name the system will not look up: the plain message
         pass
     return msg
+
+
+def _folder_kind(folder: Path) -> str | None:
+    """CHECKPOINT_FOLDER, DIFFUSERS_FOLDER or None: the kind of model folder ``folder`` looks like
+    (a converted checkpoint also holds a config.json: its manifest, COMPLETE, tells them apart)."""
+    if (folder / MANIFEST_NAME).is_file():
+        return CHECKPOINT_FOLDER
+    if any((folder / name).is_file() for name in (CONFIG_NAME, "model_index.json")):
+        return DIFFUSERS_FOLDER
+    return None
 
 
 def unreadable(path: str | os.PathLike, e: OSError, cls: type = UnreadableError) -> SourceError:

@@ -81,7 +81,7 @@ def variants_in(folder: Path) -> list[Optional[str]]:
     """The weights variants ``folder`` holds safetensors weights of (None: the plain weights), as
     :func:`weights_in` finds them; for the error that names what a folder has instead."""
     found: set[Optional[str]] = set()
-    pattern = re.compile(rf"{re.escape(WEIGHTS_NAME)}\.(?:safetensors\.(?:index\.)?)?([^.]+?)"
+    pattern = re.compile(rf"{re.escape(WEIGHTS_NAME)}\.(?:safetensors\.(?:index\.)?)?(.+?)"
                          rf"(?:-\d+-of-\d+)?\.(?:safetensors|json|index\.json|safetensors\.index\.json)")
     for p in folder.glob(f"{WEIGHTS_NAME}*"):
         m = pattern.fullmatch(p.name)

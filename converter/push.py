@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .hub import local_path, not_a_folder
+from .hub import CHECKPOINT_FOLDER, local_path, not_a_folder
 from .layout import (CONFIG_NAME, DIFFUSERS_WEIGHTS, FORMAT_PREFIX, MANIFEST_NAME, PROVENANCE_NAME, WEIGHTS_NAME,
                      read_json, weights_in)
 
@@ -74,10 +74,16 @@ class PushInputError(PushError):
     converted checkpoint, a file failing its manifest): bad input, not a Hub failure (exit 3)."""
 
 
-# What git (and so the Hub) refuses in a branch name (git check-ref-format): control characters,
-# space, ~ ^ : ? * [ \\, "..", "@{", "//", a leading "-" or "/", a trailing "/", "." or ".lock", a
-# component starting with ".", and "@" alone.
-_BAD_BRANCH = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//|^[-/]|/$|\.$|\.lock$|(^|/)\.|^@$")
+# What git (and so the Hub) refuses in a branch name (git check-ref-format --branch), each rule with
+# how the message names it: from the character or sequence found, or the rule as a whole.
+_BRANCH_RULES = [
+    (re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//"), lambda m: f"{m.group(0)!r} in one"),
+    (re.compile(r"^-"), lambda m: "one starting with '-'"),
+    (re.compile(r"^/|/$"), lambda m: "one starting or ending with '/'"),
+    (re.compile(r"\.$"), lambda m: "one ending with '.'"),
+    (re.compile(r"\.lock(/|$)"), lambda m: "a part of one ending with '.lock'"),
+    (re.compile(r"(^|/)\."), lambda m: "a part of one starting with '.'"),
+]
 
 
 def branch_problem(revision: Any) -> Optional[str]:
@@ -86,9 +92,10 @@ def branch_problem(revision: Any) -> Optional[str]:
     fail, only at the end of the push)."""
     if not isinstance(revision, str) or not revision.strip():
         return f"{revision!r} is not a branch name (leave it out to push to main)"
-    bad = _BAD_BRANCH.search(revision)
-    if bad:
-        return f"{revision!r} is not a valid branch name (git refuses {bad.group(0)!r} in one)"
+    for rule, named in _BRANCH_RULES:
+        bad = rule.search(revision)
+        if bad:
+            return f"{revision!r} is not a valid branch name (git refuses {named(bad)})"
     return None
 
 
@@ -148,7 +155,7 @@ def _checked_listing(ckpt: Path, hashes: bool) -> list[str]:
     if not ckpt.exists():
         raise PushInputError(f"{ckpt}: no such folder")
     if not ckpt.is_dir():
-        raise PushInputError(not_a_folder(ckpt, "a converted checkpoint folder"))
+        raise PushInputError(not_a_folder(ckpt, CHECKPOINT_FOLDER))
     if not os.access(ckpt, os.R_OK | os.X_OK):
         raise PushInputError(f"{ckpt}: cannot read the folder (permission denied); not pushed")
     from .checkpoint import MANIFEST_NAME, CheckpointError, _read_manifest, check_files, is_converted_checkpoint

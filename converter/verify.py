@@ -195,6 +195,8 @@ class VerifyReport:
             return ""
         if math.isnan(c["rel_change"]):
             return " (non-finite values)"
+        if self.max_rel_change is None:  # the gate is the absolute bound alone: the relative change is not why
+            return ""
         return " (all zero in the reference: any change is infinitely large relative to it)"
 
     def format_text(self) -> str:

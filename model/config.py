@@ -169,7 +169,9 @@ def _block_types(known: str):
 
 
 def _act_fn(v):
-    if isinstance(v, str) and v in _ACTIVATIONS:
+    # diffusers' get_activation lowercases the name ("GELU", "SiLU" build); kept as given, so the
+    # exported config.json says what the source's said
+    if isinstance(v, str) and v.lower() in _ACTIVATIONS:
         return v, None
     if isinstance(v, str):
         return v, f"unsupported activation {v!r} (one of {', '.join(map(repr, _ACTIVATIONS))}, as diffusers)"

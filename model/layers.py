@@ -554,9 +554,9 @@ class ResnetBlock3D(nnx.Module):
         rngs: nnx.Rngs,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        if act_fn not in ACTIVATIONS:
+        if act_fn.lower() not in ACTIVATIONS:  # diffusers' get_activation lowercases the name
             raise ValueError(f"unsupported activation {act_fn!r} (one of {', '.join(ACTIVATIONS)})")
-        self.act_fn = act_fn  # diffusers' non_linearity (the config's act_fn)
+        self.act_fn = act_fn.lower()  # diffusers' non_linearity (the config's act_fn)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.spatial = spatial_norm_dim is not None

@@ -173,6 +173,7 @@ def test_published_configs_pass(name, tmp_path):
         {"latents_mean": [0, 0.5, -1.25, 3] * 4, "latents_std": [1.0] * 16},
         {"latents_mean": [], "latents_std": None},
         {"act_fn": "swish"},
+        {"act_fn": "SiLU"},  # diffusers' get_activation lowercases it; kept as given
         {"sample_height": 1, "sample_width": 1},
         {"norm_num_groups": 1},
         {"block_out_channels": [32, 64], "down_block_types": _DOWN[:2], "up_block_types": _UP[:2]},

@@ -230,7 +230,8 @@ def test_variant_weights_are_the_ones_diffusers_loads(tmp_path, index_name, diff
     ([None, "bf16"], "fp16", "it has the weights without a variant (leave out variant / --variant); "
                              "variant='bf16' (--variant bf16)"),
     ([None], "fp16", "it has the weights without a variant (leave out variant / --variant)"),
-], ids=["only-fp16", "plain-and-bf16", "only-plain"])
+    (["v1.5"], None, "it has variant='v1.5' (--variant v1.5)"),  # a variant with a dot, as diffusers writes it
+], ids=["only-fp16", "plain-and-bf16", "only-plain", "dotted"])
 def test_weights_of_another_variant_are_named_with_the_option_that_reads_them(tmp_path, has, asked, tip):
     """Real save_pretrained folders (shared weights, one file per variant). Weights of the variant
     asked for are missing, as diffusers' from_pretrained would refuse them too; the error says

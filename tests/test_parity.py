@@ -185,12 +185,12 @@ def test_blocks_without_resnets_match_diffusers():
     assert_parity(ours.decode(to_bthwc(z)), video, "layers_per_block=0 decode t=5")
 
 
-@pytest.mark.parametrize("act_fn", ["gelu", "relu", "mish", "swish"])
+@pytest.mark.parametrize("act_fn", ["gelu", "relu", "mish", "swish", "GELU"])
 def test_every_activation_diffusers_builds_matches(act_fn):
-    """A config's act_fn is any name of diffusers' get_activation; the resnets use it, the
-    conv_act before each conv_out stays SiLU (hard-coded in diffusers). GELU is torch's exact
-    (erf) form, not jax's default tanh approximation. Encode over two frame batches, decode over
-    an odd first and a second latent batch."""
+    """A config's act_fn is any name of diffusers' get_activation, in any case (it lowercases the
+    name); the resnets use it, the conv_act before each conv_out stays SiLU (hard-coded in
+    diffusers). GELU is torch's exact (erf) form, not jax's default tanh approximation. Encode
+    over two frame batches, decode over an odd first and a second latent batch."""
     ref = diffusers_vae(seed=11, block_out_channels=(8, 8, 8), layers_per_block=1, norm_num_groups=4,
                         latent_channels=4, act_fn=act_fn)
     ours = to_nnx(ref)

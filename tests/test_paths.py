@@ -226,7 +226,7 @@ A_FILE_CASES = {
     "verify": (["verify", "--no-parity", "{f}"], BOTH),
     "inspect": (["inspect", "{f}"], BOTH),
     "export-diffusers": (["export-diffusers", "{f}", "--out", "{out}"], "a converted cogvae checkpoint"),
-    "push": (["push", "{f}", "me/x", "--dry-run"], "a converted checkpoint folder"),
+    "push": (["push", "{f}", "me/x", "--dry-run"], "a converted cogvae checkpoint"),
     "load": ("load", BOTH),
 }
 
@@ -236,20 +236,41 @@ A_FILE_CASES = {
 def test_a_file_of_a_model_folder_names_that_folder(home, tmp_path, command, given):
     """Nothing faked. Users point at the weights file (or config.json) they see; every command and
     ``load`` refuse it as before (exit 3, one Error line: a folder is what they take), and the
-    message says which kinds of folder that command takes and names the folder the file is in."""
+    message says which kinds of folder that command takes and names the folder the file is in,
+    when that folder is of a kind the command takes: naming a checkpoint to `convert` (or a
+    diffusers folder to `push`) would only lead to a second refusal."""
     from cogvae.converter import load
 
     f = home / given
     argv, expected = A_FILE_CASES[command]
-    needles = (f"{f}: not a folder (expected {expected}); it is a file of the folder {f.parent}: give that folder",)
+    kind = "a converted cogvae checkpoint" if given.startswith("ck/") else "a diffusers VAE or pipeline folder"
+    hint = f"; it is a file of the folder {f.parent}: give that folder" if kind in expected else ""
+    needles = (f"{f}: not a folder (expected {expected}){hint}",)
     if argv == "load":
         with pytest.raises(SourceError) as e:
             load(str(f))
         assert str(e.value) == needles[0]
     else:
         res = CliRunner().invoke(cli, [a.format(f=f, out=tmp_path / "out") for a in argv])
-        _one_error_line(res, 3, *needles)
+        assert _one_error_line(res, 3) == f"Error: {needles[0]}"
         assert not (tmp_path / "out").exists()
+
+
+def test_a_linked_file_names_the_folder_the_link_is_in(home, tmp_path):
+    """Nothing faked but the Hub cache's shape: a snapshot's files are symlinks into blobs/ (as
+    huggingface_hub writes them). The file a user points at names the snapshot's folder, the one
+    they can give, not blobs/ where the link leads."""
+    snap = tmp_path / "snapshots" / "abc" / "vae"
+    blobs = tmp_path / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for name in ("config.json", WEIGHTS):
+        (blobs / name.replace(".", "_")).write_bytes((home / "src" / name).read_bytes())
+        (snap / name).symlink_to(blobs / name.replace(".", "_"))
+    f = snap / WEIGHTS
+    res = CliRunner().invoke(cli, ["inspect", str(f)])
+    assert _one_error_line(res, 3) == (f"Error: {f}: not a folder (expected {BOTH}); it is a file of the folder "
+                                       f"{snap}: give that folder")
 
 
 def test_a_file_of_no_model_folder_is_refused_without_naming_one(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -845,8 +846,8 @@ def test_a_malformed_repo_id_is_a_usage_error_before_any_work(ckpt, tmp_path, mo
     ("  ", "'  ' is not a branch name (leave it out to push to main)"),
     ("ft v2", "'ft v2' is not a valid branch name (git refuses ' ' in one)"),
     ("a..b", "'a..b' is not a valid branch name (git refuses '..' in one)"),
-    ("x.lock", "'x.lock' is not a valid branch name (git refuses '.lock' in one)"),
-    ("-x", "'-x' is not a valid branch name (git refuses '-' in one)"),
+    ("x.lock", "'x.lock' is not a valid branch name (git refuses a part of one ending with '.lock')"),
+    ("-x", "'-x' is not a valid branch name (git refuses one starting with '-')"),
 ])
 def test_a_branch_that_is_none_is_a_usage_error_before_any_work(ckpt, tmp_path, monkeypatch, branch, why):
     """`--revision ""` (a CI line's unset $BRANCH) pushed to main, and a name git refuses was
@@ -880,6 +881,25 @@ def test_a_branch_that_is_none_is_a_usage_error_before_any_work(ckpt, tmp_path, 
     from cogvae.converter.push import branch_problem
 
     assert [branch_problem(b) for b in ("ft-v2", "feat/x", "v1.0", "main", "ft_2026.11")] == [None] * 5
+
+
+BRANCHES = ["ft-v2", "feat/x", "v1.0", "main", "ft_2026.11", "feat-x", "a.b/c", "a@b", "x.locked", "lock",
+            "ft v2", "a..b", "x.lock", "a.lock/b", "a/b.lock/c", "-x", "x/", "/x", "a//b", "a/b.", "x.", ".x", "a/.b",
+            "@", "a@{b", "a~1", "a^", "a:b", "a?", "a*", "a[b", "a\\b", "a\tb", "a\x7fb"]
+
+
+def test_branch_names_are_judged_as_git_judges_them():
+    """Nothing faked: git itself (`git check-ref-format --branch`, which the Hub's branches obey)
+    is the reference for every name, valid and not; each refusal names the rule it breaks."""
+    from cogvae.converter.push import branch_problem
+
+    for name in BRANCHES:
+        git = subprocess.run(["git", "check-ref-format", "--branch", name], capture_output=True)
+        assert (branch_problem(name) is None) == (git.returncode == 0), (name, branch_problem(name))
+    assert branch_problem("a.lock/b") == "'a.lock/b' is not a valid branch name (git refuses a part of one " \
+                                         "ending with '.lock')"
+    assert branch_problem("x/") == "'x/' is not a valid branch name (git refuses one starting or ending with '/')"
+    assert branch_problem("a/b.") == "'a/b.' is not a valid branch name (git refuses one ending with '.')"
 
 
 @pytest.mark.parametrize("case", ["no-token", "offline"])

@@ -212,6 +212,11 @@ def test_the_gate_names_each_tensor_over_it_and_takes_an_absolute_bound(base, va
     assert res.exit_code == 0, res.stdout  # the 1.5x kernel changed by 0.5 relative
     alone = verify_checkpoint(tuned, good, parity=False, max_abs_change=1e-5)
     assert alone.over_tolerance == [PERTURBED_KEY]
+    # The absolute bound alone: a zero-reference tensor fails by its absolute change, said without
+    # the relative note (which pointed to --max-abs-change, the bound already given).
+    tight = verify_checkpoint(tuned, good, parity=False, max_abs_change=1e-7)
+    assert sorted(tight.over_tolerance) == sorted([ZERO_KEY, PERTURBED_KEY])
+    assert f"tensor {ZERO_KEY!r} changed by more than 1e-07 in absolute value" in tight.problems
     for bad in (-1.0, float("inf"), float("nan")):
         res = CliRunner().invoke(cli, args + ["--max-abs-change", str(bad)])
         assert res.exit_code == 2 and "'--max-abs-change'" in res.stderr
