@@ -642,15 +642,18 @@ def _parity(config: Any, params: dict[str, np.ndarray], mapping: Any, seed: int 
         return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 4, 1, 2, 3)))
 
     # What users run: the compiled encode and decode (first batch, then the scan over the rest).
+    # A model that cannot encode (diffusers' encode fails on it too) is checked on decode alone.
+    ops = [("decode", z)] + ([] if config.encode_problem else [("encode", video)])
     with torch.no_grad():
-        dist = model.encode(to_torch(video)).latent_dist
-        want = {"decode": model.decode(to_torch(z)).sample.numpy(),
-                "encode": torch.cat([dist.mean, dist.logvar], dim=1).numpy()}
-    mean, logvar = ours.encode(jnp.asarray(video))
-    got = {"decode": np.asarray(ours.decode(jnp.asarray(z))).transpose(0, 4, 1, 2, 3),
-           "encode": np.concatenate([np.asarray(mean), np.asarray(logvar)], axis=-1).transpose(0, 4, 1, 2, 3)}
+        want = {"decode": model.decode(to_torch(z)).sample.numpy()}
+        got = {"decode": np.asarray(ours.decode(jnp.asarray(z))).transpose(0, 4, 1, 2, 3)}
+        if len(ops) > 1:
+            dist = model.encode(to_torch(video)).latent_dist
+            want["encode"] = torch.cat([dist.mean, dist.logvar], dim=1).numpy()
+            mean, logvar = ours.encode(jnp.asarray(video))
+            got["encode"] = np.concatenate([np.asarray(mean), np.asarray(logvar)], axis=-1).transpose(0, 4, 1, 2, 3)
     cases = []
-    for op, x in (("decode", z), ("encode", video)):
+    for op, x in ops:
         case = {"op": op, "input_shape": list(x.shape), "output_shape": list(got[op].shape)}
         if got[op].shape != want[op].shape:
             cases.append({**case, "status": "failed", "reason": f"output shape {got[op].shape} != diffusers "
@@ -661,6 +664,9 @@ def _parity(config: Any, params: dict[str, np.ndarray], mapping: Any, seed: int 
         mx = float(np.abs(a - b).max())
         ok = math.isfinite(rel) and rel <= PARITY_REL_L2 and mx <= PARITY_MAX_ABS
         cases.append({**case, "rel_l2": rel, "max_abs": mx, "status": "passed" if ok else "failed"})
+    if config.encode_problem:
+        cases.append({"op": "encode", "input_shape": list(video.shape), "status": "skipped",
+                      "reason": config.encode_problem})
     failed = [c for c in cases if c["status"] == "failed"]
     out = {"status": "failed" if failed else "passed", "cases": cases}
     measured = [c for c in cases if "rel_l2" in c]

@@ -302,6 +302,18 @@ class VAEConfig:
     def spatial_compression(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
+    @property
+    def encode_problem(self) -> Optional[str]:
+        """Why a model of this config cannot encode, or None. With ``layers_per_block=0`` the
+        encoder's down blocks have no resnets, so nothing turns conv_in's ``block_out_channels[0]``
+        channels into a later block's: diffusers builds such a model and decodes with it (its
+        decoder blocks have one resnet more), but its encode fails deep in a GroupNorm or conv."""
+        if self.layers_per_block == 0 and len(set(self.block_out_channels)) > 1:
+            return (f"this VAE cannot encode: with layers_per_block=0 its encoder's blocks have no resnets to change the "
+                    f"channels, so it runs only when block_out_channels are all equal (they are "
+                    f"{list(self.block_out_channels)}); diffusers' encode fails on it too. Decoding works")
+        return None
+
     # ------------------------------------------------------------------ diffusers interop
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any], *, source: str = "config") -> "VAEConfig":

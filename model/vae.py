@@ -862,7 +862,10 @@ class AutoencoderKLCogVideoX(nnx.Module):
     def _check_encodable(self, height: int, width: int, what: str = "video") -> None:
         """diffusers' Downsample3D pads a side of n pixels to n + 1 and runs a 3x3 conv of stride 2,
         which torch refuses for n < 2 ("Kernel size can't be greater than actual input size"); so
-        does this model, instead of returning an empty latent."""
+        does this model, instead of returning an empty latent. A config whose encoder cannot run
+        at all (``config.encode_problem``) is refused here too, before any work."""
+        if self.config.encode_problem:
+            raise ValueError(self.config.encode_problem)
         for name, n in (("height", height), ("width", width)):
             size = n
             for _ in range(len(self.config.block_out_channels) - 1):

@@ -185,6 +185,26 @@ def test_blocks_without_resnets_match_diffusers():
     assert_parity(ours.decode(to_bthwc(z)), video, "layers_per_block=0 decode t=5")
 
 
+def test_blocks_without_resnets_and_unequal_channels_decode_but_cannot_encode():
+    """layers_per_block=0 with block_out_channels not all equal: diffusers builds the model and
+    decodes with it (a decoder block has one resnet more), but its encode fails in a GroupNorm,
+    nothing having changed conv_in's channels. Decode matches; every way to encode is refused
+    with one clear error before any work (it was a broadcasting TypeError from deep in jax)."""
+    ref = diffusers_vae(seed=7, block_out_channels=(8, 16), layers_per_block=0, norm_num_groups=4, latent_channels=4)
+    ours = to_nnx(ref)
+    torch.manual_seed(13)
+    x, z = torch.randn(1, 3, 9, 16, 16), torch.randn(1, 4, 3, 8, 8)
+    with torch.no_grad():
+        video = ref.decode(z).sample
+        with pytest.raises(RuntimeError):
+            ref.encode(x)
+    assert_parity(ours.decode(to_bthwc(z)), video, "layers_per_block=0, channels (8, 16): decode t=3")
+    why = r"this VAE cannot encode: with layers_per_block=0 .* block_out_channels are all equal \(they are \[8, 16\]\)"
+    for call in (ours.encode, ours.encode_moments, ours.tiled_encode, ours):
+        with pytest.raises(ValueError, match=why):
+            call(to_bthwc(x))
+
+
 @pytest.mark.parametrize("act_fn", ["gelu", "relu", "mish", "swish", "GELU"])
 def test_every_activation_diffusers_builds_matches(act_fn):
     """A config's act_fn is any name of diffusers' get_activation, in any case (it lowercases the

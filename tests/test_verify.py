@@ -78,6 +78,24 @@ def test_good_checkpoint_passes_with_parity(good, vae):
     assert "every key and shape matches" in text and "PASSED" in text and text.endswith("RESULT: OK")
 
 
+def test_a_model_that_cannot_encode_is_checked_on_decode(base):
+    """layers_per_block=0 with unequal block_out_channels: diffusers builds it and decodes, but its
+    encode fails (nothing changes conv_in's channels). verify's parity ran both encodes and ended
+    in torch's traceback; now decode is compared and encode is skipped, saying why."""
+    from _ref import diffusers_vae
+
+    folder = base / "no-resnets"
+    diffusers_vae(seed=3, block_out_channels=(8, 16), layers_per_block=0, norm_num_groups=4,
+                  latent_channels=4).save_pretrained(folder, safe_serialization=True)
+    r = verify_checkpoint(make_checkpoint(base / "no-resnets-ckpt", folder), folder)
+    assert r.ok, r.format_text()
+    cases = {c["op"]: c for c in r.parity["cases"]}
+    assert cases["decode"]["status"] == "passed" and cases["decode"]["rel_l2"] <= 1e-5
+    assert cases["encode"]["status"] == "skipped"
+    assert cases["encode"]["reason"].startswith("this VAE cannot encode: with layers_per_block=0")
+    assert "    encode of video (1, 17, 32, 32, 3): SKIPPED: this VAE cannot encode" in r.format_text()
+
+
 def test_msgpack_format_and_diffusers_source(good, vae):
     r = verify_checkpoint(good, format="msgpack", parity=False)
     assert r.ok and r.source_detail == "msgpack format"
