@@ -864,8 +864,9 @@ class AutoencoderKLCogVideoX(nnx.Module):
         which torch refuses for n < 2 ("Kernel size can't be greater than actual input size"); so
         does this model, instead of returning an empty latent. A config whose encoder cannot run
         at all (``config.encode_problem``) is refused here too, before any work."""
-        if self.config.encode_problem:
-            raise ValueError(self.config.encode_problem)
+        problem = self.config.encode_problem
+        if problem:
+            raise ValueError(problem)
         for name, n in (("height", height), ("width", width)):
             size = n
             for _ in range(len(self.config.block_out_channels) - 1):
