@@ -53,8 +53,9 @@ def weights_names(variant: Optional[str] = None) -> list[str]:
     return names
 
 
+# (a variant with a dot, such as v1.5, is one diffusers writes: diffusion_pytorch_model.v1.5.safetensors)
 _WEIGHTS_FILE = re.compile(
-    re.escape(WEIGHTS_NAME) + r"(?:\.(?P<a>[A-Za-z0-9][A-Za-z0-9_-]*?))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
+    re.escape(WEIGHTS_NAME) + r"(?:\.(?P<a>[A-Za-z0-9][A-Za-z0-9_.-]*?))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)"
     r"(?:(?:\.(?P<c>[A-Za-z0-9][A-Za-z0-9_-]*?))?\.index(?:\.(?P<b>[A-Za-z0-9][A-Za-z0-9_-]*))?\.json)?")
 
 

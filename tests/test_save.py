@@ -13,6 +13,7 @@ by tests/test_push.py with its recording HfApi.
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -516,3 +517,27 @@ def test_export_diffusers_command_says_what_it_kept(tmp_path):
     r = CliRunner().invoke(cli, ["export-diffusers", str(ck), "--out", str(out), "--overwrite", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["kept"] == ["diffusion_pytorch_model.fp16.safetensors"]
     assert r.stderr == ""
+
+
+def test_weights_of_a_dotted_variant_are_kept_as_any_other_variant(tmp_path):
+    """An export with --overwrite keeps other variants' weights (as diffusers' save_pretrained
+    does); a variant with a dot in its name (diffusion_pytorch_model.v1.5.safetensors, which
+    diffusers writes for variant="v1.5") was not recognised as weights and was deleted silently."""
+    from cogvae.converter.layout import weights_variant
+
+    assert [weights_variant(n) for n in ("diffusion_pytorch_model.v1.5.safetensors",
+                                         "diffusion_pytorch_model.v1.5-00001-of-00002.safetensors",
+                                         "diffusion_pytorch_model.v1.5.safetensors.index.json",
+                                         "diffusion_pytorch_model.safetensors.index.fp16.json",
+                                         "diffusion_pytorch_model.safetensors", "config.json")] == \
+        [(True, "v1.5"), (True, "v1.5"), (True, "v1.5"), (True, "fp16"), (True, None), (False, None)]
+    ck = tmp_path / "ck"
+    convert(None, ck, validate=False, quiet=True)
+    out = tmp_path / "vae"
+    r = CliRunner().invoke(cli, ["export-diffusers", str(ck), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    dotted = out / "diffusion_pytorch_model.v1.5.safetensors"
+    shutil.copyfile(out / "diffusion_pytorch_model.safetensors", dotted)
+    r = CliRunner().invoke(cli, ["export-diffusers", str(ck), "--out", str(out), "--overwrite", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["kept"] == [dotted.name]
+    assert dotted.is_file()
