@@ -648,7 +648,7 @@ def _parity(config: Any, params: dict[str, np.ndarray], mapping: Any, seed: int 
     with torch.no_grad():
         want = {"decode": model.decode(to_torch(z)).sample.numpy()}
         got = {"decode": np.asarray(ours.decode(jnp.asarray(z))).transpose(0, 4, 1, 2, 3)}
-        if len(ops) > 1:
+        if not no_encode:
             dist = model.encode(to_torch(video)).latent_dist
             want["encode"] = torch.cat([dist.mean, dist.logvar], dim=1).numpy()
             mean, logvar = ours.encode(jnp.asarray(video))
