@@ -20,6 +20,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import queue
@@ -44,7 +45,7 @@ from .hub import CHECKPOINT_FOLDER, UnreadableError, local_path, not_a_folder, u
 from . import interrupts
 from .layout import (CONFIG_NAME, FORMAT_PREFIX, MANIFEST_NAME, MSGPACK_NAME, ORBAX_DIR, PROVENANCE_NAME, WEIGHTS_NAME,
                      read_json)
-from .st_io import aligned_empty
+from .st_io import aligned_empty, unholdable
 
 __all__ = [
     "CheckpointError",
@@ -285,8 +286,9 @@ def _sibling_prefix(out: Path, kind: str) -> str:
     ``.{name}.{kind}-``, with a long name shortened (plus a hash of it) so that the sibling's name
     still fits the file system's 255 bytes wherever ``out``'s own name does."""
     name = out.name
-    if len(name.encode()) > 200:
-        name = name.encode()[:180].decode(errors="ignore") + "~" + hashlib.sha1(out.name.encode()).hexdigest()[:8]
+    raw = os.fsencode(name)  # the name's bytes on disk: a name that is not UTF-8 comes as surrogate escapes
+    if len(raw) > 200:
+        name = raw[:180].decode(errors="ignore") + "~" + hashlib.sha1(raw).hexdigest()[:8]
     return f".{name}.{kind}-"
 
 
@@ -632,20 +634,33 @@ def _orbax_checkpointer():
 _ORBAX_UNSAFE = frozenset("[]*?\\")
 
 
+def _orbax_unsafe(text: str) -> bool:
+    """Whether Orbax mishandles a path holding ``text``: one of ``_ORBAX_UNSAFE``, or bytes that are
+    not UTF-8 (a name Python holds as surrogate escapes; tensorstore cannot take such a str)."""
+    if _ORBAX_UNSAFE & set(text):
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def _orbax_path(path: str | os.PathLike) -> Iterator[Path]:
     """``path`` (absolute), or, when it holds a character Orbax mishandles (``_ORBAX_UNSAFE``), the
     same folder reached through a symlink to its parent from a fresh temporary folder, removed
     afterwards. Orbax renames inside the real parent, so the result is the same as writing there."""
     path = Path(path).absolute()
-    if not _ORBAX_UNSAFE & set(str(path)):
+    if not _orbax_unsafe(str(path)):
         yield path
         return
     link_dir = Path(tempfile.mkdtemp(prefix="cogvae-orbax-"))
     try:
-        if _ORBAX_UNSAFE & set(str(link_dir)) or _ORBAX_UNSAFE & set(path.name):
-            raise OutputError(f"{path}: Orbax cannot use this path (it holds one of {''.join(sorted(_ORBAX_UNSAFE))}, "
-                              f"and so does the temporary folder {link_dir}); set TMPDIR to a plain folder")
+        if _orbax_unsafe(str(link_dir)) or _orbax_unsafe(path.name):
+            raise OutputError(f"{path}: Orbax cannot use this path (it holds one of {''.join(sorted(_ORBAX_UNSAFE))} "
+                              f"or bytes that are not UTF-8, and so does the temporary folder {link_dir}); "
+                              "set TMPDIR to a plain folder")
         os.symlink(path.parent, link_dir / "p", target_is_directory=True)
         yield link_dir / "p" / path.name
     finally:
@@ -1065,6 +1080,22 @@ def _read_orbax(path: Path) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in flatten(tree).items()}
 
 
+def _msgpack_dtype(name: str, where: str) -> np.dtype:
+    """The dtype a flax msgpack leaf names (``dtype.name``; bfloat16 from ml_dtypes): a number type
+    in this machine's byte order, which is what JAX arrays hold. A byte-swapped one (``'>f4'``)
+    would read, but no JAX array can be made of it."""
+    try:
+        dt = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+    except TypeError:
+        raise ValueError(f"{where}: unknown dtype {name!r}") from None
+    if dt.kind not in "biufc" and dt != np.dtype(ml_dtypes.bfloat16):
+        raise ValueError(f"{where}: dtype {name!r} is not a number type")
+    if not dt.isnative:
+        raise ValueError(f"{where}: dtype {name!r} is not in this machine's byte order ({dt.byteorder!r}); "
+                         "JAX arrays cannot hold it")
+    return dt
+
+
 class _MsgpackStream:
     """The subset of msgpack that flax's ``msgpack_serialize`` writes for a parameter tree: maps
     with string keys, and leaves that are its ndarray extension ``ExtType(1, (shape, dtype, data))``.
@@ -1136,8 +1167,12 @@ class _MsgpackStream:
         if data_at + nbytes != size:
             raise ValueError(f"{where}: ndarray extension sizes disagree")
         name = dtype_name.decode() if isinstance(dtype_name, bytes) else str(dtype_name)
-        dt = np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
-        if int(np.prod(shape, dtype=np.int64)) * dt.itemsize != nbytes:
+        dt = _msgpack_dtype(name, where)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"{where}: shape {list(shape)} has a negative size")
+        if why := unholdable(shape, dt):
+            raise ValueError(f"{where}: shape {list(shape)} cannot be read as an array ({why})")
+        if math.prod(shape) * dt.itemsize != nbytes:
             raise ValueError(f"{where}: {nbytes} data bytes do not fit shape {shape} {name}")
         if not data:
             rest = nbytes - len(head) + data_at
@@ -1158,9 +1193,19 @@ class _MsgpackStream:
 
     def items(self, prefix: str = "", data: bool = True) -> Iterator[tuple[str, Any]]:
         """(dotted path, array) for every leaf under the map that starts here, in file order
-        (``data=False``: (dotted path, (shape, dtype)))."""
+        (``data=False``: (dotted path, (shape, dtype))).
+
+        A key given twice in one map (msgpack allows it; flax would keep the last silently) and a
+        key that is empty or holds a "." (it would name another tensor's dotted path, or none) are
+        refused: which of two values a tensor has must never depend on the reader."""
+        seen: set[str] = set()
         for _ in range(self.map_len(self.take(1)[0])):
             k = self.key()
+            if k in seen:
+                raise ValueError(f"{prefix}{k}: key {k!r} appears more than once in its map")
+            if not k or "." in k:
+                raise ValueError(f"{prefix}{k}: key {k!r} is not a parameter name (empty, or holds a '.')")
+            seen.add(k)
             tag = self.take(1)[0]
             if 0x80 <= tag <= 0x8F or tag in (0xDE, 0xDF):
                 self.f.seek(-1, os.SEEK_CUR)

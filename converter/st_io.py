@@ -103,12 +103,17 @@ def _error(where: Path, what: str, problems: list[str]) -> SafetensorsError:
 
 
 def _strict_json(text: str, duplicates: list[str]) -> Any:
-    """``json.loads`` as strict as the safetensors library's parser (serde_json): no NaN/Infinity;
-    keys given twice in one object are appended to ``duplicates`` (Python would keep the last)."""
+    """``json.loads`` as strict as the safetensors library's parser (serde_json): no NaN/Infinity,
+    no lone surrogate in an object's keys or string values; keys given twice in one object are appended to ``duplicates`` (Python would keep the last)."""
 
     def pairs(items: list[tuple[str, Any]]) -> dict:
         out: dict = {}
         for k, v in items:
+            for text in (k, v) if isinstance(v, str) else (k,):
+                try:  # a "\ud800" escape gives Python a lone surrogate; serde_json refuses it
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{_show(text)} holds a lone surrogate (not valid Unicode)") from None
             if k in out:
                 duplicates.append(k)
             out[k] = v
@@ -141,6 +146,17 @@ def _show(v: Any, limit: int = 80) -> str:
 def _names(keys: list[str]) -> str:
     """``'a', 'b', 'c'``: every name, none elided (every tensor a problem touches is named)."""
     return ", ".join(repr(k) for k in keys)
+
+
+def unholdable(shape: tuple[int, ...], dt: np.dtype) -> Optional[str]:
+    """Why numpy cannot make an array of this shape and dtype (too many dimensions, or more
+    elements than it can address), or None. Asked of numpy itself, with a zero-stride view of one
+    element, so that no memory is allocated whatever the shape."""
+    try:
+        np.ndarray(shape, dt, buffer=np.zeros(1, dt), strides=(0,) * len(shape))
+    except (ValueError, OverflowError) as e:
+        return str(e).rstrip(".")
+    return None
 
 
 def _is_uint(v: Any) -> bool:
@@ -264,10 +280,14 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 problems.append(f"{where}: unsupported dtype {name!r} (supported: {', '.join(_DTYPES)})")
         if "shape" in info:
             s = info["shape"]
-            if isinstance(s, list) and all(_is_uint(d) for d in s):
-                shape = tuple(s)
-            else:
+            if not (isinstance(s, list) and all(_is_uint(d) for d in s)):
                 problems.append(f"{where}: shape {_show(s)} is not an array of non-negative integers")
+            elif dt is not None and (why := unholdable(tuple(s), dt)):
+                # A zero-size tensor's bytes (none) always fit the file, so only numpy's own limits
+                # (dimensions, element count) stand between such a shape and a traceback on read.
+                problems.append(f"{where}: shape {_show(s)} cannot be read as an array ({why})")
+            else:
+                shape = tuple(s)
         if "data_offsets" in info:
             o = info["data_offsets"]
             if not (isinstance(o, list) and len(o) == 2 and all(_is_uint(x) for x in o)):

@@ -103,20 +103,36 @@ def _is_int(v: Any) -> bool:  # a JSON integer: not a bool, not a float such as 
 def _is_number(v: Any) -> bool:  # a finite JSON number (an int is a valid float)
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         return False
-    return isinstance(v, numbers.Integral) or math.isfinite(v)  # (a huge int overflows isfinite)
+    try:
+        return math.isfinite(float(v))  # (an int beyond a double's range overflows: not a number we can use)
+    except OverflowError:
+        return False
 
 
 def _as_number(v: Any) -> Any:  # keep int/float as given (4 stays 4 in the exported config)
     return v if type(v) in (int, float) else (int(v) if isinstance(v, numbers.Integral) else float(v))
 
 
+# Sizes are int64 in numpy and XLA: a larger JSON integer, which Python reads exactly, would only
+# fail later, deep in flax's initialisers, as a traceback that does not name the field.
+_INT_LIMIT = 2**63
+
+
+def _int_at_least(v, low: int):
+    if _is_int(v) and low <= v < _INT_LIMIT:
+        return int(v), None
+    if _is_int(v) and v >= _INT_LIMIT:
+        return v, "must be below 2**63 (sizes are 64-bit integers)"
+    return v, f"must be an integer >= {low}"
+
+
 # Each check returns (normalized value, None) or (value, "what was expected").
 def _positive_int(v):
-    return (int(v), None) if _is_int(v) and v >= 1 else (v, "must be an integer >= 1")
+    return _int_at_least(v, 1)
 
 
 def _nonnegative_int(v):
-    return (int(v), None) if _is_int(v) and v >= 0 else (v, "must be an integer >= 0")
+    return _int_at_least(v, 0)
 
 
 def _nonnegative_number(v):
@@ -150,8 +166,10 @@ def _bool(v):
 
 
 def _channels(v):
-    if isinstance(v, (list, tuple)) and len(v) >= 1 and all(_is_int(x) and x >= 1 for x in v):
+    if isinstance(v, (list, tuple)) and len(v) >= 1 and all(_is_int(x) and 1 <= x < _INT_LIMIT for x in v):
         return tuple(int(x) for x in v), None
+    if isinstance(v, (list, tuple)) and any(_is_int(x) and x >= _INT_LIMIT for x in v):
+        return v, "must be a non-empty list of integers >= 1 and below 2**63 (sizes are 64-bit integers)"
     return v, "must be a non-empty list of integers >= 1"
 
 

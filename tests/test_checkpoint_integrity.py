@@ -150,6 +150,88 @@ def test_load_refuses_parameters_a_checkpoint_may_not_hold(ckpt, tmp_path, chang
         load(d)
 
 
+def _pack_tree(items) -> bytes:
+    """msgpack of a map given as ``[(key, value)]``, in that order and duplicates kept (which a dict
+    cannot express); a value is such a list again, or the packed bytes of a leaf."""
+    import msgpack
+
+    head = msgpack.Packer(use_bin_type=True).pack_map_header(len(items))
+    return head + b"".join(msgpack.packb(k) + (_pack_tree(v) if isinstance(v, list) else v) for k, v in items)
+
+
+def _leaf(a: np.ndarray, dtype_name: str | None = None, shape=None) -> bytes:
+    """flax's ndarray extension, ``ExtType(1, (shape, dtype name, bytes))``, with any dtype name or shape."""
+    import msgpack
+
+    body = (list(a.shape if shape is None else shape), dtype_name or a.dtype.name, a.tobytes())
+    return msgpack.packb(msgpack.ExtType(1, msgpack.packb(body, use_bin_type=True)))
+
+
+def _items(node: dict) -> list:
+    return [(k, _items(v) if isinstance(v, dict) else _leaf(v)) for k, v in sorted(node.items())]
+
+
+def _rewrite_raw(folder: Path, edit) -> None:
+    """params.msgpack rewritten as another tool's writer might (``edit`` changes the item tree of
+    the checkpoint's parameters in place), the manifest re-signed, Orbax removed."""
+    from cogvae.converter.checkpoint import nest
+
+    tree = _items(nest(_read_msgpack(folder / "params.msgpack")))
+    edit(tree)
+    (folder / "params.msgpack").write_bytes(_pack_tree(tree))
+    manifest = _manifest(folder, ["msgpack"], {})
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("orbax/")}
+    shutil.rmtree(folder / "orbax")
+    (folder / "COMPLETE").write_text(json.dumps(manifest))
+
+
+def _bias_map(tree: list) -> list:
+    """The item list of the map holding 'bias' under encoder.conv_in.conv."""
+    for part in BIAS.split(".")[:-1]:
+        tree = dict(tree)[part]
+    return tree
+
+
+def _replace_bias(tree: list, leaf: bytes) -> None:
+    m = _bias_map(tree)
+    m[[k for k, _ in m].index("bias")] = ("bias", leaf)
+
+
+_BIAS8 = np.arange(8, dtype=np.float32)
+
+
+@pytest.mark.parametrize("edit, message", [
+    # flax would hand JAX a byte-swapped array, which it refuses without naming the tensor
+    (lambda t: _replace_bias(t, _leaf(_BIAS8.astype(">f4"), ">f4")),
+     rf"{BIAS}: dtype '>f4' is not in this machine's byte order"),
+    (lambda t: _replace_bias(t, _leaf(_BIAS8, "float33")), rf"{BIAS}: unknown dtype 'float33'"),
+    # a key twice in one map: flax keeps the last value silently, so which one a tensor has would
+    # depend on the reader
+    (lambda t: _bias_map(t).append(("bias", _leaf(_BIAS8 + 7))), rf"{BIAS}: key 'bias' appears more than once"),
+    # a dotted key names another tensor's path a second time
+    (lambda t: t.append((BIAS, _leaf(_BIAS8 + 7))), rf"{BIAS}: key '{BIAS}' is not a parameter name"),
+    # a zero-size tensor of more dimensions than numpy has: was a traceback from reshape
+    (lambda t: _replace_bias(t, _leaf(np.zeros(0, np.float32), shape=[0] * 70)),
+     rf"{BIAS}: shape \[0, 0, .*\] cannot be read as an array \(maximum supported dimension"),
+], ids=["byte-swapped", "unknown-dtype", "key-twice", "dotted-key", "70-dimensions"])
+def test_a_msgpack_file_that_reads_two_ways_or_not_at_all_is_refused_by_every_reader(ckpt, tmp_path, edit, message):
+    """Each leaf of params.msgpack must read one way, as an array JAX can hold: verify and inspect
+    passed the first two (load then failed without naming the tensor) and the next two (load kept
+    one of two values silently); the last was a traceback."""
+    d = _copy(ckpt, tmp_path)
+    _rewrite_raw(d, edit)
+    assert is_converted_checkpoint(d)  # the files are what the manifest says
+    with pytest.raises(CheckpointError, match=rf"params\.msgpack: cannot read msgpack parameters: ValueError: {message}"):
+        load(d)
+    r = CliRunner().invoke(cli, ["inspect", str(d)])
+    assert r.exit_code == 3 and re.search(message, r.output), r.output
+    r = CliRunner().invoke(cli, ["verify", str(d), "--no-parity"])
+    assert r.exit_code == 1 and re.search(message, r.output) and "RESULT: FAILED" in r.output, r.output
+    r = CliRunner().invoke(cli, ["export-diffusers", str(d), "--out", str(tmp_path / "exported")])
+    assert r.exit_code == 3 and re.search(message, r.output) and ".tmp-" not in r.output, r.output
+    assert not (tmp_path / "exported").exists()
+
+
 def test_write_checkpoint_refuses_every_bad_parameter_together(ckpt, tmp_path):
     config, params, _ = read_checkpoint(ckpt, format="msgpack")
     params[BIAS] = np.full_like(params[BIAS], np.inf)

@@ -214,6 +214,12 @@ BAD_FIELDS = [
     ("layers_per_block", -1, "-1"),
     ("layers_per_block", 3.0, "3.0"),
     ("latent_channels", 16.0, "16.0"),
+    # beyond int64 (Python reads any JSON integer exactly): was a traceback from flax's initialisers
+    ("in_channels", 10**30, str(10**30)),
+    ("latent_channels", 2**64, str(2**64)),
+    ("layers_per_block", 2**63, str(2**63)),
+    ("block_out_channels", [128, 2**63, 256, 512], f"[128, {2**63}, 256, 512]"),
+    ("scaling_factor", 10**400, str(10**400)),
     ("latent_channels", "16", '"16"'),
     ("in_channels", True, "true"),
     ("out_channels", 0, "0"),
@@ -292,8 +298,9 @@ def test_all_bad_fields_are_reported_together_one_per_line():
         ({"force_upcast": "no", "latents_mean": "abc", "temporal_compression_ratio": "4"},
          ['force_upcast: must be true, false or a number, got "no"', 'latents_mean: must be null or a list',
           'temporal_compression_ratio: must be a number that is a power of two (1, 2, 4, 8, ...), got "4"']),
+        ({"in_channels": 10**30}, [f"in_channels: must be below 2**63 (sizes are 64-bit integers), got {10**30}"]),
     ],
-    ids=["groups-zero", "channels-int", "three-fields"],
+    ids=["groups-zero", "channels-int", "three-fields", "beyond-int64"],
 )
 def test_convert_cli_bad_config_field_exits_3(bad, needles, tmp_path):
     from cogvae.converter.convert import default_source

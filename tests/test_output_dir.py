@@ -41,13 +41,22 @@ def own_tmpdir(tmp_path, monkeypatch):
     return t
 
 
-@pytest.mark.parametrize("name", ["ck[1]", "a\\b", "run[lr=1e-4]/ck", "x" * 250])
+# A name that is not UTF-8 (Linux allows any bytes but "/" and NUL) is held by Python as
+# surrogate escapes: encoding it (the temporary sibling's name) and tensorstore (which cannot take
+# such a str) were tracebacks.
+_NOT_UTF8 = os.fsdecode(b"ck\xffname")
+_NOT_UTF8_LONG = os.fsdecode(b"\xfe" * 250)
+
+
+@pytest.mark.parametrize("name", ["ck[1]", "a\\b", "run[lr=1e-4]/ck", "x" * 250, _NOT_UTF8, _NOT_UTF8_LONG],
+                         ids=["brackets", "backslash", "brackets-in-parent", "250-bytes", "not-utf8",
+                              "not-utf8-250-bytes"])
 def test_awkward_output_paths_write_loadable_checkpoints(tmp_path, own_tmpdir, name):
     """Orbax finds its parts with a glob (a "[...]" anywhere in the path matched nothing, so the
     Orbax part never restored) and tensorstore takes a backslash for a separator (it wrote outside
-    the temporary folder); a 250-byte name, legal, was refused once ".tmp-..." was added. Each
-    now converts without validation (which used to hide nothing: exit 0 and a manifest over a
-    broken orbax/), and both formats load."""
+    the temporary folder); a 250-byte name, legal, was refused once ".tmp-..." was added; a name
+    that is not UTF-8 was a traceback. Each now converts without validation (which used to hide
+    nothing: exit 0 and a manifest over a broken orbax/), and both formats load."""
     out = tmp_path / name
     out.parent.mkdir(exist_ok=True)
     code, err = _convert("--out", str(out), "--no-validate")

@@ -94,6 +94,16 @@ BAD_FILES = {
     "header_array": ([1, 2], D12, ["garbage", "array"]),
     "nan_in_header": (b'{"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12], "x": NaN}}', D12,
                       ["garbage", "NaN"]),
+    # numpy cannot make these zero-size arrays (reading them was a traceback from reshape)
+    "too_many_dimensions": ({"a": _t("F32", [3], 0, 12), "z": _t("F32", [0] * 70, 12, 12)}, D12,
+                            ["'z'", "cannot be read as an array", "maximum supported dimension"]),
+    "too_many_elements": ({"a": _t("F32", [3], 0, 12), "z": _t("F32", [0, 2**63], 12, 12)}, D12,
+                          ["'z'", "[0, 9223372036854775808] cannot be read as an array"]),
+    "lone_surrogate_key": (b'{"\\ud800": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}', D12,
+                           ["garbage", "lone surrogate"]),
+    "lone_surrogate_metadata": (b'{"__metadata__": {"format": "\\udfff"}, '
+                                b'"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}}', D12,
+                                ["garbage", "lone surrogate"]),
     "duplicate_key": (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
                       b'"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}', D12,
                       ["'a'", "more than once"]),
@@ -383,7 +393,20 @@ def _path_traversal(tmp_path, tiny_tensors):
     return d, [str(d / INDEX), '"../outside.safetensors"', "not a plain file name"]
 
 
-CLI_CASES = [_overlapping, _trailing, _bad_metadata, _dup_across_shards, _weight_map_list, _weight_map_int,
+def _unreadable_shape(tmp_path, tiny_tensors):
+    """A mapped tensor given a zero-size shape of 70 dimensions: every command read it with numpy's
+    reshape and printed its traceback (exit 1)."""
+    d = _tiny_copy(tmp_path)
+    data = (default_source() / WEIGHTS).read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    a = "decoder.conv_in.conv.bias"
+    header["extra.zero"] = _t("F32", [0] * 70, 0, 0)
+    _raw(d / WEIGHTS, header, data[8 + n:])
+    return d, [str(d / WEIGHTS), "'extra.zero'", "cannot be read as an array"]
+
+
+CLI_CASES = [_unreadable_shape, _overlapping, _trailing, _bad_metadata, _dup_across_shards, _weight_map_list, _weight_map_int,
              _two_bad_shards, _path_traversal]
 
 
@@ -401,7 +424,8 @@ def test_convert_cli_exit_3(tmp_path, tiny_tensors, make):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.tmp-")]
 
 
-@pytest.mark.parametrize("make", [_overlapping, _dup_across_shards, _weight_map_list, _path_traversal])
+@pytest.mark.parametrize("make", [_unreadable_shape, _overlapping, _dup_across_shards, _weight_map_list,
+                                  _path_traversal])
 def test_inspect_cli_exit_3(tmp_path, tiny_tensors, make):
     src, needles = make(tmp_path, tiny_tensors)
     r = CliRunner().invoke(cli, ["inspect", str(src)], catch_exceptions=False)
