@@ -29,8 +29,11 @@ __all__ = ["HubError", "SourceError", "HubSourceError", "WrongKindError", "Unrea
            "resolve_source", "allow_patterns", "checkpoint_patterns", "looks_like_repo_id", "local_path", "input_exists"]
 
 
-# Hub repo ids: "namespace/name", letters, digits, '-', '_', '.'; no '--' or '..' (hub rules).
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+\Z")
+# Hub repo ids, by huggingface_hub's validate_repo_id: "namespace/name" of letters, digits, '-',
+# '_', '.', each part starting and ending with a letter, digit or '_', the name at most 96
+# characters; no '--' or '..', no '.git' at the end (looks_like_repo_id).
+_REPO_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_])?"
+_REPO_ID = re.compile(rf"{_REPO_PART}/(?=.{{1,96}}\Z){_REPO_PART}\Z")
 _COMMIT = re.compile(r"[0-9a-f]{40}\Z")
 
 
@@ -172,7 +175,7 @@ def looks_like_repo_id(source: str) -> bool:
         return False
     if not _REPO_ID.match(source):
         return False
-    return "--" not in source and ".." not in source and not source.endswith(".")
+    return "--" not in source and ".." not in source and not source.endswith(".git")
 
 
 def _looks_local(source: str) -> bool:
@@ -463,7 +466,7 @@ def _hub_error(e: BaseException, repo_id: str, revision: Optional[str], cache: s
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return HubError(f"{where}: Hub request failed: {first}")
     if isinstance(e, HFValidationError):
-        return HubError(f"{repo_id!r}: not a valid Hub repo id: {str(e).strip().splitlines()[0]}")
+        return HubSourceError(f"{repo_id!r}: not a valid Hub repo id: {str(e).strip().splitlines()[0]}")
     try:
         from httpx2 import TransportError as _Transport  # huggingface_hub's HTTP client
     except ImportError:  # pragma: no cover - older huggingface_hub
@@ -610,7 +613,10 @@ def resolve_source(
         raise HubSourceError(f"{text}: the revision is empty (--revision ''): give a branch, tag or commit sha, "
                              "or leave it out")
     path = local_path(text)
-    if input_exists(path):  # a local path that cannot be looked at: UnreadableError, never a Hub request
+    exists = input_exists(path)
+    if not exists and os.path.islink(path):  # named, but dangling: a local input, never a Hub repo id
+        raise HubSourceError(f"{text} is a broken symlink (to {os.readlink(path)}, which does not exist)")
+    if exists:  # a local path that cannot be looked at: UnreadableError, never a Hub request
         if revision is not None:
             raise HubSourceError(f"{text}: --revision applies to Hub repo ids only, not to a local folder")
         if not path.is_dir():

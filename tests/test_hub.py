@@ -16,7 +16,7 @@ import json
 import pytest
 
 from _hubcache import add_snapshot, pipeline_files, record_requests, save_tiny_vae
-from cogvae.converter.hub import HubError, ResolvedSource, allow_patterns, looks_like_repo_id, resolve_source
+from cogvae.converter.hub import HubError, ResolvedSource, SourceError, allow_patterns, looks_like_repo_id, resolve_source
 from cogvae.converter.loading import find_diffusers_vae
 
 REPO = "org/tiny-cogvideox"
@@ -68,9 +68,51 @@ def test_revision_on_a_local_folder_is_refused(vae_dir):
 
 @pytest.mark.parametrize("text,ok", [("org/name", True), ("THUDM/CogVideoX-2b", True), ("a/b.c_d-e", True),
                                      ("./x", False), ("/abs", False), ("a/b/c", False), ("name", False),
-                                     ("a--b/c", False), ("a/b..c", False)])
+                                     ("a--b/c", False), ("a/b..c", False),
+                                     # huggingface_hub's rules: parts start and end with a letter,
+                                     # digit or '_'; a name of at most 96; no '.git' at the end
+                                     ("a/.b", False), ("a/b-", False), ("-a/b", False), ("a./b", False),
+                                     ("_a/_b", True), ("a/" + "x" * 96, True), ("a/" + "x" * 97, False),
+                                     ("a/b.git", False), ("a/b.gi", True)])
 def test_looks_like_repo_id(text, ok):
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
     assert looks_like_repo_id(text) is ok
+    if text.count("/") == 1:  # the same verdict as the Hub client's (which also takes ids without an org)
+        try:
+            validate_repo_id(text)
+        except HFValidationError:
+            assert not ok
+        else:
+            assert ok
+
+
+@pytest.mark.parametrize("given, message", [
+    # Hub-shaped but not a valid id: was exit 5 (a Hub error) although no Hub was asked
+    ("a/.b", "a/.b: no such folder and not a Hub repo id ('org/name')"),
+    # a dangling symlink named like 'org/name' was looked up in the Hub cache (exit 5)
+    ("w/dangling", "w/dangling is a broken symlink (to /nonexistent/x, which does not exist)"),
+])
+def test_a_bad_source_that_no_hub_was_asked_about_is_exit_3(tmp_path, monkeypatch, given, message):
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "dangling").symlink_to("/nonexistent/x")
+    with pytest.raises(HubError) as e:
+        resolve_source(given, cache_dir=tmp_path / "hub")
+    assert str(e.value) == message and isinstance(e.value, SourceError)
+    for args in (["convert", given, "--out", "o", "-q"], ["inspect", given], ["verify", given],
+                 ["export-diffusers", given, "--out", "o"]):
+        r = CliRunner().invoke(cli, args)
+        # (each command says "no such ..." in its own words of what it takes)
+        assert r.exit_code == 3 and r.stderr.startswith(f"Error: {given}") and r.stderr.count("\n") == 1, r.output
+        assert "broken symlink" not in message or r.stderr == f"Error: {message}\n", r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]
 
 
 def test_resolves_pipeline_repo_offline_with_vae_subfolder(cache):
