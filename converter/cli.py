@@ -288,6 +288,15 @@ def _subfolder(ctx: click.Context, param: click.Parameter, value: Optional[str])
     return value
 
 
+def _read_variant(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    """An empty --variant / --reference-variant names no file (diffusers would look for
+    ``diffusion_pytorch_model..safetensors``): a usage error, as for export-diffusers --variant."""
+    if value is not None and not value.strip():
+        raise click.BadParameter("an empty variant names no weights file; leave the option out to read the "
+                                 "weights without a variant")
+    return value
+
+
 def _convert_options(f):
     opts = [
         click.argument("source", required=False),
@@ -296,7 +305,8 @@ def _convert_options(f):
         click.option("--subfolder", default="vae", show_default=True, callback=_subfolder,
                      help="VAE subfolder of a pipeline repo/folder ('' for a bare VAE repo)."),
         click.option("--revision", default=None, help="Hub branch, tag or commit (Hub sources only)."),
-        click.option("--variant", default=None, help="Weights variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)."),
+        click.option("--variant", default=None, callback=_read_variant,
+                     help="Weights variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)."),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
                      help="Store parameters in this dtype (default: keep the source dtype)."),
         click.option("--format", "fmt", type=click.Choice(["orbax", "msgpack", "both"]), default="both",
@@ -569,7 +579,7 @@ def inspect_source(source: str | Path, *, subfolder: str = "vae", variant: Optio
 @click.argument("source")
 @click.option("--subfolder", default="vae", show_default=True, callback=_subfolder,
               help="VAE subfolder of a pipeline folder or repo.")
-@click.option("--variant", default=None, help="Weights variant of a diffusers folder.")
+@click.option("--variant", default=None, callback=_read_variant, help="Weights variant of a diffusers folder.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub SOURCE only).")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN / login).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout.")
@@ -632,11 +642,12 @@ def inspect_command(source, subfolder, variant, revision, token, as_json):
               help="Which stored format of a checkpoint SOURCE to read (default: orbax when present).")
 @click.option("--subfolder", default="vae", show_default=True, callback=_subfolder,
               help="VAE subfolder of a diffusers pipeline SOURCE.")
-@click.option("--variant", default=None, help="Weights variant of a diffusers SOURCE, e.g. fp16.")
+@click.option("--variant", default=None, callback=_read_variant, help="Weights variant of a diffusers SOURCE, e.g. fp16.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit of SOURCE (Hub SOURCE only).")
 @click.option("--reference-subfolder", default="vae", show_default=True, callback=_subfolder,
               help="VAE subfolder of a diffusers pipeline --reference.")
-@click.option("--reference-variant", default=None, help="Weights variant of a diffusers --reference, e.g. fp16.")
+@click.option("--reference-variant", default=None, callback=_read_variant,
+              help="Weights variant of a diffusers --reference, e.g. fp16.")
 @click.option("--reference-revision", default=None,
               help="Hub branch, tag or commit of --reference (Hub --reference only), e.g. the commit a "
                    "fine-tune's base was at.")

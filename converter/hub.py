@@ -187,6 +187,14 @@ def _looks_local(source: str) -> bool:
     )
 
 
+def check_read_variant(variant: Optional[str]) -> None:
+    """An empty ``variant`` names no file (diffusers would look for ``diffusion_pytorch_model..safetensors``):
+    a ValueError, rather than reading the weights without a variant as if it were None."""
+    if variant is not None and not str(variant).strip():
+        raise ValueError(f"variant {variant!r}: an empty variant names no weights file; pass None (leave "
+                         "--variant out) to read the weights without a variant")
+
+
 def strip_subfolder(subfolder: Optional[str]) -> str:
     """``subfolder`` as the folder path it names: without leading or trailing slashes ('' or None:
     the root). Every use of a subfolder (Hub patterns, local folders) goes through this, so a
@@ -608,6 +616,7 @@ def resolve_source(
     """
     if kind not in (None, *KINDS):
         raise ValueError(f"unknown kind {kind!r}; use 'checkpoint' or 'diffusers'")
+    check_read_variant(variant)
     text = os.fspath(source)
     if revision is not None and not str(revision).strip():
         raise HubSourceError(f"{text}: the revision is empty (--revision ''): give a branch, tag or commit sha, "

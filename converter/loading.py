@@ -22,6 +22,7 @@ from cogvae.model import AutoencoderKLCogVideoX, ConfigError, VAEConfig, abstrac
 from .engine import convert_tensors
 from .hub import (  # SourceError lives with the source resolver (no jax there)
     SourceError,
+    check_read_variant,
     UnreadableError,
     input_exists,
     local_path,
@@ -67,6 +68,7 @@ class DiffusersSource:
 def find_diffusers_vae(path: str | Path, *, subfolder: str = "vae", variant: Optional[str] = None) -> DiffusersSource:
     """Locate config and weights in a VAE folder or a pipeline folder with ``<subfolder>/``
     (``~`` expanded). A folder that cannot be looked into raises :class:`UnreadableError`."""
+    check_read_variant(variant)
     root = local_path(path)
     subfolder = strip_subfolder(subfolder)  # '/vae', 'vae/' name the folder 'vae', as for a Hub repo
     if not input_exists(root):

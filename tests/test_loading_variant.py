@@ -138,6 +138,32 @@ def test_a_subfolder_out_of_the_folder_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_empty_variant_is_refused_as_export_diffusers_refuses_it(tmp_path):
+    """``--variant ''`` read the weights without a variant in convert, inspect and verify (diffusers
+    looks for 'diffusion_pytorch_model..safetensors'), while export-diffusers refused it: now a
+    usage error everywhere (exit 2), and a ValueError from the Python API."""
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+    from cogvae.converter.convert import default_source
+    from cogvae.converter.hub import resolve_source
+    from cogvae.converter.loading import find_diffusers_vae
+
+    src = str(default_source())
+    for call in (lambda: load(src, variant=""), lambda: find_diffusers_vae(src, variant=" "),
+                 lambda: resolve_source("org/name", variant="", cache_dir=tmp_path / "hub")):
+        with pytest.raises(ValueError, match="an empty variant names no weights file"):
+            call()
+    ckpt = tmp_path / "ckpt"
+    assert CliRunner().invoke(cli, ["convert", "--out", str(ckpt), "--no-validate", "-q"]).exit_code == 0
+    for args in (["convert", src, "--out", str(tmp_path / "out"), "--variant", ""], ["inspect", src, "--variant", ""],
+                 ["verify", src, "--variant", ""], ["verify", str(ckpt), "--reference", src, "--reference-variant", ""],
+                 ["export-diffusers", str(ckpt), "--out", str(tmp_path / "out"), "--variant", ""]):
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 2 and "Invalid value for " in r.stderr and "variant" in r.stderr, (args, r.output)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name, make, message", [
     ("diffusion_pytorch_model.safetensors", lambda p: p.symlink_to("/nonexistent/blob"),
      "is a broken symlink (to /nonexistent/blob, which does not exist): cannot read the VAE weights"),
