@@ -83,6 +83,11 @@ class ReplacedWhileReadingError(CheckpointError):
     not a corrupt checkpoint, one to read again once the writing is done."""
 
 
+class FormatNotHeldError(CheckpointError):
+    """A sound checkpoint without the format asked for (``format=``, ``--format``): an option that
+    does not fit the input, not a corrupt checkpoint."""
+
+
 class OutputError(OSError):
     """An output location that cannot be used (exists without overwrite, not writable)."""
 
@@ -1469,7 +1474,7 @@ def _read_checkpoint_once(folder: Path, format: Optional[str], verify: bool, as_
     if format not in FORMATS:
         raise CheckpointError(f"{folder}: unknown format {format!r}; use 'orbax' or 'msgpack'")
     if format not in formats:
-        raise CheckpointError(f"{folder}: holds no {format} parameters (formats: {', '.join(formats) or 'none'})")
+        raise FormatNotHeldError(f"{folder}: holds no {format} parameters (formats: {', '.join(formats) or 'none'})")
     want = (CONFIG_NAME, FORMAT_PREFIX[format])
     _verify_files(folder, manifest, want, hashes=verify, only=True, opened=True)
     prefix = FORMAT_PREFIX[format]

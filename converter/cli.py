@@ -79,6 +79,9 @@ def _fail(e: BaseException) -> None:
     if code is None:
         raise e
     msg = str(e).strip() or type(e).__name__
+    if code == EXIT_USAGE:  # an argument refused by the API (a malformed repo id): click's usage line too, as
+        # for any other usage error (exit 2 either way)
+        raise click.UsageError(msg, ctx=click.get_current_context(silent=True)) from None
     click.echo(f"Error: {msg}", err=True)
     sys.exit(code)
 

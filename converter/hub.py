@@ -252,15 +252,16 @@ def _checkpoint_format(snapshot: Path, where: str, format: Optional[str]) -> tup
         formats = [f for f in manifest.get("formats") or [] if f in FORMAT_PREFIX]
         if not isinstance(manifest.get("files"), dict):
             raise ValueError("no file list")
-    except (OSError, ValueError, AttributeError) as e:
-        raise HubError(f"{where}: corrupt {MANIFEST_NAME} manifest in the snapshot at {snapshot} ({e})") from None
+    except (OSError, ValueError, AttributeError) as e:  # what the repo holds: a bad source, not a Hub failure
+        raise HubSourceError(f"{where}: corrupt {MANIFEST_NAME} manifest in the snapshot at {snapshot} ({e})") from None
     if format is not None:
         if format not in FORMAT_PREFIX:
-            raise HubError(f"{where}: unknown format {format!r}; use 'orbax' or 'msgpack'")
+            raise HubSourceError(f"{where}: unknown format {format!r}; use 'orbax' or 'msgpack'")
         if format not in formats:
-            raise HubError(f"{where}: the checkpoint holds no {format} parameters (formats: {', '.join(formats) or 'none'})")
+            raise HubSourceError(f"{where}: the checkpoint holds no {format} parameters "
+                                 f"(formats: {', '.join(formats) or 'none'})")
     elif not formats:
-        raise HubError(f"{where}: the checkpoint's {MANIFEST_NAME} manifest lists no parameter format")
+        raise HubSourceError(f"{where}: the checkpoint's {MANIFEST_NAME} manifest lists no parameter format")
     else:
         cached = [f for f in formats if all((snapshot / rel).is_file() for rel in _format_files(manifest, f))]
         format = cached[0] if cached else "orbax" if "orbax" in formats else formats[0]

@@ -349,8 +349,8 @@ def _load_side(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str,
     and variant to a converted checkpoint: refused, never silently ignored; a revision to a local
     folder). ``diffusers_copy``: also fetch a Hub checkpoint's diffusers copy (the source's, which
     is compared; never the reference's)."""
-    from .checkpoint import (CheckpointError, ReplacedWhileReadingError, _identity, check_files, looks_like_checkpoint,
-                             read_checkpoint)
+    from .checkpoint import (CheckpointError, FormatNotHeldError, ReplacedWhileReadingError, _identity, check_files,
+                             looks_like_checkpoint, read_checkpoint)
     from .hub import EITHER_FOLDER, UnreadableError, input_exists, local_path, not_a_folder, strip_subfolder
     from .loading import SourceError
     from .loading import not_for_checkpoint as refusal
@@ -427,6 +427,8 @@ def _load_side(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str,
                 return replaced()
         except UnreadableError as e:  # permission denied: an input problem, not a corrupt checkpoint
             return unreachable(e)
+        except FormatNotHeldError as e:  # --format names a format it lacks: the option, not the checkpoint
+            return unreachable(SourceError(str(e)))
         except CheckpointError as e:
             # a file gone or changed because the whole checkpoint was replaced meanwhile is not a
             # corrupt checkpoint: an input to verify again (exit 3), not a failed check (exit 1)

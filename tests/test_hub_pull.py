@@ -150,6 +150,33 @@ def test_a_cache_with_one_format_loads_offline(tmp_path, made, monkeypatch):
         load(REPO, cache_dir=cache, format="orbax")
 
 
+def test_a_format_the_checkpoint_repo_does_not_hold_is_bad_input(tmp_path, monkeypatch):
+    """A repo whose manifest lists msgpack only, asked for Orbax: bad input (exit 3 in every
+    command, as for a local checkpoint), where it was a Hub error (exit 5). Offline, from a
+    pre-populated cache: the real snapshot_download finds the probe's files there."""
+    import huggingface_hub.constants
+
+    from cogvae.converter.convert import convert
+    from cogvae.converter.hub import HubSourceError
+
+    ck = tmp_path / "ck"
+    convert(None, ck, formats="msgpack", quiet=True, validate=False)
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, {p.name: p for p in ck.iterdir()}, commit=SHA_MAIN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    message = f"{REPO}@{SHA_MAIN}: the checkpoint holds no orbax parameters (formats: msgpack)"
+    with pytest.raises(HubSourceError) as e:
+        load(REPO, format="orbax")
+    assert str(e.value) == message
+    for args in (["verify", REPO, "--format", "orbax", "--no-parity"],
+                 ["export-diffusers", REPO, "--format", "orbax", "--out", str(tmp_path / "x")]):
+        r = CliRunner().invoke(cli, args)
+        assert (r.exit_code, r.stderr) == (3, f"Error: {message}\n"), (args, r.output)
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_diffusers_repo_loads_by_repo_id(hub, made):
     assert resolve_source(PIPELINE, quiet=True).kind == "diffusers"
     _same_params(load(PIPELINE), load(made["vae_dir"]))

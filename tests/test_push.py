@@ -833,11 +833,13 @@ def test_a_malformed_repo_id_is_a_usage_error_before_any_work(ckpt, tmp_path, mo
             flags = (["--dry-run"] if dry_run else []) + extra
             r = CliRunner().invoke(cli, ["push", str(ckpt), repo_id, *flags])
             assert (r.exit_code, r.stdout) == (2, ""), r.output
-            assert r.stderr == f"Error: {repo_id!r}: not a Hub repo id (expected 'org/name')\n"
+            assert r.stderr.startswith("Usage: ") and r.stderr.endswith(
+                f"\n\nError: {repo_id!r}: not a Hub repo id (expected 'org/name')\n"), r.stderr  # as any usage error
             r = CliRunner().invoke(convert_command, ["--out", str(tmp_path / "o"), "--no-validate",
                                                      "--push-to-hub", repo_id, *flags])
             assert (r.exit_code, r.stdout) == (2, ""), r.output
-            assert r.stderr == f"Error: {repo_id!r}: not a Hub repo id (expected 'org/name')\n"
+            assert r.stderr.startswith("Usage: ") and r.stderr.endswith(
+                f"\n\nError: {repo_id!r}: not a Hub repo id (expected 'org/name')\n"), r.stderr  # as any usage error
     assert not (tmp_path / "o").exists()
 
 

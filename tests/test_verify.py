@@ -151,7 +151,7 @@ def test_corrupted_diffusers_folder_is_a_report_not_a_crash(base, vae):
     assert any("'encoder.surprise.weight'" in p and "matches no rule" in p for p in r.load_problems)
 
 
-def test_relative_change_puts_the_perturbed_tensor_first(base, vae, good):
+def test_relative_change_puts_the_perturbed_tensor_first(base, vae, good, tmp_path):
     def perturb(params):
         rng = np.random.default_rng(0)
         params[PERTURBED_KEY] = params[PERTURBED_KEY] + 1e-2 * rng.standard_normal(params[PERTURBED_KEY].shape,
@@ -184,8 +184,13 @@ def test_relative_change_puts_the_perturbed_tensor_first(base, vae, good):
     assert r.exit_code == 1 and json.loads(r.stdout)["ok"] is False
     r = CliRunner().invoke(cli, args + ["--max-rel-change", "1", "--json"])
     assert r.exit_code == 0, r.stdout
+    # a format the checkpoint does not hold: the option does not fit the input (exit 3, as in
+    # export-diffusers and load), not a failed verification (exit 1, which a fine-tuning gate
+    # would read as a bad fine-tune)
     r = CliRunner().invoke(cli, ["verify", str(changed), "--format", "orbax", "--no-parity"])
-    assert r.exit_code == 1 and "holds no orbax parameters" in r.stdout
+    assert (r.exit_code, r.stderr) == (3, f"Error: {changed}: holds no orbax parameters (formats: msgpack)\n"), r.output
+    r = CliRunner().invoke(cli, ["export-diffusers", str(changed), "--format", "orbax", "--out", str(tmp_path / "x")])
+    assert (r.exit_code, r.stderr) == (3, f"Error: {changed}: holds no orbax parameters (formats: msgpack)\n"), r.output
 
 
 ZERO_KEY = "decoder.norm_out.norm_layer.bias"  # GroupNorm biases start at zero in diffusers
