@@ -88,7 +88,28 @@ def model_params(vae, *, dtype: Any = None, source_name: str = IN_MEMORY, action
     return params
 
 
-def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = None, token: Any = None) -> Optional[dict]:
+def _check_base_config(config_path: Path, config: Any, where: str) -> None:
+    """The base's config.json must describe the model's network, setting for setting (as ``cogvae
+    verify --reference`` compares them; the writer's diffusers version is no setting): a base of
+    another network would be recorded, and the card's verify command against it would fail."""
+    from cogvae.model import ConfigError, VAEConfig
+
+    from .loading import SourceError
+
+    try:
+        theirs, _ = VAEConfig.from_json_file_ignoring_unknown(config_path)
+    except ConfigError as e:
+        raise SourceError(f"base {where}: {e}") from None
+    a, b = dict(config.items()), dict(theirs.items())
+    differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if differ:
+        shown = "; ".join(f"{k}: {a.get(k)!r} in the model, {b.get(k)!r} in the base" for k in differ)
+        raise SourceError(f"base {where}: not the network of the model being saved ({len(differ)} setting(s) "
+                          f"differ: {shown}); pass the base it was fine-tuned from, or no base")
+
+
+def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = None, token: Any = None,
+                 config: Any = None) -> Optional[dict]:
     """What ``base`` (the checkpoint or model a fine-tune started from) is, and where its weights
     came from: the ``base`` record of the fine-tune's provenance.json; None for no base.
 
@@ -109,7 +130,9 @@ def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = No
     is neither a local folder nor a repo on the Hub; a repo that is neither a checkpoint nor a
     diffusers model; and, when the Hub cannot be reached (no network, ``HF_HUB_OFFLINE=1``) and
     the repo is not in the Hub cache, that (a base that cannot be checked is not recorded
-    unchecked: pass the local checkpoint folder the model was loaded from, or no base).
+    unchecked: pass the local checkpoint folder the model was loaded from, or no base). With
+    ``config`` (the model's), a base whose config.json has other settings is refused
+    (:class:`~cogvae.converter.loading.SourceError` listing each; see :func:`_check_base_config`).
     """
     if revision is not None and (not isinstance(revision, str) or not revision.strip()):
         raise ValueError(f"base_revision must be a non-empty branch, tag or commit, got {revision!r}")
@@ -152,13 +175,17 @@ def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = No
                 check_files(path, hashes=False)  # a valid manifest, every file it lists there with its size
             except CheckpointError as e:
                 raise CheckpointError(f"base {text}: not a complete converted checkpoint: {e}") from None
+            if config is not None:
+                _check_base_config(path / CONFIG_NAME, config, text)
             source, root = origin_of(path / PROVENANCE_NAME, text)
             return {"id": text, "revision": None, "is_hub": False, "kind": "checkpoint", "checkpoint": text,
                     "source": source, "origin": root}
         try:
-            find_diffusers_vae(path)
+            found = find_diffusers_vae(path)
         except SourceError as e:
             raise SourceError(f"base {text}: neither a converted cogvae checkpoint nor a diffusers VAE: {e}") from None
+        if config is not None:
+            _check_base_config(found.config_path, config, text)
         return {"id": text, "revision": None, "is_hub": False, "kind": "diffusers",
                 "origin": {"id": text, "revision": None, "is_hub": False}}
     if _looks_local(text) or not looks_like_repo_id(text):
@@ -184,10 +211,17 @@ def _base_source(base: Optional[str | os.PathLike], revision: Optional[str] = No
         if not (snap / PROVENANCE_NAME).is_file():
             raise HubError(f"base {where}: a cogvae checkpoint repo without {PROVENANCE_NAME} in the snapshot at "
                            f"{snap} (a cache the Hub could not complete, or an incomplete repo)")
+        if config is not None:
+            _check_base_config(snap / CONFIG_NAME, config, where)
         source, root = origin_of(snap / PROVENANCE_NAME, where)
         return {"id": text, "revision": commit, "is_hub": True, "kind": "checkpoint", "source": source,
                 "origin": root}
     if (snap / "vae" / CONFIG_NAME).is_file() or (snap / CONFIG_NAME).is_file() or pipeline_vaes(snap):
+        # the VAE's config where the small download has it (a pipeline's VAE under another
+        # folder name, found through model_index.json, was not fetched: nothing to compare)
+        vae_config = next((c for c in (snap / "vae" / CONFIG_NAME, snap / CONFIG_NAME) if c.is_file()), None)
+        if config is not None and vae_config is not None:
+            _check_base_config(vae_config, config, where)
         return {"id": text, "revision": commit, "is_hub": True, "kind": "diffusers",
                 "origin": {"id": text, "revision": commit, "is_hub": True}}
     raise HubError(f"base {where}: neither a converted cogvae checkpoint ({MANIFEST_NAME}) nor a diffusers VAE or "
@@ -230,7 +264,7 @@ def save(
 
     out = local_path(out)
     mapping = load_mapping()
-    origin = _base_source(base, base_revision, token)  # before any work: an unreadable base fails at once
+    origin = _base_source(base, base_revision, token, config=vae.config)  # before any work: a bad base fails at once
     if origin is not None and origin.get("checkpoint"):
         check_not_inside(out, origin["checkpoint"])  # (``out`` = the base itself is a save in place)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from flax import nnx
 
 from _ref import assert_parity, to_bthwc
-from cogvae.converter import ConversionError, export_diffusers, load, model_params, save
+from cogvae.converter import ConversionError, SourceError, export_diffusers, load, model_params, save
 from cogvae.converter.checkpoint import read_checkpoint
 from cogvae.converter.cli import cli
 from cogvae.converter.convert import convert, default_source
@@ -310,6 +310,46 @@ def test_a_local_base_is_recorded_as_what_it_is(tiny_model, tmp_path, kind):
     assert prov["base"]["id"] == str(base) and prov["base"]["is_hub"] is False
     assert prov["base"]["kind"] == ("checkpoint" if kind == "checkpoint" else "diffusers")
     assert prov["source"]["is_hub"] is False and prov["source"]["saved_from"] == "<in-memory model>"
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "diffusers", "hub-checkpoint", "hub-pipeline"])
+def test_a_base_of_another_network_is_refused_before_any_work(tiny_model, tmp_path, offline_cache, no_work, kind):
+    """A base whose config.json has other settings than the model's was recorded, and the card's
+    `cogvae verify --reference <base>` then failed on them. Each kind of base, local and on the
+    Hub (faked: a pre-populated offline cache, see ``offline_cache``), is now compared, setting
+    by setting, before any work."""
+    import shutil
+
+    from _hubcache import add_snapshot
+
+    other = tmp_path / "other"
+    shutil.copytree(default_source(), other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg.update(norm_eps=1e-5, scaling_factor=0.7)
+    (other / "config.json").write_text(json.dumps(cfg))
+    ckpt = tmp_path / "other-ckpt"
+    convert(other, ckpt, quiet=True, validate=False, formats=("msgpack",))
+    commit = "7" * 40
+    if kind == "checkpoint":
+        base, where = ckpt, str(ckpt)
+    elif kind == "diffusers":
+        base, where = other, str(other)
+    elif kind == "hub-checkpoint":
+        add_snapshot(offline_cache, "me/other-jax", {p.name: p for p in ckpt.iterdir()}, commit=commit)
+        base, where = "me/other-jax", f"me/other-jax@{commit}"
+    else:
+        index = tmp_path / "model_index.json"
+        index.write_text(json.dumps({"vae": ["diffusers", "AutoencoderKLCogVideoX"]}))
+        files = {"model_index.json": index, **{f"vae/{p.name}": p for p in other.iterdir()}}
+        add_snapshot(offline_cache, "org/other", files, commit=commit)
+        base, where = "org/other", f"org/other@{commit}"
+    with pytest.raises(SourceError) as e:
+        save(tiny_model, tmp_path / "ft", base=base)
+    assert str(e.value) == (
+        f"base {where}: not the network of the model being saved (2 setting(s) differ: norm_eps: 1e-06 in the "
+        "model, 1e-05 in the base; scaling_factor: 1.15258426 in the model, 0.7 in the base); pass the base it "
+        "was fine-tuned from, or no base")
+    assert not (tmp_path / "ft").exists()
 
 
 # ----------------------------------------------------------------------------------------
