@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping as TMapping, Optional
@@ -87,11 +88,20 @@ def find_diffusers_vae(path: str | Path, *, subfolder: str = "vae", variant: Opt
 
 def _not_a_file(path: Path) -> Optional[str]:
     """Why ``path``, which is there by name, is not a file to read: a broken symlink (a Hub cache
-    whose blob was deleted looks like this) or a folder; None when it is not there at all."""
+    whose blob was deleted looks like this), a folder, or another kind of file that is not a
+    regular one (a FIFO, ...); None when it is a regular file or not there at all."""
     if path.is_symlink() and not path.exists():
         return f"{path} is a broken symlink (to {os.readlink(path)}, which does not exist)"
     if path.is_dir():
         return f"{path} is a folder, not a file"
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if not stat.S_ISREG(mode):  # a FIFO, socket or device: reading it would block or give no weights
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        return f"{path} is {kind}, not a regular file"
     return None
 
 

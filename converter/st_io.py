@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
@@ -191,8 +192,12 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         # file into place) cannot mix two files' bytes; an edit of the file in place is caught by
         # change_problems (its size and mtime against these).
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            # O_NONBLOCK: opening a FIFO (a shard named in an index, say) would wait for a writer
+            # forever; it is refused below, as is anything else that is not a regular file.
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
             st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SafetensorsError(f"{self.path}: not a regular file (a FIFO, socket or device): cannot read it")
             self._stat = _identity(st)
             size = st.st_size
             head = _pread_all(self._fd, 8, 0)

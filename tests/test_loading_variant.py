@@ -4,6 +4,8 @@ diffusers 0.42 names a sharded variant's index ``diffusion_pytorch_model.safeten
 (not ``...fp16.safetensors.index.json``); both spellings must be found.
 """
 
+import os
+
 import jax.numpy as jnp
 import pytest
 import numpy as np
@@ -170,7 +172,11 @@ def test_an_empty_variant_is_refused_as_export_diffusers_refuses_it(tmp_path):
     ("diffusion_pytorch_model.safetensors", lambda p: p.mkdir(), "is a folder, not a file: cannot read the VAE weights"),
     ("config.json", lambda p: p.symlink_to("/nonexistent/config"),
      "is a broken symlink (to /nonexistent/config, which does not exist): cannot read the VAE config"),
-])
+    # a FIFO was "no such file (found: ...)", and a FIFO config.json "not a diffusers VAE folder"
+    ("diffusion_pytorch_model.safetensors", lambda p: os.mkfifo(p),
+     "is a FIFO, not a regular file: cannot read the VAE weights"),
+    ("config.json", lambda p: os.mkfifo(p), "is a FIFO, not a regular file: cannot read the VAE config"),
+], ids=["weights-broken-link", "weights-folder", "config-broken-link", "weights-fifo", "config-fifo"])
 def test_a_file_that_is_there_but_cannot_be_read_is_named_as_such(tmp_path, name, make, message):
     """A Hub cache whose blob was deleted leaves broken symlinks: the message said the file was
     missing (or not a VAE folder) while listing it as found."""

@@ -376,6 +376,42 @@ def _weight_map_int(tmp_path, tiny_tensors):
     return d, [str(d / INDEX), repr(keys[0]), "shard file name 5 is a number"]
 
 
+def _unblock_later(fifo: Path, after: float = 30.0, until: float = 90.0) -> None:
+    """So that a regression fails instead of hanging the suite: from ``after`` seconds on, a
+    thread opens ``fifo`` for writing without blocking (which succeeds only while a reader waits
+    in open) and closes it at once, ending that reader's wait; it gives up at ``until``."""
+    import errno
+    import os
+    import threading
+    import time
+
+    def run():
+        time.sleep(after)
+        end = time.monotonic() + until - after
+        while time.monotonic() < end:
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENXIO, errno.ENOENT):
+                    return
+            time.sleep(0.5)
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+def _fifo_shard(tmp_path, tiny_tensors):
+    """A shard that is a FIFO: opening it waited for a writer forever (every command hung)."""
+    import os
+
+    d = _tiny_copy(tmp_path)
+    _sharded(d, _split(tiny_tensors)[1])
+    (d / B).unlink()
+    os.mkfifo(d / B)
+    _unblock_later(d / B)
+    return d, [str(d / INDEX), f"{d / B}: not a regular file (a FIFO, socket or device)"]
+
+
 def _two_bad_shards(tmp_path, tiny_tensors):
     d = _tiny_copy(tmp_path)
     _sharded(d, _split(tiny_tensors)[1])
@@ -406,7 +442,7 @@ def _unreadable_shape(tmp_path, tiny_tensors):
     return d, [str(d / WEIGHTS), "'extra.zero'", "cannot be read as an array"]
 
 
-CLI_CASES = [_unreadable_shape, _overlapping, _trailing, _bad_metadata, _dup_across_shards, _weight_map_list, _weight_map_int,
+CLI_CASES = [_unreadable_shape, _fifo_shard, _overlapping, _trailing, _bad_metadata, _dup_across_shards, _weight_map_list, _weight_map_int,
              _two_bad_shards, _path_traversal]
 
 
@@ -424,8 +460,8 @@ def test_convert_cli_exit_3(tmp_path, tiny_tensors, make):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.tmp-")]
 
 
-@pytest.mark.parametrize("make", [_unreadable_shape, _overlapping, _dup_across_shards, _weight_map_list,
-                                  _path_traversal])
+@pytest.mark.parametrize("make", [_unreadable_shape, _fifo_shard, _overlapping, _dup_across_shards,
+                                  _weight_map_list, _path_traversal])
 def test_inspect_cli_exit_3(tmp_path, tiny_tensors, make):
     src, needles = make(tmp_path, tiny_tensors)
     r = CliRunner().invoke(cli, ["inspect", str(src)], catch_exceptions=False)
