@@ -96,6 +96,9 @@ def branch_problem(revision: Any) -> Optional[str]:
         bad = rule.search(revision)
         if bad:
             return f"{revision!r} is not a valid branch name (git refuses {named(bad)})"
+    if re.fullmatch(r"[0-9a-f]{40}", revision):  # git takes it, but every Hub client reads it as a commit
+        return (f"{revision!r} is not a usable branch name (40 hex digits: the Hub and huggingface_hub read "
+                "it as a commit sha, so the card's commands could not reach the branch)")
     return None
 
 
@@ -204,13 +207,21 @@ def _checked_listing(ckpt: Path, hashes: bool) -> list[str]:
 
 def _refuse_unpushable(ckpt: Path, listed: list[str]) -> None:
     """A listed file a push must not upload: one that leads outside the folder through a symlink
-    (its content is not the checkpoint's to publish, whatever the manifest says), or one named like
-    a file the push itself writes (the model card, the diffusers weights), which would replace it."""
+    (its content is not the checkpoint's to publish, whatever the manifest says), one named like
+    a file the push itself writes (the model card, the diffusers weights), which would replace it,
+    or any other file a checkpoint does not write (another tool's manifest may list anything)."""
     root = ckpt.resolve()
     for rel in listed:
         if rel in _GENERATED:
             raise PushInputError(f"{ckpt / rel}: listed in the {MANIFEST_NAME} manifest, but push writes {rel} "
                                  "itself; not pushed (convert the checkpoint again)")
+        if not (rel in (CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME, FORMAT_PREFIX["msgpack"])
+                or rel.startswith(FORMAT_PREFIX["orbax"])):
+            # (a .gitattributes would replace the repo's LFS rules, a diffusers index would be what
+            # from_pretrained loads; a checkpoint writes neither)
+            raise PushInputError(f"{ckpt / rel}: listed in the {MANIFEST_NAME} manifest, but not a file of a "
+                                 f"cogvae checkpoint ({CONFIG_NAME}, {PROVENANCE_NAME}, {FORMAT_PREFIX['msgpack']}, "
+                                 f"{FORMAT_PREFIX['orbax']}...); not pushed (convert the checkpoint again)")
         target = (ckpt / rel).resolve()
         if target != root and root not in target.parents:
             raise PushInputError(f"{ckpt / rel}: a symlink leading outside the checkpoint folder (to {target}); "
@@ -348,11 +359,12 @@ def _commit_message(provenance: dict) -> str:
 
 
 def model_card_text(repo_id: str, config: dict, provenance: dict, *, diffusers: bool = False,
-                    revision: Optional[str] = None) -> str:
+                    revision: Optional[str] = None, formats: Optional[list[str]] = None) -> str:
     """The README.md (YAML metadata + markdown) for a converted checkpoint pushed to ``repo_id``;
     ``diffusers``: the push also holds the weights in diffusers' format; ``revision``: the branch
     it is pushed to (or a pull request's base), which the card's code and commands then name (they
-    would otherwise read the repo's main branch: other weights)."""
+    would otherwise read the repo's main branch: other weights); ``formats``: the ones uploaded
+    (default: what provenance.json records)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     origin = provenance_origin(provenance)
@@ -368,7 +380,9 @@ def model_card_text(repo_id: str, config: dict, provenance: dict, *, diffusers: 
         license_link=lic[2] if lic else None,
     )
     origin_text = _origin_text(origin)
-    formats = [f for f in (provenance.get("formats") or ["orbax", "msgpack"]) if f in ("orbax", "msgpack")]
+    if formats is None:
+        formats = provenance.get("formats") or ["orbax", "msgpack"]
+    formats = [f for f in formats if f in ("orbax", "msgpack")]
     described = {"orbax": "`orbax/` (Orbax checkpoint)", "msgpack": "`params.msgpack` (Flax msgpack)"}
     files = "".join(described[f] + ", " for f in formats)
     first = "Orbax" if "orbax" in formats else "msgpack"
@@ -472,8 +486,11 @@ def _plan(ckpt: Path, repo_id: str, listed: list[str], diffusers: Optional[Path]
         files = [{"path": rel, "size": (ckpt / rel).stat().st_size} for rel in listed]
     except OSError as e:
         raise _unreadable(ckpt, e) from None
+    # the formats the upload holds, as its manifest lists them (provenance.json is informational)
+    formats = [f for f, prefix in FORMAT_PREFIX.items()
+               if any(rel == prefix or (prefix.endswith("/") and rel.startswith(prefix)) for rel in listed)]
     card = model_card_text(repo_id, _read_json(ckpt / CONFIG_NAME), _read_json(ckpt / PROVENANCE_NAME),
-                           diffusers=diffusers is not None, revision=revision)
+                           diffusers=diffusers is not None, revision=revision, formats=formats)
     files.append({"path": "README.md", "size": len(card.encode("utf-8"))})
     if diffusers is not None:
         files.append({"path": DIFFUSERS_WEIGHTS, "size": Path(diffusers).stat().st_size})

@@ -850,6 +850,9 @@ def test_a_malformed_repo_id_is_a_usage_error_before_any_work(ckpt, tmp_path, mo
     ("a..b", "'a..b' is not a valid branch name (git refuses '..' in one)"),
     ("x.lock", "'x.lock' is not a valid branch name (git refuses a part of one ending with '.lock')"),
     ("-x", "'-x' is not a valid branch name (git refuses one starting with '-')"),
+    # git takes it, but the Hub's clients read it as a commit: the card's commands failed
+    ("b" * 40, f"'{'b' * 40}' is not a usable branch name (40 hex digits: the Hub and huggingface_hub read it "
+               "as a commit sha, so the card's commands could not reach the branch)"),
 ])
 def test_a_branch_that_is_none_is_a_usage_error_before_any_work(ckpt, tmp_path, monkeypatch, branch, why):
     """`--revision ""` (a CI line's unset $BRANCH) pushed to main, and a name git refuses was
@@ -1125,6 +1128,55 @@ def test_a_listed_file_leading_outside_the_folder_is_refused(ckpt, tmp_path, cas
     assert set(_files(api.uploaded)) == _listed(folder) | {"README.md"}
     assert (api.uploaded / "params.msgpack").read_bytes() == (ckpt / "params.msgpack").read_bytes()
     assert out["not_uploaded"] == ["blobs/params.msgpack"]
+
+
+@pytest.mark.parametrize("rel", [".gitattributes", "diffusion_pytorch_model.safetensors.index.json",
+                                 "diffusion_pytorch_model.fp16.safetensors", "notes/readme.txt"])
+def test_a_listed_file_a_checkpoint_never_writes_is_refused(ckpt, tmp_path, rel):
+    """A manifest another tool wrote (self-consistent: sizes and hashes right) listing a file that
+    no cogvae checkpoint has: it was uploaded, a .gitattributes replacing the repo's LFS rules, a
+    diffusers index becoming what from_pretrained loads (without --with-diffusers, whose weights
+    such a push deletes). Refused before any Hub call, dry run or not (bad input, exit 3).
+    Fake: RecordingApi stands in for the Hub (no network)."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from cogvae.converter.cli import cli
+
+    folder = tmp_path / "ck"
+    shutil.copytree(ckpt, folder)
+    (folder / rel).parent.mkdir(exist_ok=True)
+    (folder / rel).write_bytes(b"{}\n")
+    manifest = json.loads((folder / "COMPLETE").read_text())
+    manifest["files"][rel] = {"size": 3, "sha256": hashlib.sha256(b"{}\n").hexdigest()}
+    (folder / "COMPLETE").write_text(json.dumps(manifest))
+    message = (f"{folder / rel}: listed in the COMPLETE manifest, but not a file of a cogvae checkpoint (config.json, "
+               "provenance.json, params.msgpack, orbax/...); not pushed (convert the checkpoint again)")
+    for dry_run in (True, False):
+        api = RecordingApi(tmp_path)
+        with pytest.raises(PushInputError) as e:
+            push_checkpoint(folder, "me/x", api=api, dry_run=dry_run)
+        assert str(e.value) == message and api.calls == []
+    r = CliRunner().invoke(cli, ["push", str(folder), "me/x", "--dry-run"])
+    assert (r.exit_code, r.stderr) == (3, f"Error: {message}\n"), r.output
+
+
+def test_the_card_names_the_formats_the_upload_holds(ckpt, tmp_path):
+    """A msgpack-only checkpoint whose provenance.json records no formats (written by
+    write_checkpoint with another tool's provenance): the card listed orbax/ and said the loader
+    fetches Orbax, though no orbax/ was uploaded. The formats now come from the manifest's files.
+    Fake: nothing is uploaded (a dry run)."""
+    from cogvae.converter.checkpoint import read_checkpoint, write_checkpoint
+
+    config, params, _ = read_checkpoint(ckpt, format="msgpack")
+    out = tmp_path / "nf"
+    write_checkpoint(out, params, config, formats=("msgpack",), provenance={"source": SOURCE, "is_hub": True})
+    from cogvae.converter.push import plan_upload
+
+    files, card = plan_upload(out, "me/x")
+    assert not any(f["path"].startswith("orbax/") for f in files)
+    assert "params.msgpack" in card and "orbax/" not in card and "Orbax" not in card, card
 
 
 def test_a_push_deletes_a_stale_repo_file_it_does_not_replace(ckpt, tmp_path):
