@@ -569,6 +569,9 @@ def _push_error(e: BaseException, repo_id: str, step: str, *, revision: Optional
         return PushError(f"{repo_id}: {step} failed: repository not found or not writable with this token")
     if isinstance(e, HfHubHTTPError):
         status = getattr(getattr(e, "response", None), "status_code", None)
+        if status == 412:  # create_commit's parent_commit is no longer the branch's head
+            return PushError(f"{repo_id}: {step} failed: {revision or 'main'} moved while pushing (another commit "
+                             "landed after its files were listed); nothing was committed: push again")
         if status in (401, 403):
             return PushError(f"{repo_id}: {step} failed: not authorised (HTTP {status}): check the token's write "
                              "access (`hf auth login` or HF_TOKEN)")
@@ -608,11 +611,15 @@ def _commit(api: Any, ckpt: Path, listed: list[str], repo_id: str, card: str, di
     if revision and not create_pr:
         call(f"create_branch {revision!r}", api.create_branch, repo_id, branch=revision, repo_type="model",
              exist_ok=True)
-    # what the commit builds on: the branch, or a pull request's base (main by default)
-    remote = list(call("list_repo_files", api.list_repo_files, repo_id, revision=revision, repo_type="model"))
+    # What the commit builds on: the branch, or a pull request's base (main by default), at one
+    # commit: its files are listed there, and the commit names it as its parent, so that a push
+    # landing in between fails this one (HTTP 412) instead of leaving this manifest beside the
+    # other push's files (the deletions below are computed from this listing).
+    head = call("repo_info", api.repo_info, repo_id, revision=revision, repo_type="model").sha
+    remote = list(call("list_repo_files", api.list_repo_files, repo_id, revision=head or revision, repo_type="model"))
     operations, stale = _operations(ckpt, listed, card, remote, diffusers)
     info = call("upload", api.create_commit, repo_id=repo_id, operations=operations, commit_message=message,
-                repo_type="model", revision=revision, create_pr=create_pr)
+                repo_type="model", revision=revision, create_pr=create_pr, parent_commit=head)
     return info, stale
 
 

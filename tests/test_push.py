@@ -2,7 +2,7 @@
 
 What is faked, and why: there is no network here and tests must never write to the real Hub, so
 the Hub API is replaced. Most tests inject ``api=`` a small recording class with the
-``HfApi`` methods push uses (``create_repo``, ``create_branch``, ``list_repo_files``,
+``HfApi`` methods push uses (``create_repo``, ``create_branch``, ``repo_info``, ``list_repo_files``,
 ``create_commit``); it plays a repo holding given files and writes out what each commit's real
 ``huggingface_hub.CommitOperationAdd`` would upload, so its contents can be checked. One test
 instead patches those methods on the real ``huggingface_hub.HfApi`` class, so the default
@@ -51,6 +51,15 @@ def ckpt(tmp_path_factory):
     return base / "ckpt"
 
 
+#: the commit a fake repo's branch points at (push lists its files there and commits on top of it)
+HEAD = "c" * 40
+
+
+def _head_info(self, repo_id, **kwargs):
+    """HfApi.repo_info of a fake repo (patched on the real class): its branch's head commit."""
+    return SimpleNamespace(sha=HEAD)
+
+
 class RecordingApi:
     """Fake HfApi: records every call; the repo holds ``remote`` (paths); create_commit writes what
     its add operations upload into ``uploaded`` and records the deleted paths."""
@@ -71,6 +80,10 @@ class RecordingApi:
 
     def create_branch(self, *args, **kwargs):
         self.calls.append(("create_branch", args, kwargs))
+
+    def repo_info(self, repo_id, **kwargs):
+        self.calls.append(("repo_info", (repo_id,), kwargs))
+        return SimpleNamespace(sha=HEAD)
 
     def list_repo_files(self, repo_id, **kwargs):
         self.calls.append(("list_repo_files", (repo_id,), kwargs))
@@ -103,12 +116,14 @@ def test_push_uploads_checkpoint_and_model_card(ckpt, tmp_path):
     before = _files(ckpt)
     api = RecordingApi(tmp_path)
     out = push_checkpoint(ckpt, "me/tiny-vae-jax", api=api)
-    assert [c[0] for c in api.calls] == ["create_repo", "list_repo_files", "create_commit"]
+    assert [c[0] for c in api.calls] == ["create_repo", "repo_info", "list_repo_files", "create_commit"]
     name, args, kw = api.calls[0]
     assert (args, kw) == (("me/tiny-vae-jax",), dict(private=False, exist_ok=True, repo_type="model"))
     assert api.calls[1][1:] == (("me/tiny-vae-jax",), dict(revision=None, repo_type="model"))
-    up = api.calls[2][2]
+    assert api.calls[2][1:] == (("me/tiny-vae-jax",), dict(revision=HEAD, repo_type="model"))
+    up = api.calls[3][2]
     assert up["repo_id"] == "me/tiny-vae-jax" and up["revision"] is None and up["create_pr"] is False
+    assert up["parent_commit"] == HEAD
     assert out["deleted"] == [] and api.deleted == []
     assert up["commit_message"].startswith("Upload CogVideoX VAE converted by cogvae")
 
@@ -183,7 +198,7 @@ def test_a_new_push_replaces_the_previous_checkpoint_in_one_commit(ckpt, tmp_pat
     (True, "a pull request needs an existing base branch (create it first, or leave out --revision"),
 ])
 def test_a_missing_branch_gives_advice_that_fits_the_push(ckpt, tmp_path, create_pr, advice):
-    """Faked: RecordingApi's listing raises huggingface_hub's RevisionNotFoundError, as the real
+    """Faked: RecordingApi's repo_info raises huggingface_hub's RevisionNotFoundError, as the real
     HfApi does for a branch that does not exist (with --create-pr, cogvae creates no branch: the
     branch is the pull request's base). Telling a --create-pr push to pass --create-pr would send
     the user in a circle."""
@@ -191,7 +206,7 @@ def test_a_missing_branch_gives_advice_that_fits_the_push(ckpt, tmp_path, create
     from huggingface_hub.errors import RevisionNotFoundError
 
     class NoBranch(RecordingApi):
-        def list_repo_files(self, repo_id, **kwargs):
+        def repo_info(self, repo_id, **kwargs):
             request = httpx2.Request("GET", f"https://huggingface.co/api/models/{repo_id}/revision/ft-v3")
             raise RevisionNotFoundError("404 Client Error. Revision Not Found",
                                         response=httpx2.Response(404, request=request))
@@ -236,8 +251,10 @@ def test_flags_are_passed_through(ckpt, tmp_path, private, revision, create_pr):
     assert calls["create_repo"][2]["private"] is private
     assert calls["create_commit"][2]["revision"] == revision
     assert calls["create_commit"][2]["create_pr"] is create_pr
-    # the files a commit replaces are those of the branch it builds on (a pull request's base)
-    assert calls["list_repo_files"][2]["revision"] == revision
+    # the files a commit replaces are those of the branch it builds on (a pull request's base), at
+    # the commit it builds on: a push landing in between makes this one fail, not mix the two
+    assert calls["repo_info"][2]["revision"] == revision
+    assert calls["list_repo_files"][2]["revision"] == HEAD and calls["create_commit"][2]["parent_commit"] == HEAD
     # a new branch is created for a plain commit to it; a PR targets an existing revision
     assert ("create_branch" in calls) == (revision is not None and not create_pr)
     if "create_branch" in calls:
@@ -260,6 +277,31 @@ def test_dry_run_lists_files_and_sizes_without_api(ckpt, monkeypatch):
     assert {k: v for k, v in sizes.items() if k != "README.md"} == _files(ckpt)
     assert sizes["README.md"] == len(out["model_card"].encode())
     assert not (ckpt / "README.md").exists()
+
+
+def test_a_push_that_another_push_overtook_commits_nothing(ckpt, tmp_path):
+    """Two pushes to one branch at once: this one listed the repo's files at HEAD, then another
+    commit landed. The commit names HEAD as its parent, so the Hub refuses it (HTTP 412) rather than
+    building it on the other push's files with deletions computed from a stale listing (a manifest
+    beside another checkpoint's Orbax files, which every reader refuses). Faked, and why: no
+    network, so RecordingApi answers create_commit as the Hub does when the branch has moved."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    class Overtaken(RecordingApi):
+        def create_commit(self, **kwargs):
+            self.calls.append(("create_commit", (), kwargs))
+            assert kwargs["parent_commit"] == HEAD
+            request = httpx2.Request("POST", "https://huggingface.co/api/models/me/x/commit/main")
+            raise HfHubHTTPError("412 Client Error: Precondition Failed (a commit has happened since)",
+                                 response=httpx2.Response(412, request=request))
+
+    api = Overtaken(tmp_path)
+    with pytest.raises(PushError) as e:
+        push_checkpoint(ckpt, "me/x", api=api)
+    assert str(e.value) == ("me/x: upload failed: main moved while pushing (another commit landed after its files "
+                            "were listed); nothing was committed: push again")
+    assert api.uploaded is None
 
 
 def test_real_hfapi_class_with_patched_methods(ckpt, tmp_path, monkeypatch):
@@ -286,6 +328,7 @@ def test_real_hfapi_class_with_patched_methods(ckpt, tmp_path, monkeypatch):
                                           oid="e" * 40, pr_url=None)
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", _head_info)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", list_repo_files)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     out = push_checkpoint(ckpt, "me/real-class", token="hf_not_a_real_token", private=True)
@@ -473,6 +516,7 @@ def test_convert_push_to_hub_passes_push_revision_and_token(tmp_path, monkeypatc
         return SimpleNamespace(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/{'f' * 40}",
                                oid="f" * 40, pr_url=None)
 
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", _head_info)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **kw: [])
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     r = CliRunner().invoke(convert_command, ["--out", str(tmp_path / "ckpt"), "--no-validate", "-q",
@@ -508,6 +552,7 @@ def test_push_command_reports_what_it_removed(ckpt, monkeypatch):
 
     commits = []
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", _head_info)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
                         lambda self, repo_id, **kw: [".gitattributes", "orbax/d/0123abcd"])
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", lambda self, **kw: commits.append(kw) or SimpleNamespace(
@@ -790,6 +835,7 @@ def _fake_hfapi_class(monkeypatch, *, remote=(), pr: bool = False) -> list[dict]
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", _head_info)
     monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **kw: list(remote))
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     return commits
