@@ -72,6 +72,9 @@ class _Loaded:
     problems: list[str] = field(default_factory=list)
     detail: str = ""
     diffusers_copy: Optional[Path] = None  # a checkpoint's weights also in diffusers' format (push --with-diffusers)
+    # other diffusers weights files beside a checkpoint (an index, shards, a variant, a .bin): no
+    # cogvae push leaves them, and from_pretrained may read them instead of (or without) the copy
+    foreign_diffusers: list[str] = field(default_factory=list)
     unreachable: Optional[Exception] = None  # not found / not fetched: the CLI's exit 3 or 5, not a failed check
     # parameters whose tensors the files name but cannot give (a missing shard, a broken header
     # entry): their file's problem says so, so they are not also "missing"
@@ -371,6 +374,7 @@ def _load_side(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str,
         return got
 
     path = local_path(text)
+    hub_listing: set[str] = set()
     try:
         exists = input_exists(path)
     except UnreadableError as e:
@@ -404,6 +408,12 @@ def _load_side(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str,
         path = Path(r.folder)
         fmt = r.format or fmt
         got.detail = f"Hub snapshot {r.revision}"
+        from huggingface_hub import constants
+
+        from .hub import _cached_listing
+
+        # the repo's files at that commit (the snapshot holds only those fetched), where recorded
+        hub_listing = _cached_listing(text, r.revision, constants.HF_HUB_CACHE) or set()
     elif not path.is_dir():
         return unreachable(SourceError(not_a_folder(text, EITHER_FOLDER)))
 
@@ -439,6 +449,15 @@ def _load_side(source: str | os.PathLike, *, fmt: Optional[str], subfolder: str,
         got.detail = (got.detail + ", " if got.detail else "") + f"{info['format']} format"
         if diffusers_copy and (path / DIFFUSERS_WEIGHTS).is_file():
             got.diffusers_copy = path / DIFFUSERS_WEIGHTS
+        if diffusers_copy:
+            from .layout import weights_variant
+
+            try:
+                here = {p.name for p in path.iterdir()}
+            except OSError:
+                here = set()
+            got.foreign_diffusers = sorted(n for n in here | {p for p in hub_listing if "/" not in p}
+                                           if n != DIFFUSERS_WEIGHTS and weights_variant(n)[0])
         return got
 
     from cogvae.model import ConfigError, VAEConfig
@@ -842,4 +861,12 @@ def verify_checkpoint(
         else:
             report.diffusers_copy = {"file": str(src.diffusers_copy), "status": "skipped",
                                      "reason": "; ".join(unfit)}
+    if src.foreign_diffusers:  # weights diffusers may load beside (or instead of) the copy: never the export
+        names = src.foreign_diffusers
+        foreign = (f"{len(names)} other diffusers weights file(s) beside the checkpoint: {', '.join(names)} "
+                   "(not written by cogvae: from_pretrained reads an index before the single file, and a "
+                   "variant or .bin when asked for one); push again with --with-diffusers, or remove them")
+        d = report.diffusers_copy or {"file": names[0]}
+        reason = "; ".join(r for r in (d.get("reason") if d.get("status") == "differs" else None, foreign) if r)
+        report.diffusers_copy = {**d, "status": "differs", "reason": reason, "foreign": names}
     return report

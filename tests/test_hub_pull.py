@@ -263,6 +263,35 @@ def test_verify_checks_the_diffusers_copy_of_a_repo_pushed_with_it(tmp_path, mad
     _same_params(load(REPO, revision="mixed"), load(made["ckpt"]))  # load reads the cogvae format only
 
 
+def test_verify_fails_on_diffusers_weights_beside_the_copy_that_cogvae_did_not_write(tmp_path, made, monkeypatch):
+    """Another tool uploaded sharded diffusers weights beside a --with-diffusers push: from_pretrained
+    reads the index (before the single file), so diffusers loaded other weights while verify said
+    the copy was identical. The repo's cached listing names the shards (they are not downloaded);
+    a local folder holding an fp16 variant beside the checkpoint fails the same way."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    others = {"diffusion_pytorch_model.safetensors.index.json": 300,
+              "diffusion_pytorch_model-00001-of-00002.safetensors": 1000,
+              "diffusion_pytorch_model-00002-of-00002.safetensors": 1000}
+    cache = tmp_path / "hub"
+    add_snapshot(cache, REPO, made["both_files"], commit=SHA_MAIN, tree_only=others)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    r = CliRunner().invoke(cli, ["verify", REPO, "--no-parity", "--json"])
+    assert r.exit_code == 1, r.output
+    copy = json.loads(r.stdout)["diffusers_copy"]
+    assert copy["status"] == "differs" and copy["foreign"] == sorted(others), copy
+    assert copy["differs"] == [] and "3 other diffusers weights file(s) beside the checkpoint" in copy["reason"]
+
+    local = tmp_path / "local"
+    shutil.copytree(made["ckpt"], local)
+    shutil.copy(made["both_files"][DIFFUSERS_WEIGHTS], local / "diffusion_pytorch_model.fp16.safetensors")
+    r = CliRunner().invoke(cli, ["verify", str(local), "--no-parity"])
+    assert r.exit_code == 1 and "beside the checkpoint: diffusion_pytorch_model.fp16.safetensors" in r.stdout, r.output
+
+
 # ---------------------------------------------------------------------------------------------
 # the other kind refused after the first request; verify's diffusers copy; cached commits;
 # bad sources (an empty revision, --revision on a local folder) are exit 3 in every command
