@@ -608,18 +608,39 @@ def _commit(api: Any, ckpt: Path, listed: list[str], repo_id: str, card: str, di
             raise _push_error(e, repo_id, step, revision=revision, create_pr=create_pr) from e
 
     call("create_repo", api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
+    created = False  # whether this push made the branch (and so removes it again if the push fails)
     if revision and not create_pr:
-        call(f"create_branch {revision!r}", api.create_branch, repo_id, branch=revision, repo_type="model",
-             exist_ok=True)
-    # What the commit builds on: the branch, or a pull request's base (main by default), at one
-    # commit: its files are listed there, and the commit names it as its parent, so that a push
-    # landing in between fails this one (HTTP 412) instead of leaving this manifest beside the
-    # other push's files (the deletions below are computed from this listing).
-    head = call("repo_info", api.repo_info, repo_id, revision=revision, repo_type="model").sha
-    remote = list(call("list_repo_files", api.list_repo_files, repo_id, revision=head or revision, repo_type="model"))
-    operations, stale = _operations(ckpt, listed, card, remote, diffusers)
-    info = call("upload", api.create_commit, repo_id=repo_id, operations=operations, commit_message=message,
-                repo_type="model", revision=revision, create_pr=create_pr, parent_commit=head)
+        try:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=False)
+            created = True
+        except Exception as e:  # noqa: BLE001 - HTTP 409: the branch is there already, as it may be
+            if isinstance(e, AssertionError):
+                raise
+            if getattr(getattr(e, "response", None), "status_code", None) != 409:
+                raise _push_error(e, repo_id, f"create_branch {revision!r}", revision=revision) from e
+    try:
+        # What the commit builds on: the branch, or a pull request's base (main by default), at one
+        # commit: its files are listed there, and the commit names it as its parent, so that a push
+        # landing in between fails this one (HTTP 412) instead of leaving this manifest beside the
+        # other push's files (the deletions below are computed from this listing).
+        head = call("repo_info", api.repo_info, repo_id, revision=revision, repo_type="model").sha
+        remote = list(call("list_repo_files", api.list_repo_files, repo_id, revision=head or revision,
+                           repo_type="model"))
+        operations, stale = _operations(ckpt, listed, card, remote, diffusers)
+        info = call("upload", api.create_commit, repo_id=repo_id, operations=operations, commit_message=message,
+                    repo_type="model", revision=revision, create_pr=create_pr, parent_commit=head)
+    except PushError as e:
+        if not created:
+            raise
+        # A new branch points at main's commit: left behind, it would serve main's checkpoint under
+        # the name this push gave its own.
+        try:
+            api.delete_branch(repo_id, branch=revision, repo_type="model")
+            note = f"; the branch {revision!r} this push created was deleted again"
+        except Exception:  # noqa: BLE001 - say what is left, with the failure that matters
+            note = (f"; the branch {revision!r} this push created is left behind, holding main's files: "
+                    "delete it on the Hub")
+        raise PushError(f"{e}{note}") from e
     return info, stale
 
 

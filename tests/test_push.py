@@ -258,7 +258,7 @@ def test_flags_are_passed_through(ckpt, tmp_path, private, revision, create_pr):
     # a new branch is created for a plain commit to it; a PR targets an existing revision
     assert ("create_branch" in calls) == (revision is not None and not create_pr)
     if "create_branch" in calls:
-        assert calls["create_branch"][2]["branch"] == revision and calls["create_branch"][2]["exist_ok"] is True
+        assert calls["create_branch"][2]["branch"] == revision and calls["create_branch"][2]["exist_ok"] is False
 
 
 def test_dry_run_lists_files_and_sizes_without_api(ckpt, monkeypatch):
@@ -302,6 +302,45 @@ def test_a_push_that_another_push_overtook_commits_nothing(ckpt, tmp_path):
     assert str(e.value) == ("me/x: upload failed: main moved while pushing (another commit landed after its files "
                             "were listed); nothing was committed: push again")
     assert api.uploaded is None
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failed_push_to_a_new_branch_removes_the_branch_it_created(ckpt, tmp_path, existed):
+    """The upload fails after create_branch: a branch this push created pointed at main's commit,
+    so `load(repo, revision=branch)` would have served main's checkpoint under the fine-tune's
+    branch name. It is deleted again and the error says so; a branch that was there before (HTTP
+    409 on create_branch) is left alone. Faked, and why: no network, so RecordingApi plays the
+    Hub, answering create_branch with 409 for an existing branch and failing the commit."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def http(status: int, what: str):
+        request = httpx2.Request("POST", "https://huggingface.co/api/models/me/x/" + what)
+        return HfHubHTTPError(f"{status} Client Error", response=httpx2.Response(status, request=request))
+
+    class Failing(RecordingApi):
+        def create_branch(self, *args, **kwargs):
+            super().create_branch(*args, **kwargs)
+            if existed:
+                raise http(409, "branch/ft")
+
+        def create_commit(self, **kwargs):
+            self.calls.append(("create_commit", (), kwargs))
+            raise http(500, "commit/ft")
+
+        def delete_branch(self, *args, **kwargs):
+            self.calls.append(("delete_branch", args, kwargs))
+
+    api = Failing(tmp_path)
+    with pytest.raises(PushError) as e:
+        push_checkpoint(ckpt, "me/x", api=api, revision="ft")
+    names = [c[0] for c in api.calls]
+    assert names == ["create_repo", "create_branch", "repo_info", "list_repo_files", "create_commit"] + (
+        [] if existed else ["delete_branch"])
+    assert str(e.value) == "me/x: upload failed: 500 Client Error" + (
+        "" if existed else "; the branch 'ft' this push created was deleted again")
+    if not existed:
+        assert api.calls[-1][1:] == (("me/x",), dict(branch="ft", repo_type="model"))
 
 
 def test_real_hfapi_class_with_patched_methods(ckpt, tmp_path, monkeypatch):
