@@ -675,9 +675,10 @@ def push_checkpoint(
     """Upload a converted checkpoint folder and a generated model card to the Hub model repo ``repo_id``.
 
     Uploads the files its ``COMPLETE`` manifest lists, nothing else of the folder; a listed file
-    that is a symlink leading outside the folder is refused. Returns ``{"repo_id", "files":
-    [{"path", "size"}], "not_uploaded", "dry_run", "model_card"}`` (``not_uploaded``: the folder's
-    files that the manifest does not list) plus, after a
+    that is a symlink leading outside the folder is refused. Returns ``{"repo_id", "revision",
+    "create_pr", "files": [{"path", "size"}], "not_uploaded", "dry_run", "model_card"}``
+    (``revision``: the branch, "main" by default; ``not_uploaded``: the folder's files that the
+    manifest does not list) plus, after a
     real push, ``"url"`` (the commit or pull-request URL), ``"commit"`` (its sha) and
     ``"deleted"`` (the previous checkpoint's files that the commit removed). ``revision``
     is the branch to commit to (created if missing, unless ``create_pr``, where it is the PR's
@@ -699,8 +700,11 @@ def push_checkpoint(
         diffusers = _export_weights(ckpt, Path(tmp)) if with_diffusers else None
         # a pull request's card lands on its base branch when merged: the same revision
         files, card = _plan(ckpt, repo_id, listed, diffusers, revision)
-        result: dict[str, Any] = {"repo_id": repo_id, "files": files, "not_uploaded": _unlisted(ckpt, listed),
-                                  "dry_run": dry_run, "model_card": card}
+        # where it goes, as the text output says it: the branch ("main" when none is given), and
+        # whether as a pull request against it
+        result: dict[str, Any] = {"repo_id": repo_id, "revision": revision or "main", "create_pr": create_pr,
+                                  "files": files, "not_uploaded": _unlisted(ckpt, listed), "dry_run": dry_run,
+                                  "model_card": card}
         if dry_run:
             return result
         with _hub_progress_bars(not quiet and sys.stderr.isatty()):

@@ -246,7 +246,9 @@ def test_with_diffusers_the_repo_also_loads_in_diffusers(ckpt, tmp_path):
 def test_flags_are_passed_through(ckpt, tmp_path, private, revision, create_pr):
     """Fake: RecordingApi (no network); checks what push_checkpoint would ask of the Hub."""
     api = RecordingApi(tmp_path)
-    push_checkpoint(ckpt, "me/x", private=private, revision=revision, create_pr=create_pr, api=api)
+    out = push_checkpoint(ckpt, "me/x", private=private, revision=revision, create_pr=create_pr, api=api)
+    # the result (push --json) says where it went, as the text output does
+    assert (out["revision"], out["create_pr"]) == (revision or "main", create_pr)
     calls = {c[0]: c for c in api.calls}
     assert calls["create_repo"][2]["private"] is private
     assert calls["create_commit"][2]["revision"] == revision
