@@ -42,6 +42,9 @@ def enable_compilation_cache(path: Optional[Union[str, os.PathLike]] = None, *, 
     if isinstance(min_compile_time_s, bool) or not isinstance(min_compile_time_s, (int, float)) \
             or not math.isfinite(min_compile_time_s) or min_compile_time_s < 0:
         raise ValueError(f"min_compile_time_s must be a finite number of seconds >= 0, got {min_compile_time_s!r}")
+    if path is not None and not os.fspath(path).strip():
+        # Path("") is the working directory: cache files would land wherever the process runs
+        raise ValueError("compilation cache: an empty path; pass None (or nothing) for the default folder")
     directory = Path(path).expanduser() if path is not None else default_cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,11 @@ def video_sharding(
     mixes all channels. Each split size must divide by its mesh axis (``jax.device_put`` says
     which does not); a latent height of 60 splits over 2, 3, 4, 5 or 6 devices, not 8.
     """
+    for what, n in (("batch", batch), ("height", height), ("width", width)):
+        if n is not None and not isinstance(n, str):  # jax's P(("a", "b")) form: one dimension over two axes
+            raise ValueError(f"video_sharding: {what}={n!r}: give one mesh axis name per dimension (splitting one "
+                             "dimension over several mesh axes is not supported; a 2-D mesh can split height "
+                             "and width, or batch and height, together)")
     names = [n for n in (batch, height, width) if n is not None]
     unknown = [n for n in names if n not in mesh.axis_names]
     if unknown:

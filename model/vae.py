@@ -328,10 +328,22 @@ class DiagonalGaussianDistribution(NamedTuple):
                 axis = None
             else:
                 dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
-                axis = tuple(_FROM_DIFFUSERS_AXIS[int(d) % 5] for d in dims)
+                axis = tuple(_FROM_DIFFUSERS_AXIS[_diffusers_dim(d) % 5] for d in dims)
+                if len(set(axis)) != len(axis):  # torch refuses a dim given twice (-1 and 4 are one dim)
+                    raise RuntimeError(f"nll: a dim appears more than once in dims {list(dims)}")
         # a Python float (weakly typed, as diffusers' NumPy scalar is to torch): a bf16 posterior gives a bf16 nll
         terms = float(np.log(2.0 * np.pi)) + self.logvar + jnp.square(sample - self.mean) / self.var
         return 0.5 * jnp.sum(terms, axis=axis)
+
+
+def _diffusers_dim(d: Any) -> int:
+    """One of diffusers' axis numbers of a (B, C, T, H, W) tensor, checked as torch checks it: an
+    integer in [-5, 4] (a wrapped-around 7 or -6 would reduce another axis without a word)."""
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+        raise TypeError(f"nll: dims must be integers (diffusers' axis numbers), got {d!r}")
+    if not -5 <= d <= 4:
+        raise IndexError(f"nll: dimension out of range (expected to be in range of [-5, 4], but got {d})")
+    return int(d)
 
 
 class DecoderOutput(NamedTuple):
@@ -581,17 +593,27 @@ _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
 
 
 def resolve_dtype(dtype: Any, name: str = "dtype"):
-    """None, or ``dtype`` (a dtype, or a name: float32/fp32, bfloat16/bf16, float16/fp16/half) as
-    the jnp scalar type (``jnp.bfloat16``, ...) of one of the supported dtypes. Not a dtype or not
+    """None, or ``dtype`` (a dtype, a name: float32/fp32, bfloat16/bf16, float16/fp16/half, or
+    torch's dtype of that name, as ported diffusers code passes it) as the jnp scalar type (``jnp.bfloat16``, ...) of one of the supported dtypes. Not a dtype or not
     floating: TypeError; another floating dtype (float64, float8) or an unknown name: ValueError.
     One check for every entry point, so a dtype refused by one is refused by all, before any work."""
     if dtype is None:
         return None
+    if type(dtype).__module__ == "torch" and str(dtype).startswith("torch."):
+        # diffusers code ported as is (vae.to(torch.bfloat16)): the same dtype by its name, without
+        # importing torch
+        dtype = str(dtype)[len("torch."):]
     if isinstance(dtype, str):
         canonical = _DTYPE_NAMES.get(dtype.lower())
-        if canonical is None:
-            raise ValueError(f"{name}: unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-        return getattr(jnp, canonical)
+        if canonical is not None:
+            return getattr(jnp, canonical)
+        if dtype.lower().split(":")[0] in ("cpu", "cuda", "gpu", "tpu", "mps", "xpu"):
+            raise ValueError(f"{name}: {dtype!r} is a device, not a dtype: in JAX, arrays are placed with "
+                             "jax.device_put (cogvae.model.replicate puts the weights on a mesh's devices)")
+        try:  # a dtype numpy knows ("float64"): refused below as the dtype itself is
+            dtype = jnp.dtype(dtype)
+        except TypeError:
+            raise ValueError(f"{name}: unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
     try:
         dt = jnp.dtype(dtype)
     except TypeError:

@@ -71,6 +71,9 @@ def test_cache_dir_defaults(monkeypatch, tmp_path):
     (dict(min_compile_time_s="1"), ValueError, "finite number of seconds >= 0, got '1'"),
     (dict(min_compile_time_s=-1), ValueError, "got -1"),
     (dict(path="{file}"), ValueError, "exists and is not a folder"),
+    # Path("") is the working directory: the cache went wherever the process ran
+    (dict(path=""), ValueError, "an empty path; pass None"),
+    (dict(path="  "), ValueError, "an empty path; pass None"),
 ])
 def test_bad_arguments_are_refused_before_anything_changes(tmp_path, kwargs, error, message):
     import jax

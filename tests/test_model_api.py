@@ -331,10 +331,16 @@ def test_config_reads_as_diffusers_frozen_dict_and_checkpointing_flag():
 BAD_DTYPES = [(np.float64, ValueError, "float64 is not supported"),
               (jnp.float8_e4m3fn, ValueError, "float8_e4m3fn is not supported"),
               (jnp.int8, TypeError, "int8 is not a floating-point dtype"),
-              ("half2", ValueError, "unknown dtype 'half2'")]
+              ("half2", ValueError, "unknown dtype 'half2'"),
+              # named, as strings: refused as the dtypes themselves are ("float64" was an "unknown dtype")
+              ("float64", ValueError, "float64 is not supported"),
+              ("int8", TypeError, "int8 is not a floating-point dtype"),
+              # diffusers' vae.to("cuda"), ported as is: a device, said so
+              ("cuda", ValueError, "'cuda' is a device, not a dtype: in JAX, arrays are placed with jax.device_put")]
 
 
-@pytest.mark.parametrize("bad,error,message", BAD_DTYPES, ids=["float64", "float8", "int8", "name"])
+@pytest.mark.parametrize("bad,error,message", BAD_DTYPES,
+                         ids=["float64", "float8", "int8", "name", "float64-name", "int8-name", "device"])
 def test_every_entry_point_refuses_the_same_dtypes_before_any_work(tmp_path, bad, error, message):
     """One check (cogvae.model.resolve_dtype) everywhere a dtype is taken: float64 used to give a
     float64 'compute dtype' whose convs silently lost their HIGHEST precision, float8 a checkpoint
@@ -358,7 +364,9 @@ def test_every_entry_point_refuses_the_same_dtypes_before_any_work(tmp_path, bad
 
 
 @pytest.mark.parametrize("spelling,dtype", [("fp32", jnp.float32), ("BF16", jnp.bfloat16), ("half", jnp.float16),
-                                            (np.float16, jnp.float16), (jnp.dtype("bfloat16"), jnp.bfloat16)])
+                                            (np.float16, jnp.float16), (jnp.dtype("bfloat16"), jnp.bfloat16),
+                                            # diffusers' vae.to(torch.bfloat16), ported as is
+                                            (torch.bfloat16, jnp.bfloat16), (torch.float16, jnp.float16)])
 def test_dtype_spellings_are_the_same_everywhere(spelling, dtype):
     from cogvae.converter import load
     from cogvae.converter.convert import default_source
@@ -522,6 +530,20 @@ def test_nll_takes_diffusers_dims(dims):
         assert_parity(per_width(post.nll(other.mean, dims)), as_ref(want), "posterior nll(sample, [1, 2, 3])")
     with pytest.raises(TypeError, match="not both"):
         post.nll(other.mean, dims=dims, axis=1)
+
+
+@pytest.mark.parametrize("dims, error", [([5], IndexError), ([7], IndexError), ([-6], IndexError), ([1, 2, 1], RuntimeError),
+                                          ([-1, 4], RuntimeError), ([1.0], TypeError), ([True], TypeError)])
+def test_nll_refuses_dims_diffusers_refuses(dims, error):
+    """torch refuses a dim outside [-5, 4] (IndexError) and a dim given twice (RuntimeError); cogvae
+    took dims modulo 5, so dims=[5] summed the batch axis and a ported typo gave a loss of another
+    shape without a word."""
+    dx, dy, post, other = two_posteriors()
+    if not isinstance(dims[0], (float, bool)):
+        with pytest.raises(error):
+            dx.nll(dy.mean, dims=dims)
+    with pytest.raises(error, match="nll: "):
+        post.nll(other.mean, dims=dims)
 
 
 @pytest.mark.parametrize("dims", [None, [], ()], ids=["None", "empty-list", "empty-tuple"])

@@ -109,3 +109,6 @@ def test_video_sharding_names_mesh_axes():
         video_sharding(mesh, height="y")
     with pytest.raises(ValueError, match="one dimension only"):
         video_sharding(mesh, height="x", width="x")
+    # jax's form for one dimension over two axes: said so (it was "('x', 'y') not in the mesh's axes")
+    with pytest.raises(ValueError, match=r"height=\('x', 'y'\): give one mesh axis name per dimension"):
+        video_sharding(mesh, height=("x", "y"))
