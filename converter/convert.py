@@ -419,6 +419,19 @@ def convert(
             None if source is None else str(source), subfolder, revision, variant, quiet, token)
         check_not_source(out, folder)  # --out = the pipeline folder would replace what is read
         src = find_diffusers_vae(folder, subfolder=subfolder, variant=variant)
+        if not is_hub:
+            from .hub import hub_snapshot_of
+
+            snapshot = hub_snapshot_of(src.folder)
+            if snapshot is not None:
+                # a Hub cache snapshot given by its path (as `hf download` prints it): the repo and
+                # commit it holds, as for the repo id, so the card names the base model and keeps
+                # its licence, and no folder of this machine goes into provenance.json
+                source_id, resolved_rev, root = snapshot
+                # the snapshot folder as src's paths spell it (relative when they are), to name each
+                # file by its path in the repo
+                folder = Path(os.path.relpath(root)) if not src.folder.is_absolute() else root
+                is_hub = True
         # an unknown config key is reported together with the weights' problems (one error)
         try:  # read once: the bytes parsed are the bytes hashed into provenance.json
             config_bytes = src.config_path.read_bytes()

@@ -187,6 +187,20 @@ def _looks_local(source: str) -> bool:
     )
 
 
+def hub_snapshot_of(path: str | os.PathLike) -> Optional[tuple[str, str, Path]]:
+    """``(repo_id, commit, snapshot folder)`` when ``path`` lies in a Hub cache snapshot
+    (``.../models--ORG--NAME/snapshots/<commit>[/...]``, the folder ``snapshot_download`` and
+    ``hf download`` hand out), else None. Read from the path as given (its files are symlinks into
+    ``blobs/``, which names no repo)."""
+    parts = Path(os.path.abspath(path)).parts
+    for i in range(len(parts) - 2):
+        if parts[i].startswith("models--") and parts[i + 1] == "snapshots" and _COMMIT.match(parts[i + 2]):
+            repo_id = parts[i][len("models--"):].replace("--", "/", 1)  # a repo id holds no '--' itself
+            if looks_like_repo_id(repo_id):
+                return repo_id, parts[i + 2], Path(*parts[: i + 3])
+    return None
+
+
 def check_read_variant(variant: Optional[str]) -> None:
     """An empty ``variant`` names no file (diffusers would look for ``diffusion_pytorch_model..safetensors``):
     a ValueError, rather than reading the weights without a variant as if it were None."""

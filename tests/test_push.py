@@ -13,6 +13,7 @@ instead patches those methods on the real ``huggingface_hub.HfApi`` class, so th
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -109,6 +110,28 @@ class RecordingApi:
 
 def _files(folder: Path) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("given", ["snapshot", "snapshot/vae", "relative"])
+def test_a_conversion_of_a_hub_snapshot_path_is_recorded_as_the_repo(ckpt, tmp_path, monkeypatch, given):
+    """The folder `snapshot_download` and `hf download` hand out, given as a path: it was recorded
+    as a local folder, so the pushed card had no base_model and no licence, and provenance.json
+    named this machine's Hub cache. It is now the repo at its commit, as the repo id gives it.
+    Faked: none (the ckpt fixture's Hub cache, made by _hubcache.add_snapshot)."""
+    from cogvae.converter.convert import convert
+
+    snap = ckpt.parent / "hub" / ("models--" + SOURCE.replace("/", "--")) / "snapshots" / SHA
+    source = {"snapshot": snap, "snapshot/vae": snap / "vae",
+              "relative": Path(os.path.relpath(snap, tmp_path))}[given]
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "ck"
+    convert(source, out, quiet=True, validate=False, formats="msgpack")
+    src = json.loads((out / "provenance.json").read_text())["source"]
+    assert (src["id"], src["revision"], src["is_hub"], src["subfolder"]) == (SOURCE, SHA, True, "vae")
+    assert [f["path"] for f in src["files"]] == ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    assert "folder" not in src and str(tmp_path) not in json.dumps(src) and "models--" not in json.dumps(src)
+    card = ModelCard(push_checkpoint(out, "me/x", dry_run=True)["model_card"])
+    assert card.data.base_model == SOURCE and card.data.license is not None
 
 
 def test_push_uploads_checkpoint_and_model_card(ckpt, tmp_path):
