@@ -608,6 +608,14 @@ def _commit(api: Any, ckpt: Path, listed: list[str], repo_id: str, card: str, di
             raise _push_error(e, repo_id, step, revision=revision, create_pr=create_pr) from e
 
     call("create_repo", api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
+    if private:
+        # create_repo(exist_ok=True) leaves an existing repo as it is: a public one would publish
+        # weights its owner asked to keep private
+        public = getattr(call("repo_info", api.repo_info, repo_id, repo_type="model"), "private", None) is False
+        if public:
+            raise PushError(f"{repo_id}: the repo exists and is public, and --private does not change an existing "
+                            "repo's visibility; nothing was pushed (make it private on the Hub first, or leave out "
+                            "--private)")
     created = False  # whether this push made the branch (and so removes it again if the push fails)
     if revision and not create_pr:
         try:

@@ -368,6 +368,30 @@ def test_a_failed_push_to_a_new_branch_removes_the_branch_it_created(ckpt, tmp_p
         assert api.calls[-1][1:] == (("me/x",), dict(branch="ft", repo_type="model"))
 
 
+def test_private_is_refused_for_an_existing_public_repo(ckpt, tmp_path):
+    """--private goes to create_repo(exist_ok=True), which leaves an existing repo's visibility as
+    it is: the weights went into a public repo. Refused before any branch or commit; a private
+    repo (or a new one) takes the push. Faked, and why: no network, so RecordingApi plays a repo
+    whose repo_info says whether it is private."""
+    for is_private in (False, True):
+        class Existing(RecordingApi):
+            def repo_info(self, repo_id, **kwargs):
+                super().repo_info(repo_id, **kwargs)
+                return SimpleNamespace(sha=HEAD, private=is_private)
+
+        api = Existing(tmp_path)
+        if is_private:
+            push_checkpoint(ckpt, "me/x", api=api, private=True, revision="ft")
+            assert [c[0] for c in api.calls][-1] == "create_commit"
+            continue
+        with pytest.raises(PushError) as e:
+            push_checkpoint(ckpt, "me/x", api=api, private=True, revision="ft")
+        assert str(e.value) == ("me/x: the repo exists and is public, and --private does not change an existing "
+                                "repo's visibility; nothing was pushed (make it private on the Hub first, or leave "
+                                "out --private)")
+        assert [c[0] for c in api.calls] == ["create_repo", "repo_info"]
+
+
 def test_real_hfapi_class_with_patched_methods(ckpt, tmp_path, monkeypatch):
     """Fake: create_repo/list_repo_files/create_commit are patched on the real huggingface_hub.HfApi
     class (recording, no network: an empty new repo), so push_checkpoint's own HfApi(token=...)
