@@ -100,10 +100,9 @@ def _check_base_config(config_path: Path, config: Any, where: str) -> None:
         theirs, _ = VAEConfig.from_json_file_ignoring_unknown(config_path)
     except ConfigError as e:
         raise SourceError(f"base {where}: {e}") from None
-    a, b = dict(config.items()), dict(theirs.items())
-    differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    differ = sorted(config.differences(theirs))
     if differ:
-        shown = "; ".join(f"{k}: {a.get(k)!r} in the model, {b.get(k)!r} in the base" for k in differ)
+        shown = "; ".join(f"{k}: {config[k]!r} in the model, {theirs[k]!r} in the base" for k in differ)
         raise SourceError(f"base {where}: not the network of the model being saved ({len(differ)} setting(s) "
                           f"differ: {shown}); pass the base it was fine-tuned from, or no base")
 

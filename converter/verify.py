@@ -808,9 +808,8 @@ def verify_checkpoint(
             report.input_errors.append(type(ref.unreachable)(f"reference: {ref.unreachable}"))
         if ref.config is not None and src.config is not None:
             # the settings only: which diffusers version wrote each config is not a difference
-            a_cfg, b_cfg = dict(src.config.items()), dict(ref.config.items())
-            report.config_differences = [{"key": k, "source": a_cfg.get(k), "reference": b_cfg.get(k)}
-                                         for k in sorted(set(a_cfg) | set(b_cfg)) if a_cfg.get(k) != b_cfg.get(k)]
+            report.config_differences = [{"key": k, "source": src.config[k], "reference": ref.config[k]}
+                                         for k in sorted(src.config.differences(ref.config))]
         if ref.params and params:
             ref_shapes = {k: tuple(v.shape) for k, v in ref.params.items()}
             report.reference_missing, report.reference_extra, report.reference_shape_mismatch = _compare_keys(

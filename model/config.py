@@ -447,6 +447,11 @@ class VAEConfig:
     def items(self) -> tuple[tuple[str, Any], ...]:
         return tuple((k, self[k]) for k in self.keys())
 
+    def differences(self, other: "VAEConfig") -> list[str]:
+        """The settings (config.json keys, in order) whose values differ from ``other``'s; the
+        bookkeeping (which diffusers version wrote each file) is no setting."""
+        return [k for k in self.keys() if self[k] != other[k]]
+
 
 def _settings() -> tuple[dataclasses.Field, ...]:
     """VAEConfig's fields that are config.json settings (not bookkeeping such as the version)."""

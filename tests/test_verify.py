@@ -193,6 +193,23 @@ def test_relative_change_puts_the_perturbed_tensor_first(base, vae, good, tmp_pa
     assert (r.exit_code, r.stderr) == (3, f"Error: {changed}: holds no orbax parameters (formats: msgpack)\n"), r.output
 
 
+def test_settings_that_differ_from_the_reference_are_each_named(base, vae, good, tmp_path):
+    """A reference whose config.json has other settings (same tensors): each differing setting is a
+    problem naming both values; the diffusers version that wrote each file is no setting."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(vae, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg.update(norm_eps=1e-5, scaling_factor=0.5, _diffusers_version="0.1.0")
+    (other / "config.json").write_text(json.dumps(cfg))
+    report = verify_checkpoint(good, other, parity=False)
+    assert not report.ok
+    assert [(d["key"], d["reference"]) for d in report.config_differences] == [("norm_eps", 1e-5),
+                                                                              ("scaling_factor", 0.5)]
+    assert "config 'norm_eps' differs: 1e-06 vs reference 1e-05" in report.problems
+
+
 ZERO_KEY = "decoder.norm_out.norm_layer.bias"  # GroupNorm biases start at zero in diffusers
 
 
