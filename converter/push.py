@@ -215,8 +215,7 @@ def _refuse_unpushable(ckpt: Path, listed: list[str]) -> None:
         if rel in _GENERATED:
             raise PushInputError(f"{ckpt / rel}: listed in the {MANIFEST_NAME} manifest, but push writes {rel} "
                                  "itself; not pushed (convert the checkpoint again)")
-        if not (rel in (CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME, FORMAT_PREFIX["msgpack"])
-                or rel.startswith(FORMAT_PREFIX["orbax"])):
+        if not _checkpoint_writes(rel):
             # (a .gitattributes would replace the repo's LFS rules, a diffusers index would be what
             # from_pretrained loads; a checkpoint writes neither)
             raise PushInputError(f"{ckpt / rel}: listed in the {MANIFEST_NAME} manifest, but not a file of a "
@@ -520,6 +519,12 @@ def _export_weights(ckpt: Path, into: Path) -> Path:
     return into / "export" / DIFFUSERS_WEIGHTS
 
 
+def _checkpoint_writes(rel: str) -> bool:
+    """A path a converted checkpoint folder holds: its config, provenance, manifest and parameters."""
+    return rel in (CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME, FORMAT_PREFIX["msgpack"]) \
+        or rel.startswith(FORMAT_PREFIX["orbax"])
+
+
 def _is_checkpoint_file(rel: str) -> bool:
     """A path that a pushed checkpoint writes (and a later push may therefore replace or delete).
     Diffusers weights at the root count: they pair with the ``config.json`` a push replaces, so
@@ -527,8 +532,7 @@ def _is_checkpoint_file(rel: str) -> bool:
     if "/" not in rel and rel.startswith(WEIGHTS_NAME):  # any diffusers weights file at the root:
         # .safetensors or .bin, a variant, a shard or an index (diffusers falls back to a .bin)
         return rel.endswith((".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json"))
-    return (rel.startswith(FORMAT_PREFIX["orbax"])  # exact names otherwise: params.msgpack.old is not ours
-            or rel in (FORMAT_PREFIX["msgpack"], CONFIG_NAME, PROVENANCE_NAME, MANIFEST_NAME, "README.md"))
+    return _checkpoint_writes(rel) or rel == "README.md"  # exact names otherwise: params.msgpack.old is not ours
 
 
 def _operations(ckpt: Path, listed: list[str], card: str, remote: list[str], diffusers: Optional[Path] = None
