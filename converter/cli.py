@@ -294,9 +294,12 @@ def _subfolder(ctx: click.Context, param: click.Parameter, value: Optional[str])
 def _read_variant(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
     """An empty --variant / --reference-variant names no file (diffusers would look for
     ``diffusion_pytorch_model..safetensors``): a usage error, as for export-diffusers --variant."""
-    if value is not None and not value.strip():
-        raise click.BadParameter("an empty variant names no weights file; leave the option out to read the "
-                                 "weights without a variant")
+    from .hub import check_read_variant  # the rule every reader applies, as a usage error here
+
+    try:
+        check_read_variant(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
     return value
 
 
