@@ -105,8 +105,8 @@ def worker_torch(args) -> dict:
 
     results = {}
     for op in args.ops:
-        if op == "decode_tiled_exact":
-            continue  # diffusers has one tiled decode; the jax op is compared against decode_tiled
+        if op in REFERENCE_OP:
+            continue  # diffusers has one tiled decode; the jax tiled ops are compared against decode_tiled
         if op == "decode_tiled":
             vae.enable_tiling()
         else:
@@ -153,9 +153,10 @@ def worker_jax(args) -> dict:
 
     results = {}
     for op in args.ops:  # the orchestrator passes one op per jax worker: isolated peaks
-        if op in ("decode_tiled", "decode_tiled_exact"):
-            # decode_tiled: edge tiles padded to one compiled shape; _exact: each tile at its own size
-            vae.enable_tiling(pad_tiles=op == "decode_tiled")
+        if op.startswith("decode_tiled"):
+            # decode_tiled: edge tiles padded to one compiled shape; _exact: each tile at its own size,
+            # equal-shaped edge tiles stacked along the batch axis; _exact_unstacked: one tile at a time
+            vae.enable_tiling(pad_tiles=op == "decode_tiled", batch_tiles=op != "decode_tiled_exact_unstacked")
         else:
             vae.disable_tiling()
         src = "video" if op == "encode" else "latents"
@@ -209,7 +210,8 @@ def run_worker(framework: str, scale: str, ops: list[str], args) -> dict:
 
 
 # ------------------------------------------------------------------------------ report
-REFERENCE_OP = {"decode_tiled_exact": "decode_tiled"}  # the diffusers run a jax op is compared with
+# the diffusers run a jax op is compared with
+REFERENCE_OP = {"decode_tiled_exact": "decode_tiled", "decode_tiled_exact_unstacked": "decode_tiled"}
 
 def _gib(b):
     return None if b is None else b / 2**30
@@ -278,7 +280,8 @@ def main() -> None:
     p.add_argument("--small", action="store_true", help="small config on CPU in fp32 (< 1 minute)")
     p.add_argument("--scales", default=None, help="comma list of 2b,1.5 (default both; 'small' with --small)")
     p.add_argument("--ops", default="decode,encode,decode_tiled,decode_tiled_exact",
-                   help="decode_tiled pads edge tiles to one compiled shape; decode_tiled_exact runs them unpadded")
+                   help="decode_tiled pads edge tiles to one compiled shape; decode_tiled_exact runs them unpadded, "
+                        "equal-shaped ones stacked; decode_tiled_exact_unstacked runs them unpadded one at a time")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16, fp32 with --small)")
     p.add_argument("--workdir", type=Path, default=None)

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The one prepared script for a lent GPU machine (its python3 has jax, flax, orbax, torch, but no
-# diffusers). STEPS picks and orders the steps (default: "2b 1.5 autotune sweep best", what
+# diffusers). STEPS picks and orders the steps (default: "2b 1.5 tiles autotune sweep best", what
 # bench/RESULTS.md asks of the next GPU run), each bounded by what is left of DEADLINE seconds; a step
 # is skipped when fewer than MIN_STEP_S (45) are left, too few for a 2b compile. Run 3 took about 18 s
 # to set up, 190 s for 2b and 155 s for 1.5, so in one 555 s call the sweep is cut short and `best`
 # rarely runs; `train` (about 3 minutes) is left out of the default (STEPS=train, a call of its own):
 #   2b      2b scale, default lowering: diffusers eager and cogvae (decode, encode, tiled, exact tiles);
 #   1.5     1.5 scale, default lowering: diffusers eager and cogvae (decode, encode);
+#   tiles   2b exact tiles one at a time (batch_tiles=False), cogvae only, about 60 s: against the 2b
+#           step's exact tiles, which stack equal-shaped edge tiles along the batch axis (the default);
 #   2b_3d, 1.5_3d   the same with the `3d` lowering, cogvae only (decode; exact tiles at 2b);
 #   memory  XLA's compile-time memory of the 2b decode kernels (bench/bench_memory.py);
 #   sweep   what might close the GPU scan's excess over the first batch (bench/RESULTS.md), by
@@ -70,10 +72,11 @@ SWEEP=(--variant default
        --variant nounroll:xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_NO_UNROLL
        --variant nocmdbuf:xla_gpu_enable_command_buffer=)
 BM="python3 bench/bench_memory.py --latent 13x60x90"
-for s in ${STEPS:-2b 1.5 autotune sweep best}; do
+for s in ${STEPS:-2b 1.5 tiles autotune sweep best}; do
   case $s in
     2b) step 2b 240 $BV --scales 2b --json "$RES/bench_2b.json" ;;
     1.5) step 1.5 170 $BV --scales 1.5 --ops decode,encode --json "$RES/bench_1.5.json" ;;
+    tiles) step tiles 100 $BV --scales 2b --ops decode_tiled_exact_unstacked --skip-torch --json "$RES/bench_2b_tiles.json" ;;
     2b_3d) step 2b_3d 100 env COGVAE_CONV_IMPL=3d $BV --scales 2b --ops decode,decode_tiled_exact --skip-torch --json "$RES/bench_2b_3d.json" ;;
     1.5_3d) step 1.5_3d 60 env COGVAE_CONV_IMPL=3d $BV --scales 1.5 --ops decode --skip-torch --json "$RES/bench_1.5_3d.json" ;;
     memory) step memory 40 $BM --json "$RES/memory_2b.json" ;;

@@ -237,6 +237,60 @@ def test_unpadded_tiles_compile_once_per_tile_shape():
     assert_parity(mean, expected_mean, "unpadded tiles encode")
 
 
+@pytest.mark.parametrize("batch_tiles", [True, False])
+def test_equal_small_tiles_run_stacked_within_one_full_tile(batch_tiles):
+    """pad_tiles=False at 2b scale (60x90 latents, 30x45 tiles every 25 rows and 36 columns): the
+    4 full tiles run alone, and with batch_tiles the two 30x18 and the two 10x45 edge tiles each
+    run as one call of batch 2 (two fit in one full tile's pixels), the 10x18 one alone. A
+    stand-in tile function records the calls; the blended result must not depend on the stacking."""
+    vae, _ = models()
+    z = jnp.asarray(np.random.default_rng(0).standard_normal((1, 2, 60, 90, 4)), jnp.float32)
+    calls = []
+
+    def run_tile(tile, valid):  # an 8x nearest upsampling, so each output pixel names its tile's input
+        assert valid is None
+        calls.append(tuple(tile.shape[:1] + tile.shape[2:4]))
+        return jnp.repeat(jnp.repeat(tile[..., :3] * 2 + 1, 8, axis=2), 8, axis=3)
+
+    def tiled(stack):
+        vae.tiling = vae_mod.TilingConfig(240, 360, spatial_compression=8, pad_tiles=False, batch_tiles=stack)
+        return vae._tiled(z, (30, 45), (240, 360), (1 / 6, 1 / 5), run_tile, lambda n: n * 8)
+
+    saved = vae.tiling
+    try:
+        plain = tiled(False)
+        calls.clear()
+        out = tiled(batch_tiles)
+    finally:
+        vae.tiling = saved
+    stacked = [(2, 30, 18), (2, 10, 45)] if batch_tiles else [(1, 30, 18)] * 2 + [(1, 10, 45)] * 2
+    assert sorted(calls) == sorted([(1, 30, 45)] * 4 + stacked + [(1, 10, 18)])
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    assert out.shape == (1, 2, 480, 720, 3)
+
+
+def test_stacked_tiles_give_each_tile_its_own_result():
+    """The real kernels on stacked tiles (batch_tiles) give what each tile gives alone. Encode:
+    16x24-pixel tiles every 13 rows and 19 columns over 30x50 pixels leave two 16x12 and two 4x24
+    edge tiles, each pair run as one batch of 2. Decode: 4x6 latent tiles every 3 rows and 4
+    columns over 10x15 latents leave three 1x6 tiles, run as one batch of 3."""
+    vae, _ = models()
+    z = jnp.asarray(np.random.default_rng(5).standard_normal((1, 4, 10, 15, 4)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (1, 9, 30, 50, 3)), jnp.float32)
+    saved = vae.tiling
+    out = {}
+    try:
+        for stack in (True, False):
+            vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24, pad_tiles=False, batch_tiles=stack)
+            out[stack] = np.asarray(vae.decode(z)), np.asarray(vae.encode(x)[0])
+    finally:
+        vae.disable_tiling()
+        vae.tiling = saved
+    for a, b in zip(out[True], out[False]):
+        assert a.shape == b.shape
+        assert rel_l2(a, b) <= 1e-6 and np.abs(a - b).max() <= 1e-5
+
+
 # bf16 compute against fp32 on the same weights: bf16 keeps 8 mantissa bits, so after ~20 convs
 # the decode differs at the percent level. Stated tolerance: relative L2 <= 2e-2, all finite.
 BF16_REL_L2 = 2e-2

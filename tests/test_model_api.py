@@ -469,7 +469,8 @@ def test_a_tile_too_small_to_move_is_a_clear_error():
     (dict(tile_overlap_factor_width=1.5), ValueError),
     (dict(pad_tiles="false"), TypeError),
     (dict(pad_tiles=None, tile_sample_min_width=-1), ValueError),
-], ids=["negative-height", "overlap-above-1", "pad-tiles-a-string", "negative-width"])
+    (dict(batch_tiles=1), TypeError),
+], ids=["negative-height", "overlap-above-1", "pad-tiles-a-string", "negative-width", "batch-tiles-an-int"])
 def test_a_refused_enable_tiling_changes_nothing(call, error):
     """enable_tiling turned tiling on before checking its arguments: a refused call left the model
     tiling with its old tile sizes (a later decode came out another size). ``pad_tiles`` was
