@@ -272,11 +272,11 @@ def test_equal_small_tiles_run_stacked_within_one_full_tile(batch_tiles):
 def test_stacked_tiles_give_each_tile_its_own_result():
     """The real kernels on stacked tiles (batch_tiles) give what each tile gives alone. Encode:
     16x24-pixel tiles every 13 rows and 19 columns over 30x50 pixels leave two 16x12 and two 4x24
-    edge tiles, each pair run as one batch of 2. Decode: 4x6 latent tiles every 3 rows and 4
+    edge tiles, each pair of a batch of 2 videos run as one batch of 4. Decode: 4x6 latent tiles every 3 rows and 4
     columns over 10x15 latents leave three 1x6 tiles, run as one batch of 3."""
     vae, _ = models()
     z = jnp.asarray(np.random.default_rng(5).standard_normal((1, 4, 10, 15, 4)), jnp.float32)
-    x = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (1, 9, 30, 50, 3)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(6).uniform(-1, 1, (2, 9, 30, 50, 3)), jnp.float32)  # 2 videos: stacks of 4
     saved = vae.tiling
     out = {}
     try:
@@ -286,9 +286,22 @@ def test_stacked_tiles_give_each_tile_its_own_result():
     finally:
         vae.disable_tiling()
         vae.tiling = saved
+    # the gradient through stacked tiles is each tile's own, as well
+    grads = {}
+    try:
+        for stack in (True, False):
+            vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24, pad_tiles=False, batch_tiles=stack)
+            grads[stack] = np.asarray(jax.grad(lambda v: jnp.sum(vae.decode(v)[:, :, ::3, ::5] ** 2))(z[:, :1]))
+    finally:
+        vae.disable_tiling()
+        vae.tiling = saved
     for a, b in zip(out[True], out[False]):
         assert a.shape == b.shape
         assert rel_l2(a, b) <= 1e-6 and np.abs(a - b).max() <= 1e-5
+    # the gradient of a sum of squares reaches hundreds: the same bounds, relative to its largest value
+    a, b = grads[True], grads[False]
+    assert a.shape == b.shape
+    assert rel_l2(a, b) <= 1e-6 and np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
 
 
 # bf16 compute against fp32 on the same weights: bf16 keeps 8 mantissa bits, so after ~20 convs
