@@ -229,7 +229,7 @@ class TilingConfig:
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not 0 <= v < 1:
                 problems.append(f"{name} must be a number in [0, 1), got {v!r}")
         for name in ("pad_tiles", "batch_tiles"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):  # as enable_tiling accepts them
                 problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
         if problems:
             raise ValueError("tiling: " + "; ".join(problems))
