@@ -1117,13 +1117,9 @@ class AutoencoderKLCogVideoX(nnx.Module):
             size = max(d for d in range(1, min(fit, len(members)) + 1) if len(members) % d == 0)
             for k in range(0, len(members), size):
                 stack = members[k : k + size]
-                batch = tiles[stack[0][0]][stack[0][1]].shape[0]
-                if size == 1:
-                    outs[stack[0]] = run_tile(tiles[stack[0][0]][stack[0][1]], None)
-                    continue
-                out = run_tile(jnp.concatenate([tiles[r][c] for r, c in stack], axis=0), None)
-                for n, pos in enumerate(stack):
-                    outs[pos] = out[n * batch : (n + 1) * batch]
+                parts = [tiles[r][c] for r, c in stack]
+                out = run_tile(parts[0] if size == 1 else jnp.concatenate(parts, axis=0), None)
+                outs.update(zip(stack, jnp.split(out, size, axis=0) if size > 1 else [out]))
         return [[outs[(r, c)] for c in range(len(row))] for r, row in enumerate(tiles)]
 
     def _encoded_size(self, n: int) -> int:
