@@ -22,7 +22,8 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("kind, shape", [("decode", "--latent=5x4x6"), ("encode", "--video=17x16x24")])
+@pytest.mark.parametrize("kind, shape", [("decode", "--latent=5x4x6"),
+                                         pytest.param("encode", "--video=17x16x24", marks=pytest.mark.slow)])  # encode: -m slow
 def test_writes_both_kernels_figures(tmp_path, kind, shape):
     out = tmp_path / "m.json"
     r = _run("--kind", kind, shape, "--dtype", "float32", "--json", str(out))

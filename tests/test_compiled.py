@@ -40,7 +40,8 @@ def rel_l2(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-@pytest.mark.parametrize("latents", [1, 2, 3, 6, 7])
+# Default run: 7 latents (an odd first batch, then a scan of two); -m slow adds 1, 2, 3, 6.
+@pytest.mark.parametrize("latents", [7, *(pytest.param(n, marks=pytest.mark.slow) for n in (1, 2, 3, 6))])
 def test_compiled_decode_equals_reference_loop(latents):
     vae, _ = models()
     z = jnp.asarray(np.random.default_rng(latents).standard_normal((1, latents, 4, 6, 4)), jnp.float32)
@@ -50,7 +51,8 @@ def test_compiled_decode_equals_reference_loop(latents):
     assert rel_l2(fast, slow) <= 1e-6 and np.abs(fast - slow).max() <= 1e-5
 
 
-@pytest.mark.parametrize("frames", [1, 9, 17, 25])
+# Default run: 25 frames (an odd first batch, then a scan of two); -m slow adds 1, 9, 17.
+@pytest.mark.parametrize("frames", [25, *(pytest.param(n, marks=pytest.mark.slow) for n in (1, 9, 17))])
 def test_compiled_encode_equals_reference_loop(frames):
     vae, _ = models()
     x = jnp.asarray(np.random.default_rng(frames).uniform(-1, 1, (1, frames, 16, 24, 3)), jnp.float32)
@@ -127,7 +129,8 @@ def test_settings_the_kernels_do_not_read_compile_nothing_again():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("mode", ["rank-promotion-raise", "dtype-promotion-strict"])
+# Default run: the strict dtype mode (it also catches the bf16-by-fp32 tile blend); rank promotion under -m slow.
+@pytest.mark.parametrize("mode", ["dtype-promotion-strict", pytest.param("rank-promotion-raise", marks=pytest.mark.slow)])
 def test_runs_under_jaxs_strict_numpy_modes(mode):
     """Some codebases set ``jax_numpy_rank_promotion="raise"`` or
     ``jax_numpy_dtype_promotion="strict"`` globally. Every (C,) bias and GroupNorm parameter was
@@ -200,41 +203,46 @@ def test_unknown_kernel_options_are_dropped_not_fatal(monkeypatch):
     assert vae_mod.kernel_compiler_options("cpu", "first", check=False) == {"xla_no_such_option_anywhere": True}
 
 
-def test_unpadded_tiles_compile_once_per_tile_shape():
-    """pad_tiles=False: each distinct tile shape is traced once per kernel, however many tiles
-    have it, and the result is diffusers' tiled decode (the padded path's parity is in
-    test_parity.py)."""
+def _unpadded_pair():
     # A config of its own (other GroupNorm groups): an unpadded tile runs the untiled kernels, and
     # another test's model could have compiled them for one of these shapes already.
     ref = diffusers_vae(seed=3, **dict(CONFIG, norm_num_groups=2))
     vae = model_from_tensors(VAEConfig.from_diffusers_config(dict(ref.config)), state_arrays(ref),
                              compute_dtype=jnp.float32)
-    z = torch.randn(1, 4, 4, 10, 15, generator=torch.Generator().manual_seed(0))
     ref.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24)
+    vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24, pad_tiles=False)
+    return ref, vae
+
+
+def test_unpadded_tiles_compile_once_per_tile_shape():
+    """pad_tiles=False: each distinct tile shape is traced once per kernel, however many tiles
+    have it, and the result is diffusers' tiled decode (the padded path's parity is in
+    test_parity.py)."""
+    ref, vae = _unpadded_pair()
+    z = torch.randn(1, 4, 4, 10, 15, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ref.decode(z).sample
-    vae.enable_tiling(tile_sample_min_height=16, tile_sample_min_width=24, pad_tiles=False)
-    try:
-        t = _traces(lambda: vae.decode(to_bthwc(z)).block_until_ready())
-        # diffusers' loop: 4 x 6 latent tiles (16 x 24 pixels, 4x compression) every 3 rows and
-        # 4 columns (overlaps 1/6, 1/5) over 10 x 15 latents: 4 x 4 tiles, heights {4, 1} x
-        # widths {6, 3}.
-        shapes = {(min(4, 10 - i), min(6, 15 - j)) for i in range(0, 10, 3) for j in range(0, 15, 4)}
-        assert len(shapes) == 4
-        assert t["decode_first"] == len(shapes) and t["decode_scan"] == len(shapes)
-        out = vae.decode(to_bthwc(z))
-        assert _traces(lambda: vae.decode(to_bthwc(z)).block_until_ready()) == dict.fromkeys(t, 0)
-        # 36 x 56 pixels: tiles 16 x 24 every 13 x 19, edge tiles 10 x 18 (diffusers itself fails on
-        # an edge tile too thin for its convs, e.g. 60 columns would leave a 3-pixel one).
-        x = torch.rand(1, 3, 9, 36, 56, generator=torch.Generator().manual_seed(1)) * 2 - 1
-        with torch.no_grad():
-            expected_mean = ref.encode(x).latent_dist.mean
-        mean, _ = vae.encode(to_bthwc(x))
-    finally:
-        vae.enable_tiling(pad_tiles=True)
-        vae.disable_tiling()
+    t = _traces(lambda: vae.decode(to_bthwc(z)).block_until_ready())
+    # diffusers' loop: 4 x 6 latent tiles (16 x 24 pixels, 4x compression) every 3 rows and
+    # 4 columns (overlaps 1/6, 1/5) over 10 x 15 latents: 4 x 4 tiles, heights {4, 1} x
+    # widths {6, 3}.
+    shapes = {(min(4, 10 - i), min(6, 15 - j)) for i in range(0, 10, 3) for j in range(0, 15, 4)}
+    assert len(shapes) == 4
+    assert t["decode_first"] == len(shapes) and t["decode_scan"] == len(shapes)
+    out = vae.decode(to_bthwc(z))
+    assert _traces(lambda: vae.decode(to_bthwc(z)).block_until_ready()) == dict.fromkeys(t, 0)
     assert_parity(out, expected, "unpadded tiles decode")
-    assert_parity(mean, expected_mean, "unpadded tiles encode")
+
+
+@pytest.mark.slow  # about 40 s; the default run checks unpadded tiles on decode
+def test_unpadded_tiles_encode_as_diffusers():
+    ref, vae = _unpadded_pair()
+    # 36 x 56 pixels: tiles 16 x 24 every 13 x 19, edge tiles 10 x 18 (diffusers itself fails on
+    # an edge tile too thin for its convs, e.g. 60 columns would leave a 3-pixel one).
+    x = torch.rand(1, 3, 9, 36, 56, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        expected_mean = ref.encode(x).latent_dist.mean
+    assert_parity(vae.encode(to_bthwc(x))[0], expected_mean, "unpadded tiles encode")
 
 
 @pytest.mark.parametrize("batch_tiles", [True, False])
@@ -269,6 +277,8 @@ def test_equal_small_tiles_run_stacked_within_one_full_tile(batch_tiles):
     assert out.shape == (1, 2, 480, 720, 3)
 
 
+# Slow (about 2 minutes): the stand-in test above checks the stacking and splitting in the default run.
+@pytest.mark.slow
 def test_stacked_tiles_give_each_tile_its_own_result():
     """The real kernels on stacked tiles (batch_tiles) give what each tile gives alone, values and
     gradients. Encode: 16x24-pixel tiles every 13 rows and 19 columns over 30x50 pixels leave two
@@ -304,7 +314,8 @@ def test_stacked_tiles_give_each_tile_its_own_result():
 BF16_REL_L2 = 2e-2
 
 
-@pytest.mark.parametrize("latents", [1, 3, 4])
+# Default run: 4 latents (a first batch and a carried cache); -m slow adds 1 and 3.
+@pytest.mark.parametrize("latents", [4, *(pytest.param(n, marks=pytest.mark.slow) for n in (1, 3))])
 def test_bf16_decode_close_to_fp32(latents):
     fp32, bf16 = models()
     z = np.random.default_rng(10 + latents).standard_normal((1, latents, 4, 6, 4)).astype(np.float32)
@@ -354,8 +365,10 @@ def test_conv_lowering_switch_gets_its_own_compiled_functions(monkeypatch):
     assert any(not np.array_equal(out, outs["3d"]) for impl, out in outs.items() if impl != "3d")
 
 
+# Default run: the GPU's lowering (2d_concat_chunked); the TPU's (3d) under -m slow.
 @pytest.mark.parametrize(
-    "impl, reads", [("2d_concat_chunked", ("slice", "chunks")), ("3d", ("conv", "slice", "barrier"))]
+    "impl, reads", [("2d_concat_chunked", ("slice", "chunks")),
+                    pytest.param("3d", ("conv", "slice", "barrier"), marks=pytest.mark.slow)]
 )
 def test_when_new_caches_are_read_changes_no_value(monkeypatch, impl, reads):
     """layers.TAIL_READ only orders XLA's buffers: on the reference loop every choice decodes the
@@ -412,7 +425,7 @@ def test_tpu_reads_new_caches_through_a_barrier(monkeypatch):
     assert barriers == {"barrier": n_causal, "conv": 0}
 
 
-@pytest.mark.parametrize("latents", [1, 3])
+@pytest.mark.parametrize("latents", [3, pytest.param(1, marks=pytest.mark.slow)])  # 1 latent under -m slow
 def test_ahead_of_time_first_batch_equals_decode(latents):
     """compile_decode_first_batch (compiled from shapes alone, before any weight exists) is the
     kernel decode runs for up to 3 latents: the same bytes, whatever the lowering."""

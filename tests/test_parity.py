@@ -4,6 +4,9 @@ The reference is diffusers itself, built in-process with random weights (``torch
 the NNX model gets those weights through the project's own mapping engine. Both paths of the NNX
 model are checked: ``compiled=True`` (jit + scan over frame batches) and ``compiled=False`` (a
 plain Python loop). Tolerances: relative L2 <= 1e-5 and max abs <= 1e-4 (see ``_ref``).
+
+The default run checks every config, frame count, tiling and activation kind in a covering design
+(see ``cases``); ``-m slow`` runs the rest of the cross product, with the same tolerances.
 """
 
 from __future__ import annotations
@@ -20,16 +23,47 @@ from _ref import TINY, assert_parity, diffusers_vae, to_bthwc, to_nnx
 ENCODE_FRAMES = [1, 5, 8, 9, 16, 17, 33]
 DECODE_LATENTS = [1, 2, 3, 4, 5, 6]
 
-# Every case runs the compiled path (jit + scan, what users get). The plain loop
-# (compiled=False), which test_compiled.py also compares with the compiled path directly, runs
-# against diffusers for every frame count on one config, and on the others for one count with an
-# odd first batch and a carried cache (encode 17 = 9 + 8 frames, decode 5 = 3 + 2 latents). The
-# loop's op-by-op dispatch compiles each op for each new shape: all of it would add about 50 s.
+# The default run covers every config and every frame count without running their whole cross
+# product, which `-m slow` runs (the suite's budget is about 10 minutes on 2 cores, and each case
+# compiles its own kernels):
+# - every config runs the count that has an odd first batch and a carried cache (encode 17 = 9 + 8
+#   frames, decode 5 = 3 + 2 latents) compiled (jit + scan, what users get), and two configs each
+#   run it on the plain loop (compiled=False) too (LOOP_DEFAULT);
+# - every other count runs compiled on at least one config, the counts spread over the configs
+#   (single frame, a lone odd batch, even batches only, several scan steps);
+# - slow: the rest of the cross product, and the plain loop at every count on EAGER_CONFIG (the
+#   loop's op-by-op dispatch compiles each op for each new shape).
 EAGER_CONFIG = "l2-g2-z6"
+ENCODE_DEFAULT = {"l1-g4-z3-postquant": {1, 17, 33}, "l1-g4-z4": {5, 16, 17}, "l2-g2-z6": {9, 17},
+                  "l3-g8-z3-quant": {8, 17, 33}}
+DECODE_DEFAULT = {"l1-g4-z3-postquant": {1, 5, 6}, "l1-g4-z4": {2, 5}, "l2-g2-z6": {3, 5},
+                  "l3-g8-z3-quant": {4, 5, 6}}
+LOOP_DEFAULT = {"encode": {"l1-g4-z4", "l3-g8-z3-quant"}, "decode": {"l1-g4-z3-postquant", "l2-g2-z6"}}
 
 
-def paths(name: str, count: int, multi_batch: int) -> tuple[bool, ...]:
-    return (True, False) if name == EAGER_CONFIG or count == multi_batch else (True,)
+def _slow_unless(default: bool):
+    return () if default else pytest.mark.slow
+
+
+def cases(counts: list[int], default: dict[str, set[int]], multi_batch: int, loop: set[str]) -> list:
+    """(name, count, compiled) for every config and count; those outside the default design are
+    marked slow."""
+    out = []
+    for name in sorted(TINY):
+        for count in counts:
+            for compiled in (True, False) if name == EAGER_CONFIG or count == multi_batch else (True,):
+                fast = count in default[name] and (compiled or (count == multi_batch and name in loop))
+                out.append(pytest.param(name, count, compiled, marks=_slow_unless(fast),
+                                        id=f"{name}-{count}-{'compiled' if compiled else 'loop'}"))
+    return out
+
+
+def test_the_default_run_covers_every_config_and_count():
+    for counts, default in ((ENCODE_FRAMES, ENCODE_DEFAULT), (DECODE_LATENTS, DECODE_DEFAULT)):
+        assert set(default) == set(TINY)
+        assert set().union(*default.values()) == set(counts)
+    assert all(names <= set(TINY) for names in LOOP_DEFAULT.values())
+    assert LOOP_DEFAULT["encode"] | LOOP_DEFAULT["decode"] == set(TINY)
 
 
 @functools.lru_cache(maxsize=None)
@@ -42,31 +76,27 @@ def spatial(name: str) -> int:
     return 2 ** (len(TINY[name]["block_out_channels"]) - 1)
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
-@pytest.mark.parametrize("frames", ENCODE_FRAMES)
-def test_encode_matches_diffusers(name, frames):
+@pytest.mark.parametrize("name,frames,compiled", cases(ENCODE_FRAMES, ENCODE_DEFAULT, 17, LOOP_DEFAULT["encode"]))
+def test_encode_matches_diffusers(name, frames, compiled):
     ref, ours = pair(name)
     torch.manual_seed(frames)
     x = torch.randn(1, 3, frames, 16, 24)
     with torch.no_grad():
         dist = ref.encode(x).latent_dist
-    for compiled in paths(name, frames, 17):
-        mean, logvar = ours.encode(to_bthwc(x), compiled=compiled)
-        assert_parity(mean, dist.mean, f"{name} encode T={frames} mean compiled={compiled}")
-        assert_parity(logvar, dist.logvar, f"{name} encode T={frames} logvar compiled={compiled}")
+    mean, logvar = ours.encode(to_bthwc(x), compiled=compiled)
+    assert_parity(mean, dist.mean, f"{name} encode T={frames} mean compiled={compiled}")
+    assert_parity(logvar, dist.logvar, f"{name} encode T={frames} logvar compiled={compiled}")
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
-@pytest.mark.parametrize("latents", DECODE_LATENTS)
-def test_decode_matches_diffusers(name, latents):
+@pytest.mark.parametrize("name,latents,compiled", cases(DECODE_LATENTS, DECODE_DEFAULT, 5, LOOP_DEFAULT["decode"]))
+def test_decode_matches_diffusers(name, latents, compiled):
     ref, ours = pair(name)
     torch.manual_seed(100 + latents)
     zc = TINY[name]["latent_channels"]
     z = torch.randn(2, zc, latents, 4, 6)  # batch of 2: samples must stay independent
     with torch.no_grad():
         video = ref.decode(z).sample
-    for compiled in paths(name, latents, 5):
-        assert_parity(ours.decode(to_bthwc(z), compiled=compiled), video, f"{name} decode t={latents} compiled={compiled}")
+    assert_parity(ours.decode(to_bthwc(z), compiled=compiled), video, f"{name} decode t={latents} compiled={compiled}")
 
 
 def test_decode_frame_counts_follow_diffusers():
@@ -83,7 +113,9 @@ def test_decode_frame_counts_follow_diffusers():
         assert jax.eval_shape(lambda x: ours.encode(x, compiled=False)[0], x).shape[1] == latents
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+# Default run: a config with a post-quant conv and one with both quant convs; the others under -m slow.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_slow_unless(n in ("l1-g4-z3-postquant", "l3-g8-z3-quant")))
+                                  for n in sorted(TINY)])
 def test_full_call_matches_diffusers(name):
     ref, ours = pair(name)
     torch.manual_seed(7)
@@ -109,9 +141,14 @@ def test_sample_posterior_uses_mean_and_std():
 TILE = dict(tile_sample_min_height=16, tile_sample_min_width=24, tile_overlap_factor_height=1 / 4, tile_overlap_factor_width=1 / 3)
 
 
-@pytest.mark.parametrize("name", ["l1-g4-z4", "l3-g8-z3-quant"])
-@pytest.mark.parametrize("frames", [1, 9])
-def test_tiled_encode_matches_diffusers(name, frames):
+# Each config and each frame count once in the default run; the loop path at 9 frames on one
+# config (the rest under -m slow).
+@pytest.mark.parametrize("name,frames,compiled", [
+    pytest.param(n, f, c, marks=_slow_unless((n, f, c) in {("l1-g4-z4", 9, True), ("l3-g8-z3-quant", 1, True),
+                                                            ("l1-g4-z4", 9, False)}),
+                 id=f"{n}-{f}-{'compiled' if c else 'loop'}")
+    for n in ("l1-g4-z4", "l3-g8-z3-quant") for f in (1, 9) for c in ((True, False) if f == 9 else (True,))])
+def test_tiled_encode_matches_diffusers(name, frames, compiled):
     """Tiles small enough to force several tiles in both directions, edge tiles included."""
     ref, ours = pair(name)
     ref.enable_tiling(**TILE)
@@ -121,20 +158,23 @@ def test_tiled_encode_matches_diffusers(name, frames):
         x = torch.randn(1, 3, frames, 40, 60)
         with torch.no_grad():
             dist = ref.encode(x).latent_dist
-        # The eager loop (compiled=False) runs the same tiles through the same masked layers; one
-        # frame count per config covers it (the compiled path is checked for every case).
-        for compiled in (True, False) if frames == 9 else (True,):
-            mean, logvar = ours.encode(to_bthwc(x), compiled=compiled)
-            assert_parity(mean, dist.mean, f"{name} tiled encode T={frames} compiled={compiled}")
-            assert_parity(logvar, dist.logvar, f"{name} tiled encode logvar T={frames} compiled={compiled}")
+        # The plain loop (compiled=False) runs the same tiles through the same masked layers.
+        mean, logvar = ours.encode(to_bthwc(x), compiled=compiled)
+        assert_parity(mean, dist.mean, f"{name} tiled encode T={frames} compiled={compiled}")
+        assert_parity(logvar, dist.logvar, f"{name} tiled encode logvar T={frames} compiled={compiled}")
     finally:
         ref.disable_tiling()
         ours.disable_tiling()
 
 
-@pytest.mark.parametrize("name", ["l1-g4-z4", "l3-g8-z3-quant"])
-@pytest.mark.parametrize("latents", [1, 3, 4])
-def test_tiled_decode_matches_diffusers(name, latents):
+# Each config and each latent count once in the default run (the loop path's tiles: tiled encode);
+# the rest, the loop at 4 latents (first batch and a carried cache) among them, under -m slow.
+@pytest.mark.parametrize("name,latents,compiled", [
+    pytest.param(n, t, c, marks=_slow_unless((n, t, c) in {("l1-g4-z4", 1, True), ("l3-g8-z3-quant", 3, True),
+                                                            ("l1-g4-z4", 4, True)}),
+                 id=f"{n}-{t}-{'compiled' if c else 'loop'}")
+    for n in ("l1-g4-z4", "l3-g8-z3-quant") for t in (1, 3, 4) for c in ((True, False) if t == 4 else (True,))])
+def test_tiled_decode_matches_diffusers(name, latents, compiled):
     ref, ours = pair(name)
     ref.enable_tiling(**TILE)
     ours.enable_tiling(**TILE)
@@ -144,9 +184,7 @@ def test_tiled_decode_matches_diffusers(name, latents):
         z = torch.randn(1, TINY[name]["latent_channels"], latents, 40 // s, 60 // s)
         with torch.no_grad():
             video = ref.decode(z).sample
-        # Eager loop once per config (4 latents: first batch and a carried cache), as for encode.
-        for compiled in (True, False) if latents == 4 else (True,):
-            assert_parity(ours.decode(to_bthwc(z), compiled=compiled), video, f"{name} tiled decode t={latents} compiled={compiled}")
+        assert_parity(ours.decode(to_bthwc(z), compiled=compiled), video, f"{name} tiled decode t={latents} compiled={compiled}")
     finally:
         ref.disable_tiling()
         ours.disable_tiling()
@@ -205,7 +243,9 @@ def test_blocks_without_resnets_and_unequal_channels_decode_but_cannot_encode():
             call(to_bthwc(x))
 
 
-@pytest.mark.parametrize("act_fn", ["gelu", "relu", "mish", "swish", "GELU"])
+# Default run: gelu (torch's exact erf form); mish, relu, swish (every other test's SiLU) and the
+# upper-case spelling under -m slow.
+@pytest.mark.parametrize("act_fn", ["gelu", *(pytest.param(a, marks=pytest.mark.slow) for a in ("mish", "relu", "swish", "GELU"))])
 def test_every_activation_diffusers_builds_matches(act_fn):
     """A config's act_fn is any name of diffusers' get_activation, in any case (it lowercases the
     name); the resnets use it, the conv_act before each conv_out stays SiLU (hard-coded in
@@ -254,7 +294,10 @@ def test_full_size_architecture():
     assert sum(p.numel() for p in ref.parameters()) == 215_583_907
 
 
-@pytest.mark.parametrize("frames", [1, 9])
+# Full size, default run: encode of 1 frame and decode of 4 latents (a first batch and a carried
+# cache); 9 frames, 1 and 3 latents and the full __call__ (encode 9 frames, decode 3 latents) run
+# under -m slow.
+@pytest.mark.parametrize("frames", [1, pytest.param(9, marks=pytest.mark.slow)])
 def test_full_size_encode_matches_diffusers(frames):
     ref, ours = full_pair()
     torch.manual_seed(21)
@@ -266,7 +309,7 @@ def test_full_size_encode_matches_diffusers(frames):
     assert_parity(logvar, dist.logvar, f"full-size encode T={frames} logvar")
 
 
-@pytest.mark.parametrize("latents", [1, 3, 4])
+@pytest.mark.parametrize("latents", [pytest.param(1, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow), 4])
 def test_full_size_decode_matches_diffusers(latents):
     ref, ours = full_pair()
     torch.manual_seed(22)
@@ -276,6 +319,7 @@ def test_full_size_decode_matches_diffusers(latents):
     assert_parity(ours.decode(to_bthwc(z)), video, f"full-size decode t={latents}")
 
 
+@pytest.mark.slow
 def test_full_size_call_matches_diffusers():
     ref, ours = full_pair()
     torch.manual_seed(23)

@@ -79,6 +79,9 @@ def world(tmp_path):
     return tmp_path, env
 
 
+# Slow (about 3 minutes: the examples decode and encode a 49x480x720 video, and decode it again
+# over 4 devices).
+@pytest.mark.slow
 def test_the_readmes_python_examples_run_as_written(world):
     here, env = world
     script = here / "readme_examples.py"
@@ -93,6 +96,7 @@ def test_the_readmes_python_examples_run_as_written(world):
     assert any((here / "home" / ".cache" / "cogvae" / "jax").iterdir())
 
 
+@pytest.mark.slow  # about a minute; test_convert_cli.py runs each command in the default run
 def test_the_readmes_command_lines_run_as_written(world):
     """In a folder of their own: the first line writes ckpt/ there from the Hub cache."""
     here, env = world

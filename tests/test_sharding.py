@@ -64,6 +64,9 @@ def reference(sharded):
         return ref.decode(z).sample, ref.encode(x).latent_dist.mean
 
 
+# The tests that read the worker's report run under -m slow: the worker (4 CPU devices, two
+# meshes, and the real 2b decoder's kernels analysed for the memory test) takes about 2 minutes.
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_sharded_decode_and_encode_match_diffusers(sharded, reference, case):
     report, arrays = sharded
@@ -79,6 +82,7 @@ def test_sharded_decode_and_encode_match_diffusers(sharded, reference, case):
     assert r["traces_on_second_call"] == 0
 
 
+@pytest.mark.slow
 def test_a_mesh_with_explicit_axes_is_refused_saying_how_to_build_one(sharded):
     """jax.make_mesh makes explicit axes by default; a batch split over them fails in jax's
     sharding types (GroupNorm's reshape), and decode says to build the mesh with automatic axes."""
@@ -88,6 +92,7 @@ def test_a_mesh_with_explicit_axes_is_refused_saying_how_to_build_one(sharded):
     assert "axis_types=(jax.sharding.AxisType.Auto,) * len(names)" in message and "jax said: " in message
 
 
+@pytest.mark.slow
 def test_height_split_divides_per_device_memory(sharded):
     """The real 2b decoder's kernels (XLA's compile-time analysis, fp32), height split over 4
     devices: each device holds about a quarter of the unsplit temporaries and outputs. (Before

@@ -92,7 +92,8 @@ def assert_gradients_match(op: str, name: str, x: torch.Tensor, *, case: str) ->
 
 # Decode on a config without quant convs, encode on one with both (3 resnets per block, 8 groups):
 # between them every module kind of each side, and the quant conv's gradient goes through the table.
-CASES = [("decode", "l1-g4-z4", 4), ("encode", "l3-g8-z3-quant", 17)]
+# Decode under -m slow: the default run checks the decoder's gradients checkpointed (below).
+CASES = [pytest.param("decode", "l1-g4-z4", 4, marks=pytest.mark.slow), ("encode", "l3-g8-z3-quant", 17)]
 
 
 @pytest.mark.parametrize("op,name,frames", CASES)
@@ -127,6 +128,7 @@ def _residual_bytes(vae, fn) -> int:
     return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(backward) if id(leaf) not in weights)
 
 
+@pytest.mark.slow  # a memory check
 def test_gradient_checkpointing_keeps_little_of_the_forward_pass():
     """What a gradient keeps besides the weights falls to under a tenth (measured: 1.3% for this
     decode, 3.0% for this encode). On a GPU's plan it is what makes a 2b decoder fine-tune fit:
@@ -147,6 +149,7 @@ def test_gradient_checkpointing_keeps_little_of_the_forward_pass():
         assert 0 < kept[k] < plain[k] / 10, f"{k}: {kept[k]} bytes kept with checkpointing, {plain[k]} without"
 
 
+@pytest.mark.slow  # the default run checks tiled decode's values (test_parity) and untiled gradients
 def test_tiled_decode_gradients_match_diffusers():
     """Padded, masked edge tiles (the default tiling): no gradient leaks out of the padding."""
     from test_parity import TILE
