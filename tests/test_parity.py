@@ -5,7 +5,7 @@ the NNX model gets those weights through the project's own mapping engine. Both 
 model are checked: ``compiled=True`` (jit + scan over frame batches) and ``compiled=False`` (a
 plain Python loop). Tolerances: relative L2 <= 1e-5 and max abs <= 1e-4 (see ``_ref``).
 
-The default run checks every config, frame count, tiling and activation kind in a covering design
+The default run checks every config, frame count and tiling mode in a covering design
 (see ``cases``); ``-m slow`` runs the rest of the cross product, with the same tolerances.
 """
 
@@ -45,6 +45,12 @@ def _slow_unless(default: bool):
     return () if default else pytest.mark.slow
 
 
+def _case(name: str, count: int, compiled: bool, default: bool):
+    """One (name, count, compiled) case, its id naming the path; marked slow unless ``default``."""
+    return pytest.param(name, count, compiled, marks=_slow_unless(default),
+                        id=f"{name}-{count}-{'compiled' if compiled else 'loop'}")
+
+
 def cases(counts: list[int], default: dict[str, set[int]], multi_batch: int, loop: set[str]) -> list:
     """(name, count, compiled) for every config and count; those outside the default design are
     marked slow."""
@@ -53,8 +59,7 @@ def cases(counts: list[int], default: dict[str, set[int]], multi_batch: int, loo
         for count in counts:
             for compiled in (True, False) if name == EAGER_CONFIG or count == multi_batch else (True,):
                 fast = count in default[name] and (compiled or (count == multi_batch and name in loop))
-                out.append(pytest.param(name, count, compiled, marks=_slow_unless(fast),
-                                        id=f"{name}-{count}-{'compiled' if compiled else 'loop'}"))
+                out.append(_case(name, count, compiled, fast))
     return out
 
 
@@ -144,9 +149,7 @@ TILE = dict(tile_sample_min_height=16, tile_sample_min_width=24, tile_overlap_fa
 # Each config and each frame count once in the default run; the loop path at 9 frames on one
 # config (the rest under -m slow).
 @pytest.mark.parametrize("name,frames,compiled", [
-    pytest.param(n, f, c, marks=_slow_unless((n, f, c) in {("l1-g4-z4", 9, True), ("l3-g8-z3-quant", 1, True),
-                                                            ("l1-g4-z4", 9, False)}),
-                 id=f"{n}-{f}-{'compiled' if c else 'loop'}")
+    _case(n, f, c, (n, f, c) in {("l1-g4-z4", 9, True), ("l3-g8-z3-quant", 1, True), ("l1-g4-z4", 9, False)})
     for n in ("l1-g4-z4", "l3-g8-z3-quant") for f in (1, 9) for c in ((True, False) if f == 9 else (True,))])
 def test_tiled_encode_matches_diffusers(name, frames, compiled):
     """Tiles small enough to force several tiles in both directions, edge tiles included."""
@@ -170,9 +173,7 @@ def test_tiled_encode_matches_diffusers(name, frames, compiled):
 # Each config and each latent count once in the default run (the loop path's tiles: tiled encode);
 # the rest, the loop at 4 latents (first batch and a carried cache) among them, under -m slow.
 @pytest.mark.parametrize("name,latents,compiled", [
-    pytest.param(n, t, c, marks=_slow_unless((n, t, c) in {("l1-g4-z4", 1, True), ("l3-g8-z3-quant", 3, True),
-                                                            ("l1-g4-z4", 4, True)}),
-                 id=f"{n}-{t}-{'compiled' if c else 'loop'}")
+    _case(n, t, c, (n, t, c) in {("l1-g4-z4", 1, True), ("l3-g8-z3-quant", 3, True), ("l1-g4-z4", 4, True)})
     for n in ("l1-g4-z4", "l3-g8-z3-quant") for t in (1, 3, 4) for c in ((True, False) if t == 4 else (True,))])
 def test_tiled_decode_matches_diffusers(name, latents, compiled):
     ref, ours = pair(name)
